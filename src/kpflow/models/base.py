@@ -1,0 +1,93 @@
+"""Recurrent models as pure functions of (parameters, previous state, input).
+
+A kpflow model is an ``nn.Module`` (so users train it like any other) whose recurrence is also
+available as a *pure* function ``step(params, z_prev, x_t) -> z_t`` of a parameter dict, so that
+``torch.func`` can differentiate it. The state ``z_t`` is a flat vector of size ``state_dim``
+(an LSTM's state is ``[h; c]``). A linear readout ``y_t = C z_t + d`` maps states to outputs.
+
+Parameter naming: the recurrence's parameters are the module's parameters whose names start with
+``cell.``; the readout's start with ``readout.``. ``cell_params()`` returns the former with that
+prefix stripped, which is the dict ``step`` takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+Params = Mapping[str, torch.Tensor]
+
+
+class RecurrentModel(nn.Module):
+    """Base class: a recurrent cell (``self.cell``) plus a linear readout (``self.readout``).
+
+    Subclasses implement ``step``. Everything else (unrolling, recording, operators) is generic.
+
+    Attributes:
+        state_dim: size H of the state vector z_t.
+        input_dim: size of the input x_t.
+        output_dim: size of the readout y_t.
+        is_flow: True when the model is the Euler/RK step of a continuous-time flow
+            (then ``dt`` is its step and stability is judged by Re λ of the vector field).
+    """
+
+    is_flow: bool = False
+    dt: float = 1.0
+
+    def __init__(self, input_dim: int, state_dim: int, output_dim: int):
+        super().__init__()
+        self.input_dim, self.state_dim, self.output_dim = int(input_dim), int(state_dim), int(output_dim)
+        self.readout = nn.Linear(self.state_dim, self.output_dim)
+
+    # --------------------------------------------------------------- pure API
+    def step(self, params: Params, z_prev: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """One step of the recurrence: ``z_t = F(z_{t-1}, x_t; θ)`` on ``[B, H]`` / ``[B, I]``."""
+        raise NotImplementedError
+
+    def cell_params(self) -> dict[str, torch.Tensor]:
+        """The recurrence's parameters by name (prefix ``cell.`` stripped), as live tensors."""
+        return {k[len("cell."):]: v for k, v in self.named_parameters() if k.startswith("cell.")}
+
+    def readout_params(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.readout.weight, "bias": self.readout.bias}
+
+    def output(self, z: torch.Tensor, readout_params: Params | None = None) -> torch.Tensor:
+        """Linear readout ``y = C z + d`` on any leading shape."""
+        p = self.readout_params() if readout_params is None else readout_params
+        return z @ p["weight"].T + p["bias"]
+
+    def initial_state(self, batch: int, dtype=None, device=None) -> torch.Tensor:
+        p = next(self.parameters())
+        return torch.zeros(batch, self.state_dim, dtype=dtype or p.dtype, device=device or p.device)
+
+    def unroll(self, params: Params, inputs: torch.Tensor, z0: torch.Tensor | None = None) -> torch.Tensor:
+        """All states ``[B, T, H]`` for inputs ``[B, T, I]`` (pure in ``params``)."""
+        self.check_inputs(inputs, z0)
+        z = self.initial_state(inputs.shape[0], inputs.dtype, inputs.device) if z0 is None else z0
+        states = []
+        for t in range(inputs.shape[1]):
+            z = self.step(params, z, inputs[:, t])
+            states.append(z)
+        return torch.stack(states, 1)
+
+    def forward(self, inputs: torch.Tensor, z0: torch.Tensor | None = None):
+        """Run the model: returns ``(states [B, T, H], outputs [B, T, O])``."""
+        z = self.unroll(self.cell_params(), inputs, z0)
+        return z, self.output(z)
+
+    # ------------------------------------------------------------ validation
+    def check_inputs(self, inputs: torch.Tensor, z0: torch.Tensor | None = None) -> None:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3:
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(f"inputs must be a [B, T, I] tensor, got {shape}")
+        if inputs.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"inputs have width {inputs.shape[-1]} but {type(self).__name__} expects input_dim="
+                f"{self.input_dim} (inputs shape {tuple(inputs.shape)} should be [B, T, {self.input_dim}])"
+            )
+        if z0 is not None and tuple(z0.shape) != (inputs.shape[0], self.state_dim):
+            raise ValueError(
+                f"z0 has shape {tuple(z0.shape)} but must be [B, H] = [{inputs.shape[0]}, {self.state_dim}]"
+            )
