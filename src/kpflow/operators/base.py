@@ -444,7 +444,7 @@ class ComposedOperator(LinearOperator):
         flat: list[LinearOperator] = []
         for f in factors:
             flat.extend(f.factors if isinstance(f, ComposedOperator) else [f])
-        for left, right in zip(flat[:-1], flat[1:]):
+        for left, right in zip(flat[:-1], flat[1:], strict=True):
             if left.shape_in != right.shape_out:
                 raise ShapeError(
                     f"cannot compose: left operator takes {left.shape_in} but right operator produces "
@@ -539,7 +539,7 @@ class KroneckerOperator(LinearOperator):
     @staticmethod
     def _apply(A_mm, B_mm, X, a_in, b_in, a_out, b_out):
         k = X.shape[0]
-        na_in, nb_in = _numel(a_in), _numel(b_in)
+        na_in = _numel(a_in)
         nb_out = _numel(b_out)
         Y = B_mm(X.reshape(k * na_in, *b_in))  # [k*na_in, *b_out]
         Y = Y.reshape(k, na_in, nb_out).transpose(1, 2).reshape(k * nb_out, *a_in)
