@@ -1,0 +1,550 @@
+"""Low-rank natural gradient in state space: a drop-in ``torch.optim.Optimizer`` for recurrent models.
+
+The Gauss–Newton / natural-gradient step of a loss ``L(z(θ))`` on the recorded states ``z`` is
+
+    Δθ = −η (J* J + λ I)⁻¹ J* e = −η J* (J J* + λ I)⁻¹ e = −η Jθ* P* (Θ + λ I)⁻¹ e,
+
+with ``J = dz/dθ = P Jθ`` the state Jacobian, ``e = ∂L/∂z`` the direct error and ``Θ = P K P*`` the
+state-space NTK (push-through / Woodbury identity). Near a bifurcation ``Θ`` is dominated by one
+amplified direction, so a rank-``r`` approximation ``Θ_r = U Λ U*`` captures the part of the geometry
+that makes plain gradient descent overshoot; the rest is treated as ``λ I``:
+
+    (Θ_r + λ I)⁻¹ e = e / λ + U [(Λ + λ)⁻¹ − 1/λ] U* e.
+
+``Θ_r`` comes from randomized Nyström with subspace iteration (Halko, Martinsson & Tropp 2011,
+Alg. 4.3/5.5; the stable Nyström of Tropp, Yurtsever, Udell & Cevher 2017, Alg. 3), warm-started from
+the previous step's basis, so one pass per step keeps tracking the dominant eigenspace as it moves.
+The same step in parameter space uses the state-space Fisher ``F = J* J`` (same nonzero spectrum):
+``Δθ = −η (F_r + λ I)⁻¹ g`` with ``g = J* e``; the optimizer picks the form whose space is smaller.
+
+Building blocks (free functions, operators only): :func:`nystrom_eigh`, :func:`damped_lowrank_solve`,
+:class:`LevenbergMarquardtDamping`, :func:`clip_to_trust_region`. The optimizer
+:class:`LowRankNaturalGradient` wires them to the state-space operators of :mod:`kpflow.kernels`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from kpflow.operators import LinearOperator, ShapeError
+
+__all__ = [
+    "LowRankEig",
+    "nystrom_eigh",
+    "damped_lowrank_solve",
+    "LevenbergMarquardtDamping",
+    "clip_to_trust_region",
+    "CountingOperator",
+    "LowRankNaturalGradient",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomized Nyström with warm-started subspace iteration
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LowRankEig:
+    """``A ≈ U diag(Λ) U*``: ``eigenvalues`` [r] (descending, ≥ 0), orthonormal ``basis`` [r, *shape]."""
+
+    eigenvalues: torch.Tensor
+    basis: torch.Tensor
+
+    @property
+    def rank(self) -> int:
+        return int(self.eigenvalues.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.basis.shape[1:])
+
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """``U* x`` for one tensor ``x`` of the basis shape -> [r]."""
+        return self.basis.reshape(self.rank, -1) @ x.reshape(-1)
+
+    def combine(self, c: torch.Tensor) -> torch.Tensor:
+        """``U c`` for coefficients ``c`` [r] -> one tensor of the basis shape."""
+        return (c @ self.basis.reshape(self.rank, -1)).reshape(self.shape)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """``U Λ U* x``."""
+        return self.combine(self.eigenvalues * self.coefficients(x))
+
+
+def _orthonormal_rows(X: torch.Tensor) -> torch.Tensor:
+    """Orthonormalize the k probes of ``X`` [k, *shape] (thin QR of the n×k matrix)."""
+    k = X.shape[0]
+    Q, _ = torch.linalg.qr(X.reshape(k, -1).T)
+    return Q.T.reshape(X.shape)
+
+
+def _check_psd_operator(A: LinearOperator) -> None:
+    if not isinstance(A, LinearOperator):
+        raise TypeError(f"expected a kpflow LinearOperator, got {type(A).__name__}")
+    if not A.is_square:
+        raise ShapeError(f"a PSD operator must be square, got {A.shape_in} -> {A.shape_out}")
+
+
+def nystrom_eigh(
+    A: LinearOperator,
+    rank: int,
+    *,
+    oversample: int = 0,
+    power_iters: int = 0,
+    init: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> LowRankEig:
+    """Top-``rank`` eigenpairs of a PSD operator by randomized Nyström with subspace iteration.
+
+    ``Â = (AΩ)(Ω* A Ω)⁺(AΩ)*`` for an orthonormal test matrix Ω of ``k = rank + oversample`` probes,
+    after ``power_iters`` steps ``Ω ← orth(AΩ)``; computed stably with a small shift ν (Tropp et al.
+    2017, Alg. 3; Halko et al. 2011, Alg. 4.3). ``init`` [m, *shape] (e.g. the previous basis) fills
+    the first ``min(m, k)`` probes — a warm start, so repeated calls are subspace iteration on a
+    slowly moving operator; Gaussian probes fill the rest. Costs ``(power_iters + 1) · k`` products
+    with ``A``. For an exact spectral gap ``λ_r > λ_{r+1}`` the basis converges to the top-r
+    eigenspace at the rate ``(λ_{r+1}/λ_r)^q`` in the number q of passes.
+    """
+    _check_psd_operator(A)
+    rank, oversample, power_iters = int(rank), int(oversample), int(power_iters)
+    n = A.size_in
+    if rank < 0 or oversample < 0 or power_iters < 0:
+        raise ValueError(
+            f"rank, oversample and power_iters must be >= 0, got {rank}, {oversample}, {power_iters}"
+        )
+    if rank > n:
+        raise ValueError(f"rank {rank} is larger than the dimension {n} of the operator's space {A.shape_in}")
+    shape, dtype, device = A.shape_in, A.dtype, A.device
+    if rank == 0:
+        return LowRankEig(torch.zeros(0, dtype=dtype, device=device),
+                          torch.zeros(0, *shape, dtype=dtype, device=device))
+    k = min(rank + oversample, n)
+    probes = []
+    if init is not None:
+        if tuple(init.shape[1:]) != tuple(shape):
+            raise ShapeError(f"init has probe shape {tuple(init.shape[1:])}, the operator acts on {shape}")
+        probes.append(init[:k].to(dtype=dtype, device=device))
+    m = sum(p.shape[0] for p in probes)
+    if m < k:
+        probes.append(torch.randn(k - m, *shape, dtype=dtype, device=device, generator=generator))
+    Omega = _orthonormal_rows(torch.cat(probes, 0))
+    for _ in range(power_iters):
+        Omega = _orthonormal_rows(A.matmat(Omega))
+    Y = A.matmat(Omega).reshape(k, n).T  # [n, k]
+    W = Omega.reshape(k, n).T  # [n, k]
+    ynorm = torch.linalg.matrix_norm(Y)
+    if not torch.isfinite(ynorm):
+        raise FloatingPointError("the operator returned non-finite values in the Nyström sketch")
+    eps = torch.finfo(dtype).eps
+    nu = max(float(ynorm) * eps * math.sqrt(n), torch.finfo(dtype).tiny ** 0.5)
+    Y_nu = Y + nu * W
+    C = W.T @ Y_nu
+    C = 0.5 * (C + C.T)
+    L, info = torch.linalg.cholesky_ex(C)
+    if int(info) != 0:  # loss of positivity in low precision: fall back to a symmetric eigensolve
+        evals, evecs = torch.linalg.eigh(C)
+        keep = evals > evals.max().clamp_min(0) * eps * k
+        B = Y_nu @ (evecs[:, keep] / evals[keep].sqrt())
+    else:
+        B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_ν L^{-T}
+    U, S, _ = torch.linalg.svd(B, full_matrices=False)
+    r = min(rank, U.shape[1])
+    lam = (S[:r] ** 2 - nu).clamp_min(0)
+    return LowRankEig(lam, U[:, :r].T.reshape(r, *shape).contiguous())
+
+
+def damped_lowrank_solve(eig: LowRankEig, damping: float, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``(c U Λ U* + λ I)⁻¹ x = (x − U U* x)/λ + U (cΛ + λ)⁻¹ U* x`` (Woodbury, U orthonormal).
+
+    The complement ``x − U U* x`` is formed before dividing by λ (and dropped for a complete basis),
+    so a small λ does not amplify rounding error in the part of ``x`` the basis already explains."""
+    damping = float(damping)
+    if not damping > 0:
+        raise ValueError(f"damping must be > 0 for the damped solve, got {damping}")
+    if eig.rank == 0:
+        return x / damping
+    c = eig.coefficients(x)
+    solved = eig.combine(c / (scale * eig.eigenvalues + damping))
+    if eig.rank == x.numel():  # a complete basis: the complement is zero, not rounding error / λ
+        return solved
+    return (x - eig.combine(c)) / damping + solved
+
+
+# ---------------------------------------------------------------------------------------------
+# Damping and trust region
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LevenbergMarquardtDamping:
+    """Adaptive damping by the reduction ratio ρ = actual / predicted loss change (Martens 2010, §4.1):
+    ``λ ← λ·boost`` when ρ < 1/4, ``λ ← λ·drop`` when ρ > 3/4, kept inside ``[minimum, maximum]``."""
+
+    value: float
+    boost: float = 1.5
+    drop: float = 2.0 / 3.0
+    minimum: float = 1e-10
+    maximum: float = 1e10
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.value > 0:
+            raise ValueError(f"adaptive damping needs a positive initial value, got {self.value}")
+        if not (self.boost > 1 and 0 < self.drop < 1):
+            raise ValueError(f"need boost > 1 and 0 < drop < 1, got boost={self.boost}, drop={self.drop}")
+
+    def update(self, actual: float, predicted: float) -> float:
+        """Feed one step's actual and predicted loss change (both usually negative); returns ρ."""
+        if predicted >= 0 or not math.isfinite(actual):
+            rho = -math.inf
+        else:
+            rho = actual / predicted
+        if rho < 0.25:
+            self.value *= self.boost
+        elif rho > 0.75:
+            self.value *= self.drop
+        self.value = min(max(self.value, self.minimum), self.maximum)
+        self.history.append(rho)
+        return rho
+
+
+def clip_to_trust_region(step: torch.Tensor, radius: float | None) -> tuple[torch.Tensor, float]:
+    """Scale ``step`` so that ``‖step‖₂ ≤ radius``; returns the clipped step and the factor applied."""
+    if radius is None:
+        return step, 1.0
+    norm = float(torch.linalg.vector_norm(step))
+    if norm <= radius or norm == 0:
+        return step, 1.0
+    factor = radius / norm
+    return step * factor, factor
+
+
+# ---------------------------------------------------------------------------------------------
+# Cost accounting
+# ---------------------------------------------------------------------------------------------
+
+
+class CountingOperator(LinearOperator):
+    """Wraps ``J`` and counts its products: ``jvps`` probes through ``J``, ``vjps`` through ``J*``."""
+
+    def __init__(self, base: LinearOperator):
+        super().__init__(base.shape_in, base.shape_out, base.dtype, base.device,
+                         is_self_adjoint=base.is_self_adjoint, is_psd=base.is_psd)
+        self.base = base
+        self.jvps = 0
+        self.vjps = 0
+
+    def _matmat(self, X):
+        self.jvps += X.shape[0]
+        return self.base._matmat(X)
+
+    def _rmatmat(self, Y):
+        self.vjps += Y.shape[0]
+        return self.base._rmatmat(Y)
+
+
+# ---------------------------------------------------------------------------------------------
+# The optimizer
+# ---------------------------------------------------------------------------------------------
+
+FORMS = ("auto", "state", "parameter")
+
+
+def _default_jacobian(traj, param_names: Sequence[str]) -> LinearOperator:
+    """``J = dz/dθ = P Jθ`` from :mod:`kpflow.kernels` (flat parameter vector -> [B, T, H])."""
+    from kpflow.kernels import state_jacobian
+
+    return state_jacobian(traj, param_names=list(param_names))
+
+
+class LowRankNaturalGradient(torch.optim.Optimizer):
+    """Low-rank natural gradient (damped Gauss–Newton) for a :class:`~kpflow.models.RecurrentModel`.
+
+    Each step: ``Δθ = −η J* (c Θ_r + λ I)⁻¹ e`` (state form) or ``Δθ = −η (c F_r + λ I)⁻¹ J* e``
+    (parameter form), with ``Θ_r`` / ``F_r`` a rank-``r`` randomized Nyström approximation of the
+    state-space NTK ``Θ = J J*`` / the state-space Fisher ``F = J* J``, warm-started from the previous
+    basis; ``c`` is the curvature of the loss in state space (``½c‖z − z*‖²``). ``r = 0`` is gradient
+    descent with learning rate ``η/λ``; ``r`` = full rank and ``λ → 0`` is the exact Gauss–Newton step
+    ``−η J⁺ e / c``.
+
+    Usage (a plain PyTorch loop; the closure records the batch)::
+
+        from kpflow.kernels import record
+        opt = LowRankNaturalGradient(model, lr=0.5, rank=2, damping=1e-3, param_names=["W"])
+        for inputs, targets in loader:
+            loss = opt.step(lambda: record(model, inputs, targets=targets))
+        opt.last_stats["extra_products"]   # products with J beyond SGD's one backward pass
+
+    Args:
+        model: the recurrent model; the trained parameters are its cell parameters (``param_names``
+            selects a subset, e.g. only the recurrent weight). Other parameters (e.g. the readout) are
+            not touched — pair them with another optimizer if they should train.
+        lr: η, the fraction of the damped Gauss–Newton step taken.
+        rank: r ≥ 0, rank of the curvature approximation (1–2 capture a bifurcation channel).
+        damping: λ > 0, the Levenberg–Marquardt damping (initial value when ``adaptive_damping``).
+        adaptive_damping: adapt λ by the reduction ratio ρ of the previous step (Martens 2010); the
+            actual change is measured with the next call's loss, so it is exact for full-batch
+            training and a noisy estimate with minibatches. No extra model evaluations.
+        damping_bounds: the range adaptive λ is kept in.
+        curvature: c, or ``"auto"`` = ``‖e‖² / (2 L)`` (exact for a mean-squared loss directly on
+            the states, since then ``L = ½c‖z − z*‖²`` and ``e = c (z − z*)``).
+        refresh_every: recompute the low-rank basis every this many steps (1 = every step); in
+            between, the previous ``(U, Λ)`` are reused at no extra cost.
+        power_iters: subspace-iteration passes before each Nyström sketch (0 with warm start).
+        warmup_iters: passes for the first (cold, random) sketch.
+        oversample: extra probes in the sketch beyond ``rank``.
+        trust_region: clip ``‖Δθ‖₂ ≤ trust_region · max(‖θ‖₂, 1)`` (None = no clip).
+        form: ``"state"``, ``"parameter"`` or ``"auto"`` (the smaller of B·T·H and n_params).
+        param_names: which cell parameters to train (default all of ``model.cell_params()``).
+        jacobian: ``jacobian(traj, param_names) -> LinearOperator`` for ``J`` (default: the
+            state Jacobian ``P Jθ`` of :mod:`kpflow.kernels`); use it to plug in another residual map.
+        seed: seed of the random sketch.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        lr: float = 0.5,
+        rank: int = 2,
+        damping: float = 1e-3,
+        *,
+        adaptive_damping: bool = True,
+        damping_bounds: tuple[float, float] = (1e-8, 1e8),
+        curvature: float | str = "auto",
+        refresh_every: int = 1,
+        power_iters: int = 0,
+        warmup_iters: int = 2,
+        oversample: int = 0,
+        trust_region: float | None = 0.5,
+        form: str = "auto",
+        param_names: Sequence[str] | None = None,
+        jacobian: Callable[..., LinearOperator] | None = None,
+        seed: int = 0,
+    ):
+        if not hasattr(model, "cell_params"):
+            raise TypeError(
+                f"LowRankNaturalGradient needs a kpflow RecurrentModel (built-in cell or CellAdapter), got "
+                f"{type(model).__name__}; wrap a custom nn.Module cell with kpflow.models.CellAdapter"
+            )
+        cell = model.cell_params()
+        names = list(cell) if param_names is None else [str(n) for n in param_names]
+        unknown = [n for n in names if n not in cell]
+        if unknown or not names:
+            raise ValueError(f"param_names {unknown or names} are not cell parameters of {type(model).__name__}; "
+                             f"valid names: {sorted(cell)}")
+        _check_hyper(lr=lr, rank=rank, damping=damping, refresh_every=refresh_every,
+                     power_iters=power_iters, warmup_iters=warmup_iters, oversample=oversample,
+                     trust_region=trust_region, curvature=curvature, form=form,
+                     damping_bounds=damping_bounds)
+        n_params = sum(cell[n].numel() for n in names)
+        if int(rank) > n_params:
+            raise ValueError(
+                f"rank {rank} is larger than the number of trained parameters ({n_params}); Θ = J J* and "
+                f"F = J* J have rank at most {n_params}, so use rank <= {n_params}"
+            )
+        defaults = dict(lr=float(lr), rank=int(rank), damping=float(damping), trust_region=trust_region,
+                        refresh_every=int(refresh_every), power_iters=int(power_iters),
+                        warmup_iters=int(warmup_iters), oversample=int(oversample))
+        super().__init__([cell[n] for n in names], defaults)
+        self.model = model
+        self.param_names = names
+        self.n_params = n_params
+        self.form = form
+        self.curvature = curvature
+        self.adaptive_damping = bool(adaptive_damping)
+        self.damping_bounds = (float(damping_bounds[0]), float(damping_bounds[1]))
+        self.jacobian = jacobian or _default_jacobian
+        p0 = cell[names[0]]
+        self._generator = torch.Generator(device=p0.device).manual_seed(int(seed))
+        self.state["lowrank_ng"] = dict(steps=0, damping=float(damping), eig=None, eig_form=None,
+                                        pending=None, jvps=0, vjps=0, seconds=0.0)
+        self.last_stats: dict = {}
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def damping(self) -> float:
+        """The current damping λ."""
+        return float(self.state["lowrank_ng"]["damping"])
+
+    @property
+    def products_per_step(self) -> float:
+        """Mean products with J or J* per step so far (SGD needs 1: the gradient's backward pass)."""
+        st = self.state["lowrank_ng"]
+        return (st["jvps"] + st["vjps"]) / max(st["steps"], 1)
+
+    def _flat_params(self) -> torch.Tensor:
+        return torch.cat([p.detach().reshape(-1) for p in self.param_groups[0]["params"]])
+
+    def _apply_update(self, delta: torch.Tensor) -> None:
+        offset = 0
+        with torch.no_grad():
+            for p in self.param_groups[0]["params"]:
+                n = p.numel()
+                p.add_(delta[offset:offset + n].reshape(p.shape).to(p.dtype))
+                offset += n
+
+    def _choose_form(self, n_state: int) -> str:
+        if self.form != "auto":
+            return self.form
+        return "parameter" if self.n_params <= n_state else "state"
+
+    def _loss_value(self, traj) -> float:
+        loss = getattr(traj, "loss", None)
+        if loss is None:
+            raise ValueError("the recorded trajectory carries no loss value; record it with targets "
+                             "(record(model, inputs, targets=...))")
+        return float(loss)
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Callable[[], object] | None = None):  # type: ignore[override]
+        """One low-rank natural-gradient step; ``closure()`` must return a recorded trajectory with an
+        error (``kpflow.kernels.record(model, inputs, targets=...)``). Returns the loss before the step."""
+        if closure is None:
+            raise ValueError(
+                "LowRankNaturalGradient.step needs a closure that records the batch, e.g. "
+                "opt.step(lambda: record(model, inputs, targets=targets)); it has no trajectory otherwise"
+            )
+        with torch.enable_grad():
+            traj = closure()
+        error = getattr(traj, "error", None)
+        if traj is None or not hasattr(traj, "states"):
+            raise TypeError(
+                f"the closure returned {type(traj).__name__}, not a recorded trajectory; it must return "
+                "kpflow.kernels.record(model, inputs, targets=...)"
+            )
+        if error is None:
+            raise ValueError("the recorded trajectory has no error e = dL/dz (it was recorded without targets); "
+                             "record it with targets=... so the optimizer has a loss to descend")
+        group = self.param_groups[0]
+        st = self.state["lowrank_ng"]
+        t0 = time.perf_counter()
+        loss = self._loss_value(traj)
+        rho = None
+        if self.adaptive_damping and st["pending"] is not None:
+            lm = LevenbergMarquardtDamping(st["damping"], minimum=self.damping_bounds[0],
+                                           maximum=self.damping_bounds[1])
+            rho = lm.update(loss - st["pending"]["loss"], st["pending"]["predicted"])
+            st["damping"] = lm.value
+        lam = st["damping"]
+        J = CountingOperator(self.jacobian(traj, self.param_names))
+        if J.shape_in != (self.n_params,):
+            raise ShapeError(f"the Jacobian takes {J.shape_in}, expected the flat ({self.n_params},) vector of "
+                             f"the trained parameters {self.param_names}")
+        e = error.detach().to(J.dtype)
+        n_state = J.size_out
+        form = self._choose_form(n_state)
+        rank = group["rank"]
+        space_dim = n_state if form == "state" else self.n_params
+        if rank > space_dim:
+            raise ValueError(
+                f"rank {rank} is larger than the state dimension B·T·H = {n_state} of this batch "
+                f"(and the {form}-space operator has dimension {space_dim}); use rank <= {space_dim}"
+                if form == "state" else
+                f"rank {rank} is larger than the dimension {space_dim} of the parameter-space Fisher; "
+                f"use rank <= {space_dim}"
+            )
+        c = _curvature(self.curvature, e, loss)
+        eig = st["eig"]
+        shape = J.shape_out if form == "state" else J.shape_in
+        stale = eig is None or st["eig_form"] != form or eig.shape != tuple(shape) or eig.rank != rank
+        refresh = rank > 0 and (stale or st["steps"] % group["refresh_every"] == 0)
+        if refresh:
+            op = (J @ J.T) if form == "state" else (J.T @ J)
+            warm = None if stale else eig.basis
+            iters = group["warmup_iters"] if warm is None else group["power_iters"]
+            eig = nystrom_eigh(op, rank, oversample=group["oversample"], power_iters=iters, init=warm,
+                               generator=self._generator)
+        elif rank == 0:
+            eig = LowRankEig(torch.zeros(0, dtype=J.dtype, device=J.device),
+                             torch.zeros(0, *shape, dtype=J.dtype, device=J.device))
+        if form == "state":
+            x = damped_lowrank_solve(eig, lam, e, scale=c)
+            both = J.rmatmat(torch.stack([x, e]))  # J* of the preconditioned error and the gradient
+            direction, grad = both[0], both[1]
+        else:
+            grad = J.adjoint_apply(e)
+            direction = damped_lowrank_solve(eig, lam, grad, scale=c)
+        theta = self._flat_params().to(J.dtype)
+        radius = None if group["trust_region"] is None else group["trust_region"] * max(
+            float(theta.norm()), 1.0)
+        delta, clip = clip_to_trust_region(-group["lr"] * direction, radius)
+        if not bool(torch.isfinite(delta).all()):
+            raise FloatingPointError("the natural-gradient step is not finite (non-finite error or Jacobian); "
+                                     "check the loss and the model's states")
+        predicted = float(grad @ delta) + 0.5 * c * _lowrank_quadratic(eig, form, delta, J, lam, x if
+                                                                        form == "state" else None,
+                                                                        group["lr"] * clip)
+        self._apply_update(delta)
+        st.update(eig=eig if rank > 0 else None, eig_form=form, steps=st["steps"] + 1,
+                  pending=dict(loss=loss, predicted=predicted))
+        st["jvps"] += J.jvps
+        st["vjps"] += J.vjps
+        seconds = time.perf_counter() - t0
+        st["seconds"] += seconds
+        self.last_stats = dict(
+            loss=loss, form=form, rank=rank, damping=lam, rho=rho, curvature=c, refreshed=refresh,
+            jvps=J.jvps, vjps=J.vjps, products=J.jvps + J.vjps, extra_products=J.jvps + J.vjps - 1,
+            step_norm=float(delta.norm()), clip_factor=clip, predicted_change=predicted,
+            grad_norm=float(grad.norm()),
+            eigenvalues=[float(v) for v in eig.eigenvalues] if rank > 0 else [], seconds=seconds,
+        )
+        return torch.tensor(loss)
+
+
+def _lowrank_quadratic(eig: LowRankEig, form: str, delta, J, lam, x, scale) -> float:
+    """``Δ* F_r Δ`` of the low-rank model (state form: ``‖Θ_r x‖²·scale²`` since ``JΔ ≈ −scale·Θ_r x``)."""
+    if eig.rank == 0:
+        return 0.0
+    if form == "state":
+        return float((eig.apply(x) * scale).pow(2).sum())
+    coeff = eig.coefficients(delta)
+    return float((eig.eigenvalues * coeff.pow(2)).sum())
+
+
+def _curvature(curvature, e: torch.Tensor, loss: float) -> float:
+    if curvature != "auto":
+        return float(curvature)
+    e2 = float(e.pow(2).sum())
+    if loss <= 0 or e2 == 0:
+        return 1.0
+    return e2 / (2.0 * loss)
+
+
+def _check_hyper(*, lr, rank, damping, refresh_every, power_iters, warmup_iters, oversample, trust_region,
+                 curvature, form, damping_bounds) -> None:
+    def bad(name, value, valid):
+        raise ValueError(f"{name}={value!r} is invalid; {name} must be {valid}")
+
+    if not (isinstance(lr, (int, float)) and lr > 0):
+        bad("lr", lr, "a positive number")
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 0):
+        bad("rank", rank, "an integer >= 0 (0 = gradient descent with step lr/damping)")
+    if not (isinstance(damping, (int, float)) and damping > 0 and math.isfinite(damping)):
+        bad("damping", damping, "a positive finite number (the λ of (Θ_r + λI)⁻¹; it cannot be negative or zero)")
+    for name, v, lo in (("refresh_every", refresh_every, 1), ("power_iters", power_iters, 0),
+                        ("warmup_iters", warmup_iters, 0), ("oversample", oversample, 0)):
+        if not (isinstance(v, int) and v >= lo):
+            bad(name, v, f"an integer >= {lo}")
+    if trust_region is not None and not (isinstance(trust_region, (int, float)) and trust_region > 0):
+        bad("trust_region", trust_region, "a positive number or None (no clip)")
+    if curvature != "auto" and not (isinstance(curvature, (int, float)) and curvature > 0):
+        bad("curvature", curvature, "'auto' or a positive number")
+    if form not in FORMS:
+        bad("form", form, f"one of {FORMS}")
+    lo, hi = damping_bounds
+    if not (0 < lo <= hi):
+        bad("damping_bounds", damping_bounds, "(low, high) with 0 < low <= high")
+
+
+def flat_to_dict(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Split a flat parameter vector into tensors shaped like ``like`` (in its order)."""
+    out, offset = {}, 0
+    for name, p in like.items():
+        out[name] = vector[offset:offset + p.numel()].reshape(p.shape)
+        offset += p.numel()
+    return out

@@ -1,0 +1,335 @@
+"""Low-rank natural gradient: the generic pieces against dense float64 references, the optimizer's step
+against the exact Gauss–Newton step (torch.func.jacrev of the unrolled model), and its error messages."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from kpflow.models.base import RecurrentModel
+from kpflow.operators import DenseOperator, FunctionOperator
+from kpflow.training.natural_gradient import (
+    LevenbergMarquardtDamping,
+    LowRankEig,
+    LowRankNaturalGradient,
+    clip_to_trust_region,
+    damped_lowrank_solve,
+    nystrom_eigh,
+)
+
+D = torch.float64
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def psd_with_spectrum(eigenvalues, seed=0, shape=None):
+    """A dense PSD operator Q diag(eigenvalues) Qᵀ with a random orthogonal Q; returns (op, Q)."""
+    n = len(eigenvalues)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, dtype=D, generator=gen(seed)))
+    M = Q @ torch.diag(torch.as_tensor(eigenvalues, dtype=D)) @ Q.T
+    M = 0.5 * (M + M.T)
+    shape = shape or (n,)
+    return DenseOperator(M, shape, shape, is_psd=True), Q
+
+
+def sin_angle(basis, Q_top):
+    """Largest principal-angle sine between span(basis rows) and span(Q_top columns)."""
+    U = basis.reshape(basis.shape[0], -1).T
+    resid = U - Q_top @ (Q_top.T @ U)
+    return float(torch.linalg.matrix_norm(resid, ord=2))
+
+
+# ------------------------------------------------------------------------------ Nyström
+def test_nystrom_exact_on_operator_of_rank_r():
+    lam = [5.0, 2.0, 0.5] + [0.0] * 9
+    A, Q = psd_with_spectrum(lam, seed=1, shape=(3, 4))
+    eig = nystrom_eigh(A, 3, generator=gen(0))
+    assert torch.allclose(eig.eigenvalues, torch.tensor(lam[:3], dtype=D), atol=1e-10)
+    rebuilt = eig.basis.reshape(3, -1).T @ torch.diag(eig.eigenvalues) @ eig.basis.reshape(3, -1)
+    assert torch.allclose(rebuilt, A.to_matrix(), atol=1e-10)
+    # orthonormal basis with the operator's input shape
+    assert eig.basis.shape == (3, 3, 4)
+    G = eig.basis.reshape(3, -1) @ eig.basis.reshape(3, -1).T
+    assert torch.allclose(G, torch.eye(3, dtype=D), atol=1e-12)
+
+
+def test_nystrom_warm_start_converges_to_top_eigenspace_at_gap_rate():
+    # gap λ_3/λ_2 = 0.5: subspace iteration contracts tan θ by 0.5 per pass (Golub & Van Loan Thm 8.2.2)
+    lam = [10.0, 8.0, 4.0, 3.0, 2.0] + [1.0] * 35
+    A, Q = psd_with_spectrum(lam, seed=2)
+    r, ratio = 2, lam[2] / lam[1]
+    eig = nystrom_eigh(A, r, generator=gen(3))
+    s0 = sin_angle(eig.basis, Q[:, :r])
+    tan0 = s0 / math.sqrt(max(1 - s0**2, 1e-300))
+    sines = [s0]
+    for _ in range(30):
+        eig = nystrom_eigh(A, r, init=eig.basis, generator=gen(4))
+        sines.append(sin_angle(eig.basis, Q[:, :r]))
+    for q, s in enumerate(sines):  # each call is one pass; the bound holds up to rounding
+        assert s <= tan0 * ratio**q + 1e-12, (q, s, tan0 * ratio**q)
+    assert sines[-1] < 1e-8
+    assert torch.allclose(eig.eigenvalues, torch.tensor(lam[:r], dtype=D), rtol=1e-10)
+    # without a gap between λ_r and λ_{r+1} the rate would be 1; with it the error really shrinks
+    assert sines[10] < 0.01 * sines[0]
+
+
+def test_nystrom_power_iterations_match_repeated_warm_starts():
+    lam = [9.0, 3.0, 1.0, 0.5, 0.25, 0.1]
+    A, Q = psd_with_spectrum(lam, seed=5)
+    e1 = nystrom_eigh(A, 1, power_iters=6, generator=gen(1))
+    assert sin_angle(e1.basis, Q[:, :1]) <= (lam[1] / lam[0]) ** 6 * 10
+    assert abs(float(e1.eigenvalues[0]) - lam[0]) < 1e-4 * lam[0]
+
+
+def test_nystrom_rank_zero_and_bad_input():
+    A, _ = psd_with_spectrum([1.0, 2.0, 3.0])
+    assert nystrom_eigh(A, 0).rank == 0
+    with pytest.raises(ValueError, match="larger than the dimension 3"):
+        nystrom_eigh(A, 4)
+    with pytest.raises(ValueError, match=">= 0"):
+        nystrom_eigh(A, -1)
+    with pytest.raises(TypeError, match="LinearOperator"):
+        nystrom_eigh(torch.eye(3), 1)
+
+
+# ------------------------------------------------------------------------------ Woodbury solve
+def test_damped_lowrank_solve_matches_dense_inverse():
+    n, r = 7, 3
+    U, _ = torch.linalg.qr(torch.randn(n, r, dtype=D, generator=gen(0)))
+    lam = torch.tensor([4.0, 1.0, 0.3], dtype=D)
+    eig = LowRankEig(lam, U.T.reshape(r, 7).clone())
+    x = torch.randn(n, dtype=D, generator=gen(1))
+    for damping, c in [(0.1, 1.0), (2.0, 0.25), (1e-6, 3.0)]:
+        M = c * U @ torch.diag(lam) @ U.T + damping * torch.eye(n, dtype=D)
+        ref = torch.linalg.solve(M, x)
+        got = damped_lowrank_solve(eig, damping, x, scale=c)
+        assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12 / damping)
+    with pytest.raises(ValueError, match="damping must be > 0"):
+        damped_lowrank_solve(eig, 0.0, x)
+
+
+# ------------------------------------------------------------------------------ damping, trust region
+def test_levenberg_marquardt_rule():
+    lm = LevenbergMarquardtDamping(1.0)
+    assert lm.update(actual=-0.9, predicted=-1.0) == pytest.approx(0.9) and lm.value == pytest.approx(2 / 3)
+    assert lm.update(actual=-0.1, predicted=-1.0) == pytest.approx(0.1) and lm.value == pytest.approx(1.0)
+    lm.update(actual=-0.5, predicted=-1.0)  # 1/4 <= ρ <= 3/4: unchanged
+    assert lm.value == pytest.approx(1.0)
+    lm.update(actual=+0.3, predicted=-1.0)  # the loss went up: more damping
+    assert lm.value == pytest.approx(1.5)
+    small = LevenbergMarquardtDamping(1e-3, minimum=1e-3)
+    small.update(-1.0, -1.0)
+    assert small.value == 1e-3
+    with pytest.raises(ValueError, match="positive initial value"):
+        LevenbergMarquardtDamping(-1.0)
+
+
+def test_trust_region_clip():
+    v = torch.tensor([3.0, 4.0], dtype=D)
+    clipped, f = clip_to_trust_region(v, 1.0)
+    assert float(clipped.norm()) == pytest.approx(1.0) and f == pytest.approx(0.2)
+    same, f1 = clip_to_trust_region(v, 10.0)
+    assert torch.equal(same, v) and f1 == 1.0
+    assert clip_to_trust_region(v, None)[0] is v
+
+
+# ------------------------------------------------------------------------------ tiny model, dense reference
+class TinyRNN(RecurrentModel):
+    """z_t = tanh(W z_{t-1} + U x_t + b): the reference cell for these tests (float64)."""
+
+    def __init__(self, input_dim=1, state_dim=2, output_dim=1, seed=0):
+        super().__init__(input_dim, state_dim, output_dim)
+        g = gen(seed)
+        self.cell = nn.ParameterDict({
+            "W": nn.Parameter(0.6 * torch.randn(state_dim, state_dim, dtype=D, generator=g)),
+            "U": nn.Parameter(torch.randn(state_dim, input_dim, dtype=D, generator=g)),
+            "b": nn.Parameter(0.1 * torch.randn(state_dim, dtype=D, generator=g)),
+        })
+        self.readout = self.readout.to(D)
+
+    def step(self, params, z_prev, x_t):
+        return torch.tanh(z_prev @ params["W"].T + x_t @ params["U"].T + params["b"])
+
+
+def dense_jacobian(model, inputs, names):
+    """dz/dθ as a [B*T*H, P] matrix by torch.func.jacrev of the unrolled model (independent reference)."""
+    params = {k: v.detach() for k, v in model.cell_params().items()}
+    sizes = [params[n].numel() for n in names]
+
+    def states(flat):
+        p = dict(params)
+        for n, piece in zip(names, torch.split(flat, sizes), strict=True):
+            p[n] = piece.reshape(params[n].shape)
+        return model.unroll(p, inputs).reshape(-1)
+
+    flat = torch.cat([params[n].reshape(-1) for n in names])
+    return torch.func.jacrev(states)(flat)
+
+
+def state_targets_problem(B, T, seed=0, c=0.5):
+    """Loss L = ½ c ‖z − z*‖² on the states; e = c (z − z*)."""
+    model = TinyRNN(seed=seed)
+    inputs = torch.randn(B, T, 1, dtype=D, generator=gen(seed + 1))
+    z_star = 0.8 * torch.tanh(torch.randn(B, T, 2, dtype=D, generator=gen(seed + 2)))
+
+    def closure():
+        with torch.no_grad():
+            z = model.unroll(model.cell_params(), inputs)
+        resid = z - z_star
+        return SimpleNamespace(states=z, error=c * resid, loss=0.5 * c * float(resid.pow(2).sum()),
+                               params=model.cell_params())
+
+    def dense_J(traj, names):
+        Jm = dense_jacobian(model, inputs, names)
+        return DenseOperator(Jm, (Jm.shape[1],), (B, T, 2))
+
+    return model, closure, dense_J, inputs, z_star
+
+
+def flat_params(model, names):
+    return torch.cat([model.cell_params()[n].detach().reshape(-1) for n in names])
+
+
+@pytest.mark.parametrize("B,T,form", [(1, 3, "state"), (2, 4, "parameter")])
+def test_full_rank_small_damping_is_exact_gauss_newton(B, T, form):
+    c = 0.5
+    model, closure, dense_J, inputs, z_star = state_targets_problem(B, T, c=c)
+    names = ["W", "U", "b"]
+    P, n = 8, B * T * 2
+    full = min(P, n)
+    lam = 1e-9
+    opt = LowRankNaturalGradient(model, lr=1.0, rank=full, damping=lam, adaptive_damping=False,
+                                 trust_region=None, jacobian=dense_J, curvature="auto")
+    Jm = dense_jacobian(model, inputs, names)
+    traj = closure()
+    ref_step = -torch.linalg.pinv(Jm) @ (traj.error.reshape(-1) / c)  # exact GN step of ½c‖z − z*‖²
+    # damping biases the step by a relative λ / (c σ_min²) at most; allow that plus rounding
+    smin2 = float(torch.linalg.svdvals(Jm)[-1]) ** 2
+    rtol = 2 * lam / (c * smin2) + 1e-9
+    before = flat_params(model, names)
+    opt.step(closure)
+    got = flat_params(model, names) - before
+    assert opt.last_stats["form"] == form
+    assert opt.last_stats["curvature"] == pytest.approx(c, rel=1e-12)
+    assert float((got - ref_step).norm()) <= rtol * float(ref_step.norm()), (got, ref_step)
+
+
+def test_rank_zero_is_gradient_descent_scaled_by_inverse_damping():
+    model, closure, dense_J, inputs, z_star = state_targets_problem(2, 5, seed=3)
+    lr, lam = 0.3, 4.0
+    opt = LowRankNaturalGradient(model, lr=lr, rank=0, damping=lam, adaptive_damping=False,
+                                 trust_region=None, jacobian=dense_J)
+    # independent gradient: autograd of the loss through the unrolled model
+    loss = 0.5 * 0.5 * (model.unroll(model.cell_params(), inputs) - z_star).pow(2).sum()
+    grads = torch.autograd.grad(loss, [model.cell_params()[n] for n in ("W", "U", "b")])
+    g = torch.cat([x.reshape(-1) for x in grads])
+    before = flat_params(model, ["W", "U", "b"])
+    opt.step(closure)
+    got = flat_params(model, ["W", "U", "b"]) - before
+    assert torch.allclose(got, -(lr / lam) * g, rtol=1e-10, atol=1e-14)
+    assert opt.last_stats["products"] == 1  # exactly SGD's one backward pass
+
+
+@pytest.mark.parametrize("form", ["state", "parameter"])
+def test_low_rank_step_matches_dense_top_r_formula(form):
+    # rank r < full: the step equals −η J*(cU_rΛ_rU_r* + λI)⁻¹e with the exact top-r eigenpairs of JJ*,
+    # once the warm-started sketch has converged (same batch, parameters held fixed by lr ~ 0)
+    c, lam, r = 0.5, 1e-2, 2
+    model, closure, dense_J, inputs, z_star = state_targets_problem(2, 3, seed=7, c=c)
+    names = ["W", "U", "b"]
+    opt = LowRankNaturalGradient(model, lr=1e-12, rank=r, damping=lam, adaptive_damping=False,
+                                 trust_region=None, jacobian=dense_J, form=form, warmup_iters=60)
+    opt.step(closure)  # converge the basis (60 passes; the parameters move by ~1e-12)
+    Jm = dense_jacobian(model, inputs, names)
+    e = closure().error.reshape(-1)
+    evals, evecs = torch.linalg.eigh(Jm @ Jm.T)
+    U, L = evecs[:, -r:], evals[-r:]
+    x = torch.linalg.solve(c * U @ torch.diag(L) @ U.T + lam * torch.eye(U.shape[0], dtype=D), e)
+    ref = -Jm.T @ x
+    for g in opt.param_groups:
+        g["lr"] = 1.0
+    before = flat_params(model, names)
+    opt.step(closure)
+    got = flat_params(model, names) - before
+    assert torch.allclose(got, ref, rtol=1e-6, atol=1e-9 * float(ref.norm()))
+
+
+def test_product_counts_are_reported():
+    model, closure, dense_J, *_ = state_targets_problem(2, 5)
+    opt = LowRankNaturalGradient(model, rank=2, jacobian=dense_J, form="parameter", refresh_every=2)
+    opt.step(closure)  # cold sketch: (warmup 2 + 1) passes × 2 probes of J*J, plus the gradient
+    assert (opt.last_stats["jvps"], opt.last_stats["vjps"]) == (6, 7)
+    opt.step(closure)  # reuses the basis: only the gradient
+    assert opt.last_stats["products"] == 1 and not opt.last_stats["refreshed"]
+    opt.step(closure)  # warm refresh: one pass of 2 probes
+    assert (opt.last_stats["jvps"], opt.last_stats["vjps"]) == (2, 3)
+    assert opt.products_per_step == pytest.approx((13 + 1 + 5) / 3)
+    opt_s = LowRankNaturalGradient(model, rank=1, jacobian=dense_J, form="state", warmup_iters=0)
+    opt_s.step(closure)  # one pass of 1 probe of JJ*, then J* of [preconditioned error, error]
+    assert (opt_s.last_stats["jvps"], opt_s.last_stats["vjps"]) == (1, 3)
+
+
+def test_steps_decrease_the_loss_and_adapt_damping():
+    model, closure, dense_J, *_ = state_targets_problem(4, 6, seed=11)
+    opt = LowRankNaturalGradient(model, lr=1.0, rank=4, damping=1.0, jacobian=dense_J)
+    losses = [float(opt.step(closure)) for _ in range(15)]
+    assert losses[-1] < 0.5 * losses[0]
+    assert opt.damping < 1.0  # good steps (ρ > 3/4) lowered λ
+    assert opt.last_stats["rho"] is not None
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_bad_input_gives_clear_errors():
+    model, closure, dense_J, *_ = state_targets_problem(1, 2)
+    with pytest.raises(ValueError, match="damping"):
+        LowRankNaturalGradient(model, damping=-1.0, jacobian=dense_J)
+    with pytest.raises(ValueError, match="rank"):
+        LowRankNaturalGradient(model, rank=-2, jacobian=dense_J)
+    with pytest.raises(ValueError, match="larger than the number of trained parameters"):
+        LowRankNaturalGradient(model, rank=9, jacobian=dense_J)
+    with pytest.raises(ValueError, match="valid names"):
+        LowRankNaturalGradient(model, param_names=["nope"], jacobian=dense_J)
+    with pytest.raises(TypeError, match="RecurrentModel"):
+        LowRankNaturalGradient(nn.Linear(2, 2))
+    # B·T·H = 4 < rank 5 <= P = 8: the state space is too small
+    opt = LowRankNaturalGradient(model, rank=5, form="state", jacobian=dense_J)
+    with pytest.raises(ValueError, match="larger than the state dimension B·T·H = 4"):
+        opt.step(closure)
+    opt = LowRankNaturalGradient(model, rank=1, jacobian=dense_J)
+    with pytest.raises(ValueError, match="needs a closure"):
+        opt.step()
+    with pytest.raises(TypeError, match="not a recorded trajectory"):
+        opt.step(lambda: None)
+    no_error = SimpleNamespace(states=torch.zeros(1, 2, 2, dtype=D), error=None, loss=None)
+    with pytest.raises(ValueError, match="without targets"):
+        opt.step(lambda: no_error)
+
+
+def test_function_operator_jacobian_and_float32():
+    # the optimizer only needs J as a LinearOperator: a matrix-free one in float32 works the same way
+    model, closure, dense_J, inputs, _ = state_targets_problem(2, 3)
+    Jm = dense_jacobian(model, inputs, ["W", "U", "b"]).float()
+
+    def J32(traj, names):
+        return FunctionOperator(lambda v: (Jm @ v).reshape(2, 3, 2), lambda y: Jm.T @ y.reshape(-1),
+                                (8,), (2, 3, 2), dtype=torch.float32)
+
+    def closure32():
+        t = closure()
+        return SimpleNamespace(states=t.states.float(), error=t.error.float(), loss=t.loss)
+
+    opt = LowRankNaturalGradient(model, rank=2, damping=1e-2, jacobian=J32, trust_region=None,
+                                 adaptive_damping=False)
+    ref = LowRankNaturalGradient(TinyRNN(seed=0), rank=2, damping=1e-2, jacobian=dense_J, trust_region=None,
+                                 adaptive_damping=False, warmup_iters=2)
+    before = flat_params(model, ["W", "U", "b"])
+    opt.step(closure32)
+    got = flat_params(model, ["W", "U", "b"]) - before
+    assert torch.isfinite(got).all() and got.norm() > 0
+    assert ref.last_stats == {}
