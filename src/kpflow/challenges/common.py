@@ -1,0 +1,266 @@
+"""What every challenge shares: its spec, folder layout, checksums, dataset card and Croissant metadata.
+
+A made challenge folder looks like::
+
+    DIR/
+      challenge.json          manifest: name, seed, scale, per-file sha256, counts, shapes
+      DATASET_CARD.md         description, license, citation, splits, shapes, how it was made
+      croissant.json          Croissant 1.0 JSON-LD (validated with mlcroissant when installed)
+      train/                  public training data (with labels)
+      input_data/{val,test}/  unlabelled inputs the ingestion program feeds to a submission
+      reference_data/{val,test}/  the labels (never shown to a submission)
+      starting_kit/           a sample submission (model.py) and a README
+      leaderboard.json        written by ``kpflow challenge run``
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PHASES = ("val", "test")
+PHASE_NAMES = {"val": "Development", "test": "Final"}
+DATA_ROOTS = ("train", "input_data", "reference_data")
+
+
+@dataclass(frozen=True)
+class ScoreColumn:
+    key: str
+    title: str
+    sorting: str = "desc"
+
+
+@dataclass(frozen=True)
+class ChallengeSpec:
+    """Static description of one challenge; ``generate(out, seed, scale)`` writes its data."""
+
+    name: str
+    title: str
+    summary: str
+    domain: str
+    original: str
+    license: str
+    citation: str
+    columns: tuple[ScoreColumn, ...]
+    reference_file: str
+    input_description: str
+    predict_signature: str
+    metric_description: str
+    generation: str
+    generate: Callable[[Path, int, float], dict]
+    real_data_note: str = ""
+    keywords: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def primary(self) -> str:
+        return self.columns[0].key
+
+    @property
+    def score_keys(self) -> list[str]:
+        return [c.key for c in self.columns]
+
+
+CITATION = ("Campolongo, Chou, Govorkova et al., Building Machine Learning Challenges for Anomaly Detection "
+            "in Science, arXiv:2503.02112 (2025)")
+
+
+# ----------------------------------------------------------------------------- small utilities
+def child_rngs(seed: int, names: list[str]) -> dict[str, np.random.Generator]:
+    """Independent generators per split, derived from one seed (numpy SeedSequence spawning)."""
+    children = np.random.SeedSequence(int(seed)).spawn(len(names))
+    return {n: np.random.Generator(np.random.PCG64(c)) for n, c in zip(names, children, strict=True)}
+
+
+def scaled(count: int, scale: float, minimum: int = 4) -> int:
+    """``count`` multiplied by ``scale``, at least ``minimum``."""
+    if not (scale > 0):
+        raise ValueError(f"scale must be > 0, got {scale}")
+    return max(int(minimum), int(round(count * scale)))
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, payload) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: Path, header: list[str], rows) -> None:
+    """A plain CSV (``,``-separated, ``\\n`` line ends), atomically."""
+    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under the data roots, keyed by path relative to ``folder``."""
+    folder = Path(folder)
+    out = {}
+    for root in DATA_ROOTS:
+        for path in sorted((folder / root).rglob("*")):
+            if path.is_file():
+                out[path.relative_to(folder).as_posix()] = sha256_file(path)
+    return out
+
+
+def check_challenge_folder(folder: Path, name: str | None = None) -> dict:
+    """The manifest of a made challenge folder, or a clear error saying what is missing."""
+    folder = Path(folder)
+    manifest_path = folder / "challenge.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(
+            f"{folder} is not a made challenge folder (no challenge.json); "
+            f"create it with `kpflow challenge make {name or 'NAME'} --out {folder}`")
+    manifest = json.loads(manifest_path.read_text())
+    if name is not None and manifest.get("name") != name:
+        raise ValueError(f"{folder} holds challenge {manifest.get('name')!r}, not {name!r}")
+    return manifest
+
+
+# ----------------------------------------------------------------------------- card and Croissant
+def dataset_card(spec: ChallengeSpec, manifest: dict) -> str:
+    """Markdown dataset card: description, license, citation, splits, shapes, provenance."""
+    splits = "\n".join(f"| {split} | {info} |" for split, info in manifest["splits"].items())
+    files = "\n".join(f"| `{p}` | `{h[:16]}…` |" for p, h in list(manifest["checksums"].items())[:40])
+    more = len(manifest["checksums"]) - 40
+    columns = "\n".join(f"| `{c.key}` | {c.title} | {c.sorting} |" for c in spec.columns)
+    return f"""# {spec.title} — dataset card
+
+{spec.summary}
+
+- **Domain:** {spec.domain}
+- **Stands in for:** {spec.original}
+- **License:** {spec.license} (synthetic data generated by kpflow; no third-party data included)
+- **Cite:** {CITATION}; and kpflow (this generator).
+- **Generator:** `kpflow challenge make {spec.name} --seed {manifest['seed']} --scale {manifest['scale']}`
+  (deterministic: the same seed and scale give the same sha256 checksums, listed in `challenge.json`).
+
+## Splits
+
+| split | contents |
+|---|---|
+{splits}
+
+## Inputs and submissions
+
+{spec.input_description}
+
+A submission is a folder or zip with `model.py` defining `class Model` with `load()` and
+`{spec.predict_signature}`. It runs in a separate process with a time and memory limit, sees only the
+inputs (never `reference_data/`) and may write only to its output folder.
+
+## Metric
+
+{spec.metric_description}
+
+| key in scores.json | title | sorting |
+|---|---|---|
+{columns}
+
+## How it was made
+
+{spec.generation}
+
+{spec.real_data_note}
+
+## Files (sha256)
+
+| file | sha256 |
+|---|---|
+{files}
+{f'| … and {more} more in challenge.json | |' if more > 0 else ''}
+"""
+
+
+def croissant_metadata(spec: ChallengeSpec, manifest: dict, record_fields: list[dict]) -> dict:
+    """Croissant 1.0 JSON-LD describing the training data of a challenge folder."""
+    context = {
+        "@language": "en", "@vocab": "https://schema.org/", "sc": "https://schema.org/",
+        "cr": "http://mlcommons.org/croissant/", "rai": "http://mlcommons.org/croissant/RAI/",
+        "dct": "http://purl.org/dc/terms/", "citeAs": "cr:citeAs", "column": "cr:column",
+        "conformsTo": "dct:conformsTo", "data": {"@id": "cr:data", "@type": "@json"},
+        "dataType": {"@id": "cr:dataType", "@type": "@vocab"}, "examples": {"@id": "cr:examples",
+                                                                           "@type": "@json"},
+        "extract": "cr:extract", "field": "cr:field", "fileObject": "cr:fileObject",
+        "fileProperty": "cr:fileProperty", "fileSet": "cr:fileSet", "format": "cr:format",
+        "includes": "cr:includes", "isLiveDataset": "cr:isLiveDataset", "jsonPath": "cr:jsonPath",
+        "key": "cr:key", "md5": "cr:md5", "parentField": "cr:parentField", "path": "cr:path",
+        "recordSet": "cr:recordSet", "references": "cr:references", "regex": "cr:regex",
+        "repeated": "cr:repeated", "replace": "cr:replace", "separator": "cr:separator",
+        "source": "cr:source", "subField": "cr:subField", "transform": "cr:transform",
+    }
+    distribution = []
+    for path, digest in manifest["checksums"].items():
+        if not path.startswith("train/") or path.count("/") > 1:
+            continue
+        distribution.append({
+            "@type": "cr:FileObject", "@id": path, "name": path, "contentUrl": path,
+            "encodingFormat": _encoding(path), "sha256": digest,
+        })
+    return {
+        "@context": context,
+        "@type": "sc:Dataset",
+        "name": f"kpflow-{spec.name}",
+        "description": spec.summary,
+        "conformsTo": "http://mlcommons.org/croissant/1.0",
+        "license": "https://creativecommons.org/licenses/by/4.0/",
+        "url": "https://github.com/kpflow/kpflow",
+        "citeAs": CITATION,
+        "version": "1.0.0",
+        "keywords": list(spec.keywords),
+        "isLiveDataset": False,
+        "distribution": distribution,
+        "recordSet": [{
+            "@type": "cr:RecordSet", "@id": f"{spec.name}_train", "name": f"{spec.name}_train",
+            "description": "Training records.", "field": record_fields,
+        }],
+    }
+
+
+def _encoding(path: str) -> str:
+    suffix = path.rsplit(".", 1)[-1]
+    return {"csv": "text/csv", "npz": "application/x-npz", "npy": "application/x-npy",
+            "nc": "application/x-netcdf", "png": "image/png", "json": "application/json"}.get(
+        suffix, "application/octet-stream")
+
+
+def validate_croissant(path: Path) -> str:
+    """Validate with mlcroissant when installed; returns 'valid', or 'skipped (...)'."""
+    try:
+        import mlcroissant  # noqa: F401
+    except ImportError:
+        return "skipped (mlcroissant not installed; pip install 'kpflow[challenges]')"
+    import mlcroissant as mlc
+
+    mlc.Dataset(jsonld=str(path))  # raises on an invalid description
+    return "valid"

@@ -1,0 +1,87 @@
+"""The three challenges by name, and ``make_challenge``: data + card + Croissant + manifest + starting kit."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from kpflow.challenges import butterfly, gw, sealevel
+from kpflow.challenges.common import (
+    PHASES,
+    ChallengeSpec,
+    atomic_write_json,
+    atomic_write_text,
+    croissant_metadata,
+    data_checksums,
+    dataset_card,
+    validate_croissant,
+)
+
+CHALLENGES: dict[str, ChallengeSpec] = {s.name: s for s in (gw.SPEC, butterfly.SPEC, sealevel.SPEC)}
+STARTING_KITS = Path(__file__).parent / "starting_kit"
+RECORD_FIELDS = {
+    "gw": [{"@type": "cr:Field", "@id": "gw_train/data", "name": "data", "dataType": "sc:Float",
+            "description": "whitened strain windows (N, 2, 200), H1 and L1",
+            "source": {"fileObject": {"@id": "train/background.npz"}, "extract": {"column": "data"}}}],
+    "butterfly": [
+        {"@type": "cr:Field", "@id": f"butterfly_train/{c}", "name": c, "dataType": t,
+         "source": {"fileObject": {"@id": "train/train.csv"}, "extract": {"column": c}}}
+        for c, t in (("filename", "sc:Text"), ("hybrid_stat", "sc:Integer"), ("subspecies", "sc:Text"))],
+    "sealevel": [
+        {"@type": "cr:Field", "@id": f"sealevel_train/{c}", "name": c, "dataType": t,
+         "source": {"fileObject": {"@id": "train/labels.csv"}, "extract": {"column": c}}}
+        for c, t in (("date", "sc:Date"), ("Atlantic City", "sc:Integer"))],
+}
+
+
+def list_challenges() -> list[str]:
+    """Names of the available challenges."""
+    return list(CHALLENGES)
+
+
+def get_challenge(name: str) -> ChallengeSpec:
+    """The spec of challenge ``name`` (clear error listing valid names otherwise)."""
+    if name not in CHALLENGES:
+        raise KeyError(f"unknown challenge {name!r}; valid names: {', '.join(CHALLENGES)}")
+    return CHALLENGES[name]
+
+
+def make_challenge(name: str, out: Path, seed: int = 0, scale: float = 1.0, overwrite: bool = False) -> dict:
+    """Generate challenge ``name`` into folder ``out`` and return its manifest.
+
+    Deterministic: the same ``seed`` and ``scale`` give byte-identical data files (their sha256 are
+    recorded in ``out/challenge.json``). The folder is built beside ``out`` and renamed into place, so
+    an interrupted make leaves no half-made challenge.
+    """
+    spec = get_challenge(name)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    build = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.building."))
+    try:
+        info = spec.generate(build, int(seed), float(scale))
+        manifest = {
+            "name": spec.name, "title": spec.title, "seed": int(seed), "scale": float(scale),
+            "phases": list(PHASES), "score_keys": spec.score_keys, "primary": spec.primary,
+            "reference_file": spec.reference_file, **info,
+            "checksums": data_checksums(build),
+        }
+        atomic_write_text(build / "DATASET_CARD.md", dataset_card(spec, manifest))
+        croissant_path = build / "croissant.json"
+        atomic_write_json(croissant_path, croissant_metadata(spec, manifest, RECORD_FIELDS[spec.name]))
+        manifest["croissant"] = validate_croissant(croissant_path)
+        kit = build / "starting_kit"
+        shutil.copytree(STARTING_KITS / spec.name, kit, ignore=shutil.ignore_patterns("__pycache__"))
+        manifest["seconds"] = round(time.perf_counter() - start, 2)
+        atomic_write_json(build / "challenge.json", manifest)
+        if out.exists():
+            shutil.rmtree(out)
+        build.rename(out)
+    finally:
+        if build.exists():
+            shutil.rmtree(build, ignore_errors=True)
+    return manifest

@@ -1,0 +1,266 @@
+"""Sea-level anomaly challenge: daily gridded sea-level-anomaly maps, 12 coastal stations to flag.
+
+Stand-in for the iHARP challenge (Copernicus DUACS L4 altimetry, 0.25°, cropped to 100 lat x 160
+lon over the US East Coast / North Atlantic; tide-gauge anomaly labels at 12 stations).
+
+The SLA field (metres) on ocean cells is the sum of
+
+* a spatially correlated random field, AR(1) in time (ρ = 0.9), Gaussian-smoothed white noise
+  (σ = 6 cells), standard deviation about 6 cm;
+* a seasonal cycle ``A(lat) sin(2π (doy − 80) / 365.25)`` with A from 4 to 10 cm;
+* a trend of 1 cm / year (exaggerated from the real ~3 mm / year so that it matters in 5 years);
+* coastal surge events (about one every 12 days): Gaussian blobs of radius 1.5-4° centred near the
+  coast, peak 0.15-0.6 m, lasting 1-4 days with a decaying profile.
+
+Each station's "tide gauge" series is the field at its nearest ocean cell plus local gauge noise
+(σ = 4 cm, not visible in the maps); a (station, day) is anomalous when that series exceeds the
+station's mean + 2 standard deviations over the training years.
+
+Files: ``train/sla_train.nc`` (``sla`` (time, lat, lon), int16 with ``scale_factor`` 1e-4 m and
+``_FillValue`` over land, ``time`` in days since 1950-01-01, ``lat``, ``lon``), ``train/labels.csv``
+(``date`` + one 0/1 column per station), ``train/stations.csv``; hidden ``input_data/<phase>/maps/
+YYYYMMDD.nc`` (one file per day, as the original) and ``input_data/<phase>/stations.csv``; labels in
+``reference_data/<phase>/labels.csv``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from pathlib import Path
+
+import numpy as np
+
+from kpflow.challenges.common import (
+    ChallengeSpec,
+    ScoreColumn,
+    atomic_write_bytes,
+    child_rngs,
+    scaled,
+    write_csv,
+)
+
+N_LAT, N_LON = 100, 160
+LAT = 25.125 + 0.25 * np.arange(N_LAT)
+LON = -84.875 + 0.25 * np.arange(N_LON)
+STATIONS = {  # name: (lat, lon)
+    "Atlantic City": (39.36, -74.42), "Baltimore": (39.27, -76.58), "Eastport": (44.90, -66.98),
+    "Fort Pulaski": (32.03, -80.90), "Lewes": (38.78, -75.12), "New London": (41.36, -72.09),
+    "Newport": (41.50, -71.33), "Portland": (43.66, -70.25), "Sandy Hook": (40.47, -74.01),
+    "Sewells Point": (36.95, -76.33), "The Battery": (40.70, -74.01), "Washington": (38.87, -77.02),
+}
+COAST = np.array([(25.0, -80.3), (30.0, -81.3), (32.0, -80.9), (35.2, -75.6), (37.0, -76.0), (39.0, -74.7),
+                  (40.5, -74.0), (41.2, -71.6), (42.0, -70.1), (43.6, -70.3), (44.8, -67.0), (45.5, -64.5),
+                  (47.0, -64.0), (50.0, -58.0)])
+START = dt.date(1993, 1, 1)
+EPOCH = dt.date(1950, 1, 1)
+DEFAULT_DAYS = {"train": 1095, "val": 365, "test": 365}
+SCALE_FACTOR, FILL = 1e-4, -32768
+THRESHOLD_SIGMAS = 2.0
+
+
+def land_mask() -> np.ndarray:
+    """``(N_LAT, N_LON)`` True on land: west of a piecewise-linear East-Coast line."""
+    coast_lon = np.interp(LAT, COAST[:, 0], COAST[:, 1])
+    return LON[None, :] < coast_lon[:, None]
+
+
+def station_cells(mask: np.ndarray | None = None) -> dict[str, tuple[int, int]]:
+    """Nearest ocean grid cell (i_lat, j_lon) of each station."""
+    mask = land_mask() if mask is None else mask
+    ii, jj = np.nonzero(~mask)
+    out = {}
+    for name, (lat, lon) in STATIONS.items():
+        k = np.argmin((LAT[ii] - lat) ** 2 + ((LON[jj] - lon) * np.cos(np.deg2rad(lat))) ** 2)
+        out[name] = (int(ii[k]), int(jj[k]))
+    return out
+
+
+def sla_fields(rng: np.random.Generator, days: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(days, N_LAT, N_LON)`` float32 SLA (metres, NaN on land) and the surge-free part."""
+    from scipy.ndimage import gaussian_filter
+
+    mask = land_mask()
+    rho, sigma_cells = 0.9, 6.0
+    field = np.empty((days, N_LAT, N_LON), np.float32)
+    state = np.zeros((N_LAT, N_LON))
+    norm = None
+    for lo in range(0, days, 256):
+        m = min(256, days - lo)
+        noise = gaussian_filter(rng.standard_normal((m, N_LAT, N_LON)), sigma=(0, sigma_cells, sigma_cells),
+                                mode="reflect")
+        if norm is None:
+            norm = 1.0 / noise.std()
+        for k in range(m):
+            state = rho * state + np.sqrt(1 - rho ** 2) * noise[k] * norm
+            field[lo + k] = 0.06 * state
+    t = np.arange(days)
+    doy = np.array([(START + dt.timedelta(days=int(d))).timetuple().tm_yday for d in t])
+    amplitude = 0.04 + 0.06 * (LAT - LAT[0]) / (LAT[-1] - LAT[0])
+    seasonal = np.sin(2 * np.pi * (doy - 80) / 365.25)[:, None, None] * amplitude[None, :, None]
+    trend = (0.01 * t / 365.25)[:, None, None]
+    smooth = field + seasonal + trend
+    surge = np.zeros_like(field)
+    coast_lat = rng.uniform(LAT[0] + 5, LAT[-1] - 5, size=int(days / 12) + 1)
+    starts = np.sort(rng.choice(days, size=coast_lat.size, replace=coast_lat.size > days))
+    for lat0, day0 in zip(coast_lat, starts, strict=True):
+        lon0 = np.interp(lat0, COAST[:, 0], COAST[:, 1]) + rng.uniform(0.0, 1.5)
+        radius, peak, length = rng.uniform(1.5, 4.0), rng.uniform(0.15, 0.6), int(rng.integers(1, 5))
+        blob = np.exp(-(((LAT[:, None] - lat0) ** 2 + ((LON[None, :] - lon0) * np.cos(np.deg2rad(lat0))) ** 2)
+                        / (2 * radius ** 2)))
+        for k in range(length):
+            if day0 + k < days:
+                surge[day0 + k] += peak * np.exp(-k / 1.5) * blob
+    out = (smooth + surge).astype(np.float32)
+    out[:, mask] = np.nan
+    smooth = smooth.astype(np.float32)
+    smooth[:, mask] = np.nan
+    return out, smooth
+
+
+def station_series(rng, fields: np.ndarray) -> np.ndarray:
+    """``(days, 12)`` 'tide gauge' series: field at the station cell + gauge noise (σ = 4 cm)."""
+    cells = station_cells()
+    series = np.stack([fields[:, i, j] for i, j in cells.values()], axis=1)
+    return series + rng.normal(0, 0.04, series.shape)
+
+
+def netcdf_bytes(sla: np.ndarray, days_since_epoch: np.ndarray) -> bytes:
+    """NetCDF3 bytes with ``sla`` (time, lat, lon) int16 scaled by ``SCALE_FACTOR``, plus coordinates."""
+    from scipy.io import netcdf_file
+
+    buffer = io.BytesIO()
+    handle = netcdf_file(buffer, "w", version=2)
+    handle.title = "kpflow synthetic sea level anomaly (stand-in for DUACS DT2021 L4)"
+    handle.createDimension("time", sla.shape[0])
+    handle.createDimension("latitude", N_LAT)
+    handle.createDimension("longitude", N_LON)
+    t = handle.createVariable("time", "f8", ("time",))
+    t[:] = days_since_epoch
+    t.units = "days since 1950-01-01 00:00:00"
+    la = handle.createVariable("latitude", "f4", ("latitude",))
+    la[:] = LAT
+    la.units = "degrees_north"
+    lo = handle.createVariable("longitude", "f4", ("longitude",))
+    lo[:] = LON
+    lo.units = "degrees_east"
+    v = handle.createVariable("sla", "i2", ("time", "latitude", "longitude"))
+    raw = np.clip(np.round(np.nan_to_num(sla) / SCALE_FACTOR), -32767, 32767)
+    raw[~np.isfinite(sla)] = FILL
+    v[:] = raw.astype(np.int16)
+    v.scale_factor = SCALE_FACTOR
+    v._FillValue = np.int16(FILL)
+    v.units = "m"
+    v.long_name = "Sea level anomaly"
+    handle.flush()
+    data = buffer.getvalue()
+    handle.close()
+    return data
+
+
+def read_sla(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(``sla`` (time, lat, lon) float32 metres with NaN on land, ``time`` days since 1950-01-01)."""
+    from scipy.io import netcdf_file
+
+    with netcdf_file(str(path), "r", mmap=False, maskandscale=False) as handle:
+        var = handle.variables["sla"]
+        raw = np.array(var.data)
+        scale = float(getattr(var, "scale_factor", 1.0))
+        fill = getattr(var, "_FillValue", None)
+        sla = raw.astype(np.float32) * np.float32(scale)
+        if fill is not None:
+            sla[raw == fill] = np.nan
+        times = np.array(handle.variables["time"].data, dtype=np.float64)
+    return sla, times
+
+
+def generate(out: Path, seed: int, scale: float) -> dict:
+    """Write the sea-level challenge under ``out`` (see module docstring)."""
+    out = Path(out)
+    rngs = child_rngs(seed, ["field", "gauge"])
+    days = {k: scaled(v, scale, minimum=30) for k, v in DEFAULT_DAYS.items()}
+    total = sum(days.values())
+    fields, _ = sla_fields(rngs["field"], total)
+    series = station_series(rngs["gauge"], fields)
+    n_train = days["train"]
+    threshold = series[:n_train].mean(0) + THRESHOLD_SIGMAS * series[:n_train].std(0)
+    labels = (series > threshold).astype(int)
+    dates = [START + dt.timedelta(days=int(d)) for d in range(total)]
+    since = np.array([(d - EPOCH).days for d in dates], dtype=np.float64)
+    names = list(STATIONS)
+    cells = station_cells()
+    station_rows = [(n, STATIONS[n][0], STATIONS[n][1], *cells[n]) for n in names]
+    header = ["name", "latitude", "longitude", "i_lat", "j_lon"]
+    write_csv(out / "train" / "stations.csv", header, station_rows)
+    atomic_write_bytes(out / "train" / "sla_train.nc", netcdf_bytes(fields[:n_train], since[:n_train]))
+    write_csv(out / "train" / "labels.csv", ["date", *names],
+              [(dates[d].isoformat(), *labels[d]) for d in range(n_train)])
+    splits = {"train": f"{n_train} days from {dates[0]}; anomaly rate {labels[:n_train].mean():.3f}"}
+    lo = n_train
+    for phase in ("val", "test"):
+        hi = lo + days[phase]
+        for d in range(lo, hi):
+            atomic_write_bytes(out / "input_data" / phase / "maps" / f"{dates[d]:%Y%m%d}.nc",
+                               netcdf_bytes(fields[d:d + 1], since[d:d + 1]))
+        write_csv(out / "input_data" / phase / "stations.csv", header, station_rows)
+        write_csv(out / "reference_data" / phase / "labels.csv", ["date", *names],
+                  [(dates[d].isoformat(), *labels[d]) for d in range(lo, hi)])
+        splits[phase] = f"{hi - lo} days from {dates[lo]}; anomaly rate {labels[lo:hi].mean():.3f}"
+        lo = hi
+    return {"splits": splits, "counts": days, "shapes": {"map": [N_LAT, N_LON], "stations": len(names)},
+            "thresholds_m": dict(zip(names, np.round(threshold, 4).tolist(), strict=True))}
+
+
+def load_original(maps_folder: Path, station_csvs: list[Path]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Read the organisers' per-day NetCDF files and ``<Station>_..._training_data.csv`` label files
+    (``t, anomaly``) into (dates, maps (days, lat, lon), labels (days, stations))."""
+    import csv
+
+    maps_folder = Path(maps_folder)
+    files = sorted(maps_folder.glob("*.nc"))
+    if not files:
+        raise FileNotFoundError(f"no .nc files in {maps_folder}")
+    maps, dates = [], []
+    for f in files:
+        sla, times = read_sla(f)
+        maps.append(sla)
+        dates += [(EPOCH + dt.timedelta(days=float(t))).isoformat() for t in times]
+    labels = np.zeros((len(dates), len(station_csvs)), int)
+    index = {d: k for k, d in enumerate(dates)}
+    for j, path in enumerate(station_csvs):
+        with open(path, newline="") as handle:
+            for row in csv.DictReader(handle):
+                day = row["t"][:10]
+                if day in index:
+                    labels[index[day], j] = int(float(row["anomaly"]))
+    return dates, np.concatenate(maps), labels
+
+
+SPEC = ChallengeSpec(
+    name="sealevel",
+    title="Detecting sea-level anomalies at coastal stations",
+    summary=("Daily 100x160 sea-level-anomaly maps of the North Atlantic (NetCDF, variable `sla`). For each "
+             "day, flag which of 12 US East-Coast tide-gauge stations record anomalously high sea level."),
+    domain="polar / climate science (iHARP institute)",
+    original="NSF HDR iHARP challenge 'Detecting Sea Level Rise Anomalies' (Codabench 3223)",
+    license="CC-BY-4.0",
+    citation="arXiv:2503.02112",
+    columns=(ScoreColumn("final_grade", "0.3 F1(day) + 0.7 mean station F1"),
+             ScoreColumn("F1_day", "F1 of 'any station anomalous'"),
+             ScoreColumn("F1_station_mean", "Mean per-station F1"),
+             ScoreColumn("precision_day", "Precision (day)"),
+             ScoreColumn("recall_day", "Recall (day)")),
+    reference_file="labels.csv",
+    input_description=("`input_data/<phase>/maps/YYYYMMDD.nc` (NetCDF3, `sla` int16 scaled, NaN/fill on land) "
+                       "and `stations.csv`. The ingestion program reads the days in sorted order and calls "
+                       "`Model.predict(sla_day)` with a (100, 160) float32 array in metres (NaN on land); it "
+                       "returns 12 flags in the order of `stations.csv`."),
+    predict_signature="predict(sla_day: np.ndarray[100, 160]) -> 12 flags (0/1)",
+    metric_description=("`final_grade` = 0.3 x F1 of 'any station anomalous that day' + 0.7 x the mean over "
+                        "stations of the per-station F1 (the organisers' scoring)."),
+    generation=__doc__.split("\n\n", 2)[2].split("Files:", 1)[0].strip(),
+    real_data_note=("Real data: `kpflow.challenges.sealevel.load_original(maps, station_csvs)` reads the "
+                    "organisers' per-day NetCDF maps and station label CSVs into the same arrays."),
+    keywords=("sea level", "altimetry", "anomaly detection", "NetCDF", "climate"),
+    generate=generate,
+)
