@@ -77,7 +77,31 @@ class RecurrentModel(nn.Module):
         z = self.unroll(self.cell_params(), inputs, z0)
         return z, self.output(z)
 
+    def load_cell_params(self, params: Params) -> None:
+        """Copy ``params`` (names as in ``cell_params()``) into the cell, checking every shape."""
+        self.check_params(params, complete=True)
+        live = self.cell_params()
+        with torch.no_grad():
+            for k, v in params.items():
+                live[k].copy_(v)
+
     # ------------------------------------------------------------ validation
+    def check_params(self, params: Params, complete: bool = False) -> None:
+        """Raise a ValueError naming any parameter in ``params`` that the cell does not have or whose
+        shape differs from the cell's (with ``complete=True`` also any that is missing)."""
+        own = {k: tuple(v.shape) for k, v in self.cell_params().items()}
+        unknown = sorted(set(params) - set(own))
+        if unknown:
+            raise ValueError(f"{type(self).__name__} has no cell parameter(s) {unknown}; its parameters are "
+                             f"{sorted(own)}")
+        for k, v in params.items():
+            if tuple(v.shape) != own[k]:
+                raise ValueError(f"parameter {k!r} has shape {tuple(v.shape)} but {type(self).__name__} "
+                                 f"needs {own[k]}")
+        missing = sorted(set(own) - set(params))
+        if complete and missing:
+            raise ValueError(f"missing cell parameter(s) {missing} for {type(self).__name__}")
+
     def check_inputs(self, inputs: torch.Tensor, z0: torch.Tensor | None = None) -> None:
         if not isinstance(inputs, torch.Tensor) or inputs.dim() != 3:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__

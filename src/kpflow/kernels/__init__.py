@@ -1,0 +1,36 @@
+"""State-space operators of a recorded run: Jθ, K, A, S, P, P⁻¹, J = P Jθ, Θ = P K P*, C Θ C*, the
+state-space Fisher, and the exact Kronecker core of K for weight-based cells."""
+
+from .kronecker import KroneckerCore, KroneckerKernel, kronecker_core, supports_kronecker
+from .state_space import (
+    InversePropagator,
+    ParamJacobian,
+    ParamLayout,
+    Propagator,
+    ReadoutJacobian,
+    StepJacobianCache,
+    StepJacobians,
+    TimeShift,
+    dense_step_jacobians,
+    inverse_propagator,
+    ntk,
+    output_ntk,
+    param_jacobian,
+    parameter_operator,
+    propagator,
+    readout_jacobian,
+    state_fisher,
+    state_jacobian,
+    step_jacobians,
+    time_shift,
+)
+from .trajectory import NonFiniteStateError, Trajectory, record, resolve_param_names
+
+__all__ = [
+    "record", "Trajectory", "NonFiniteStateError", "resolve_param_names",
+    "param_jacobian", "parameter_operator", "step_jacobians", "time_shift", "propagator",
+    "inverse_propagator", "readout_jacobian", "state_jacobian", "ntk", "output_ntk", "state_fisher",
+    "dense_step_jacobians", "kronecker_core", "supports_kronecker",
+    "ParamJacobian", "ParamLayout", "StepJacobians", "StepJacobianCache", "TimeShift", "Propagator",
+    "InversePropagator", "ReadoutJacobian", "KroneckerCore", "KroneckerKernel",
+]

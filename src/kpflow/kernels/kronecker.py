@@ -1,0 +1,241 @@
+"""Exact Kronecker core of the parameter operator K for weight-based cells (DESIGN.md §2).
+
+A weight ``W`` [R, C] that enters the step only as ``a_s += W u_n`` (site variable ``u_n`` at site
+n = (b, t); ``u_n = 1`` for a bias) contributes
+
+    ``K_W = M_s (G_W ⊗ I_R) M_s*``,   ``G_W[n, n'] = u_n · u_n'``,   ``M_s = blockdiag_n ∂z_n/∂a_{s,n}``,
+
+and ``K = Σ_W K_W``. Weights sharing a slot share ``M_s``, so ``K = Σ_s M_s (G_s ⊗ I) M_s*`` with
+``G_s = Σ_{W→s} G_W = U_s U_sᵀ`` (``U_s`` = the site variables of the slot side by side). Hence:
+
+* a K apply needs no parameter-space autodiff: ``M*``, two matmuls with ``U_s`` (or one with a
+  precomputed ``G_s`` when N < 2 C_s), ``M``;
+* ``tr K = Σ_s Σ_n G_s[n, n] ‖M_{s,n}‖_F²`` exactly;
+* ``‖K‖_F² = Σ_{s,s'} Σ_{n,n'} G_s[n,n'] G_{s'}[n,n'] ⟨M_{s,n}ᵀM_{s',n}, M_{s,n'}ᵀM_{s',n'}⟩`` exactly,
+  hence the exact effective rank ``tr(K)² / ‖K‖_F²`` with no probes;
+* ``rank K_W ≤ rank(G_W) · R`` (``R`` = rows of W; ``R = H`` for the vanilla and leaky RNN).
+
+For cells whose ``post`` is elementwise (vanilla, leaky RNN) ``M`` is a diagonal ``m_n`` and all of
+this costs O(N² H) or less.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from kpflow.models.cells import AffineRecurrentModel
+from kpflow.operators import LinearOperator
+
+from .trajectory import Trajectory, resolve_param_names
+
+#: Ceiling on entries of intermediate tensors of the general (non-elementwise) exact Frobenius norm.
+FROBENIUS_LIMIT = 2**27
+
+
+def supports_kronecker(model) -> bool:
+    """True for cells with the affine-slot structure (VanillaRNN, LeakyRNN, GRU, LSTM)."""
+    return isinstance(model, AffineRecurrentModel)
+
+
+class KroneckerCore:
+    """The Kronecker structure of ``K`` on a recorded trajectory (see module docstring).
+
+    Attributes:
+        param_names: the weights included.
+        site_variables: ``{param: U_W [N, C_W]}`` (a bias has the column of ones).
+        slots: ``{slot: [params]}``; slot_sizes: ``{slot: R_s}``.
+    """
+
+    def __init__(self, traj: Trajectory, param_names=None):
+        model = traj.model
+        if not supports_kronecker(model):
+            raise TypeError(
+                f"the Kronecker core needs a weight-based cell (VanillaRNN, LeakyRNN, GRU, LSTM); "
+                f"{type(model).__name__} is not one. Use kpflow.kernels.parameter_operator(traj) (autodiff)."
+            )
+        self.traj = traj
+        self.param_names = resolve_param_names(model, traj.param_names if param_names is None else param_names)
+        B, T, H = traj.shape
+        self.N, self.H = B * T, H
+        zp, x = traj.sites()
+        self._zp, self._x = zp, x
+        u = model.site_variables(zp, x)
+        ones = torch.ones(self.N, 1, dtype=traj.dtype, device=traj.device)
+        self.site_variables: dict[str, torch.Tensor] = {}
+        self.slots: dict[str, list[str]] = {}
+        for name in self.param_names:
+            slot, site = model.affine_terms[name]
+            self.site_variables[name] = ones if site is None else u[site].detach()
+            self.slots.setdefault(slot, []).append(name)
+        all_sizes = model.slot_sizes()
+        self.slot_sizes = {s: all_sizes[s] for s in self.slots}
+        with torch.no_grad():
+            self._slot_values = {k: v.detach() for k, v in model.slots(traj.params, zp, x).items()}
+        self._U = {s: torch.cat([self.site_variables[n] for n in names], 1) for s, names in self.slots.items()}
+        self._G: dict[str, torch.Tensor] = {}
+        self.elementwise = bool(model.post_is_elementwise)
+        self._m = self._diag_derivative() if self.elementwise else None
+
+    # ------------------------------------------------------------------ M and M*
+    def _post(self, sub: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.traj.model.post({**self._slot_values, **sub}, self._zp, self._x)
+
+    def _primal(self):
+        return {s: self._slot_values[s] for s in self.slots}
+
+    def _diag_derivative(self) -> torch.Tensor:
+        (s,) = self.slots
+        ones = {s: torch.ones_like(self._slot_values[s])}
+        return jvp(self._post, (self._primal(),), (ones,))[1].detach()  # [N, H]: diagonal of ∂z/∂a
+
+    def M(self, Z: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``Σ_s M_s Z_s`` for slot tangents ``[k, N, R_s]`` -> ``[k, N, H]``."""
+        if self.elementwise:
+            (s,) = self.slots
+            return self._m * Z[s]
+        return vmap(lambda z: jvp(self._post, (self._primal(),), (z,))[1])(Z)
+
+    def M_adjoint(self, Y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``M_s* Y`` for every slot, ``Y`` ``[k, N, H]`` -> ``{slot: [k, N, R_s]}``."""
+        if self.elementwise:
+            (s,) = self.slots
+            return {s: self._m * Y}
+        _, pullback = vjp(self._post, self._primal())
+        return vmap(lambda y: pullback(y)[0])(Y)
+
+    # ------------------------------------------------------------------ Gram matrices
+    def slot_gram(self, slot: str) -> torch.Tensor:
+        """``G_s = U_s U_sᵀ`` ``[N, N]`` (summed over the slot's included weights)."""
+        if slot not in self._G:
+            self._G[slot] = self._U[slot] @ self._U[slot].T
+        return self._G[slot]
+
+    @property
+    def site_grams(self) -> dict[str, torch.Tensor]:
+        """``{param: G_W}`` with ``G_W[b, t, b', t'] = u_{b,t} · u_{b',t'}`` ``[B, T, B, T]``."""
+        B, T, _ = self.traj.shape
+        return {n: (U @ U.T).reshape(B, T, B, T) for n, U in self.site_variables.items()}
+
+    def _apply_gram(self, slot: str, Z: torch.Tensor) -> torch.Tensor:
+        U = self._U[slot]
+        if self.N < 2 * U.shape[1]:
+            return torch.einsum("nm,kmr->knr", self.slot_gram(slot), Z)
+        return torch.einsum("nc,kcr->knr", U, torch.einsum("nc,knr->kcr", U, Z))
+
+    def apply(self, Y: torch.Tensor) -> torch.Tensor:
+        """``K Y`` for ``Y`` ``[k, B, T, H]``."""
+        k = Y.shape[0]
+        Z = self.M_adjoint(Y.reshape(k, self.N, self.H))
+        Z = {s: self._apply_gram(s, z) for s, z in Z.items()}
+        return self.M(Z).reshape(Y.shape)
+
+    def operator(self) -> LinearOperator:
+        """``K`` as a PSD ``LinearOperator`` on ``[B, T, H]``."""
+        return KroneckerKernel(self)
+
+    # ------------------------------------------------------------------ exact scalars
+    def _site_jacobians(self, slot: str) -> torch.Tensor:
+        """Dense per-site ``M_{s,n}`` ``[N, H, R_s]`` (general cells only; guarded)."""
+        R = self.slot_sizes[slot]
+        n_entries = self.N * self.H * R
+        if n_entries > FROBENIUS_LIMIT:
+            raise MemoryError(
+                f"exact ‖K‖_F for this cell needs per-site Jacobians of {n_entries:,} entries (limit "
+                f"{FROBENIUS_LIMIT:,}); use the randomized estimators in kpflow.estimators instead"
+            )
+        eye = torch.eye(R, dtype=self.traj.dtype, device=self.traj.device)
+        basis = eye.unsqueeze(1).expand(R, self.N, R)
+        zero = {s: torch.zeros(R, self.N, self.slot_sizes[s], dtype=self.traj.dtype, device=self.traj.device)
+                for s in self.slots}
+        zero[slot] = basis
+        cols = self.M(zero)  # [R, N, H]
+        return cols.permute(1, 2, 0)
+
+    def _site_sq_norms(self) -> dict[str, torch.Tensor]:
+        """``‖M_{s,n}‖_F²`` for every slot and site: ``{slot: [N]}``."""
+        if self.elementwise:
+            (s,) = self.slots
+            return {s: (self._m ** 2).sum(-1)}
+        out = {}
+        for s, R in self.slot_sizes.items():
+            acc = torch.zeros(self.N, dtype=self.traj.dtype, device=self.traj.device)
+            chunk = max(1, (2**24) // max(1, self.N * max(self.H, R)))
+            for r0 in range(0, R, chunk):
+                r1 = min(R, r0 + chunk)
+                t = {q: torch.zeros(r1 - r0, self.N, Rq, dtype=self.traj.dtype, device=self.traj.device)
+                     for q, Rq in self.slot_sizes.items()}
+                idx = torch.arange(r1 - r0, device=self.traj.device)
+                t[s][idx, :, r0 + idx] = 1.0
+                acc += (self.M(t) ** 2).sum(-1).sum(0)
+            out[s] = acc
+        return out
+
+    def trace(self) -> float:
+        """Exact ``tr K = Σ_s Σ_n ‖u_{s,n}‖² ‖M_{s,n}‖_F²``."""
+        norms = self._site_sq_norms()
+        return float(sum(((self._U[s] ** 2).sum(1) * norms[s]).sum() for s in self.slots))
+
+    def frobenius_norm(self) -> float:
+        """Exact ``‖K‖_F`` (no probes; O(N² H) for elementwise cells)."""
+        if self.elementwise:
+            (s,) = self.slots
+            G = self.slot_gram(s)
+            m2 = self._m ** 2
+            return float(((G ** 2) * (m2 @ m2.T)).sum().clamp_min(0).sqrt())
+        Ms = {s: self._site_jacobians(s) for s in self.slots}
+        total = torch.zeros((), dtype=self.traj.dtype, device=self.traj.device)
+        for s in self.slots:
+            for s2 in self.slots:
+                Bn = torch.einsum("nhi,nhj->nij", Ms[s], Ms[s2]).reshape(self.N, -1)
+                if Bn.numel() > FROBENIUS_LIMIT:
+                    raise MemoryError(f"exact ‖K‖_F needs {Bn.numel():,} entries; use the estimators")
+                total = total + (self.slot_gram(s) * self.slot_gram(s2) * (Bn @ Bn.T)).sum()
+        return float(total.clamp_min(0).sqrt())
+
+    def effective_rank(self) -> float:
+        """Exact participation ratio ``tr(K)² / ‖K‖_F²``."""
+        fro = self.frobenius_norm()
+        return self.trace() ** 2 / fro ** 2 if fro > 0 else 0.0
+
+    def gram_ranks(self, rtol: float | None = None) -> dict[str, int]:
+        """``rank(G_W) = rank(U_W)`` for every included weight."""
+        return {n: int(torch.linalg.matrix_rank(U, rtol=rtol)) for n, U in self.site_variables.items()}
+
+    def rank_bounds(self, rtol: float | None = None) -> dict[str, int]:
+        """Per weight: ``rank K_W ≤ min(rank(G_W)·R_W, N·H)`` (``R_W`` = rows of W, = H for RNNs)."""
+        ranks = self.gram_ranks(rtol)
+        out = {}
+        for n, r in ranks.items():
+            R = self.slot_sizes[self.traj.model.affine_terms[n][0]]
+            out[n] = min(r * R, self.N * self.H)
+        return out
+
+    def rank_bound(self, rtol: float | None = None) -> int:
+        """``rank K ≤ min(Σ_W rank(G_W)·R_W, N·H, #parameters)``."""
+        n_params = sum(self.traj.params[n].numel() for n in self.param_names)
+        return min(sum(self.rank_bounds(rtol).values()), self.N * self.H, n_params)
+
+
+class KroneckerKernel(LinearOperator):
+    """``K`` applied through its Kronecker core (PSD)."""
+
+    def __init__(self, core: KroneckerCore):
+        super().__init__(core.traj.shape, core.traj.shape, core.traj.dtype, core.traj.device, is_psd=True)
+        self.core = core
+
+    def _matmat(self, X):
+        return self.core.apply(X)
+
+    def _rmatmat(self, Y):
+        return self.core.apply(Y)
+
+
+def kronecker_core(traj: Trajectory, param_names=None) -> KroneckerCore:
+    """The exact Kronecker core of ``K`` for a weight-based cell (cached on the trajectory)."""
+    key = ("kronecker_core", resolve_param_names(traj.model, traj.param_names if param_names is None
+                                                 else param_names))
+    core = traj.cache.get(key)
+    if core is None:
+        core = traj.cache[key] = KroneckerCore(traj, param_names)
+    return core

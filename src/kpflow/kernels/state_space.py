@@ -1,0 +1,415 @@
+"""The state-space operators of a recorded run, matrix-free (DESIGN.md §2).
+
+On tensors of shape ``[B, T, H]`` (a perturbation of every state):
+
+* ``Jθ``  (``param_jacobian``): ``∂F/∂θ`` with the previous state held fixed, parameters -> states;
+* ``K = Jθ Jθ*`` (``parameter_operator``);
+* ``A``  (``step_jacobians``): block diagonal of ``A_t = ∂F/∂z_{t-1}`` at every site;
+* ``S``  (``time_shift``): ``(S z)_t = z_{t-1}`` (0 at t = 0);
+* ``P = (I − A S)^{-1}`` (``propagator``): ``δz_t = A_t δz_{t-1} + q_t`` forward in time; ``P*`` runs
+  ``λ_t = y_t + A_{t+1}ᵀ λ_{t+1}`` backward (backprop through time);
+* ``P^{-1} = I − A S`` (``inverse_propagator``); ``J = P Jθ`` (``state_jacobian``);
+* ``Θ = P K P*`` (``ntk``), ``C Θ C*`` (``output_ntk``), ``Jθ* P* P Jθ`` (``state_fisher``).
+
+Everything is applied with per-site JVPs/VJPs of the model's step, batched over probes with
+``torch.func.vmap``. ``Jθ``, ``A`` and ``P^{-1}`` treat all B·T sites at once (the step is independent
+across sites once ``z_{t-1}`` is known); ``P`` and ``P*`` are sequential in time and batched over
+trials and probes. ``P``/``P*``/``A`` switch to a cache of dense step Jacobians ``[B, T, H, H]`` when it
+fits a memory budget and is expected to pay for itself (see ``StepJacobianCache``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from kpflow.operators import LinearOperator
+
+from .trajectory import Trajectory, resolve_param_names
+
+#: Default memory budget for the dense step-Jacobian cache, in bytes.
+CACHE_BUDGET_BYTES = 512 * 2**20
+
+
+# ----------------------------------------------------------------------------- parameter layout
+class ParamLayout:
+    """Order, shapes and offsets of a parameter dict flattened into one vector."""
+
+    def __init__(self, params: Mapping[str, torch.Tensor], names: Sequence[str]):
+        self.names = tuple(names)
+        self.shapes = {n: tuple(params[n].shape) for n in self.names}
+        self.sizes = {n: math.prod(self.shapes[n]) for n in self.names}
+        self.offsets, off = {}, 0
+        for n in self.names:
+            self.offsets[n] = off
+            off += self.sizes[n]
+        self.numel = off
+
+    def flatten(self, params: Mapping[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
+        """Dict -> vector ``[*batch, numel]`` (``batch_dims`` leading axes are kept)."""
+        parts = []
+        for n in self.names:
+            p = params[n]
+            parts.append(p.reshape(*p.shape[:batch_dims], -1))
+        return torch.cat(parts, -1)
+
+    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Vector ``[*batch, numel]`` -> dict of ``[*batch, *shape]`` views."""
+        if vector.shape[-1] != self.numel:
+            raise ValueError(f"parameter vector has {vector.shape[-1]} entries, expected {self.numel} "
+                             f"(parameters {list(self.names)})")
+        lead = vector.shape[:-1]
+        return {n: vector[..., self.offsets[n]:self.offsets[n] + self.sizes[n]].reshape(*lead, *self.shapes[n])
+                for n in self.names}
+
+    def __repr__(self):
+        return f"ParamLayout({', '.join(f'{n}{list(s)}' for n, s in self.shapes.items())}; numel={self.numel})"
+
+
+class _TrajectoryOperator(LinearOperator):
+    """Base of the operators built on a recorded trajectory (shared dtype/device/shape logic)."""
+
+    def __init__(self, traj: Trajectory, shape_in, shape_out, chunk_size: int | None = None, **flags):
+        super().__init__(shape_in, shape_out, traj.dtype, traj.device, **flags)
+        self.traj = traj
+        self.chunk_size = chunk_size
+
+    def _vmap(self, fn):
+        return vmap(fn, chunk_size=self.chunk_size)
+
+
+# ----------------------------------------------------------------------------- Jθ
+class ParamJacobian(_TrajectoryOperator):
+    """``Jθ``: ``(Jθ v)_{b,t} = ∂F/∂θ (z_{t-1}, x_t; θ) · v`` (previous state held fixed).
+
+    ``shape_in = (n_params,)`` (flat, in ``self.layout`` order); ``apply_dict``/``adjoint_dict`` work
+    with parameter dicts. Both directions evaluate all B·T sites in one batched call of the step.
+    """
+
+    def __init__(self, traj: Trajectory, param_names=None, chunk_size=None):
+        names = resolve_param_names(traj.model, traj.param_names if param_names is None else param_names)
+        self.layout = ParamLayout(traj.params, names)
+        super().__init__(traj, (self.layout.numel,), traj.shape, chunk_size)
+        self.param_names = names
+
+    def _site_fn(self):
+        traj = self.traj
+        zp, x = traj.sites()
+        fixed = traj.params
+
+        def f(sub):
+            return traj.model.step({**fixed, **sub}, zp, x)
+
+        primal = {n: fixed[n] for n in self.param_names}
+        return f, primal
+
+    def _matmat(self, V):
+        f, primal = self._site_fn()
+        tangents = self.layout.unflatten(V)
+        out = self._vmap(lambda t: jvp(f, (primal,), (t,))[1])(tangents)
+        return out.reshape(V.shape[0], *self.shape_out)
+
+    def _rmatmat(self, Y):
+        f, primal = self._site_fn()
+        _, pullback = vjp(f, primal)
+        k, (B, T, H) = Y.shape[0], self.shape_out
+        grads = self._vmap(lambda y: pullback(y)[0])(Y.reshape(k, B * T, H))
+        return self.layout.flatten(grads, batch_dims=1)
+
+    def apply_dict(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``Jθ v`` for a parameter perturbation given as a dict (missing names count as 0)."""
+        full = {n: params[n] if n in params else torch.zeros(self.layout.shapes[n], dtype=self.dtype,
+                                                               device=self.device) for n in self.layout.names}
+        return self.apply(self.layout.flatten(full))
+
+    def adjoint_dict(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Jθ* y`` as a parameter dict."""
+        return self.layout.unflatten(self.adjoint_apply(y))
+
+
+# ----------------------------------------------------------------------------- A and its cache
+class StepJacobianCache:
+    """Dense per-site step Jacobians ``A[b, t] = ∂F/∂z_{t-1}`` ``[B, T, H, H]``, built on demand.
+
+    Policy ``"auto"`` (ski rental): the cache costs about H probe-applications of ``A`` to build (it
+    is ``A`` applied to the H basis vectors, in parallel over all sites) and makes every later
+    sequential step a single batched matmul. It is built once the probes pushed through
+    ``A``/``P``/``P*`` of this trajectory reach ``H``, provided ``B·T·H²`` entries fit
+    ``memory_budget`` bytes — so the total cost is never more than about twice that of the better
+    of the two choices made in hindsight. ``True`` builds it now (if it fits), ``False`` never.
+    """
+
+    def __init__(self, traj: Trajectory, policy="auto", memory_budget: int | None = None):
+        if policy not in ("auto", True, False):
+            raise ValueError(f"cache must be 'auto', True or False, got {policy!r}")
+        self.traj, self.policy = traj, policy
+        self.memory_budget = CACHE_BUDGET_BYTES if memory_budget is None else int(memory_budget)
+        self.probes_seen = 0
+        self.dense: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        B, T, H = self.traj.shape
+        return B * T * H * H * self.traj.states.element_size()
+
+    @property
+    def fits(self) -> bool:
+        return self.nbytes <= self.memory_budget
+
+    def get(self, probes: int) -> torch.Tensor | None:
+        """The dense Jacobians if the policy wants them now (counting ``probes`` more probes)."""
+        if self.dense is not None:
+            return self.dense
+        self.probes_seen += probes
+        want = self.policy is True or (self.policy == "auto" and self.probes_seen >= self.traj.shape[-1])
+        if want and self.fits:
+            self.dense = dense_step_jacobians(self.traj)
+        elif self.policy is True and not self.fits:
+            raise MemoryError(
+                f"the dense step-Jacobian cache needs {self.nbytes / 2**20:,.1f} MiB, over the budget of "
+                f"{self.memory_budget / 2**20:,.1f} MiB; raise memory_budget or use cache='auto'/False"
+            )
+        return self.dense
+
+
+def _cache_for(traj: Trajectory, cache, memory_budget) -> StepJacobianCache:
+    """The trajectory's shared step-Jacobian cache (one per trajectory; a new policy replaces it)."""
+    c = traj.cache.get("step_jacobians")
+    if c is None or c.policy != cache or (memory_budget is not None and c.memory_budget != memory_budget):
+        dense = None if c is None else c.dense
+        c = StepJacobianCache(traj, cache, memory_budget)
+        if cache is not False and dense is not None and c.fits:
+            c.dense = dense
+        traj.cache["step_jacobians"] = c
+    return c
+
+
+def dense_step_jacobians(traj: Trajectory, chunk: int | None = None) -> torch.Tensor:
+    """All step Jacobians ``A[b, t, i, j] = ∂F_i/∂z_{t-1, j}`` as one ``[B, T, H, H]`` tensor."""
+    B, T, H = traj.shape
+    zp, x = traj.sites()
+    model, params = traj.model, traj.params
+
+    def f(z):
+        return model.step(params, z, x)
+
+    N = B * T
+    chunk = chunk or max(1, min(H, (2**26) // max(1, N * H)))
+    out = torch.empty(N, H, H, dtype=traj.dtype, device=traj.device)
+    eye = torch.eye(H, dtype=traj.dtype, device=traj.device)
+    for j0 in range(0, H, chunk):
+        basis = eye[j0:j0 + chunk].unsqueeze(1).expand(-1, N, H)
+        cols = vmap(lambda v: jvp(f, (zp,), (v,))[1])(basis)  # [c, N, H_out]
+        out[:, :, j0:j0 + chunk] = cols.permute(1, 2, 0)
+    return out.reshape(B, T, H, H)
+
+
+class StepJacobians(_TrajectoryOperator):
+    """``A``: block-diagonal ``(A q)_{b,t} = A_{b,t} q_{b,t}`` with ``A_{b,t} = ∂F/∂z_{t-1}``."""
+
+    def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None):
+        super().__init__(traj, traj.shape, traj.shape, chunk_size)
+        self.cache = _cache_for(traj, cache, memory_budget)
+
+    def _matmat(self, Q):
+        dense = self.cache.get(Q.shape[0])
+        if dense is not None:
+            return torch.einsum("btij,kbtj->kbti", dense, Q)
+        traj, k, (B, T, H) = self.traj, Q.shape[0], self.shape_in
+        zp, x = traj.sites()
+
+        def f(z):
+            return traj.model.step(traj.params, z, x)
+
+        return self._vmap(lambda v: jvp(f, (zp,), (v,))[1])(Q.reshape(k, B * T, H)).reshape(Q.shape)
+
+    def _rmatmat(self, Y):
+        dense = self.cache.get(Y.shape[0])
+        if dense is not None:
+            return torch.einsum("btij,kbti->kbtj", dense, Y)
+        traj, k, (B, T, H) = self.traj, Y.shape[0], self.shape_in
+        zp, x = traj.sites()
+        _, pullback = vjp(lambda z: traj.model.step(traj.params, z, x), zp)
+        return self._vmap(lambda y: pullback(y)[0])(Y.reshape(k, B * T, H)).reshape(Y.shape)
+
+
+class TimeShift(LinearOperator):
+    """``S``: ``(S z)_t = z_{t-1}``, 0 at t = 0; ``(S* y)_t = y_{t+1}``, 0 at t = T−1."""
+
+    def __init__(self, shape, dtype=torch.float64, device="cpu"):
+        super().__init__(shape, shape, dtype, device)
+
+    def _matmat(self, X):
+        out = torch.zeros_like(X)
+        out[:, :, 1:] = X[:, :, :-1]
+        return out
+
+    def _rmatmat(self, Y):
+        out = torch.zeros_like(Y)
+        out[:, :, :-1] = Y[:, :, 1:]
+        return out
+
+
+class Propagator(_TrajectoryOperator):
+    """``P = (I − A S)^{-1}``: forward recursion ``δz_t = A_t δz_{t-1} + q_t``; the adjoint is the
+    backward recursion ``λ_t = y_t + A_{t+1}ᵀ λ_{t+1}`` (BPTT). Batched over trials and probes."""
+
+    def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None):
+        super().__init__(traj, traj.shape, traj.shape, chunk_size)
+        self.cache = _cache_for(traj, cache, memory_budget)
+
+    def _step_fns(self, t):
+        traj = self.traj
+        x_t = traj.inputs[:, t]
+
+        def f(z):
+            return traj.model.step(traj.params, z, x_t)
+
+        return f
+
+    def _matmat(self, Q):
+        dense = self.cache.get(Q.shape[0])
+        prev = self.traj.prev_states
+        out = torch.empty_like(Q)
+        d = Q[:, :, 0]
+        out[:, :, 0] = d
+        for t in range(1, Q.shape[2]):
+            if dense is not None:
+                Ad = torch.einsum("bij,kbj->kbi", dense[:, t], d)
+            else:
+                f = self._step_fns(t)
+                zp = prev[:, t]
+                Ad = self._vmap(lambda v, f=f, zp=zp: jvp(f, (zp,), (v,))[1])(d)
+            d = Ad + Q[:, :, t]
+            out[:, :, t] = d
+        return out
+
+    def _rmatmat(self, Y):
+        dense = self.cache.get(Y.shape[0])
+        prev = self.traj.prev_states
+        T = Y.shape[2]
+        out = torch.empty_like(Y)
+        lam = Y[:, :, T - 1]
+        out[:, :, T - 1] = lam
+        for t in range(T - 2, -1, -1):
+            if dense is not None:
+                Atl = torch.einsum("bij,kbi->kbj", dense[:, t + 1], lam)
+            else:
+                _, pullback = vjp(self._step_fns(t + 1), prev[:, t + 1])
+                Atl = self._vmap(lambda y, pb=pullback: pb(y)[0])(lam)
+            lam = Y[:, :, t] + Atl
+            out[:, :, t] = lam
+        return out
+
+
+class InversePropagator(_TrajectoryOperator):
+    """``P^{-1} = I − A S``: ``(P^{-1} q)_t = q_t − A_t q_{t-1}``; adjoint ``y_t − A_{t+1}ᵀ y_{t+1}``.
+    No recursion: one batched JVP (VJP) over all sites."""
+
+    def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None):
+        super().__init__(traj, traj.shape, traj.shape, chunk_size)
+        self.A = StepJacobians(traj, cache, memory_budget, chunk_size)
+        self.S = TimeShift(traj.shape, traj.dtype, traj.device)
+
+    def _matmat(self, Q):
+        return Q - self.A._matmat(self.S._matmat(Q))
+
+    def _rmatmat(self, Y):
+        return Y - self.S._rmatmat(self.A._rmatmat(Y))
+
+
+class ReadoutJacobian(_TrajectoryOperator):
+    """``C = ∂y/∂z`` of the readout at every site: ``[B, T, H] -> [B, T, O]``."""
+
+    def __init__(self, traj: Trajectory, chunk_size=None):
+        super().__init__(traj, traj.shape, tuple(traj.outputs.shape), chunk_size)
+        self._rp = traj.readout_params()
+
+    def _f(self, z):
+        return self.traj.model.output(z, self._rp)
+
+    def _matmat(self, X):
+        z = self.traj.states
+        return self._vmap(lambda v: jvp(self._f, (z,), (v,))[1])(X)
+
+    def _rmatmat(self, Y):
+        _, pullback = vjp(self._f, self.traj.states)
+        return self._vmap(lambda y: pullback(y)[0])(Y)
+
+
+# ----------------------------------------------------------------------------- public constructors
+def param_jacobian(traj: Trajectory, param_names=None, chunk_size: int | None = None) -> ParamJacobian:
+    """``Jθ`` (parameters, flat vector -> ``[B, T, H]``); ``param_names`` selects a subset."""
+    return ParamJacobian(traj, param_names, chunk_size)
+
+
+def parameter_operator(traj: Trajectory, param_names=None, method: str = "autodiff",
+                       chunk_size: int | None = None) -> LinearOperator:
+    """``K = Jθ Jθ*`` on ``[B, T, H]`` (PSD). ``method="kronecker"`` uses the exact Kronecker core
+    (weight-based cells only); ``"auto"`` picks it when the cell supports it."""
+    if method not in ("autodiff", "kronecker", "auto"):
+        raise ValueError(f"method must be 'autodiff', 'kronecker' or 'auto', got {method!r}")
+    if method != "autodiff":
+        from .kronecker import kronecker_core, supports_kronecker
+
+        if method == "kronecker" or supports_kronecker(traj.model):
+            return kronecker_core(traj, param_names).operator()
+    J = param_jacobian(traj, param_names, chunk_size)
+    return J @ J.T
+
+
+def step_jacobians(traj: Trajectory, cache="auto", memory_budget: int | None = None,
+                   chunk_size: int | None = None) -> StepJacobians:
+    """``A`` (block diagonal per-site step Jacobians) on ``[B, T, H]``."""
+    return StepJacobians(traj, cache, memory_budget, chunk_size)
+
+
+def time_shift(traj: Trajectory) -> TimeShift:
+    """``S`` on ``[B, T, H]``: ``(S z)_t = z_{t-1}``."""
+    return TimeShift(traj.shape, traj.dtype, traj.device)
+
+
+def propagator(traj: Trajectory, cache="auto", memory_budget: int | None = None,
+               chunk_size: int | None = None) -> Propagator:
+    """``P = (I − A S)^{-1}``; ``propagator(traj).T`` is ``P*`` (backprop through time)."""
+    return Propagator(traj, cache, memory_budget, chunk_size)
+
+
+def inverse_propagator(traj: Trajectory, cache="auto", memory_budget: int | None = None,
+                       chunk_size: int | None = None) -> InversePropagator:
+    """``P^{-1} = I − A S``."""
+    return InversePropagator(traj, cache, memory_budget, chunk_size)
+
+
+def readout_jacobian(traj: Trajectory, chunk_size: int | None = None) -> ReadoutJacobian:
+    """``C``: state perturbations ``[B, T, H]`` -> output perturbations ``[B, T, O]``."""
+    return ReadoutJacobian(traj, chunk_size)
+
+
+def state_jacobian(traj: Trajectory, param_names=None, cache="auto", chunk_size=None) -> LinearOperator:
+    """``J = dz/dθ = P Jθ``."""
+    return propagator(traj, cache, chunk_size=chunk_size) @ param_jacobian(traj, param_names, chunk_size)
+
+
+def ntk(traj: Trajectory, param_names=None, method: str = "auto", cache="auto",
+        chunk_size: int | None = None) -> LinearOperator:
+    """State-space NTK ``Θ = P K P*`` on ``[B, T, H]`` (PSD); ``method`` as in ``parameter_operator``."""
+    P = propagator(traj, cache, chunk_size=chunk_size)
+    return P @ parameter_operator(traj, param_names, method, chunk_size) @ P.T
+
+
+def output_ntk(traj: Trajectory, param_names=None, method: str = "auto", cache="auto",
+               chunk_size: int | None = None) -> LinearOperator:
+    """Output-space NTK ``C Θ C*`` on ``[B, T, O]`` (PSD)."""
+    C = readout_jacobian(traj, chunk_size)
+    return C @ ntk(traj, param_names, method, cache, chunk_size) @ C.T
+
+
+def state_fisher(traj: Trajectory, param_names=None, cache="auto", chunk_size=None) -> LinearOperator:
+    """``Jθ* P* P Jθ`` on parameters (PSD): the Gauss–Newton/Fisher matrix of a unit state loss."""
+    J = param_jacobian(traj, param_names, chunk_size)
+    P = propagator(traj, cache, chunk_size=chunk_size)
+    return J.T @ P.T @ P @ J

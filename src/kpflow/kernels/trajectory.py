@@ -1,0 +1,191 @@
+"""A recorded run of a recurrent model: everything the state-space operators linearise around."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.nn import functional as F
+
+from kpflow.models.base import RecurrentModel
+
+
+class NonFiniteStateError(ValueError):
+    """The recorded states contain NaN or inf."""
+
+
+@dataclass
+class Trajectory:
+    """States ``[B, T, H]`` of a model run, with its inputs, outputs, error and adjoint.
+
+    Attributes:
+        model: the ``RecurrentModel`` that produced the run.
+        params: detached cell parameters the run used (the linearisation point).
+        inputs: ``[B, T, I]``; z0: ``[B, H]``; states: ``[B, T, H]``; outputs: ``[B, T, O]``.
+        targets, mask: what the loss compared the outputs with (or None).
+        error: the direct error ``e = ∂L/∂z`` ``[B, T, H]`` (None without targets).
+        adjoint: ``P* e`` (backprop through time; None without targets).
+        loss: the loss value (None without targets).
+        param_names: the parameters the operators differentiate by default (all cell parameters
+            unless ``record`` was given a subset).
+    """
+
+    model: RecurrentModel
+    params: dict[str, torch.Tensor]
+    inputs: torch.Tensor
+    z0: torch.Tensor
+    states: torch.Tensor
+    outputs: torch.Tensor
+    targets: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    error: torch.Tensor | None = None
+    adjoint: torch.Tensor | None = None
+    loss: float | None = None
+    param_names: tuple[str, ...] = ()
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(B, T, H)``."""
+        return tuple(self.states.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.states.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.states.device
+
+    @property
+    def prev_states(self) -> torch.Tensor:
+        """``z_{t-1}`` at every site: ``[B, T, H]`` (``z0`` at t = 0)."""
+        return torch.cat([self.z0.unsqueeze(1), self.states[:, :-1]], 1)
+
+    def sites(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Previous states ``[N, H]`` and inputs ``[N, I]`` of all N = B·T sites (b-major)."""
+        B, T, H = self.shape
+        return self.prev_states.reshape(B * T, H), self.inputs.reshape(B * T, -1)
+
+    def readout_params(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach() for k, v in self.model.readout_params().items()}
+
+
+def resolve_param_names(model: RecurrentModel, names: Sequence[str] | str | None) -> tuple[str, ...]:
+    """Validate a subset of cell-parameter names (None = all, in the model's order)."""
+    own = list(model.cell_params())
+    if names is None:
+        return tuple(own)
+    if isinstance(names, str):
+        names = (names,)
+    names = tuple(names)
+    unknown = [n for n in names if n not in own]
+    if unknown:
+        raise ValueError(f"unknown parameter name(s) {unknown} for {type(model).__name__}; choose from {own}")
+    if not names:
+        raise ValueError(f"param_names is empty; choose at least one of {own}")
+    return tuple(n for n in own if n in names)
+
+
+def _first_nonfinite(states: torch.Tensor) -> tuple[int, int] | None:
+    bad = ~torch.isfinite(states).all(-1)  # [B, T]
+    if not bool(bad.any()):
+        return None
+    t = int(bad.any(0).nonzero()[0])
+    b = int(bad[:, t].nonzero()[0])
+    return b, t
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def _loss_value(outputs, targets, loss: str | LossFn, mask):
+    if callable(loss):
+        return loss(outputs, targets)
+    if loss == "mse":
+        if targets.shape != outputs.shape:
+            raise ValueError(f"targets have shape {tuple(targets.shape)} but the outputs are "
+                             f"{tuple(outputs.shape)}; for loss='mse' they must match")
+        sq = (outputs - targets) ** 2
+        if mask is None:
+            return sq.mean()
+        m = mask.to(sq.dtype)
+        m = m.unsqueeze(-1).expand_as(sq) if m.dim() == 2 else m.expand_as(sq)
+        return (sq * m).sum() / m.sum().clamp_min(1)
+    if loss in ("ce", "cross_entropy"):
+        if targets.shape != outputs.shape[:2] or targets.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"for loss='ce' targets must be integer classes [B, T] = "
+                             f"{list(outputs.shape[:2])}, got {tuple(targets.shape)} {targets.dtype}")
+        ce = F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1).long(),
+                             reduction="none").reshape(targets.shape)
+        if mask is None:
+            return ce.mean()
+        m = mask.to(ce.dtype)
+        return (ce * m).sum() / m.sum().clamp_min(1)
+    raise ValueError(f"unknown loss {loss!r}; use 'mse', 'ce' or a callable loss(outputs, targets) -> scalar")
+
+
+def record(
+    model: RecurrentModel,
+    inputs: torch.Tensor,
+    z0: torch.Tensor | None = None,
+    targets: torch.Tensor | None = None,
+    loss: str | LossFn = "mse",
+    mask: torch.Tensor | None = None,
+    param_names: Sequence[str] | str | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+) -> Trajectory:
+    """Run ``model`` on ``inputs`` and keep what the operators need.
+
+    With ``targets`` the direct error ``e = ∂L/∂z`` of the loss (``"mse"``: mean squared error of
+    the readout over unmasked entries; ``"ce"``: mean cross-entropy; or a callable) and the adjoint
+    ``P* e`` (backprop through time) are recorded too. ``params`` overrides the model's current cell
+    parameters (a full or partial dict, shapes checked).
+    """
+    if not isinstance(model, RecurrentModel):
+        raise TypeError(f"record needs a kpflow RecurrentModel, got {type(model).__name__}; wrap an nn.Module "
+                        "cell with kpflow.models.CellAdapter")
+    model.check_inputs(inputs, z0)
+    live = {k: v.detach() for k, v in model.cell_params().items()}
+    if params is not None:
+        model.check_params(params)
+        live |= {k: v.detach() for k, v in params.items()}
+    names = resolve_param_names(model, param_names)
+    B = inputs.shape[0]
+    if z0 is None:
+        z0 = model.initial_state(B, inputs.dtype, inputs.device)
+    z0 = z0.detach()
+    inputs = inputs.detach()
+    with torch.no_grad():
+        states = model.unroll(live, inputs, z0)
+    bad = _first_nonfinite(states)
+    if bad is not None:
+        b, t = bad
+        raise NonFiniteStateError(
+            f"the states became non-finite first at (b={b}, t={t}) (trial {b}, time step {t}); "
+            "the dynamics diverge here: lower the weights' scale, the step dt, or the input size"
+        )
+    traj = Trajectory(model=model, params=live, inputs=inputs, z0=z0, states=states, outputs=None,
+                      targets=targets, mask=mask, param_names=names)
+    rp = traj.readout_params()
+    with torch.no_grad():
+        traj.outputs = model.output(states, rp)
+    if targets is not None:
+        if mask is not None and tuple(mask.shape) not in (tuple(states.shape[:2]), tuple(traj.outputs.shape)):
+            raise ValueError(f"mask must be [B, T] = {list(states.shape[:2])} or the outputs' shape "
+                             f"{list(traj.outputs.shape)}, got {tuple(mask.shape)}")
+        with torch.enable_grad():
+            z = states.clone().requires_grad_(True)
+            value = _loss_value(model.output(z, rp), targets, loss, mask)
+            if value.dim() != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
+            (e,) = torch.autograd.grad(value, z)
+        traj.error, traj.loss = e.detach(), float(value.detach())
+        if not math.isfinite(traj.loss):
+            raise NonFiniteStateError(f"the loss is {traj.loss} although the states are finite; check targets")
+        from .state_space import propagator
+
+        traj.adjoint = propagator(traj).adjoint_apply(traj.error)
+    return traj

@@ -1,0 +1,289 @@
+"""Built-in weight-based recurrent cells: vanilla RNN, leaky (continuous-time) RNN, GRU and LSTM.
+
+All four are *affine-slot* cells: every weight ``W`` enters the step only through a product ``W u``
+with a *site variable* ``u`` (the previous state, ``φ`` of it, the input, or 1 for a bias), summed
+into a pre-activation *slot* ``a_s``; the new state is then ``z_t = post(a, z_{t-1}, x_t)``, a map
+that contains no parameters. This is the structure the Kronecker core of ``K`` uses
+(``kpflow.kernels.kronecker_core``): ``K_W = M (G_W ⊗ I) M*`` with ``M = ∂post/∂a_s``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import Params, RecurrentModel
+
+_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "tanh": torch.tanh,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "softplus": F.softplus,
+    "identity": lambda v: v,
+}
+
+
+def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The elementwise nonlinearity called ``name`` (tanh, relu, sigmoid, softplus, identity)."""
+    if callable(name):
+        return name
+    try:
+        return _ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown nonlinearity {name!r}; choose one of {sorted(_ACTIVATIONS)}") from None
+
+
+class ParameterCell(nn.Module):
+    """A plain container of named parameters (the ``cell`` of a built-in model)."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtype=None, device=None):
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(*shape, dtype=dtype, device=device)))
+
+
+class AffineRecurrentModel(RecurrentModel):
+    """A cell whose weights act only through pre-activation slots ``a_s = Σ_W W u_W (+ b_s)``.
+
+    Subclasses set ``self.affine_terms`` = ``{param: (slot, site variable name or None for a bias)}``
+    and implement ``site_variables(z_prev, x)`` and ``post(slots, z_prev, x)``. ``step`` is then
+    ``post(slots(params, z_prev, x), z_prev, x)``.
+
+    ``post_is_elementwise`` is True when there is one slot of size H and ``∂z_t/∂a`` is diagonal.
+    """
+
+    affine_terms: dict[str, tuple[str, str | None]]
+    post_is_elementwise: bool = False
+
+    def site_variables(self, z_prev: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def post(self, slots: Mapping[str, torch.Tensor], z_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def slot_sizes(self) -> dict[str, int]:
+        """Size of every pre-activation slot (the number of rows of the weights that feed it)."""
+        sizes: dict[str, int] = {}
+        for name, (slot, _site) in self.affine_terms.items():
+            sizes[slot] = self.cell_params()[name].shape[0]
+        return sizes
+
+    def slots(self, params: Params, z_prev: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The pre-activations ``a_s = Σ_W W u_W`` of every slot, shape ``[N, R_s]``."""
+        u = self.site_variables(z_prev, x)
+        out: dict[str, torch.Tensor] = {}
+        for name, (slot, site) in self.affine_terms.items():
+            p = params[name]
+            term = p.expand(z_prev.shape[0], -1) if site is None else u[site] @ p.T
+            out[slot] = term if slot not in out else out[slot] + term
+        return out
+
+    def step(self, params: Params, z_prev: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        return self.post(self.slots(params, z_prev, x_t), z_prev, x_t)
+
+
+def _normal_(p: torch.Tensor, std: float) -> None:
+    with torch.no_grad():
+        p.normal_(0.0, std)
+
+
+class VanillaRNN(AffineRecurrentModel):
+    """``h_t = φ(W h_{t-1} + U x_t + b)``. Parameters ``W`` [H, H], ``U`` [H, I], ``b`` [H].
+
+    ``W`` starts as ``N(0, gain²/H)`` (gain 1 = edge of chaos for tanh), ``U`` as ``N(0, 1/I)``,
+    ``b`` at 0.
+    """
+
+    post_is_elementwise = True
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int = 1, nonlinearity: str = "tanh",
+                 bias: bool = True, gain: float = 1.0, dtype=None, device=None):
+        super().__init__(input_dim, hidden_dim, output_dim)
+        self.hidden_dim = self.state_dim
+        H, Ii = self.state_dim, self.input_dim
+        shapes = {"W": (H, H), "U": (H, Ii)} | ({"b": (H,)} if bias else {})
+        self.cell = ParameterCell(shapes, dtype, device)
+        self.readout.to(dtype=dtype, device=device)
+        self.nonlinearity = nonlinearity
+        self.phi = activation(nonlinearity)
+        _normal_(self.cell.W, gain / math.sqrt(H))
+        _normal_(self.cell.U, 1.0 / math.sqrt(max(Ii, 1)))
+        if bias:
+            nn.init.zeros_(self.cell.b)
+        self.affine_terms = {"W": ("a", "z"), "U": ("a", "x")} | ({"b": ("a", None)} if bias else {})
+
+    def site_variables(self, z_prev, x):
+        return {"z": z_prev, "x": x}
+
+    def post(self, slots, z_prev, x):
+        return self.phi(slots["a"])
+
+
+class LeakyRNN(AffineRecurrentModel):
+    """Euler step of a continuous-time RNN, in either common form (``dt`` = Δt/τ):
+
+    * ``form="current"``: ``z_t = z + dt (−z + W φ(z) + U x_t + b)``  (state = currents/voltages)
+    * ``form="rate"``:    ``z_t = z + dt (−z + φ(W z + U x_t + b))``  (state = firing rates)
+    """
+
+    is_flow = True
+    post_is_elementwise = True
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int = 1, dt: float = 0.1,
+                 form: str = "current", nonlinearity: str = "tanh", bias: bool = True, gain: float = 1.0,
+                 dtype=None, device=None):
+        super().__init__(input_dim, hidden_dim, output_dim)
+        if form not in ("current", "rate"):
+            raise ValueError(f"form must be 'current' (z + dt(-z + W φ(z) + U x + b)) or 'rate' "
+                             f"(z + dt(-z + φ(W z + U x + b))), got {form!r}")
+        if not dt > 0:
+            raise ValueError(f"dt must be positive, got {dt}")
+        self.dt, self.form, self.nonlinearity = float(dt), form, nonlinearity
+        self.hidden_dim = self.state_dim
+        self.phi = activation(nonlinearity)
+        H, Ii = self.state_dim, self.input_dim
+        shapes = {"W": (H, H), "U": (H, Ii)} | ({"b": (H,)} if bias else {})
+        self.cell = ParameterCell(shapes, dtype, device)
+        self.readout.to(dtype=dtype, device=device)
+        _normal_(self.cell.W, gain / math.sqrt(H))
+        _normal_(self.cell.U, 1.0 / math.sqrt(max(Ii, 1)))
+        if bias:
+            nn.init.zeros_(self.cell.b)
+        site = "phi_z" if form == "current" else "z"
+        self.affine_terms = {"W": ("a", site), "U": ("a", "x")} | ({"b": ("a", None)} if bias else {})
+
+    def site_variables(self, z_prev, x):
+        if self.form == "current":
+            return {"phi_z": self.phi(z_prev), "x": x}
+        return {"z": z_prev, "x": x}
+
+    def post(self, slots, z_prev, x):
+        a = slots["a"]
+        drive = a if self.form == "current" else self.phi(a)
+        return z_prev + self.dt * (drive - z_prev)
+
+    def vector_field(self, params: Params, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``f(z, x)`` with ``z_t = z + dt f(z, x_t)``."""
+        return (self.step(params, z, x) - z) / self.dt
+
+
+def _check_torch_rnn(module: nn.Module, kind: str, cell_cls, layer_cls):
+    if isinstance(module, layer_cls):
+        if module.num_layers != 1 or module.bidirectional:
+            raise ValueError(f"only a single-layer, unidirectional nn.{kind} can be loaded "
+                             f"(got num_layers={module.num_layers}, bidirectional={module.bidirectional})")
+        if getattr(module, "proj_size", 0):
+            raise ValueError(f"nn.{kind} with proj_size={module.proj_size} is not supported (use proj_size=0)")
+        suffix = "_l0"
+    elif isinstance(module, cell_cls):
+        suffix = ""
+    else:
+        raise TypeError(f"from_torch expects nn.{kind} or nn.{kind}Cell, got {type(module).__name__}")
+    tensors = {}
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        t = getattr(module, name + suffix, None)
+        if t is not None:
+            tensors[name] = t
+    return tensors
+
+
+class _TorchGated(AffineRecurrentModel):
+    """Shared code of GRU and LSTM (torch's gate layout, parameters named as in ``nn.GRUCell``)."""
+
+    n_gates: int = 1
+    kind: str = ""
+
+    def _build(self, hidden_dim: int, bias: bool, dtype, device):
+        G, H, Ii = self.n_gates, hidden_dim, self.input_dim
+        shapes = {"weight_ih": (G * H, Ii), "weight_hh": (G * H, H)}
+        if bias:
+            shapes |= {"bias_ih": (G * H,), "bias_hh": (G * H,)}
+        self.cell = ParameterCell(shapes, dtype, device)
+        self.readout.to(dtype=dtype, device=device)
+        bound = 1.0 / math.sqrt(H)
+        with torch.no_grad():
+            for p in self.cell.parameters():
+                p.uniform_(-bound, bound)
+        self.affine_terms = {"weight_ih": ("ih", "x"), "weight_hh": ("hh", "h")}
+        if bias:
+            self.affine_terms |= {"bias_ih": ("ih", None), "bias_hh": ("hh", None)}
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, output_dim: int = 1):
+        """A kpflow model with the parameters (copied) of ``nn.{GRU,LSTM}`` or its ``Cell``."""
+        layer_cls, cell_cls = (nn.GRU, nn.GRUCell) if cls is GRU else (nn.LSTM, nn.LSTMCell)
+        tensors = _check_torch_rnn(module, cls.kind, cell_cls, layer_cls)
+        w = tensors["weight_ih"]
+        model = cls(module.input_size, module.hidden_size, output_dim, bias="bias_ih" in tensors,
+                    dtype=w.dtype, device=w.device)
+        model.load_cell_params({k: v.detach() for k, v in tensors.items()})
+        return model
+
+    def to_torch(self) -> nn.Module:
+        """An ``nn.GRUCell`` / ``nn.LSTMCell`` holding a copy of this cell's parameters."""
+        cell_cls = nn.GRUCell if isinstance(self, GRU) else nn.LSTMCell
+        p = self.cell_params()
+        w = p["weight_ih"]
+        cell = cell_cls(self.input_dim, self.hidden_dim, bias="bias_ih" in p, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            for k, v in p.items():
+                getattr(cell, k).copy_(v)
+        return cell
+
+
+class GRU(_TorchGated):
+    """Gated recurrent unit, exactly ``torch.nn.GRUCell`` (gates r, z, n; ``b_hn`` inside ``r ⊙ (·)``):
+
+    ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``, ``z = σ(W_iz x + b_iz + W_hz h + b_hz)``,
+    ``n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))``, ``h' = (1 − z) ⊙ n + z ⊙ h``.
+    """
+
+    n_gates, kind = 3, "GRU"
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int = 1, bias: bool = True,
+                 dtype=None, device=None):
+        super().__init__(input_dim, hidden_dim, output_dim)
+        self.hidden_dim = self.state_dim
+        self._build(self.hidden_dim, bias, dtype, device)
+
+    def site_variables(self, z_prev, x):
+        return {"x": x, "h": z_prev}
+
+    def post(self, slots, z_prev, x):
+        H = self.hidden_dim
+        ai, ah = slots["ih"], slots["hh"]
+        r = torch.sigmoid(ai[:, :H] + ah[:, :H])
+        z = torch.sigmoid(ai[:, H:2 * H] + ah[:, H:2 * H])
+        n = torch.tanh(ai[:, 2 * H:] + r * ah[:, 2 * H:])
+        return (1 - z) * n + z * z_prev
+
+
+class LSTM(_TorchGated):
+    """Long short-term memory, exactly ``torch.nn.LSTMCell`` (gates i, f, g, o). The state is
+    ``z = [h; c]`` (size 2H): ``c' = f ⊙ c + i ⊙ g``, ``h' = o ⊙ tanh(c')``. The readout acts on the
+    whole state ``[h; c]`` (zero its ``c`` columns for an ``h``-only readout)."""
+
+    n_gates, kind = 4, "LSTM"
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int = 1, bias: bool = True,
+                 dtype=None, device=None):
+        super().__init__(input_dim, 2 * hidden_dim, output_dim)
+        self.hidden_dim = int(hidden_dim)
+        self._build(self.hidden_dim, bias, dtype, device)
+        # all four gates are read from one pre-activation a = W_ih x + b_ih + W_hh h + b_hh
+        self.affine_terms = {k: ("a", site) for k, (_slot, site) in self.affine_terms.items()}
+
+    def site_variables(self, z_prev, x):
+        return {"x": x, "h": z_prev[:, :self.hidden_dim]}
+
+    def post(self, slots, z_prev, x):
+        H = self.hidden_dim
+        a = slots["a"]
+        i, f = torch.sigmoid(a[:, :H]), torch.sigmoid(a[:, H:2 * H])
+        g, o = torch.tanh(a[:, 2 * H:3 * H]), torch.sigmoid(a[:, 3 * H:])
+        c = f * z_prev[:, H:] + i * g
+        return torch.cat([o * torch.tanh(c), c], -1)
