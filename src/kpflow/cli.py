@@ -45,5 +45,10 @@ def demo(
     operator_demo(size=size, seed=seed)
 
 
+from kpflow.challenges.cli import challenge_app  # noqa: E402  (challenge command group)
+
+app.add_typer(challenge_app, name="challenge")
+
+
 def main():
     app()

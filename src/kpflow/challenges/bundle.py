@@ -1,0 +1,252 @@
+"""Export a made challenge as a Codabench (v2) competition bundle, and check a bundle's structure.
+
+Bundle layout (the Codabench "Iris" example, as used by the HDR challenges)::
+
+    competition.yaml        version 2: pages, tasks (val, test), phases (Development, Final), leaderboard
+    pages/*.md              overview, data, evaluation, starting_kit, terms
+    ingestion_program/      ingestion.py + metadata.yaml
+    scoring_program/        scoring.py + metadata.yaml
+    input_data_{val,test}/  unlabelled inputs;  reference_data_{val,test}/  labels
+    starting_kit/           sample submission (+ sample_submission.zip)
+    test_scoring_program/   all_correct / all_wrong / constant predictions for the val phase
+    run.sh                  local emulation: ingestion, then scoring
+"""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import yaml
+
+from kpflow.challenges import ingestion, scoring
+from kpflow.challenges.common import PHASE_NAMES, PHASES, atomic_write_text, check_challenge_folder
+from kpflow.challenges.registry import get_challenge
+
+DOCKER_IMAGE = "ghcr.io/a3d3-institute/hdr-image:latest"
+PAGES = ("overview", "data", "evaluation", "starting_kit", "terms")
+
+
+class BundleError(ValueError):
+    """A bundle that Codabench would reject; the message lists every problem found."""
+
+
+# ----------------------------------------------------------------------------- fixtures
+def reference_predictions(challenge: str, ref_dir: Path, res_dir: Path, mode: str = "correct") -> Path:
+    """Write ``res_dir/predictions.csv`` derived from the reference labels.
+
+    ``mode``: 'correct' (the labels themselves), 'wrong' (labels flipped), 'constant' (all 0).
+    """
+    spec = get_challenge(challenge)
+    if mode not in ("correct", "wrong", "constant"):
+        raise ValueError(f"mode must be 'correct', 'wrong' or 'constant', got {mode!r}")
+    with open(Path(ref_dir) / spec.reference_file, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+
+    def value(label):
+        label = int(label)
+        return {"correct": label, "wrong": 1 - label, "constant": 0}[mode]
+
+    res_dir = Path(res_dir)
+    res_dir.mkdir(parents=True, exist_ok=True)
+    if challenge == "gw":
+        header, body = ["id", "score"], [(r["id"], value(r["label"])) for r in rows]
+    elif challenge == "butterfly":
+        header, body = ["filename", "score"], [(r["filename"], value(r["hybrid_stat"])) for r in rows]
+    else:
+        stations = [c for c in rows[0] if c != "date"]
+        header, body = ["date", *stations], [(r["date"], *(value(r[s]) for s in stations)) for r in rows]
+    with open(res_dir / scoring.PREDICTIONS_FILE, "w", newline="") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(body)
+    return res_dir / scoring.PREDICTIONS_FILE
+
+
+# ----------------------------------------------------------------------------- export
+def competition_yaml(spec, manifest: dict) -> dict:
+    tasks = [{"index": k, "name": f"{PHASE_NAMES[p]} task", "description": f"{spec.title}: {p} inputs",
+              "is_public": False, "input_data": f"input_data_{p}", "reference_data": f"reference_data_{p}",
+              "ingestion_program": "ingestion_program", "scoring_program": "scoring_program"}
+             for k, p in enumerate(PHASES)]
+    phases = [
+        {"index": 0, "name": "Development", "description": "Scored on the validation inputs, with feedback.",
+         "start": "1-1-2025", "end": "12-31-2025", "max_submissions_per_day": 5, "max_submissions": 100,
+         "execution_time_limit": 3600, "tasks": [0], "solutions": []},
+        {"index": 1, "name": "Final", "description": "Last development submission re-run on the test inputs.",
+         "start": "1-1-2026", "end": "1-31-2026", "max_submissions_per_day": 1, "max_submissions": 1,
+         "execution_time_limit": 3600, "tasks": [1], "solutions": []},
+    ]
+    columns = [{"title": c.title, "key": c.key, "index": k, "sorting": c.sorting, "computation": None,
+                "computation_indexes": None} for k, c in enumerate(spec.columns)]
+    return {
+        "version": 2, "title": spec.title, "description": spec.summary,
+        "registration_auto_approve": True, "docker_image": DOCKER_IMAGE, "enable_detailed_results": False,
+        "terms": "pages/terms.md",
+        "pages": [{"title": p.replace("_", " ").title(), "file": f"pages/{p}.md"} for p in PAGES],
+        "tasks": tasks, "solutions": [], "phases": phases,
+        "leaderboards": [{"index": 0, "title": "Results", "key": "Results", "columns": columns}],
+    }
+
+
+def _pages(spec, card: str) -> dict[str, str]:
+    return {
+        "overview": f"# {spec.title}\n\n{spec.summary}\n\nStands in for: {spec.original}.\n",
+        "data": card,
+        "evaluation": f"# Evaluation\n\n{spec.metric_description}\n",
+        "starting_kit": (f"# Starting kit\n\nSubmit a zip of a folder holding `model.py` with `class Model` "
+                         f"(`load()`, `{spec.predict_signature}`) and any weights.\n\n{spec.input_description}\n"),
+        "terms": ("# Terms\n\nData: CC-BY-4.0 (synthetic, generated by kpflow). Code: MIT. Winners release "
+                  "training code and models under an OSI licence.\n"),
+    }
+
+
+def export_bundle(challenge_dir: Path, out: Path, make_zip: bool = True) -> Path:
+    """Write the Codabench bundle of a made challenge to folder ``out`` (and ``out.zip``); return ``out``."""
+    challenge_dir = Path(challenge_dir)
+    manifest = check_challenge_folder(challenge_dir)
+    spec = get_challenge(manifest["name"])
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for name, text in _pages(spec, (challenge_dir / "DATASET_CARD.md").read_text()).items():
+        atomic_write_text(out / "pages" / f"{name}.md", text)
+    program = out / "ingestion_program"
+    program.mkdir()
+    shutil.copy2(ingestion.__file__, program / "ingestion.py")
+    atomic_write_text(program / "metadata.yaml", yaml.safe_dump({
+        "command": (f"python3 /app/program/ingestion.py /app/input_data/ /app/output/ /app/program "
+                    f"/app/ingested_program --challenge {spec.name}")}))
+    scorer = out / "scoring_program"
+    scorer.mkdir()
+    shutil.copy2(scoring.__file__, scorer / "scoring.py")
+    atomic_write_text(scorer / "metadata.yaml", yaml.safe_dump({
+        "command": f"python3 /app/program/scoring.py /app/input/ /app/output/ --challenge {spec.name}"}))
+    for phase in PHASES:
+        shutil.copytree(challenge_dir / "input_data" / phase, out / f"input_data_{phase}")
+        shutil.copytree(challenge_dir / "reference_data" / phase, out / f"reference_data_{phase}")
+    shutil.copytree(challenge_dir / "starting_kit", out / "starting_kit")
+    with zipfile.ZipFile(out / "starting_kit" / "sample_submission.zip", "w") as archive:
+        archive.write(out / "starting_kit" / "model.py", "model.py")
+    for mode in ("correct", "wrong", "constant"):
+        reference_predictions(spec.name, out / "reference_data_val", out / "test_scoring_program" / f"all_{mode}",
+                              mode)
+    for extra in ("croissant.json", "DATASET_CARD.md", "challenge.json"):
+        shutil.copy2(challenge_dir / extra, out / extra)
+    atomic_write_text(out / "run.sh", _RUN_SH.format(name=spec.name))
+    (out / "run.sh").chmod(0o755)
+    atomic_write_text(out / "competition.yaml", yaml.safe_dump(competition_yaml(spec, manifest), sort_keys=False))
+    if make_zip:
+        shutil.make_archive(str(out), "zip", root_dir=out)
+    return out
+
+
+_RUN_SH = """#!/bin/sh
+# Local emulation of Codabench: ingestion of a submission folder, then scoring (phase: val).
+set -e
+HERE=$(cd "$(dirname "$0")" && pwd)
+SUB=$(cd "${{1:-$HERE/starting_kit}}" && pwd)
+WORK=$(mktemp -d)
+mkdir -p "$WORK/input/res" "$WORK/output"
+python3 "$HERE/ingestion_program/ingestion.py" "$HERE/input_data_val" "$WORK/input/res" \
+    "$HERE/ingestion_program" "$SUB" --challenge {name}
+cp -r "$HERE/reference_data_val" "$WORK/input/ref"
+python3 "$HERE/scoring_program/scoring.py" "$WORK/input" "$WORK/output" --challenge {name}
+cat "$WORK/output/scores.json"
+"""
+
+
+# ----------------------------------------------------------------------------- structural check
+def check_bundle(bundle: Path, run_scoring: bool = True) -> list[str]:
+    """Problems Codabench would reject (empty list = structurally valid).
+
+    Checks competition.yaml (version 2, title, pages that exist, tasks whose four folders exist,
+    phases whose tasks exist, leaderboard columns with unique keys/indices and asc/desc sorting), both
+    programs' metadata.yaml commands, and — with ``run_scoring`` — runs the scoring program on the
+    all-correct fixture and compares its scores.json keys with the leaderboard column keys.
+    """
+    bundle = Path(bundle)
+    problems: list[str] = []
+    path = bundle / "competition.yaml"
+    if not path.is_file():
+        return [f"missing {path}"]
+    try:
+        comp = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        return [f"competition.yaml is not valid YAML: {err}"]
+    if not isinstance(comp, dict):
+        return ["competition.yaml must be a mapping"]
+    if comp.get("version") != 2:
+        problems.append(f"version must be 2 (a Codabench bundle), got {comp.get('version')!r}")
+    for key in ("title", "docker_image", "pages", "tasks", "phases", "leaderboards"):
+        if key not in comp:
+            problems.append(f"competition.yaml lacks '{key}'")
+    for page in comp.get("pages") or []:
+        if not (bundle / str(page.get("file", ""))).is_file():
+            problems.append(f"page {page.get('title')!r} points to missing file {page.get('file')!r}")
+    task_indices = set()
+    for task in comp.get("tasks") or []:
+        idx = task.get("index")
+        if not isinstance(idx, int) or idx in task_indices:
+            problems.append(f"task index {idx!r} is missing, not an integer or duplicated")
+        task_indices.add(idx)
+        for folder in ("input_data", "reference_data", "ingestion_program", "scoring_program"):
+            if not task.get(folder) or not (bundle / str(task[folder])).is_dir():
+                problems.append(f"task {idx}: {folder} {task.get(folder)!r} is not a folder in the bundle")
+    for phase in comp.get("phases") or []:
+        for key in ("index", "name", "start", "tasks"):
+            if key not in phase:
+                problems.append(f"phase {phase.get('name')!r} lacks '{key}'")
+        for t in phase.get("tasks") or []:
+            if t not in task_indices:
+                problems.append(f"phase {phase.get('name')!r} refers to unknown task {t!r}")
+    column_keys: list[str] = []
+    for board in comp.get("leaderboards") or []:
+        for key in ("index", "title", "key", "columns"):
+            if key not in board:
+                problems.append(f"leaderboard {board.get('title')!r} lacks '{key}'")
+        indices = [c.get("index") for c in board.get("columns") or []]
+        if len(set(indices)) != len(indices):
+            problems.append(f"leaderboard {board.get('title')!r} has duplicated column indices {indices}")
+        for column in board.get("columns") or []:
+            if column.get("sorting") not in ("asc", "desc"):
+                problems.append(f"column {column.get('key')!r}: sorting must be 'asc' or 'desc'")
+            if not column.get("key") or not column.get("title"):
+                problems.append(f"column {column!r} lacks a key or a title")
+            column_keys.append(column.get("key"))
+    if len(set(column_keys)) != len(column_keys):
+        problems.append(f"leaderboard column keys are not unique: {column_keys}")
+    for folder in ("ingestion_program", "scoring_program"):
+        meta = bundle / folder / "metadata.yaml"
+        if not meta.is_file() or "command" not in (yaml.safe_load(meta.read_text()) or {}):
+            problems.append(f"{folder}/metadata.yaml is missing or has no 'command'")
+    if run_scoring and not problems:
+        problems += _scoring_keys_match(bundle, comp, set(column_keys))
+    return problems
+
+
+def _scoring_keys_match(bundle: Path, comp: dict, column_keys: set[str]) -> list[str]:
+    command = yaml.safe_load((bundle / "scoring_program" / "metadata.yaml").read_text())["command"]
+    challenge = command.split("--challenge", 1)[1].split()[0] if "--challenge" in command else None
+    task = comp["tasks"][0]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        shutil.copytree(bundle / task["reference_data"], work / "input" / "ref")
+        shutil.copytree(bundle / "test_scoring_program" / "all_correct", work / "input" / "res")
+        args = [sys.executable, str(bundle / "scoring_program" / "scoring.py"), str(work / "input"),
+                str(work / "output")] + (["--challenge", challenge] if challenge else [])
+        run = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        if run.returncode != 0:
+            return [f"scoring program failed on the all-correct fixture: {run.stderr[-500:]}"]
+        import json
+
+        keys = set(json.loads((work / "output" / "scores.json").read_text()))
+    if keys != column_keys:
+        return [f"scores.json keys {sorted(keys)} differ from leaderboard column keys {sorted(column_keys)}"]
+    return []
