@@ -333,3 +333,73 @@ def test_function_operator_jacobian_and_float32():
     got = flat_params(model, ["W", "U", "b"]) - before
     assert torch.isfinite(got).all() and got.norm() > 0
     assert ref.last_stats == {}
+
+
+# ------------------------------------------------------------------------------ with kpflow.kernels
+def _cells():
+    from kpflow.models import GRU, LSTM, CellAdapter, LeakyRNN, NeuralODE, VanillaRNN
+
+    return {
+        "vanilla": lambda: VanillaRNN(1, 2, 2, dtype=D),
+        "leaky": lambda: LeakyRNN(1, 2, 2, dtype=D),
+        "gru": lambda: GRU(1, 2, 2, dtype=D),
+        "lstm": lambda: LSTM(1, 1, 2, dtype=D),
+        "node": lambda: NeuralODE(1, 2, 2, width=3, dtype=D),
+        "adapter": lambda: CellAdapter(nn.RNNCell(1, 2).double(), output_dim=2),
+    }
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "leaky", "gru", "lstm", "node", "adapter"])
+def test_full_rank_gauss_newton_with_recorded_trajectory_for_every_cell(cell):
+    from kpflow.kernels import record
+
+    torch.manual_seed(0)
+    model = _cells()[cell]()
+    B, T = 1, 3
+    inputs = torch.randn(B, T, 1, dtype=D, generator=gen(1))
+    targets = torch.randn(B, T, 2, dtype=D, generator=gen(2))
+    names = list(model.cell_params())
+    P, n = sum(p.numel() for p in model.cell_params().values()), B * T * model.state_dim
+    full = min(P, n)
+    # independent reference: J by jacrev of the unrolled model, e by autograd of the loss in the states
+    Jm = dense_jacobian(model, inputs, names)
+    z = model.unroll({k: v.detach() for k, v in model.cell_params().items()}, inputs).requires_grad_(True)
+    loss = ((model.output(z) - targets) ** 2).mean()
+    (e,) = torch.autograd.grad(loss, z)
+    c = float(e.pow(2).sum()) / (2 * float(loss.detach()))
+    ref = -torch.linalg.pinv(Jm) @ (e.reshape(-1) / c)
+    lam = 1e-9
+    smin2 = float(torch.linalg.svdvals(Jm)[full - 1]) ** 2
+    opt = LowRankNaturalGradient(model, lr=1.0, rank=full, damping=lam, adaptive_damping=False,
+                                 trust_region=None)
+    before = flat_params(model, names)
+    out = opt.step(lambda: record(model, inputs, targets=targets))
+    got = flat_params(model, names) - before
+    assert float(out) == pytest.approx(float(loss.detach()), rel=1e-12)
+    assert float((got - ref).norm()) <= (4 * lam / (c * smin2) + 1e-8) * float(ref.norm())
+    assert opt.last_stats["products"] == opt.last_stats["jvps"] + opt.last_stats["vjps"] > 1
+
+
+def test_trainer_path_records_the_batch_and_trains_the_readout():
+    from kpflow.models import VanillaRNN
+    from kpflow.tasks import TaskBatch
+
+    model = VanillaRNN(1, 3, 2, dtype=D)
+    inputs = torch.randn(4, 5, 1, dtype=D, generator=gen(0))
+    batch = TaskBatch(inputs=inputs, targets=torch.randn(4, 5, 2, dtype=D, generator=gen(1)))
+    opt = LowRankNaturalGradient(model, rank=2, readout_lr=0.1, param_names=["W"])
+    C0, U0 = model.readout.weight.detach().clone(), model.cell.U.detach().clone()
+    losses = []
+    for _ in range(5):
+        opt.set_batch(batch)
+        losses.append(float(opt.step(lambda: pytest.fail("the closure must not be called"))))
+    assert losses[-1] < losses[0]
+    assert not torch.equal(model.readout.weight, C0)  # readout trained by plain gradient steps
+    assert torch.equal(model.cell.U, U0)  # only W was selected
+    # checkpoint-friendly state: tensors and JSON scalars only
+    sd = opt.state_dict()
+    st = sd["state"][0]
+    assert all(isinstance(v, (torch.Tensor, int, float, str, type(None))) for v in st.values())
+    opt2 = LowRankNaturalGradient(model, rank=2, readout_lr=0.1, param_names=["W"])
+    opt2.load_state_dict(sd)
+    assert torch.equal(opt2._st["eig_basis"], opt._st["eig_basis"]) and opt2.damping == opt.damping

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -255,11 +255,12 @@ class CountingOperator(LinearOperator):
 FORMS = ("auto", "state", "parameter")
 
 
-def _default_jacobian(traj, param_names: Sequence[str]) -> LinearOperator:
-    """``J = dz/dθ = P Jθ`` from :mod:`kpflow.kernels` (flat parameter vector -> [B, T, H])."""
-    from kpflow.kernels import state_jacobian
+def _kernel_jacobian(traj, param_names: Sequence[str]):
+    """``J = P Jθ`` from :mod:`kpflow.kernels`, and ``Jθ`` alone (to reuse the recorded ``P* e``)."""
+    from kpflow.kernels import param_jacobian, propagator
 
-    return state_jacobian(traj, param_names=list(param_names))
+    Jtheta = param_jacobian(traj, list(param_names))
+    return propagator(traj) @ Jtheta, Jtheta
 
 
 class LowRankNaturalGradient(torch.optim.Optimizer):
@@ -267,12 +268,12 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
 
     Each step: ``Δθ = −η J* (c Θ_r + λ I)⁻¹ e`` (state form) or ``Δθ = −η (c F_r + λ I)⁻¹ J* e``
     (parameter form), with ``Θ_r`` / ``F_r`` a rank-``r`` randomized Nyström approximation of the
-    state-space NTK ``Θ = J J*`` / the state-space Fisher ``F = J* J``, warm-started from the previous
-    basis; ``c`` is the curvature of the loss in state space (``½c‖z − z*‖²``). ``r = 0`` is gradient
-    descent with learning rate ``η/λ``; ``r`` = full rank and ``λ → 0`` is the exact Gauss–Newton step
-    ``−η J⁺ e / c``.
+    state-space NTK ``Θ = J J* = P K P*`` / the state-space Fisher ``F = J* J``, warm-started from the
+    previous basis; ``c`` is the curvature of the loss in state space (``L ≈ ½c‖z − z*‖²``). ``r = 0``
+    is gradient descent with learning rate ``η/λ``; ``r`` = full rank and ``λ → 0`` is the exact
+    Gauss–Newton step ``−η J⁺ e / c``.
 
-    Usage (a plain PyTorch loop; the closure records the batch)::
+    Usage in a plain PyTorch loop (the closure records the batch)::
 
         from kpflow.kernels import record
         opt = LowRankNaturalGradient(model, lr=0.5, rank=2, damping=1e-3, param_names=["W"])
@@ -280,10 +281,12 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             loss = opt.step(lambda: record(model, inputs, targets=targets))
         opt.last_stats["extra_products"]   # products with J beyond SGD's one backward pass
 
+    With the kpflow trainer (``optimizer: lowrank-ng``) the trainer hands each batch to
+    :meth:`set_batch` and the optimizer records it itself.
+
     Args:
         model: the recurrent model; the trained parameters are its cell parameters (``param_names``
-            selects a subset, e.g. only the recurrent weight). Other parameters (e.g. the readout) are
-            not touched — pair them with another optimizer if they should train.
+            selects a subset, e.g. only the recurrent weight ``["W"]``).
         lr: η, the fraction of the damped Gauss–Newton step taken.
         rank: r ≥ 0, rank of the curvature approximation (1–2 capture a bifurcation channel).
         damping: λ > 0, the Levenberg–Marquardt damping (initial value when ``adaptive_damping``).
@@ -295,16 +298,22 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             the states, since then ``L = ½c‖z − z*‖²`` and ``e = c (z − z*)``).
         refresh_every: recompute the low-rank basis every this many steps (1 = every step); in
             between, the previous ``(U, Λ)`` are reused at no extra cost.
-        power_iters: subspace-iteration passes before each Nyström sketch (0 with warm start).
+        power_iters: subspace-iteration passes before each warm Nyström sketch.
         warmup_iters: passes for the first (cold, random) sketch.
         oversample: extra probes in the sketch beyond ``rank``.
         trust_region: clip ``‖Δθ‖₂ ≤ trust_region · max(‖θ‖₂, 1)`` (None = no clip).
         form: ``"state"``, ``"parameter"`` or ``"auto"`` (the smaller of B·T·H and n_params).
         param_names: which cell parameters to train (default all of ``model.cell_params()``).
-        jacobian: ``jacobian(traj, param_names) -> LinearOperator`` for ``J`` (default: the
-            state Jacobian ``P Jθ`` of :mod:`kpflow.kernels`); use it to plug in another residual map.
+        readout_lr: learning rate of plain gradient steps on the readout (None = the readout is
+            not touched by this optimizer; pair it with another one if it should train).
+        jacobian: ``jacobian(traj, param_names) -> LinearOperator`` for ``J`` (flat parameter vector
+            in the model's parameter order -> the error's shape). Default: ``P Jθ`` of
+            :mod:`kpflow.kernels`, with the gradient taken from the recorded adjoint ``P* e``.
         seed: seed of the random sketch.
     """
+
+    #: the kpflow trainer calls ``step(closure)``; see ``set_batch``.
+    requires_closure = True
 
     def __init__(
         self,
@@ -323,6 +332,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         trust_region: float | None = 0.5,
         form: str = "auto",
         param_names: Sequence[str] | None = None,
+        readout_lr: float | None = None,
         jacobian: Callable[..., LinearOperator] | None = None,
         seed: int = 0,
     ):
@@ -332,15 +342,16 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
                 f"{type(model).__name__}; wrap a custom nn.Module cell with kpflow.models.CellAdapter"
             )
         cell = model.cell_params()
-        names = list(cell) if param_names is None else [str(n) for n in param_names]
-        unknown = [n for n in names if n not in cell]
-        if unknown or not names:
-            raise ValueError(f"param_names {unknown or names} are not cell parameters of {type(model).__name__}; "
-                             f"valid names: {sorted(cell)}")
+        chosen = list(cell) if param_names is None else [str(n) for n in param_names]
+        unknown = [n for n in chosen if n not in cell]
+        if unknown or not chosen:
+            raise ValueError(f"param_names {unknown or chosen} are not cell parameters of {type(model).__name__}; "
+                             f"valid names: {list(cell)}")
+        names = [n for n in cell if n in chosen]  # the model's order = the flat layout of kpflow.kernels
         _check_hyper(lr=lr, rank=rank, damping=damping, refresh_every=refresh_every,
                      power_iters=power_iters, warmup_iters=warmup_iters, oversample=oversample,
                      trust_region=trust_region, curvature=curvature, form=form,
-                     damping_bounds=damping_bounds)
+                     damping_bounds=damping_bounds, readout_lr=readout_lr)
         n_params = sum(cell[n].numel() for n in names)
         if int(rank) > n_params:
             raise ValueError(
@@ -358,24 +369,46 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self.curvature = curvature
         self.adaptive_damping = bool(adaptive_damping)
         self.damping_bounds = (float(damping_bounds[0]), float(damping_bounds[1]))
-        self.jacobian = jacobian or _default_jacobian
+        self.readout_lr = None if readout_lr is None else float(readout_lr)
+        self.jacobian = jacobian
         p0 = cell[names[0]]
         self._generator = torch.Generator(device=p0.device).manual_seed(int(seed))
-        self.state["lowrank_ng"] = dict(steps=0, damping=float(damping), eig=None, eig_form=None,
-                                        pending=None, jvps=0, vjps=0, seconds=0.0)
+        self._batch = None
+        # all state lives under the first parameter, as tensors and JSON scalars (checkpoint friendly)
+        self.state[p0].update(steps=0, damping=float(damping), eig_values=None, eig_basis=None, eig_form=None,
+                              pending_loss=None, pending_predicted=None, jvps=0, vjps=0, seconds=0.0)
         self.last_stats: dict = {}
 
     # ------------------------------------------------------------------ helpers
     @property
+    def _st(self) -> dict:
+        return self.state[self.param_groups[0]["params"][0]]
+
+    @property
     def damping(self) -> float:
         """The current damping λ."""
-        return float(self.state["lowrank_ng"]["damping"])
+        return float(self._st["damping"])
 
     @property
     def products_per_step(self) -> float:
         """Mean products with J or J* per step so far (SGD needs 1: the gradient's backward pass)."""
-        st = self.state["lowrank_ng"]
+        st = self._st
         return (st["jvps"] + st["vjps"]) / max(st["steps"], 1)
+
+    def set_batch(self, batch) -> None:
+        """Record the next step from this batch (anything with ``inputs``, ``targets`` and optionally
+        ``mask`` and ``loss``, e.g. a ``kpflow.tasks.TaskBatch``) instead of calling the closure."""
+        for attr in ("inputs", "targets"):
+            if getattr(batch, attr, None) is None:
+                raise ValueError(f"set_batch needs a batch with {attr!r}, got {type(batch).__name__}")
+        self._batch = batch
+
+    def _record_batch(self):
+        from kpflow.kernels import record
+
+        b, self._batch = self._batch, None
+        return record(self.model, b.inputs, targets=b.targets, mask=getattr(b, "mask", None),
+                      loss=getattr(b, "loss", None) or "mse", param_names=self.param_names)
 
     def _flat_params(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.param_groups[0]["params"]])
@@ -393,64 +426,91 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             return self.form
         return "parameter" if self.n_params <= n_state else "state"
 
-    def _loss_value(self, traj) -> float:
-        loss = getattr(traj, "loss", None)
-        if loss is None:
-            raise ValueError("the recorded trajectory carries no loss value; record it with targets "
-                             "(record(model, inputs, targets=...))")
-        return float(loss)
+    def _operators(self, traj):
+        """``J`` (counted) and the gradient ``J* e`` (one product with J*)."""
+        e = traj.error.detach()
+        if self.jacobian is not None:
+            J = CountingOperator(self.jacobian(traj, self.param_names))
+            return J, None
+        J, Jtheta = _kernel_jacobian(traj, self.param_names)
+        J = CountingOperator(J)
+        adjoint = getattr(traj, "adjoint", None)
+        if adjoint is None:
+            return J, None
+        J.vjps += 1  # P* e was recorded (one backward pass); Jθ* of it is the gradient
+        return J, Jtheta.adjoint_apply(adjoint.detach().to(Jtheta.dtype)).to(e.dtype)
+
+    def _readout_step(self, traj) -> None:
+        if self.readout_lr is None or getattr(traj, "targets", None) is None:
+            return
+        from kpflow.kernels.trajectory import _loss_value
+
+        rp = dict(self.model.readout_params())
+        with torch.enable_grad():
+            value = _loss_value(self.model.output(traj.states.detach(), rp), traj.targets,
+                                getattr(self, "_loss_kind", "mse"), traj.mask)
+            grads = torch.autograd.grad(value, list(rp.values()))
+        with torch.no_grad():
+            for p, g in zip(rp.values(), grads, strict=True):
+                p.add_(g, alpha=-self.readout_lr)
 
     # ------------------------------------------------------------------ step
     def step(self, closure: Callable[[], object] | None = None):  # type: ignore[override]
-        """One low-rank natural-gradient step; ``closure()`` must return a recorded trajectory with an
-        error (``kpflow.kernels.record(model, inputs, targets=...)``). Returns the loss before the step."""
-        if closure is None:
+        """One low-rank natural-gradient step; returns the loss before the step.
+
+        ``closure()`` must return a recorded trajectory with an error
+        (``kpflow.kernels.record(model, inputs, targets=...)``), unless a batch was handed over with
+        :meth:`set_batch`, in which case the optimizer records that batch and does not call it."""
+        if self._batch is not None:
+            self._loss_kind = getattr(self._batch, "loss", None) or "mse"
+            traj = self._record_batch()
+        elif closure is None:
             raise ValueError(
                 "LowRankNaturalGradient.step needs a closure that records the batch, e.g. "
                 "opt.step(lambda: record(model, inputs, targets=targets)); it has no trajectory otherwise"
             )
-        with torch.enable_grad():
-            traj = closure()
-        error = getattr(traj, "error", None)
-        if traj is None or not hasattr(traj, "states"):
+        else:
+            with torch.enable_grad():
+                traj = closure()
+        if traj is None or not hasattr(traj, "states") or not hasattr(traj, "error"):
             raise TypeError(
                 f"the closure returned {type(traj).__name__}, not a recorded trajectory; it must return "
                 "kpflow.kernels.record(model, inputs, targets=...)"
             )
-        if error is None:
+        if traj.error is None:
             raise ValueError("the recorded trajectory has no error e = dL/dz (it was recorded without targets); "
                              "record it with targets=... so the optimizer has a loss to descend")
-        group = self.param_groups[0]
-        st = self.state["lowrank_ng"]
+        if getattr(traj, "loss", None) is None:
+            raise ValueError("the recorded trajectory carries no loss value; record it with targets=...")
+        group, st = self.param_groups[0], self._st
         t0 = time.perf_counter()
-        loss = self._loss_value(traj)
+        loss = float(traj.loss)
         rho = None
-        if self.adaptive_damping and st["pending"] is not None:
+        if self.adaptive_damping and st["pending_loss"] is not None:
             lm = LevenbergMarquardtDamping(st["damping"], minimum=self.damping_bounds[0],
                                            maximum=self.damping_bounds[1])
-            rho = lm.update(loss - st["pending"]["loss"], st["pending"]["predicted"])
+            rho = lm.update(loss - st["pending_loss"], st["pending_predicted"])
             st["damping"] = lm.value
         lam = st["damping"]
-        J = CountingOperator(self.jacobian(traj, self.param_names))
+        J, grad = self._operators(traj)
         if J.shape_in != (self.n_params,):
             raise ShapeError(f"the Jacobian takes {J.shape_in}, expected the flat ({self.n_params},) vector of "
                              f"the trained parameters {self.param_names}")
-        e = error.detach().to(J.dtype)
+        e = traj.error.detach().to(J.dtype)
         n_state = J.size_out
         form = self._choose_form(n_state)
         rank = group["rank"]
         space_dim = n_state if form == "state" else self.n_params
         if rank > space_dim:
             raise ValueError(
-                f"rank {rank} is larger than the state dimension B·T·H = {n_state} of this batch "
-                f"(and the {form}-space operator has dimension {space_dim}); use rank <= {space_dim}"
-                if form == "state" else
-                f"rank {rank} is larger than the dimension {space_dim} of the parameter-space Fisher; "
-                f"use rank <= {space_dim}"
+                f"rank {rank} is larger than the state dimension B·T·H = {n_state} of this batch; "
+                f"use rank <= {space_dim} (or a larger batch, or form='parameter')"
             )
         c = _curvature(self.curvature, e, loss)
-        eig = st["eig"]
         shape = J.shape_out if form == "state" else J.shape_in
+        eig = None
+        if st["eig_values"] is not None:
+            eig = LowRankEig(st["eig_values"].to(J.dtype), st["eig_basis"].to(J.dtype))
         stale = eig is None or st["eig_form"] != form or eig.shape != tuple(shape) or eig.rank != rank
         refresh = rank > 0 and (stale or st["steps"] % group["refresh_every"] == 0)
         if refresh:
@@ -462,12 +522,17 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         elif rank == 0:
             eig = LowRankEig(torch.zeros(0, dtype=J.dtype, device=J.device),
                              torch.zeros(0, *shape, dtype=J.dtype, device=J.device))
+        x = None
         if form == "state":
             x = damped_lowrank_solve(eig, lam, e, scale=c)
-            both = J.rmatmat(torch.stack([x, e]))  # J* of the preconditioned error and the gradient
-            direction, grad = both[0], both[1]
+            if grad is None:  # J* of the preconditioned error and of the error, in one batched product
+                both = J.rmatmat(torch.stack([x, e]))
+                direction, grad = both[0], both[1]
+            else:
+                direction = J.adjoint_apply(x)
         else:
-            grad = J.adjoint_apply(e)
+            if grad is None:
+                grad = J.adjoint_apply(e)
             direction = damped_lowrank_solve(eig, lam, grad, scale=c)
         theta = self._flat_params().to(J.dtype)
         radius = None if group["trust_region"] is None else group["trust_region"] * max(
@@ -476,12 +541,13 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         if not bool(torch.isfinite(delta).all()):
             raise FloatingPointError("the natural-gradient step is not finite (non-finite error or Jacobian); "
                                      "check the loss and the model's states")
-        predicted = float(grad @ delta) + 0.5 * c * _lowrank_quadratic(eig, form, delta, J, lam, x if
-                                                                        form == "state" else None,
-                                                                        group["lr"] * clip)
+        predicted = float(grad @ delta) + 0.5 * c * _lowrank_quadratic(eig, form, delta, x, group["lr"] * clip)
         self._apply_update(delta)
-        st.update(eig=eig if rank > 0 else None, eig_form=form, steps=st["steps"] + 1,
-                  pending=dict(loss=loss, predicted=predicted))
+        self._readout_step(traj)
+        keep = rank > 0
+        st.update(eig_values=eig.eigenvalues.detach() if keep else None,
+                  eig_basis=eig.basis.detach() if keep else None, eig_form=form if keep else None,
+                  steps=st["steps"] + 1, pending_loss=loss, pending_predicted=predicted)
         st["jvps"] += J.jvps
         st["vjps"] += J.vjps
         seconds = time.perf_counter() - t0
@@ -490,13 +556,13 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             loss=loss, form=form, rank=rank, damping=lam, rho=rho, curvature=c, refreshed=refresh,
             jvps=J.jvps, vjps=J.vjps, products=J.jvps + J.vjps, extra_products=J.jvps + J.vjps - 1,
             step_norm=float(delta.norm()), clip_factor=clip, predicted_change=predicted,
-            grad_norm=float(grad.norm()),
-            eigenvalues=[float(v) for v in eig.eigenvalues] if rank > 0 else [], seconds=seconds,
+            grad_norm=float(grad.norm()), eigenvalues=[float(v) for v in eig.eigenvalues] if keep else [],
+            seconds=seconds,
         )
-        return torch.tensor(loss)
+        return torch.tensor(loss, dtype=torch.float64)
 
 
-def _lowrank_quadratic(eig: LowRankEig, form: str, delta, J, lam, x, scale) -> float:
+def _lowrank_quadratic(eig: LowRankEig, form: str, delta, x, scale) -> float:
     """``Δ* F_r Δ`` of the low-rank model (state form: ``‖Θ_r x‖²·scale²`` since ``JΔ ≈ −scale·Θ_r x``)."""
     if eig.rank == 0:
         return 0.0
@@ -516,7 +582,7 @@ def _curvature(curvature, e: torch.Tensor, loss: float) -> float:
 
 
 def _check_hyper(*, lr, rank, damping, refresh_every, power_iters, warmup_iters, oversample, trust_region,
-                 curvature, form, damping_bounds) -> None:
+                 curvature, form, damping_bounds, readout_lr) -> None:
     def bad(name, value, valid):
         raise ValueError(f"{name}={value!r} is invalid; {name} must be {valid}")
 
@@ -536,15 +602,9 @@ def _check_hyper(*, lr, rank, damping, refresh_every, power_iters, warmup_iters,
         bad("curvature", curvature, "'auto' or a positive number")
     if form not in FORMS:
         bad("form", form, f"one of {FORMS}")
+    if readout_lr is not None and not (isinstance(readout_lr, (int, float)) and readout_lr >= 0):
+        bad("readout_lr", readout_lr, "None (readout untouched) or a number >= 0")
     lo, hi = damping_bounds
     if not (0 < lo <= hi):
         bad("damping_bounds", damping_bounds, "(low, high) with 0 < low <= high")
 
-
-def flat_to_dict(vector: torch.Tensor, like: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Split a flat parameter vector into tensors shaped like ``like`` (in its order)."""
-    out, offset = {}, 0
-    for name, p in like.items():
-        out[name] = vector[offset:offset + p.numel()].reshape(p.shape)
-        offset += p.numel()
-    return out
