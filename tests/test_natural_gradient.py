@@ -403,3 +403,31 @@ def test_trainer_path_records_the_batch_and_trains_the_readout():
     opt2 = LowRankNaturalGradient(model, rank=2, readout_lr=0.1, param_names=["W"])
     opt2.load_state_dict(sd)
     assert torch.equal(opt2._st["eig_basis"], opt._st["eig_basis"]) and opt2.damping == opt.damping
+
+
+def test_registered_for_configs_and_trains_with_checkpoints(tmp_path):
+    from kpflow.models import VanillaRNN
+    from kpflow.tasks import StudentTeacher
+    from kpflow.training.config import RunConfig
+    from kpflow.training.optimizers import make_optimizer
+    from kpflow.training.trainer import train
+
+    cfg = RunConfig.model_validate({"optimizer": {"name": "lowrank-ng", "lr": 0.5,
+                                                  "params": {"rank": 1, "param_names": ["W"]}}})
+    assert cfg.optimizer.name == "lowrank-ng"
+    with pytest.raises(ValueError, match="no option"):
+        make_optimizer("lowrank-ng", VanillaRNN(2, 3), bogus=1)
+    task = StudentTeacher(input_dim=2, hidden=4, output_dim=1, input_rank=1, seq_len=6)
+    model = VanillaRNN(2, 4, 1)
+    opt = make_optimizer("lowrank-ng", model, lr=0.5, rank=1, param_names=["W"])
+    res = train(model, task, {"steps": 4, "batch_size": 3, "checkpoint_every": 2}, optimizer=opt,
+                out_dir=tmp_path, progress=False)
+    assert len(res.losses) == 4 and all(math.isfinite(v) for v in res.losses.values())
+    assert opt._st["steps"] == 4 and opt._st["eig_basis"] is not None
+    # resume from the last checkpoint restores the optimizer state (basis, damping, step count)
+    model2 = VanillaRNN(2, 4, 1)
+    opt2 = make_optimizer("lowrank-ng", model2, lr=0.5, rank=1, param_names=["W"])
+    train(model2, task, {"steps": 4, "batch_size": 3, "checkpoint_every": 2}, optimizer=opt2,
+          out_dir=tmp_path, progress=False)
+    assert opt2._st["steps"] == 4
+    assert torch.allclose(opt2._st["eig_basis"], opt._st["eig_basis"])

@@ -608,3 +608,22 @@ def _check_hyper(*, lr, rank, damping, refresh_every, power_iters, warmup_iters,
     if not (0 < lo <= hi):
         bad("damping_bounds", damping_bounds, "(low, high) with 0 < low <= high")
 
+
+
+def lowrank_ng(model: torch.nn.Module, **options) -> LowRankNaturalGradient:
+    """Factory of the optimizer registry: ``optimizer: {name: lowrank-ng, lr: 0.5, params: {rank: 2}}``."""
+    return LowRankNaturalGradient(model, **options)
+
+
+lowrank_ng.optimizer_class = LowRankNaturalGradient
+
+
+def _register() -> None:
+    try:
+        from kpflow.training.optimizers import register_optimizer
+    except ImportError:  # the registry is optional for using the optimizer directly
+        return
+    register_optimizer("lowrank-ng", lowrank_ng)
+
+
+_register()
