@@ -1,0 +1,514 @@
+"""Fixed points and slow points of a recurrent model under a constant input.
+
+A fixed point of the map ``z ↦ F(z, x̄; θ)`` solves ``F(z*, x̄) = z*``. Following Sussillo & Barak
+(2013, *Neural Computation* 25:626) we minimise the speed ``q(z) = ½‖F(z, x̄) − z‖²`` from many
+starts (Adam, all starts at once), then polish every candidate with Newton's method in float64,
+``(A − I) δ = −(F(z) − z)`` with ``A = ∂F/∂z`` (damped, with backtracking), de-duplicate, drop
+distance outliers and classify each point from the spectrum of its Jacobian:
+
+* maps (``model.is_flow`` False): an eigenvalue is unstable when ``|λ| > 1``;
+* flows (``model.is_flow`` True, ``F`` is the ``dt`` step of ``ż = f(z)``): the spectrum is that of
+  ``∂f/∂z ≈ (A − I)/dt`` and an eigenvalue is unstable when ``Re λ > 0``.
+
+Points whose speed stays above the fixed-point tolerance but below ``slow_q`` are *slow points*
+(kept only on request).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from kpflow.models.base import RecurrentModel
+
+__all__ = [
+    "ConstantInputMap",
+    "FixedPoints",
+    "NoFixedPointError",
+    "classify_spectrum",
+    "constant_input_map",
+    "eig_with_left",
+    "find_fixed_points",
+    "newton_polish",
+    "stability_margin",
+]
+
+
+class NoFixedPointError(RuntimeError):
+    """Raised when no start converged to a fixed (or slow) point."""
+
+
+# ------------------------------------------------------------------------------------------ the map
+@dataclass
+class ConstantInputMap:
+    """``z ↦ F(z, x̄; θ)`` for one model, one parameter set and one constant input, in one dtype.
+
+    ``__call__`` takes ``[N, H]`` states. ``is_flow``/``dt`` say how to read its spectrum.
+    """
+
+    model: RecurrentModel
+    params: dict[str, torch.Tensor]
+    x_bar: torch.Tensor
+    is_flow: bool
+    dt: float
+
+    @property
+    def state_dim(self) -> int:
+        return self.model.state_dim
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_bar.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_bar.device
+
+    def __call__(self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        p = self.params if params is None else params
+        x = self.x_bar.expand(z.shape[0], -1)
+        return self.model.step(p, z, x)
+
+    def residual(self, z: torch.Tensor) -> torch.Tensor:
+        """``F(z) − z`` on ``[N, H]``."""
+        return self(z) - z
+
+    def speed(self, z: torch.Tensor) -> torch.Tensor:
+        """``q(z) = ½‖F(z) − z‖²`` per row, ``[N]``."""
+        return 0.5 * self.residual(z).pow(2).sum(-1)
+
+    def jacobians(self, z: torch.Tensor) -> torch.Tensor:
+        """``A = ∂F/∂z`` at every row of ``z``: ``[N, H, H]`` (rows are independent, so one
+        reverse-mode Jacobian of ``Σ_n F(z_n)`` gives all of them)."""
+        z = z.detach()
+        J = torch.func.jacrev(lambda Z: self(Z).sum(0))(z)  # [H_out, N, H_in]
+        return J.permute(1, 0, 2).contiguous()
+
+    def with_params(self, params: Mapping[str, torch.Tensor]) -> ConstantInputMap:
+        return ConstantInputMap(self.model, _cast_params(params, self.dtype, self.device), self.x_bar,
+                                self.is_flow, self.dt)
+
+
+def _cast_params(params: Mapping[str, torch.Tensor], dtype, device) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to(dtype=dtype, device=device) for k, v in params.items()}
+
+
+def constant_input_map(
+    model,
+    x_bar: torch.Tensor | None = None,
+    params: Mapping[str, torch.Tensor] | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> ConstantInputMap:
+    """The autonomous map ``z ↦ F(z, x̄; θ)`` of a kpflow model under the constant input ``x̄``.
+
+    Args:
+        model: a ``kpflow.models.RecurrentModel`` (anything with a pure ``step(params, z, x)``).
+        x_bar: the constant input, shape ``[input_dim]``; zeros when omitted.
+        params: cell parameters (``model.cell_params()`` when omitted; a ``state_dict`` with
+            ``cell.``-prefixed keys is accepted too).
+        dtype, device: where the map is evaluated (float64 by default, for Newton and spectra).
+    """
+    if not isinstance(model, RecurrentModel):
+        raise TypeError(
+            f"fixed points need a kpflow RecurrentModel with a pure step(params, z_prev, x_t); got "
+            f"{type(model).__name__}, which has no notion of a constant input. Wrap your cell with "
+            "kpflow.models.CellAdapter (or subclass kpflow.models.RecurrentModel) first."
+        )
+    if getattr(model, "has_constant_input", True) is False:
+        raise TypeError(
+            f"{type(model).__name__} declares has_constant_input=False: its step depends on more than "
+            "(state, input), so a fixed point under a constant input is not defined for it."
+        )
+    p_live = model.cell_params() if params is None else normalise_params(params)
+    if not p_live:
+        raise ValueError(f"{type(model).__name__} has no cell parameters; nothing defines its map")
+    ref = next(iter(p_live.values()))
+    device = ref.device if device is None else torch.device(device)
+    if x_bar is None:
+        x_bar = torch.zeros(model.input_dim, dtype=dtype, device=device)
+    x_bar = torch.as_tensor(x_bar)
+    if x_bar.dim() == 2 and x_bar.shape[0] == 1:
+        x_bar = x_bar[0]
+    if x_bar.dim() != 1 or x_bar.shape[0] != model.input_dim:
+        raise ValueError(
+            f"the constant input x_bar must have shape [input_dim] = [{model.input_dim}], got "
+            f"{tuple(x_bar.shape)}"
+        )
+    x_bar = x_bar.detach().to(dtype=dtype, device=device)
+    fmap = ConstantInputMap(model, _cast_params(p_live, dtype, device), x_bar,
+                            bool(getattr(model, "is_flow", False)), float(getattr(model, "dt", 1.0)))
+    try:
+        with torch.no_grad():
+            out = fmap(torch.zeros(1, model.state_dim, dtype=dtype, device=device))
+    except NotImplementedError as exc:
+        raise TypeError(f"{type(model).__name__}.step is not implemented, so it has no map to analyse") from exc
+    if tuple(out.shape) != (1, model.state_dim):
+        raise ValueError(
+            f"{type(model).__name__}.step returned shape {tuple(out.shape)} for a [1, {model.state_dim}] state; "
+            "a map on the state space must return the same shape"
+        )
+    return fmap
+
+
+def normalise_params(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Accept ``cell_params()``-style dicts or full ``state_dict``s (``cell.`` prefix, readout dropped)."""
+    if not isinstance(params, Mapping):
+        raise TypeError(f"parameters must be a mapping name -> tensor, got {type(params).__name__}")
+    if any(k.startswith("cell.") for k in params):
+        return {k[len("cell."):]: v for k, v in params.items() if k.startswith("cell.")}
+    return {k: v for k, v in params.items() if not k.startswith("readout.")}
+
+
+# --------------------------------------------------------------------------------------- spectra
+def eig_with_left(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Eigenvalues ``λ``, right eigenvectors ``R`` (columns, unit norm) and left eigenvectors ``L``
+    (columns) of a batch ``[..., H, H]``, normalised so that ``Lᴴ R = I`` (``L = R^{-H}``)."""
+    lam, R = torch.linalg.eig(A)
+    R = R / torch.linalg.vector_norm(R, dim=-2, keepdim=True)
+    L = torch.linalg.inv(R).mH
+    return lam, R, L
+
+
+def stability_margin(lam: torch.Tensor, is_flow: bool) -> torch.Tensor:
+    """Signed distance to instability: ``|λ| − 1`` for maps, ``Re λ`` for flows (positive = unstable)."""
+    return lam.real if is_flow else lam.abs() - 1.0
+
+
+def classify_spectrum(lam: torch.Tensor, is_flow: bool, tol: float = 1e-9) -> tuple[str, int]:
+    """Label one spectrum: ``stable``, ``saddle`` (some unstable directions), ``unstable`` (all) or
+    ``marginal`` (an eigenvalue on the stability boundary within ``tol``, none beyond). Returns the
+    label and the unstable dimension (number of eigenvalues with margin ``> tol``)."""
+    m = stability_margin(lam, is_flow)
+    n_unstable = int((m > tol).sum())
+    n_marginal = int((m.abs() <= tol).sum())
+    if n_unstable == 0:
+        return ("marginal" if n_marginal else "stable"), 0
+    if n_unstable == lam.shape[-1]:
+        return "unstable", n_unstable
+    return "saddle", n_unstable
+
+
+# ----------------------------------------------------------------------------------------- result
+@dataclass
+class FixedPoints:
+    """Fixed (and slow) points of one map, with their Jacobian spectra.
+
+    Attributes:
+        points: ``[N, H]`` locations (float64 unless asked otherwise).
+        q: ``[N]`` speeds ``½‖F(z) − z‖²``.
+        jacobians: ``[N, H, H]`` step-map Jacobians ``A = ∂F/∂z``.
+        eigenvalues: ``[N, H]`` complex spectra of the *stability matrix*: ``A`` for maps,
+            ``(A − I)/dt`` for flows; sorted most unstable first.
+        right_eigenvectors, left_eigenvectors: ``[N, H, H]`` complex, columns matching
+            ``eigenvalues``, with ``Lᴴ R = I``.
+        stability: label per point (see ``classify_spectrum``); ``unstable_dim``: ``[N]``.
+        is_slow: ``[N]`` True for slow points (``q`` above the fixed-point tolerance).
+        is_flow, dt, x_bar: how the spectra are to be read and under which input.
+    """
+
+    points: torch.Tensor
+    q: torch.Tensor
+    jacobians: torch.Tensor
+    eigenvalues: torch.Tensor
+    right_eigenvectors: torch.Tensor
+    left_eigenvectors: torch.Tensor
+    stability: list[str]
+    unstable_dim: torch.Tensor
+    is_slow: torch.Tensor
+    is_flow: bool
+    dt: float
+    x_bar: torch.Tensor
+    info: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+    def __getitem__(self, idx) -> FixedPoints:
+        """A subset (index, slice, boolean mask or index tensor)."""
+        if isinstance(idx, int):
+            idx = [idx]
+        if isinstance(idx, torch.Tensor) and idx.dtype == torch.bool:
+            idx = torch.nonzero(idx).flatten()
+        idx_t = torch.as_tensor(idx, dtype=torch.long) if not isinstance(idx, slice) else idx
+        labels = [self.stability[i] for i in torch.arange(len(self))[idx_t].tolist()]
+        return FixedPoints(self.points[idx_t], self.q[idx_t], self.jacobians[idx_t], self.eigenvalues[idx_t],
+                           self.right_eigenvectors[idx_t], self.left_eigenvectors[idx_t], labels,
+                           self.unstable_dim[idx_t], self.is_slow[idx_t], self.is_flow, self.dt, self.x_bar,
+                           dict(self.info))
+
+    @property
+    def margins(self) -> torch.Tensor:
+        """``[N, H]`` signed distances of each eigenvalue to instability (see ``stability_margin``)."""
+        return stability_margin(self.eigenvalues, self.is_flow)
+
+    def stable(self) -> FixedPoints:
+        return self[torch.tensor([s == "stable" for s in self.stability], dtype=torch.bool)]
+
+    def fixed(self) -> FixedPoints:
+        """Only the true fixed points (no slow points)."""
+        return self[~self.is_slow]
+
+    def summary(self) -> list[dict]:
+        """One plain dict per point (for tables and JSON)."""
+        rows = []
+        for i in range(len(self)):
+            lam = self.eigenvalues[i]
+            rows.append({
+                "index": i, "stability": self.stability[i], "unstable_dim": int(self.unstable_dim[i]),
+                "q": float(self.q[i]), "slow": bool(self.is_slow[i]), "norm": float(self.points[i].norm()),
+                "leading_eigenvalue": complex(lam[0]), "margin": float(stability_margin(lam[:1], self.is_flow)[0]),
+            })
+        return rows
+
+    def __repr__(self) -> str:
+        counts: dict[str, int] = {}
+        for s in self.stability:
+            counts[s] = counts.get(s, 0) + 1
+        kind = "flow" if self.is_flow else "map"
+        return f"FixedPoints(n={len(self)}, {kind}, {counts})"
+
+
+def spectra(fmap: ConstantInputMap, points: torch.Tensor, tol: float = 1e-9):
+    """Jacobians, sorted spectra (stability matrix), eigenvectors, labels and unstable dimensions."""
+    H = fmap.state_dim
+    if points.shape[0] == 0:
+        e = torch.zeros(0, H, H, dtype=fmap.dtype, device=fmap.device)
+        ce = e.to(torch.complex128 if fmap.dtype == torch.float64 else torch.complex64)
+        return e, ce[:, 0], ce, ce, [], torch.zeros(0, dtype=torch.long)
+    A = fmap.jacobians(points)
+    S = (A - torch.eye(H, dtype=A.dtype, device=A.device)) / fmap.dt if fmap.is_flow else A
+    lam, R, L = eig_with_left(S)
+    order = torch.argsort(stability_margin(lam, fmap.is_flow), dim=-1, descending=True)
+    lam = torch.gather(lam, -1, order)
+    R = torch.gather(R, -1, order.unsqueeze(-2).expand_as(R))
+    L = torch.gather(L, -1, order.unsqueeze(-2).expand_as(L))
+    labels, dims = zip(*(classify_spectrum(lam[i], fmap.is_flow, tol) for i in range(lam.shape[0])), strict=True)
+    return A, lam, R, L, list(labels), torch.tensor(dims, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------ solver
+def newton_polish(fmap: ConstantInputMap, z: torch.Tensor, steps: int = 30, tol: float = 1e-13,
+                  max_step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damped Newton on ``F(z) − z = 0`` for every row of ``z`` (in the map's dtype).
+
+    Solves ``(A − I) δ = −(F(z) − z)`` (least squares where ``A − I`` is singular), then halves the
+    step until the residual norm decreases (at most 30 halvings); rows that cannot improve stop.
+    ``max_step`` caps ‖δ‖ (keeps continuation on its branch). Returns the points and their speeds.
+    """
+    z = z.detach().clone()
+    H = fmap.state_dim
+    eye = torch.eye(H, dtype=z.dtype, device=z.device)
+    with torch.no_grad():
+        r = fmap.residual(z)
+    rn = r.norm(dim=-1)
+    active = rn > tol
+    for _ in range(steps):
+        if not bool(active.any()):
+            break
+        idx = torch.nonzero(active).flatten()
+        A = fmap.jacobians(z[idx]) - eye
+        delta, info = torch.linalg.solve_ex(A, -r[idx])
+        bad = (info != 0) | ~torch.isfinite(delta).all(-1)
+        if bool(bad.any()):
+            delta[bad] = (torch.linalg.pinv(A[bad]) @ (-r[idx][bad]).unsqueeze(-1)).squeeze(-1)
+        if max_step is not None:
+            dn = delta.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+            delta = delta * torch.clamp(max_step / dn, max=1.0)
+        step = torch.ones(idx.shape[0], 1, dtype=z.dtype, device=z.device)
+        improved = torch.zeros(idx.shape[0], dtype=torch.bool, device=z.device)
+        z_new, r_new = z[idx].clone(), r[idx].clone()
+        with torch.no_grad():
+            for _ in range(30):
+                todo = ~improved
+                if not bool(todo.any()):
+                    break
+                cand = z[idx][todo] + step[todo] * delta[todo]
+                rc = fmap.residual(cand)
+                ok = torch.isfinite(rc).all(-1) & (rc.norm(dim=-1) < rn[idx][todo])
+                sel = torch.nonzero(todo).flatten()[ok]
+                z_new[sel], r_new[sel] = cand[ok], rc[ok]
+                improved[sel] = True
+                step[todo] *= 0.5
+        z[idx], r[idx] = z_new, r_new
+        rn_new = r.norm(dim=-1)
+        active_idx = idx[improved]
+        still = torch.zeros_like(active)
+        still[active_idx] = rn_new[active_idx] > tol
+        rn = rn_new
+        active = still
+    return z, 0.5 * rn.pow(2)
+
+
+def _adam_minimise_q(fmap: ConstantInputMap, z0: torch.Tensor, max_iters: int, lr: float, tol_q: float,
+                     progress: bool, patience: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """Joint Adam on ``Σ_n q(z_n)`` (Sussillo & Barak 2013); stops when every ``q < tol_q`` or when
+    the total has not improved by 0.1 % for ``patience`` iterations."""
+    z = z0.detach().clone()
+    m = torch.zeros_like(z)
+    v = torch.zeros_like(z)
+    b1, b2, eps = 0.9, 0.999, 1e-12
+    it = range(max_iters)
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="fixed points (Adam on q)", leave=False)
+    best, since = float("inf"), 0
+    for i in it:
+        zr = z.requires_grad_(True)
+        q = fmap.speed(zr)
+        (g,) = torch.autograd.grad(q.sum(), zr)
+        z = zr.detach()
+        qd = q.detach()
+        if bool((qd < tol_q).all()):
+            break
+        total = float(qd.sum())
+        if total < best * (1 - 1e-3):
+            best, since = total, 0
+        else:
+            since += 1
+            if since >= patience:  # stalled: the remaining points are slow points or need Newton
+                break
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        mhat = m / (1 - b1 ** (i + 1))
+        vhat = v / (1 - b2 ** (i + 1))
+        z = z - lr * mhat / (vhat.sqrt() + eps)
+    with torch.no_grad():
+        q = fmap.speed(z)
+    return z.detach(), q
+
+
+def _deduplicate(points: torch.Tensor, q: torch.Tensor, tol: float) -> torch.Tensor:
+    """Indices of unique points: greedy in order of increasing ``q``; two points are the same when
+    ``‖z_i − z_j‖ ≤ tol · max(1, ‖z_i‖)``."""
+    order = torch.argsort(q)
+    kept: list[int] = []
+    for i in order.tolist():
+        zi = points[i]
+        if kept:
+            d = (points[kept] - zi).norm(dim=-1)
+            if bool((d <= tol * max(1.0, float(zi.norm()))).any()):
+                continue
+        kept.append(i)
+    return torch.tensor(kept, dtype=torch.long)
+
+
+def _initial_states(fmap: ConstantInputMap, initial_states, n_starts: int, noise_scale: float,
+                    generator: torch.Generator) -> torch.Tensor:
+    H = fmap.state_dim
+    if initial_states is None:
+        z = torch.randn(n_starts, H, generator=generator, dtype=fmap.dtype).to(fmap.device)
+        return z
+    s = torch.as_tensor(initial_states).detach()
+    if s.shape[-1] != H:
+        raise ValueError(f"initial states must end in the state size H={H}, got shape {tuple(s.shape)}")
+    s = s.reshape(-1, H).to(dtype=fmap.dtype, device=fmap.device)
+    if s.shape[0] > n_starts:
+        pick = torch.randperm(s.shape[0], generator=generator)[:n_starts]
+        s = s[pick.to(s.device)]
+    if noise_scale > 0:
+        s = s + noise_scale * torch.randn(s.shape, generator=generator, dtype=s.dtype).to(s.device)
+    return s
+
+
+def find_fixed_points(
+    model,
+    x_bar: torch.Tensor | None = None,
+    initial_states: torch.Tensor | None = None,
+    *,
+    params: Mapping[str, torch.Tensor] | None = None,
+    n_starts: int = 128,
+    noise_scale: float = 0.0,
+    max_iters: int = 2000,
+    lr: float = 1e-2,
+    tol_q: float = 1e-20,
+    adam_tol: float = 1e-10,
+    newton_steps: int = 30,
+    slow_points: bool = False,
+    slow_q: float = 1e-4,
+    unique_tol: float = 1e-6,
+    exclude_outliers: bool = True,
+    outlier_distance_scale: float = 10.0,
+    stability_tol: float = 1e-9,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float64,
+    allow_empty: bool = False,
+    progress: bool = False,
+    fmap: ConstantInputMap | None = None,
+) -> FixedPoints:
+    """Fixed points of ``z ↦ F(z, x̄; θ)`` (Sussillo & Barak 2013, with a Newton polish).
+
+    Args:
+        model: a kpflow ``RecurrentModel``.
+        x_bar: constant input ``[input_dim]`` (zeros by default).
+        initial_states: states to start from, any shape ending in ``H`` (e.g. recorded
+            ``[B, T, H]`` states); ``n_starts`` of them are sampled. Gaussian starts when omitted.
+        params: cell parameters to analyse instead of the model's own.
+        noise_scale: standard deviation of noise added to the starts.
+        max_iters, lr, adam_tol: the Adam stage on ``q`` (stops once every ``q < adam_tol``; Newton
+            takes it from there). ``tol_q``: a point is *fixed* when ``q ≤ tol_q``
+            after the Newton polish (``newton_steps`` damped steps, float64 by default).
+        slow_points: also keep minima with ``tol_q < q ≤ slow_q`` (labelled ``is_slow``).
+        unique_tol: relative distance under which two points are one.
+        exclude_outliers: drop points farther than ``outlier_distance_scale`` × the largest
+            distance of a start from the starts' centroid.
+        stability_tol: eigenvalues within this margin of the boundary are ``marginal``.
+        allow_empty: return an empty result instead of raising ``NoFixedPointError``.
+
+    Returns:
+        ``FixedPoints`` sorted by increasing ``q``.
+    """
+    if fmap is None:
+        fmap = constant_input_map(model, x_bar, params, dtype=dtype)
+    g = torch.Generator().manual_seed(int(seed))
+    z0 = _initial_states(fmap, initial_states, n_starts, noise_scale, g)
+    if z0.shape[0] == 0:
+        raise ValueError("no initial states to start from (initial_states is empty and n_starts is 0)")
+    z_adam, q_adam = _adam_minimise_q(fmap, z0, max_iters, lr, adam_tol, progress) if max_iters > 0 else (
+        z0, fmap.speed(z0).detach())
+    z_newton, q_newton = newton_polish(fmap, z_adam, steps=newton_steps, tol=(2 * tol_q) ** 0.5)
+    better = q_newton <= q_adam
+    z = torch.where(better.unsqueeze(-1), z_newton, z_adam)
+    q = torch.where(better, q_newton, q_adam)
+    finite = torch.isfinite(q) & torch.isfinite(z).all(-1)
+    is_fixed = finite & (q <= tol_q)
+    keep = is_fixed | (finite & (q <= slow_q) if slow_points else is_fixed)
+    info = {"n_starts": int(z0.shape[0]), "min_q": float(q[finite].min()) if bool(finite.any()) else float("nan")}
+    if exclude_outliers and bool(keep.any()):
+        centre = z0.mean(0)
+        radius = float((z0 - centre).norm(dim=-1).max()) + 1e-12
+        far = (z - centre).norm(dim=-1) > outlier_distance_scale * max(radius, 1.0)
+        info["n_outliers"] = int((far & keep).sum())
+        keep = keep & ~far
+    if not bool(keep.any()):
+        if allow_empty:
+            idx = torch.zeros(0, dtype=torch.long)
+        else:
+            what = "fixed or slow point" if slow_points else "fixed point"
+            raise NoFixedPointError(
+                f"no {what} found from {z0.shape[0]} starts: the smallest speed q = ½‖F(z)−z‖² reached was "
+                f"{info['min_q']:.3g} (fixed-point tolerance {tol_q:g}"
+                + (f", slow-point tolerance {slow_q:g}" if slow_points else "")
+                + "). Try more or different starts (e.g. recorded states), more max_iters, "
+                "slow_points=True, or allow_empty=True to get an empty result."
+            )
+    else:
+        cand = torch.nonzero(keep).flatten()
+        idx = cand[_deduplicate(z[cand], q[cand], unique_tol)]
+        idx = idx[torch.argsort(q[idx])]
+    pts, qs = z[idx], q[idx]
+    A, lam, R, L, labels, dims = spectra(fmap, pts, stability_tol)
+    return FixedPoints(pts, qs, A, lam, R, L, labels, dims, qs > tol_q, fmap.is_flow, fmap.dt, fmap.x_bar, info)
+
+
+def fixed_points_at(fmap: ConstantInputMap, points: torch.Tensor, stability_tol: float = 1e-9,
+                    tol_q: float = 1e-20) -> FixedPoints:
+    """Wrap already-converged points (no search) into a ``FixedPoints`` with their spectra."""
+    with torch.no_grad():
+        q = fmap.speed(points)
+    A, lam, R, L, labels, dims = spectra(fmap, points, stability_tol)
+    return FixedPoints(points, q, A, lam, R, L, labels, dims, q > tol_q, fmap.is_flow, fmap.dt, fmap.x_bar)
+
