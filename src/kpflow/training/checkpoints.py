@@ -1,0 +1,199 @@
+"""Checkpoints: model and optimizer tensors in safetensors plus a JSON sidecar, written atomically.
+
+A checkpoint ``step_000100`` is two files in the checkpoint folder: ``step_000100.safetensors`` (model
+tensors under ``model.*``, optimizer state tensors under ``optim.<param index>.<key>``) and
+``step_000100.json`` (step, loss, seed, config, optimizer hyper-parameters and the SHA-256 of the tensor
+file). The tensor file is written first and the sidecar last, each to a temporary file renamed into
+place, so a checkpoint is *complete* exactly when its sidecar exists and the tensor file's hash matches.
+Anything else — missing file, bad JSON, hash mismatch, unreadable safetensors — is reported by file
+name and never loaded. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "kpflow-checkpoint-1"
+_NAME = re.compile(r"step_(\d{6,})\.json$")
+
+
+class CorruptCheckpointError(RuntimeError):
+    """A checkpoint file is incomplete or damaged; the message names the file."""
+
+
+class CorruptCheckpointWarning(UserWarning):
+    """A damaged checkpoint was skipped (named in the message)."""
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    step: int
+    tensors: Path
+    sidecar: Path
+    meta: dict
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_stem(step: int) -> str:
+    return f"step_{int(step):06d}"
+
+
+def _split_optimizer_state(optimizer: torch.optim.Optimizer | None):
+    if optimizer is None:
+        return {}, None
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, state in sd["state"].items():
+        for key, val in state.items():
+            if isinstance(val, torch.Tensor):
+                tensors[f"optim.{idx}.{key}"] = val.detach().to("cpu").contiguous()
+            else:
+                scalars.setdefault(str(idx), {})[key] = val
+    meta = {"param_groups": sd["param_groups"], "scalar_state": scalars, "class": type(optimizer).__name__}
+    try:
+        json.dumps(meta)
+    except TypeError as err:
+        raise TypeError(f"optimizer {type(optimizer).__name__} has state that is not tensors or JSON values: {err}") \
+            from None
+    return tensors, meta
+
+
+def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer | None = None, **meta) -> CheckpointInfo:
+    """Write checkpoint ``step`` of ``model`` (and ``optimizer``) with extra JSON ``meta`` (loss, seed, config)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = checkpoint_stem(step)
+    tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    opt_tensors, opt_meta = _split_optimizer_state(optimizer)
+    tensors.update(opt_tensors)
+    tensor_path, sidecar_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata={"format": FORMAT, "step": str(int(step))})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        digest = _sha256(Path(tmp))
+        os.replace(tmp, tensor_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    record = {"format": FORMAT, "step": int(step), "tensors": tensor_path.name, "sha256": digest,
+              "optimizer": opt_meta, **meta}
+    atomic_write_text(sidecar_path, json.dumps(record, indent=1, default=str))
+    return CheckpointInfo(int(step), tensor_path, sidecar_path, record)
+
+
+def verify_checkpoint(sidecar: str | Path) -> CheckpointInfo:
+    """Check a checkpoint's sidecar and tensor file; raises ``CorruptCheckpointError`` naming the bad file."""
+    sidecar = Path(sidecar)
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (OSError, ValueError) as err:
+        raise CorruptCheckpointError(f"checkpoint sidecar {sidecar} is unreadable or not valid JSON ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta:
+        raise CorruptCheckpointError(f"checkpoint sidecar {sidecar} is not a {FORMAT} record")
+    tensors = sidecar.with_name(str(meta.get("tensors", "")))
+    if not tensors.is_file():
+        raise CorruptCheckpointError(f"checkpoint tensor file {tensors} is missing")
+    if _sha256(tensors) != meta["sha256"]:
+        raise CorruptCheckpointError(f"checkpoint tensor file {tensors} is corrupted (SHA-256 does not match "
+                                     f"its sidecar {sidecar.name})")
+    return CheckpointInfo(int(meta["step"]), tensors, sidecar, meta)
+
+
+def list_checkpoints(folder: str | Path, *, on_corrupt: str = "warn") -> list[CheckpointInfo]:
+    """Complete checkpoints in ``folder`` sorted by step. Damaged ones are skipped with a
+    ``CorruptCheckpointWarning`` naming the file (``on_corrupt="warn"``), or raise (``"raise"``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for sidecar in sorted(folder.iterdir()):
+        if not _NAME.fullmatch(sidecar.name):
+            continue
+        try:
+            found.append(verify_checkpoint(sidecar))
+        except CorruptCheckpointError as err:
+            if on_corrupt == "raise":
+                raise
+            warnings.warn(f"skipping damaged checkpoint: {err}", CorruptCheckpointWarning, stacklevel=2)
+    for orphan in folder.glob("step_*.safetensors"):
+        if not orphan.with_suffix(".json").exists():
+            warnings.warn(f"skipping incomplete checkpoint {orphan} (no sidecar: interrupted while writing)",
+                          CorruptCheckpointWarning, stacklevel=2)
+    return sorted(found, key=lambda c: c.step)
+
+
+def load_checkpoint(checkpoint: CheckpointInfo | str | Path, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> CheckpointInfo:
+    """Verify, then load a checkpoint into ``model`` (and ``optimizer``). A damaged checkpoint raises
+    ``CorruptCheckpointError`` and nothing is loaded. ``checkpoint`` may be the sidecar or tensor path."""
+    if not isinstance(checkpoint, CheckpointInfo):
+        path = Path(checkpoint)
+        checkpoint = verify_checkpoint(path.with_suffix(".json") if path.suffix == ".safetensors" else path)
+    else:
+        checkpoint = verify_checkpoint(checkpoint.sidecar)
+    try:
+        tensors = load_file(str(checkpoint.tensors))
+    except Exception as err:
+        raise CorruptCheckpointError(f"checkpoint tensor file {checkpoint.tensors} cannot be read: {err}") from None
+    if model is not None:
+        state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+        ref = model.state_dict()
+        missing, extra = sorted(set(ref) - set(state)), sorted(set(state) - set(ref))
+        if missing or extra:
+            raise ValueError(f"checkpoint {checkpoint.tensors} does not fit the model: missing {missing}, "
+                             f"unexpected {extra}")
+        model.load_state_dict({k: v.to(device=ref[k].device, dtype=ref[k].dtype) for k, v in state.items()})
+    if optimizer is not None:
+        opt_meta = checkpoint.meta.get("optimizer")
+        if opt_meta is None:
+            raise ValueError(f"checkpoint {checkpoint.sidecar} holds no optimizer state")
+        state: dict[int, dict] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, key = k.split(".", 2)
+                state.setdefault(int(idx), {})[key] = v
+        for idx, extra in opt_meta.get("scalar_state", {}).items():
+            state.setdefault(int(idx), {}).update(extra)
+        optimizer.load_state_dict({"state": state, "param_groups": opt_meta["param_groups"]})
+    return checkpoint
