@@ -233,38 +233,6 @@ def test_rank_bound_is_tight_for_rank_deficient_grams():
     assert int(torch.linalg.matrix_rank(_dense(core.operator()))) == H
 
 
-def test_gru_matches_torch():
-    torch.manual_seed(3)
-    cell = torch.nn.GRUCell(I, H, dtype=DT)
-    m = GRU.from_torch(cell, output_dim=O)
-    x = torch.randn(B, T, I, dtype=DT)
-    h = torch.randn(B, H, dtype=DT)
-    states = m.unroll(m.cell_params(), x, h)
-    ref, hh = [], h
-    for t in range(T):
-        hh = cell(x[:, t], hh)
-        ref.append(hh)
-    assert float((states - torch.stack(ref, 1)).abs().max()) < 1e-12
-    layer = torch.nn.GRU(I, H, batch_first=True, dtype=DT)
-    m2 = GRU.from_torch(layer)
-    out, _ = layer(x, h[None])
-    assert float((m2.unroll(m2.cell_params(), x, h) - out).abs().max()) < 1e-12
-    back = m2.to_torch()
-    assert float((back(x[:, 0], h) - m2.step(m2.cell_params(), h, x[:, 0])).abs().max()) < 1e-12
-
-
-def test_lstm_matches_torch():
-    torch.manual_seed(4)
-    layer = torch.nn.LSTM(I, H, batch_first=True, dtype=DT)
-    m = LSTM.from_torch(layer)
-    x = torch.randn(B, T, I, dtype=DT)
-    h, c = torch.randn(B, H, dtype=DT), torch.randn(B, H, dtype=DT)
-    out, (hn, cn) = layer(x, (h[None], c[None]))
-    states = m.unroll(m.cell_params(), x, torch.cat([h, c], -1))
-    assert float((states[..., :H] - out).abs().max()) < 1e-12
-    assert float((states[:, -1, H:] - cn[0]).abs().max()) < 1e-12
-
-
 def test_bad_inputs_have_clear_errors():
     m = _make("gru")
     x, z0, y = _data(m)
