@@ -280,10 +280,10 @@ def test_shape_errors_name_both_shapes():
 
 
 def test_to_dense_guard_reports_memory_and_how_to_raise():
-    A = IdentityOperator((100, 100))
-    with pytest.raises(MemoryError, match=r"MiB.*max_elements"):
+    A = IdentityOperator((30, 30))
+    with pytest.raises(MemoryError, match=r"900x900 = 810,000 entries.*MiB.*max_elements"):
         A.to_dense(max_elements=1000)
-    assert A.to_dense(max_elements=10**8).shape == (100, 100, 100, 100)
+    assert A.to_dense(max_elements=10**6).shape == (30, 30, 30, 30)
     old = opbase.DENSE_LIMIT
     try:
         opbase.DENSE_LIMIT = 10
