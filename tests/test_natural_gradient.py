@@ -349,8 +349,9 @@ def _cells():
     }
 
 
+@pytest.mark.parametrize("jacobian", ["unrolled", "kernels"])
 @pytest.mark.parametrize("cell", ["vanilla", "leaky", "gru", "lstm", "node", "adapter"])
-def test_full_rank_gauss_newton_with_recorded_trajectory_for_every_cell(cell):
+def test_full_rank_gauss_newton_with_recorded_trajectory_for_every_cell(cell, jacobian):
     from kpflow.kernels import record
 
     torch.manual_seed(0)
@@ -371,13 +372,30 @@ def test_full_rank_gauss_newton_with_recorded_trajectory_for_every_cell(cell):
     lam = 1e-9
     smin2 = float(torch.linalg.svdvals(Jm)[full - 1]) ** 2
     opt = LowRankNaturalGradient(model, lr=1.0, rank=full, damping=lam, adaptive_damping=False,
-                                 trust_region=None)
+                                 trust_region=None, jacobian=jacobian)
     before = flat_params(model, names)
-    out = opt.step(lambda: record(model, inputs, targets=targets))
+    if jacobian == "kernels":  # the closure records with kpflow.kernels.record (adjoint included)
+        out = opt.step(lambda: record(model, inputs, targets=targets))
+    else:  # the closure hands over the batch; the optimizer records it on one autograd graph
+        out = opt.step(lambda: {"inputs": inputs, "targets": targets})
     got = flat_params(model, names) - before
     assert float(out) == pytest.approx(float(loss.detach()), rel=1e-12)
     assert float((got - ref).norm()) <= (4 * lam / (c * smin2) + 1e-8) * float(ref.norm())
     assert opt.last_stats["products"] == opt.last_stats["jvps"] + opt.last_stats["vjps"] > 1
+
+
+def test_unrolled_jacobian_matches_jacrev_and_its_adjoint():
+    from kpflow.models import GRU
+    from kpflow.training.natural_gradient import UnrolledJacobian
+
+    model = GRU(2, 3, 1, dtype=D)
+    inputs = torch.randn(2, 4, 2, dtype=D, generator=gen(0))
+    names = ["weight_hh", "bias_ih"]
+    Jm = dense_jacobian(model, inputs, names)
+    J = UnrolledJacobian(model, model.cell_params(), names, inputs, torch.zeros(2, 3, dtype=D))
+    assert torch.allclose(J.to_matrix(), Jm, atol=1e-12)
+    Y = torch.randn(3, 2, 4, 3, dtype=D, generator=gen(1))
+    assert torch.allclose(J.rmatmat(Y), Y.reshape(3, -1) @ Jm, atol=1e-12)
 
 
 def test_trainer_path_records_the_batch_and_trains_the_readout():

@@ -253,6 +253,7 @@ class CountingOperator(LinearOperator):
 # ---------------------------------------------------------------------------------------------
 
 FORMS = ("auto", "state", "parameter")
+JACOBIANS = ("unrolled", "kernels")
 
 
 def _kernel_jacobian(traj, param_names: Sequence[str]):
@@ -261,6 +262,81 @@ def _kernel_jacobian(traj, param_names: Sequence[str]):
 
     Jtheta = param_jacobian(traj, list(param_names))
     return propagator(traj) @ Jtheta, Jtheta
+
+
+class UnrolledJacobian(LinearOperator):
+    """``J = dz/dθ`` by reverse-mode autodiff through the unrolled recurrence, on one retained graph.
+
+    The same operator as ``P Jθ`` of :mod:`kpflow.kernels`, evaluated the way a training step
+    evaluates its gradient: one forward pass builds the autograd graph; every ``J* y`` is then one
+    backward pass over it, and every ``J v`` one double-backward pass (``J v = ∂/∂u ⟨J* u, v⟩``, the
+    graph of ``u ↦ J* u`` being built once on first use). Probes are looped over (small rank), since
+    vmapped autodiff through a Python time loop is slower than that for models with custom ops.
+    Flat parameter vectors follow ``names`` (the model's parameter order).
+    """
+
+    def __init__(self, model, params: dict, names: Sequence[str], inputs: torch.Tensor, z0: torch.Tensor):
+        fixed = {k: v.detach() for k, v in params.items()}
+        self.names = tuple(names)
+        self._leaves = [fixed[n].clone().requires_grad_(True) for n in self.names]
+        self._shapes = [tuple(t.shape) for t in self._leaves]
+        self._sizes = [t.numel() for t in self._leaves]
+        with torch.enable_grad():
+            self._out = model.unroll({**fixed, **dict(zip(self.names, self._leaves, strict=True))}, inputs, z0)
+        self.states = self._out.detach()
+        self._dual = None  # (u, J* u) with the graph of the backward pass, for JVPs
+        super().__init__((sum(self._sizes),), tuple(self.states.shape), self.states.dtype, self.states.device)
+
+    def _vjp(self, y, create_graph=False):
+        grads = torch.autograd.grad(self._out, self._leaves, y, retain_graph=True, create_graph=create_graph,
+                                    allow_unused=True)
+        return torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
+                          for g, leaf in zip(grads, self._leaves, strict=True)])
+
+    def _rmatmat(self, Y):
+        with torch.enable_grad():
+            return torch.stack([self._vjp(y) for y in Y]).detach()
+
+    def _matmat(self, V):
+        with torch.enable_grad():
+            if self._dual is None:
+                u = torch.zeros_like(self.states, requires_grad=True)
+                self._dual = (u, self._vjp(u, create_graph=True))
+            u, g = self._dual
+            if not g.requires_grad:  # J* does not depend on u through a graph: J is zero
+                return torch.zeros(V.shape[0], *self.shape_out, dtype=self.dtype, device=self.device)
+            return torch.stack([torch.autograd.grad(g, u, v, retain_graph=True)[0] for v in V]).detach()
+
+
+def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, loss="mse", z0=None):
+    """Record a batch for one optimizer step: a :class:`kpflow.kernels.Trajectory` (without the adjoint,
+    which the step does not need) and the :class:`UnrolledJacobian` whose forward pass produced it."""
+    from kpflow.kernels import Trajectory
+    from kpflow.kernels.trajectory import _loss_value
+
+    model.check_inputs(inputs, z0)
+    inputs = inputs.detach()
+    if z0 is None:
+        z0 = model.initial_state(inputs.shape[0], inputs.dtype, inputs.device)
+    params = {k: v.detach() for k, v in model.cell_params().items()}
+    J = UnrolledJacobian(model, params, names, inputs, z0.detach())
+    states = J.states.detach()
+    if not bool(torch.isfinite(states).all()):
+        raise FloatingPointError("the model's states became non-finite on this batch; lower the learning rate "
+                                 "or the damping's lower bound, or raise the trust_region clip")
+    rp = {k: v.detach() for k, v in model.readout_params().items()}
+    with torch.enable_grad():
+        z = states.clone().requires_grad_(True)
+        value = _loss_value(model.output(z, rp), targets, loss, mask)
+        (e,) = torch.autograd.grad(value, z)
+    with torch.no_grad():
+        outputs = model.output(states, rp)
+    traj = Trajectory(model=model, params=params, inputs=inputs, z0=z0.detach(), states=states, outputs=outputs,
+                      targets=targets, mask=mask, error=e.detach(), adjoint=None, loss=float(value.detach()),
+                      param_names=tuple(names))
+    traj.cache["unrolled_jacobian"] = J
+    traj.cache["loss"] = loss
+    return traj, J
 
 
 class LowRankNaturalGradient(torch.optim.Optimizer):
@@ -306,9 +382,11 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         param_names: which cell parameters to train (default all of ``model.cell_params()``).
         readout_lr: learning rate of plain gradient steps on the readout (None = the readout is
             not touched by this optimizer; pair it with another one if it should train).
-        jacobian: ``jacobian(traj, param_names) -> LinearOperator`` for ``J`` (flat parameter vector
-            in the model's parameter order -> the error's shape). Default: ``P Jθ`` of
-            :mod:`kpflow.kernels`, with the gradient taken from the recorded adjoint ``P* e``.
+        jacobian: how products with ``J = dz/dθ`` are computed: ``"unrolled"`` (default; autodiff
+            through the unrolled recurrence, so ``J*`` costs one backward pass like SGD's),
+            ``"kernels"`` (``P Jθ`` of :mod:`kpflow.kernels`, reusing the recorded adjoint ``P* e`` for
+            the gradient), or a callable ``jacobian(traj, param_names) -> LinearOperator`` taking the
+            flat parameter vector (model's parameter order) to the error's shape.
         seed: seed of the random sketch.
     """
 
@@ -333,7 +411,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         form: str = "auto",
         param_names: Sequence[str] | None = None,
         readout_lr: float | None = None,
-        jacobian: Callable[..., LinearOperator] | None = None,
+        jacobian: str | Callable[..., LinearOperator] = "unrolled",
         seed: int = 0,
     ):
         if not hasattr(model, "cell_params"):
@@ -370,6 +448,9 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self.adaptive_damping = bool(adaptive_damping)
         self.damping_bounds = (float(damping_bounds[0]), float(damping_bounds[1]))
         self.readout_lr = None if readout_lr is None else float(readout_lr)
+        if not (callable(jacobian) or jacobian in JACOBIANS):
+            raise ValueError(f"jacobian={jacobian!r} is invalid; use one of {JACOBIANS} or a callable "
+                             "jacobian(traj, param_names) -> LinearOperator")
         self.jacobian = jacobian
         p0 = cell[names[0]]
         self._generator = torch.Generator(device=p0.device).manual_seed(int(seed))
@@ -398,17 +479,16 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
     def set_batch(self, batch) -> None:
         """Record the next step from this batch (anything with ``inputs``, ``targets`` and optionally
         ``mask`` and ``loss``, e.g. a ``kpflow.tasks.TaskBatch``) instead of calling the closure."""
-        for attr in ("inputs", "targets"):
-            if getattr(batch, attr, None) is None:
-                raise ValueError(f"set_batch needs a batch with {attr!r}, got {type(batch).__name__}")
+        if not _is_batch(batch):
+            raise ValueError(f"set_batch needs a batch with 'inputs' and 'targets' (e.g. a TaskBatch or a dict), "
+                             f"got {type(batch).__name__}")
         self._batch = batch
 
-    def _record_batch(self):
-        from kpflow.kernels import record
-
-        b, self._batch = self._batch, None
-        return record(self.model, b.inputs, targets=b.targets, mask=getattr(b, "mask", None),
-                      loss=getattr(b, "loss", None) or "mse", param_names=self.param_names)
+    def _record_batch(self, batch):
+        get = batch.get if isinstance(batch, dict) else (lambda k, d=None: getattr(batch, k, d))
+        traj, _ = record_for_step(self.model, self.param_names, get("inputs"), get("targets"),
+                                  mask=get("mask"), loss=get("loss") or "mse", z0=get("z0"))
+        return traj
 
     def _flat_params(self) -> torch.Tensor:
         return torch.cat([p.detach().reshape(-1) for p in self.param_groups[0]["params"]])
@@ -427,18 +507,20 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         return "parameter" if self.n_params <= n_state else "state"
 
     def _operators(self, traj):
-        """``J`` (counted) and the gradient ``J* e`` (one product with J*)."""
-        e = traj.error.detach()
-        if self.jacobian is not None:
-            J = CountingOperator(self.jacobian(traj, self.param_names))
-            return J, None
-        J, Jtheta = _kernel_jacobian(traj, self.param_names)
-        J = CountingOperator(J)
-        adjoint = getattr(traj, "adjoint", None)
-        if adjoint is None:
-            return J, None
-        J.vjps += 1  # P* e was recorded (one backward pass); Jθ* of it is the gradient
-        return J, Jtheta.adjoint_apply(adjoint.detach().to(Jtheta.dtype)).to(e.dtype)
+        """``J`` (counted) and the gradient ``J* e`` (None: the step computes it as one product)."""
+        if callable(self.jacobian):
+            return CountingOperator(self.jacobian(traj, self.param_names)), None
+        if self.jacobian == "kernels":
+            J, Jtheta = _kernel_jacobian(traj, self.param_names)
+            J = CountingOperator(J)
+            if getattr(traj, "adjoint", None) is None:
+                return J, None
+            J.vjps += 1  # P* e was recorded (one backward pass); Jθ* of it is the gradient
+            return J, Jtheta.adjoint_apply(traj.adjoint.detach().to(Jtheta.dtype))
+        J = traj.cache.get("unrolled_jacobian") if hasattr(traj, "cache") else None
+        if J is None or tuple(J.names) != tuple(self.param_names):
+            J = UnrolledJacobian(traj.model, traj.params, self.param_names, traj.inputs, traj.z0)
+        return CountingOperator(J), None
 
     def _readout_step(self, traj) -> None:
         if self.readout_lr is None or getattr(traj, "targets", None) is None:
@@ -448,7 +530,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         rp = dict(self.model.readout_params())
         with torch.enable_grad():
             value = _loss_value(self.model.output(traj.states.detach(), rp), traj.targets,
-                                getattr(self, "_loss_kind", "mse"), traj.mask)
+                                traj.cache.get("loss", "mse"), traj.mask)
             grads = torch.autograd.grad(value, list(rp.values()))
         with torch.no_grad():
             for p, g in zip(rp.values(), grads, strict=True):
@@ -462,8 +544,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         (``kpflow.kernels.record(model, inputs, targets=...)``), unless a batch was handed over with
         :meth:`set_batch`, in which case the optimizer records that batch and does not call it."""
         if self._batch is not None:
-            self._loss_kind = getattr(self._batch, "loss", None) or "mse"
-            traj = self._record_batch()
+            batch, self._batch = self._batch, None
+            traj = self._record_batch(batch)
         elif closure is None:
             raise ValueError(
                 "LowRankNaturalGradient.step needs a closure that records the batch, e.g. "
@@ -472,6 +554,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         else:
             with torch.enable_grad():
                 traj = closure()
+        if _is_batch(traj):
+            traj = self._record_batch(traj)
         if traj is None or not hasattr(traj, "states") or not hasattr(traj, "error"):
             raise TypeError(
                 f"the closure returned {type(traj).__name__}, not a recorded trajectory; it must return "
@@ -560,6 +644,13 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             seconds=seconds,
         )
         return torch.tensor(loss, dtype=torch.float64)
+
+
+def _is_batch(obj) -> bool:
+    if isinstance(obj, dict):
+        return obj.get("inputs") is not None and obj.get("targets") is not None
+    return getattr(obj, "inputs", None) is not None and getattr(obj, "targets", None) is not None and \
+        not hasattr(obj, "states")
 
 
 def _lowrank_quadratic(eig: LowRankEig, form: str, delta, x, scale) -> float:
