@@ -1,0 +1,210 @@
+"""Random probes, chunked operator application and the small statistics shared by the estimators.
+
+Probes are reproducible: an integer seed draws them on the CPU (so the same seed gives the same
+probes on every device) and moves them to the operator's device; a ``torch.Generator`` draws them on
+the generator's own device. They are produced and applied ``chunk_size`` at a time, so memory stays
+bounded by ``chunk_size`` tensors of the operator's input and output shapes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from kpflow.operators import LinearOperator, ShapeError, as_operator
+
+#: Probe distributions with ``E[v vᵀ] = I``.
+DISTRIBUTIONS = ("rademacher", "gaussian", "sphere")
+
+#: Default number of probes applied in one batched operator call.
+DEFAULT_CHUNK = 64
+
+#: Minimum number of probes before an ``rtol`` stop is trusted.
+MIN_PROBES_FOR_RTOL = 10
+
+
+class NonFiniteError(ArithmeticError):
+    """An operator returned NaN or Inf for a probe."""
+
+
+class BudgetError(ValueError):
+    """The probe budget is too small for the requested method."""
+
+
+def operator(A, what: str = "operator") -> LinearOperator:
+    """Accept a kpflow operator, a torch/numpy matrix or a scipy LinearOperator."""
+    try:
+        return as_operator(A)
+    except (TypeError, ShapeError) as exc:
+        raise TypeError(f"{what}: {exc}") from None
+
+
+def square_operator(A, what: str) -> LinearOperator:
+    """``operator(A)`` that also insists on ``shape_in == shape_out``."""
+    A = operator(A, what)
+    if not A.is_square:
+        raise ShapeError(
+            f"{what} needs a square operator (shape_in == shape_out), got {A.shape_in} -> {A.shape_out}. "
+            "For a factor J of A = J J* use kpflow.estimators.onesided_trace(J) (or trace(gram(J)))."
+        )
+    return A
+
+
+class ProbeSource:
+    """Draws probe batches of one shape from a seed or a ``torch.Generator``."""
+
+    def __init__(self, seed, shape, dtype: torch.dtype, device, distribution: str = "rademacher"):
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f"unknown probe distribution {distribution!r}; valid: {DISTRIBUTIONS}")
+        if isinstance(seed, torch.Generator):
+            self.generator, self.seed = seed, None
+        else:
+            if seed is None:
+                seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
+            if not isinstance(seed, (int, np.integer)):
+                raise TypeError(f"seed must be an int, None or a torch.Generator, got {type(seed).__name__}")
+            self.seed = int(seed)
+            self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
+        self.distribution = distribution
+        self.dim = math.prod(self.shape)
+
+    def draw(self, k: int) -> torch.Tensor:
+        """``k`` probes of shape ``[k, *shape]`` with ``E[v vᵀ] = I``."""
+        gdev = self.generator.device
+        real = self.dtype if self.dtype.is_floating_point else torch.float64
+        if self.distribution == "rademacher":
+            V = torch.randint(0, 2, (k, self.dim), generator=self.generator, device=gdev).to(real) * 2 - 1
+        else:
+            V = torch.randn(k, self.dim, generator=self.generator, device=gdev, dtype=real)
+            if self.distribution == "sphere":
+                V = V * (math.sqrt(self.dim) / V.norm(dim=1, keepdim=True))
+        return V.to(self.device).reshape(k, *self.shape)
+
+    def gaussian(self, k: int) -> torch.Tensor:
+        """``k`` standard Gaussian probes regardless of ``distribution`` (for sketches)."""
+        V = torch.randn(k, self.dim, generator=self.generator, device=self.generator.device,
+                        dtype=self.dtype if self.dtype.is_floating_point else torch.float64)
+        return V.to(self.device).reshape(k, *self.shape)
+
+
+def check_finite(Y: torch.Tensor, first_probe: int, what: str) -> torch.Tensor:
+    """Raise ``NonFiniteError`` naming the first probe whose output contains NaN/Inf."""
+    bad = ~torch.isfinite(Y.reshape(Y.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        i = int(torch.nonzero(bad)[0].item())
+        raise NonFiniteError(
+            f"{what} returned non-finite values (NaN/Inf) for probe #{first_probe + i} (0-based, counting "
+            f"all probes of this estimate). Check the operator (overflowing dynamics? a division by zero?) "
+            "before estimating from it."
+        )
+    return Y
+
+
+def apply_chunked(fn: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, chunk_size: int,
+                  what: str, first_probe: int = 0) -> torch.Tensor:
+    """``fn`` on ``X`` (leading probe axis) ``chunk_size`` probes at a time, checking finiteness."""
+    chunk_size = check_chunk(chunk_size)
+    outs = []
+    for start in range(0, X.shape[0], chunk_size):
+        Y = fn(X[start:start + chunk_size])
+        outs.append(check_finite(Y, first_probe + start, what))
+    return torch.cat(outs, 0)
+
+
+def check_chunk(chunk_size) -> int:
+    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return int(chunk_size)
+
+
+def check_budget(m, minimum: int, method: str, hint: str = "") -> int:
+    """Validate an integer probe budget ``m >= minimum``."""
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)):
+        raise TypeError(f"{method}: the probe budget must be an integer, got {m!r}")
+    if m < minimum:
+        raise BudgetError(f"{method} needs at least {minimum} matvecs, got num_matvecs={m}. {hint}".strip())
+    return int(m)
+
+
+def check_rtol(rtol) -> float | None:
+    if rtol is None:
+        return None
+    rtol = float(rtol)
+    if not rtol > 0:
+        raise ValueError(f"rtol must be a positive relative standard error (e.g. 0.01), got {rtol}")
+    return rtol
+
+
+def basis_chunks(shape, dtype, device, chunk_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """The standard basis of tensors of ``shape``, ``chunk_size`` at a time: (start, E[k, *shape])."""
+    n = math.prod(shape)
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        E = torch.zeros(stop - start, n, dtype=dtype, device=device)
+        E[torch.arange(stop - start, device=device), torch.arange(start, stop, device=device)] = 1
+        yield start, E.reshape(stop - start, *shape)
+
+
+def flat_dot(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """Per-probe inner products ``<X_i, Y_i>`` in float64: ``[k, ...] x [k, ...] -> [k]``."""
+    k = X.shape[0]
+    return (X.reshape(k, -1).to(torch.float64) * Y.reshape(k, -1).to(torch.float64)).sum(1)
+
+
+def flat_sqnorm(X: torch.Tensor) -> torch.Tensor:
+    """Per-probe squared norms in float64."""
+    k = X.shape[0]
+    return X.reshape(k, -1).to(torch.float64).pow(2).sum(1)
+
+
+def running_mean(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Running mean and its standard error (``std/sqrt(n)``, nan for n = 1) of a sample sequence."""
+    s = np.asarray(samples, dtype=np.float64)
+    n = np.arange(1, s.size + 1)
+    mean = np.cumsum(s) / n
+    # Welford-free but stable enough: variance from centred cumulative sums
+    sq = np.cumsum((s - mean[-1]) ** 2) / n - (mean - mean[-1]) ** 2
+    var = np.where(n > 1, np.maximum(sq, 0.0) * n / np.maximum(n - 1, 1), np.nan)
+    return mean, np.sqrt(var / n)
+
+
+def jackknife(samples, statistic: Callable[..., np.ndarray]) -> tuple[float, float]:
+    """Full-sample statistic and its delete-one jackknife standard error.
+
+    ``samples`` is one array or a list of arrays of equal length (paired samples). ``statistic``
+    receives the per-array *means* over the kept samples followed by the number of kept samples,
+    and must work elementwise on numpy arrays (it is called once on all leave-one-out means).
+    """
+    arrays = [np.asarray(samples, dtype=np.float64)] if isinstance(samples, np.ndarray) else [
+        np.asarray(a, dtype=np.float64) for a in samples]
+    m = arrays[0].size
+    sums = [a.sum() for a in arrays]
+    full = float(statistic(*[s / m for s in sums], m))
+    if m < 3:
+        return full, math.nan
+    kept = [(s - a) / (m - 1) for s, a in zip(sums, arrays, strict=True)]
+    loo = np.asarray(statistic(*kept, m - 1), dtype=np.float64)
+    se = math.sqrt((m - 1) / m * float(((loo - loo.mean()) ** 2).sum()))
+    return full, se
+
+
+def running_statistic(samples, statistic: Callable[..., np.ndarray]) -> np.ndarray:
+    """``statistic`` of the means of the first n paired samples, for every n (vectorised cumsums)."""
+    arrays = [np.asarray(samples, dtype=np.float64)] if isinstance(samples, np.ndarray) else [
+        np.asarray(a, dtype=np.float64) for a in samples]
+    n = np.arange(1, arrays[0].size + 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.asarray(statistic(*[np.cumsum(a) / n for a in arrays], n), dtype=np.float64)
+
+
+def spawn_seeds(seed, k: int) -> list:
+    """``k`` independent seeds from one: ints via numpy's SeedSequence, or the same (stateful) generator."""
+    if isinstance(seed, torch.Generator):
+        return [seed] * k
+    if seed is None:
+        return [None] * k
+    return [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(int(seed)).spawn(k)]

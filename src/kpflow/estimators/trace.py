@@ -1,0 +1,393 @@
+"""Trace estimators for square operators applied matrix-free.
+
+All functions take a kpflow ``LinearOperator`` (or a torch/numpy matrix, or a scipy
+``LinearOperator``), a budget ``num_matvecs`` of operator applications, and a ``seed`` (int or
+``torch.Generator``). Probes are applied ``chunk_size`` at a time. Each returns an ``Estimate`` with
+a standard error and the running estimate by probe count. When the budget reaches the dimension,
+the randomized methods switch to the exact trace (``info['exact'] = True``), which costs the same.
+
+Methods:
+    hutchinson_trace  tr(A) ≈ mean(vᵀAv)                               Hutchinson (1989)
+    hutchpp_trace     exact on a sketch of range(A), Hutchinson on rest  Meyer, Musco, Musco, Woodruff (2021)
+    xtrace            exchangeable leave-one-out Hutch++                Epperly, Tropp, Webber (2024)
+    xnystrace         XTrace with a Nyström sketch, for PSD A          Epperly, Tropp, Webber (2024)
+    exact_trace       Σ eᵢᵀ A eᵢ over the basis, chunked, guarded
+    trace             method="auto": exact / XNysTrace / XTrace / Hutchinson, and says which
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from .probes import (
+    DEFAULT_CHUNK,
+    MIN_PROBES_FOR_RTOL,
+    BudgetError,
+    ProbeSource,
+    apply_chunked,
+    basis_chunks,
+    check_budget,
+    check_chunk,
+    check_finite,
+    check_rtol,
+    flat_dot,
+    running_mean,
+    square_operator,
+)
+from .result import Estimate, exact_estimate
+
+#: Largest number of matvecs ``exact_trace`` spends unless told otherwise.
+EXACT_MATVEC_LIMIT = 50_000
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _rows(A, V: torch.Tensor, chunk: int, what: str, first: int = 0) -> torch.Tensor:
+    """Apply ``A`` to the rows of ``V`` ([k, n] flat probes) -> [k, n] float64 outputs."""
+    k = V.shape[0]
+    Y = apply_chunked(A.matmat, V.to(A.dtype).reshape(k, *A.shape_in), chunk, what, first)
+    return Y.reshape(k, -1).to(torch.float64)
+
+
+def _flat(V: torch.Tensor) -> torch.Tensor:
+    return V.reshape(V.shape[0], -1).to(torch.float64)
+
+
+def _covers(m: int, n: int) -> bool:
+    return m >= n
+
+
+def _exact_instead(A, method: str, chunk_size: int, m: int) -> Estimate:
+    est = exact_trace(A, chunk_size=chunk_size, max_matvecs=max(m, A.size_in))
+    est.info.update(requested=method, reason=f"budget {m} >= dimension {A.size_in}: exact trace")
+    return est
+
+
+def _seed_of(src: ProbeSource) -> int | None:
+    return src.seed
+
+
+# ------------------------------------------------------------------------------------------------- exact
+def exact_trace(A, *, chunk_size: int = DEFAULT_CHUNK, max_matvecs: int = EXACT_MATVEC_LIMIT) -> Estimate:
+    """tr(A) = Σᵢ eᵢᵀ A eᵢ over the standard basis, ``chunk_size`` basis vectors per call.
+
+    Refuses when the dimension exceeds ``max_matvecs`` (each basis vector costs one matvec).
+    """
+    A = square_operator(A, "exact_trace")
+    chunk = check_chunk(chunk_size)
+    n = A.size_in
+    if n > max_matvecs:
+        raise BudgetError(
+            f"exact_trace of {A!r} needs {n:,} matvecs (one per basis vector), above max_matvecs="
+            f"{max_matvecs:,}. Raise max_matvecs if you mean it, or use a randomized estimator "
+            "(kpflow.estimators.trace(A, num_matvecs=...))."
+        )
+    total = torch.zeros((), dtype=torch.float64)
+    for start, E in basis_chunks(A.shape_in, A.dtype, A.device, chunk):
+        Y = check_finite(A.matmat(E), start, "exact_trace: the operator")
+        k = E.shape[0]
+        idx = torch.arange(start, start + k, device=Y.device)
+        total = total + Y.reshape(k, -1)[torch.arange(k, device=Y.device), idx].to(torch.float64).sum().cpu()
+    return exact_estimate(float(total), n, "exact")
+
+
+# --------------------------------------------------------------------------------------------- hutchinson
+def hutchinson_trace(A, num_matvecs: int = 100, *, distribution: str = "rademacher", seed=None,
+                     chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None) -> Estimate:
+    """Hutchinson: tr(A) ≈ (1/m) Σ vᵢᵀ A vᵢ with E[v vᵀ] = I (Hutchinson 1989).
+
+    Standard error: sample standard deviation / √m. With ``rtol``, stops once the relative standard
+    error falls below it (after at least 10 probes); ``num_matvecs`` is then the cap.
+    """
+    A = square_operator(A, "hutchinson_trace")
+    m = check_budget(num_matvecs, 2, "hutchinson_trace", "Two probes are the least that give a standard error.")
+    chunk, rtol = check_chunk(chunk_size), check_rtol(rtol)
+    if _covers(m, A.size_in) and rtol is None:
+        return _exact_instead(A, "hutchinson", chunk, m)
+    src = ProbeSource(seed, A.shape_in, A.dtype, A.device, distribution)
+    samples = _hutchinson_samples(A, src, m, chunk, rtol, "hutchinson_trace")
+    mean, se = running_mean(samples)
+    n = np.arange(1, samples.size + 1)
+    return Estimate(float(mean[-1]), float(se[-1]), int(samples.size), "hutchinson", src.seed,
+                    n, mean, se, {"distribution": distribution, "stopped_early": samples.size < m})
+
+
+def _hutchinson_samples(A, src: ProbeSource, m: int, chunk: int, rtol: float | None, what: str,
+                        project=None, offset: int = 0) -> np.ndarray:
+    """Samples ``vᵀAv`` (``v`` optionally projected by ``project``), stopping early at ``rtol``."""
+    out: list[torch.Tensor] = []
+    done = 0
+    while done < m:
+        k = min(chunk, m - done)
+        V = src.draw(k)
+        if project is not None:
+            V = project(V)
+        AV = check_finite(A.matmat(V.to(A.dtype)), offset + done, f"{what}: the operator")
+        out.append(flat_dot(V, AV).cpu())
+        done += k
+        if rtol is not None and done >= MIN_PROBES_FOR_RTOL:
+            s = torch.cat(out).numpy()
+            se = s.std(ddof=1) / math.sqrt(s.size)
+            if se <= rtol * abs(s.mean()):
+                break
+    return torch.cat(out).numpy()
+
+
+# ----------------------------------------------------------------------------------------------- hutch++
+def hutchpp_trace(A, num_matvecs: int = 99, *, distribution: str = "rademacher", seed=None,
+                  chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None) -> Estimate:
+    """Hutch++: tr(A) = tr(QᵀAQ) + tr((I−QQᵀ)A(I−QQᵀ)), Q = orth(A S), second term by Hutchinson
+    (Meyer, Musco, Musco & Woodruff 2021). Budget split: m/3 sketch, m/3 on QᵀAQ, m/3 Hutchinson.
+
+    Standard error: that of the Hutchinson part (conditionally on Q the estimate is unbiased, so
+    this is the whole variance). ``rtol`` stops the Hutchinson part early.
+    """
+    A = square_operator(A, "hutchpp_trace")
+    m = check_budget(num_matvecs, 3, "hutchpp_trace",
+                     "It spends a third each on the sketch, its exact trace and the Hutchinson residual.")
+    chunk, rtol = check_chunk(chunk_size), check_rtol(rtol)
+    n = A.size_in
+    if _covers(m, n):
+        return _exact_instead(A, "hutchpp", chunk, m)
+    k = m // 3
+    src = ProbeSource(seed, A.shape_in, A.dtype, A.device, distribution)
+    S = src.draw(k)
+    Y = _rows(A, _flat(S), chunk, "hutchpp_trace: the operator (sketch)")
+    Q = torch.linalg.qr(Y.T).Q  # [n, k]
+    AQ = _rows(A, Q.T.contiguous(), chunk, "hutchpp_trace: the operator (QᵀAQ)", k)
+    t_sketch = float((Q.T * AQ).sum())
+    Qd = Q.to(A.dtype)
+
+    def project(V):
+        Vf = V.reshape(V.shape[0], -1)
+        return (Vf - (Vf @ Qd) @ Qd.T).reshape(V.shape)
+
+    samples = _hutchinson_samples(A, src, m - 2 * k, chunk, rtol, "hutchpp_trace", project, 2 * k)
+    mean, se = running_mean(samples)
+    return Estimate(t_sketch + float(mean[-1]), float(se[-1]), 2 * k + samples.size, "hutchpp", src.seed,
+                    2 * k + np.arange(1, samples.size + 1), t_sketch + mean, se,
+                    {"distribution": distribution, "sketch_size": k, "sketch_trace": t_sketch,
+                     "stopped_early": samples.size < m - 2 * k})
+
+
+# ------------------------------------------------------------------------------------------------ xtrace
+def _prefix_sizes(s: int, smallest: int = 2, points: int = 24) -> list[int]:
+    sizes = np.unique(np.round(np.geomspace(smallest, s, num=min(points, s - smallest + 1))).astype(int))
+    return [int(v) for v in sizes if v >= smallest]
+
+
+def _xtrace_estimates(R, H, W, T, d, p: int) -> tuple[float, float]:
+    """XTrace on the first ``p`` probes from the small matrices (all [s, s] except ``d`` [s]).
+
+    With Y = AΩ = QR, Z = AQ, H = QᵀZ, W = QᵀΩ, T = ZᵀΩ, dᵢ = ωᵢᵀAωᵢ: the leave-one-out basis of
+    range(Y₋ᵢ) is Q(I − sᵢsᵢᵀ) with sᵢ ∝ R⁻ᵀeᵢ, and uᵢ = (I − Πᵢ)ωᵢ = ωᵢ − Q vᵢ, vᵢ = wᵢ − sᵢ(sᵢᵀwᵢ).
+    """
+    Rp, Hp, Wp, Tp = R[:p, :p], H[:p, :p], W[:p, :p], T[:p, :p]
+    eye = torch.eye(p, dtype=R.dtype)
+    S = torch.linalg.solve_triangular(Rp, eye, upper=True).T  # column i = R^{-T} e_i
+    S = S / S.norm(dim=0, keepdim=True)
+    c = (S * Wp).sum(0)
+    V = Wp - S * c  # column i = v_i
+    quad_S = (S * (Hp @ S)).sum(0)
+    # u_iᵀ A u_i = d_i − (Zᵀω_i)ᵀ v_i − v_iᵀ (Qᵀ A ω_i) + v_iᵀ H v_i, with Qᵀ A ω_i = R e_i
+    quad_u = d[:p] - (Tp * V).sum(0) - (V * Rp).sum(0) + (V * (Hp @ V)).sum(0)
+    ests = torch.trace(Hp) - quad_S + quad_u
+    return float(ests.mean()), float(ests.std(unbiased=True) / math.sqrt(p))
+
+
+def xtrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=None,
+           chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None) -> Estimate:
+    """XTrace: the mean over i of tr(Πᵢ A) + ωᵢᵀ(I−Πᵢ)A(I−Πᵢ)ωᵢ, Πᵢ the projector onto
+    range(A Ω₋ᵢ) (Epperly, Tropp & Webber 2024). m/2 probes Ω, m/2 matvecs on Q = orth(AΩ).
+
+    Standard error: std of the m/2 leave-one-out estimates / √(m/2) (the paper's error estimate).
+    ``rtol`` doubles the number of probes (reusing all matvecs) until reached or the budget is spent.
+    """
+    A = square_operator(A, "xtrace")
+    m = check_budget(num_matvecs, 4, "xtrace", "It needs two probes, each costing two matvecs.")
+    chunk, rtol = check_chunk(chunk_size), check_rtol(rtol)
+    n = A.size_in
+    if _covers(m, n):
+        return _exact_instead(A, "xtrace", chunk, m)
+    s_max = m // 2
+    src = ProbeSource(seed, A.shape_in, A.dtype, A.device, distribution)
+    s_round = s_max if rtol is None else min(s_max, max(4, MIN_PROBES_FOR_RTOL // 2))
+    Om, Y, Q, Z = (torch.empty(n, 0, dtype=torch.float64, device=A.device) for _ in range(4))
+    R = torch.empty(0, 0, dtype=torch.float64, device=A.device)
+    history: list[tuple[int, float, float]] = []
+    used = 0
+    while True:
+        k_new = s_round - Om.shape[1]
+        Om_new = _flat(src.draw(k_new)).T
+        Y_new = _rows(A, Om_new.T.contiguous(), chunk, "xtrace: the operator", used).T
+        used += k_new
+        Q, R, Q_new = _extend_qr(Q, R, Y_new)
+        rank_tol = 1e-13 * float(R.diagonal().abs().max()) * math.sqrt(n)
+        if bool((R.diagonal().abs() <= rank_tol).any()):
+            return _xtrace_rank_deficient(A, torch.cat([Y, Y_new], 1), chunk, used, src, distribution)
+        Z_new = _rows(A, Q_new.T.contiguous(), chunk, "xtrace: the operator", used).T
+        used += Q_new.shape[1]
+        Om, Y, Z = torch.cat([Om, Om_new], 1), torch.cat([Y, Y_new], 1), torch.cat([Z, Z_new], 1)
+        H, W, T = Q.T @ Z, Q.T @ Om, Z.T @ Om
+        d = (Om * Y).sum(0)
+        p_prev = history[-1][0] // 2 if history else 1
+        for p in _prefix_sizes(Om.shape[1]):
+            if p > p_prev:
+                history.append((2 * p, *_xtrace_estimates(R.cpu(), H.cpu(), W.cpu(), T.cpu(), d.cpu(), p)))
+        value, se = history[-1][1], history[-1][2]
+        if Om.shape[1] >= s_max or rtol is None or se <= rtol * abs(value):
+            break
+        s_round = min(s_max, 2 * Om.shape[1])
+    ns, vals, ses = (np.array(x) for x in zip(*history, strict=True))
+    return Estimate(value, se, used, "xtrace", src.seed, ns.astype(np.int64), vals, ses,
+                    {"distribution": distribution, "num_probes": Om.shape[1],
+                     "stopped_early": Om.shape[1] < s_max})
+
+
+def _extend_qr(Q, R, Y_new):
+    """Extend a thin QR Y = QR by new columns (block Gram–Schmidt, reorthogonalised once)."""
+    if Q.shape[1] == 0:
+        Q_new, R_new = torch.linalg.qr(Y_new)
+        return Q_new, R_new, Q_new
+    C1 = Q.T @ Y_new
+    X = Y_new - Q @ C1
+    C2 = Q.T @ X
+    X = X - Q @ C2
+    Q2, R22 = torch.linalg.qr(X)
+    k0, k1 = R.shape[1], Y_new.shape[1]
+    R_full = torch.zeros(k0 + k1, k0 + k1, dtype=R.dtype, device=R.device)
+    R_full[:k0, :k0], R_full[:k0, k0:], R_full[k0:, k0:] = R, C1 + C2, R22
+    return torch.cat([Q, Q2], 1), R_full, Q2
+
+
+def _xtrace_rank_deficient(A, Y, chunk, used, src, distribution) -> Estimate:
+    """range(AΩ) has lower rank than Ω has columns: then it is range(A) and tr(A) = tr(QᵀAQ) exactly."""
+    U, sv, _ = torch.linalg.svd(Y, full_matrices=False)
+    r = int((sv > sv[0] * 1e-12 * math.sqrt(Y.shape[0])).sum())
+    Qr = U[:, :r]
+    AQ = _rows(A, Qr.T.contiguous(), chunk, "xtrace: the operator", used)
+    value = float((Qr.T * AQ).sum())
+    est = exact_estimate(value, used + r, "xtrace")
+    est.seed = src.seed
+    est.info.update(distribution=distribution, rank_deficient=r,
+                    reason=f"the sketch AΩ has rank {r} < {Y.shape[1]} probes: range(A) captured exactly")
+    return est
+
+
+# --------------------------------------------------------------------------------------------- xnystrace
+def _xnys_estimate(Gs, RY, p: int, nu: float, n: int) -> tuple[float, float] | None:
+    """XNysTrace on the first ``p`` probes; ``Gs`` = Ωᵀ(A+νI)Ω, ``RY`` the R of (A+νI)Ω.
+
+    With F = G⁻¹ = L⁻ᵀL⁻¹ and xᵢ = L⁻¹eᵢ: tr(Âᵢ) = ‖C‖²_F − ‖C xᵢ‖²/‖xᵢ‖² (C = R_Y L⁻ᵀ), and the
+    leave-one-out residual ωᵢᵀ(A − Âᵢ)ωᵢ = 1/Fᵢᵢ = 1/‖xᵢ‖².
+    """
+    L, info = torch.linalg.cholesky_ex(Gs[:p, :p])
+    if int(info) != 0:
+        return None
+    X = torch.linalg.solve_triangular(L, torch.eye(p, dtype=L.dtype), upper=False)  # L^{-1}
+    C = torch.linalg.solve_triangular(L, RY[:p, :p].T, upper=False).T  # R_Y L^{-T}
+    xn2 = X.pow(2).sum(0)
+    CX = C @ X
+    ests = C.pow(2).sum() - CX.pow(2).sum(0) / xn2 + 1.0 / xn2 - n * nu
+    return float(ests.mean()), float(ests.std(unbiased=True) / math.sqrt(p))
+
+
+def xnystrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=None,
+              chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, assume_psd: bool = False) -> Estimate:
+    """XNysTrace for PSD A: mean over i of tr(Âᵢ) + ωᵢᵀ(A − Âᵢ)ωᵢ, Âᵢ the Nyström approximation
+    from the probes Ω₋ᵢ (Epperly, Tropp & Webber 2024). One matvec per probe; a tiny shift ν keeps
+    the Cholesky factor stable (the estimate of tr(A + νI) − nν is still unbiased).
+
+    Standard error: std of the leave-one-out estimates / √m. ``rtol`` doubles the probe count
+    (reusing all matvecs) until reached.
+    """
+    A = square_operator(A, "xnystrace")
+    if not (A.is_psd or assume_psd):
+        raise ValueError(
+            f"xnystrace needs a positive semi-definite operator, and {A!r} is not flagged is_psd. Pass "
+            "assume_psd=True if you know it is PSD, or use xtrace / hutchpp_trace for general operators."
+        )
+    m = check_budget(num_matvecs, 2, "xnystrace", "It needs two probes for the leave-one-out estimate.")
+    chunk, rtol = check_chunk(chunk_size), check_rtol(rtol)
+    n = A.size_in
+    if _covers(m, n):
+        return _exact_instead(A, "xnystrace", chunk, m)
+    src = ProbeSource(seed, A.shape_in, A.dtype, A.device, distribution)
+    s_round = m if rtol is None else min(m, MIN_PROBES_FOR_RTOL)
+    Om = torch.empty(0, n, dtype=torch.float64, device=A.device)
+    Y = torch.empty(0, n, dtype=torch.float64, device=A.device)
+    history: list[tuple[int, float, float]] = []
+    while True:
+        k_new = s_round - Om.shape[0]
+        Om_new = _flat(src.draw(k_new))
+        Y_new = _rows(A, Om_new, chunk, "xnystrace: the operator", Om.shape[0])
+        Om, Y = torch.cat([Om, Om_new]), torch.cat([Y, Y_new])
+        nu = float(torch.finfo(torch.float64).eps * Y.norm() / math.sqrt(n) * 10)
+        for _attempt in range(8):
+            Ynu = Y + nu * Om
+            G = Om @ Ynu.T
+            Gs = ((G + G.T) / 2).cpu()
+            RY = torch.linalg.qr(Ynu.T).R.cpu()
+            sizes = _prefix_sizes(Om.shape[0])
+            full = _xnys_estimate(Gs, RY, sizes[-1], nu, n)
+            if full is not None:
+                break
+            nu = max(nu * 100, 1e-300)
+        else:  # pragma: no cover - only for pathological operators
+            raise ArithmeticError("xnystrace: the Nyström core stayed singular; is the operator PSD?")
+        p_prev = history[-1][0] if history else 1
+        for p in sizes[:-1]:
+            if p > p_prev:
+                est = _xnys_estimate(Gs, RY, p, nu, n)
+                if est is not None:
+                    history.append((p, *est))
+        history.append((sizes[-1], *full))
+        value, se = full
+        if Om.shape[0] >= m or rtol is None or se <= rtol * abs(value):
+            break
+        s_round = min(m, 2 * Om.shape[0])
+    ns, vals, ses = (np.array(x) for x in zip(*history, strict=True))
+    return Estimate(value, se, int(Om.shape[0]), "xnystrace", src.seed, ns.astype(np.int64), vals, ses,
+                    {"distribution": distribution, "shift": nu, "stopped_early": Om.shape[0] < m})
+
+
+# -------------------------------------------------------------------------------------------------- auto
+METHODS = ("auto", "hutchinson", "hutchpp", "xtrace", "xnystrace", "exact")
+
+
+def trace(A, num_matvecs: int = 100, *, method: str = "auto", seed=None, chunk_size: int = DEFAULT_CHUNK,
+          rtol: float | None = None, distribution: str | None = None) -> Estimate:
+    """tr(A) by the named method; ``method="auto"`` picks:
+
+    * ``exact`` when the budget covers the dimension (same cost, no error);
+    * ``xnystrace`` for operators flagged PSD (one matvec per probe, O(1/m) on decaying spectra);
+    * ``xtrace`` otherwise (needs ≥ 4 matvecs), else ``hutchinson``.
+
+    The result's ``method`` is the method actually run; ``info['auto_reason']`` says why.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown trace method {method!r}; valid methods: {METHODS}")
+    A = square_operator(A, "trace")
+    kw = {} if distribution is None else {"distribution": distribution}
+    reason = None
+    if method == "auto":
+        m = check_budget(num_matvecs, 2, "trace")
+        if _covers(m, A.size_in):
+            method, reason = "exact", f"budget {m} >= dimension {A.size_in}"
+        elif A.is_psd:
+            method, reason = "xnystrace", "operator is flagged PSD and the budget is below the dimension"
+        elif m >= 4:
+            method, reason = "xtrace", "general square operator, budget below the dimension"
+        else:
+            method, reason = "hutchinson", f"budget {m} too small for xtrace (needs 4)"
+    if method == "exact":
+        est = exact_trace(A, chunk_size=chunk_size, max_matvecs=max(EXACT_MATVEC_LIMIT, num_matvecs))
+    else:
+        fn = {"hutchinson": hutchinson_trace, "hutchpp": hutchpp_trace, "xtrace": xtrace,
+              "xnystrace": xnystrace}[method]
+        est = fn(A, num_matvecs, seed=seed, chunk_size=chunk_size, rtol=rtol, **kw)
+    if reason is not None:
+        est.info["auto_reason"] = reason
+    return est
