@@ -50,5 +50,10 @@ from kpflow.challenges.cli import challenge_app  # noqa: E402  (challenge comman
 app.add_typer(challenge_app, name="challenge")
 
 
+from kpflow.experiments.commands import register_commands  # noqa: E402  (run, sweep, analyze, report)
+
+register_commands(app)
+
+
 def main():
     app()

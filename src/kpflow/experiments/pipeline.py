@@ -1,0 +1,168 @@
+"""The standard study pipeline (train → analyze → report) and sweeps over g and seeds."""
+
+from __future__ import annotations
+
+import csv
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kpflow.training.checkpoints import atomic_write_text, list_checkpoints
+from kpflow.training.config import RunConfig, dump_config, load_config, validate_config
+
+
+def prepare_run_dir(cfg: RunConfig, fresh: bool = False) -> Path:
+    """Create ``<out>/<name>`` and write its config.yaml. An existing run with a *different* config is refused
+    (so checkpoints are never mixed); ``fresh`` deletes the folder first."""
+    run_dir = cfg.run_dir
+    if fresh and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "config.yaml"
+    if path.is_file():
+        old = load_config(path)
+        if old.model_dump(exclude={"track"}) != cfg.model_dump(exclude={"track"}):
+            raise ValueError(f"{run_dir} already holds a run with a different configuration; choose another "
+                             f"--name / --out, or pass --fresh to delete it")
+    atomic_write_text(path, dump_config(cfg, "yaml"))
+    return run_dir
+
+
+def run_pipeline(cfg: RunConfig, *, progress: bool = True, analyze: bool = True, report: bool = True,
+                 fresh: bool = False, stop_after: int | None = None) -> Path:
+    """Train with checkpoints (resuming if the run exists), measure every checkpoint, write the report."""
+    import torch
+
+    from kpflow.tracking.analyze import build_from_config
+    from kpflow.training.trainer import train
+
+    run_dir = prepare_run_dir(cfg, fresh)
+    task, model = build_from_config(cfg)
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={cfg.device!r} but CUDA is not available here; use --device cpu")
+    result = train(model, task, cfg, out_dir=run_dir, progress=progress, stop_after=stop_after)
+    if stop_after is not None and result.final_step < cfg.train.steps and not result.stopped_early:
+        return run_dir
+    if analyze:
+        from kpflow.tracking.analyze import analyze_run
+
+        analyze_run(run_dir, progress=progress)
+        if report:
+            from kpflow.report import report_run
+
+            report_run(run_dir)
+    return run_dir
+
+
+def run_study(cfg: RunConfig, study: str | None = None, **options) -> Path:
+    """Run ``cfg`` with the runner of ``study`` (its own runner if it registered one, else the pipeline)."""
+    if study is not None:
+        from .registry import get_study
+
+        s = get_study(study)
+        if s.run is not None:
+            return s.run(cfg, **options)
+    return run_pipeline(cfg, **options)
+
+
+# ------------------------------------------------------------------------------------------------ sweeps
+def sweep_configs(base: RunConfig, gs, seeds) -> list[RunConfig]:
+    """One config per (g, seed), named ``g<g>_s<seed>`` inside ``<out>/<name>_sweep``."""
+    out = str(Path(base.out) / f"{base.name}_sweep")
+    cfgs = []
+    for g in gs:
+        for s in seeds:
+            d = base.model_dump(mode="json")
+            d.update(name=f"g{g:g}_s{s}", seed=int(s), out=out)
+            d["model"]["g"] = float(g)
+            cfgs.append(validate_config(d))
+    return cfgs
+
+
+def run_sweep(base: RunConfig, gs, seeds, *, study: str | None = None, progress: bool = True,
+              fresh: bool = False) -> Path:
+    """Run every (g, seed) and write ``sweep.csv`` (metrics with g and seed columns), figures and
+    ``report.html`` in ``<out>/<name>_sweep``."""
+    cfgs = sweep_configs(base, gs, seeds)
+    sweep_dir = Path(cfgs[0].out)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(sweep_dir / "sweep_config.yaml", dump_config(base, "yaml"))
+    for cfg in cfgs:
+        if progress:
+            print(f"[sweep] g={cfg.model.g:g} seed={cfg.seed} -> {cfg.run_dir}", flush=True)
+        run_study(cfg, study, progress=progress, analyze=True, report=True, fresh=fresh)
+    return write_sweep_report(sweep_dir, cfgs, base)
+
+
+def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) -> Path:
+    from kpflow.report import write_report
+    from kpflow.report.figures import _errorbar, _plt, _save
+    from kpflow.tracking.analyze import read_metrics_csv
+
+    rows = []
+    for cfg in cfgs:
+        for r in read_metrics_csv(cfg.run_dir / "metrics.csv"):
+            rows.append({**r, "g": cfg.model.g, "seed": cfg.seed})
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["g", "seed", "run", "step", "metric", "value", "stderr", "method"],
+                       lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(sweep_dir / "sweep.csv", buf.getvalue())
+
+    gs = sorted({c.model.g for c in cfgs})
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    summary_rows = []
+    notes = []
+    for ax, (key, label) in zip(axes, (("K_erank", "K"), ("PPstar_erank", "P P*"), ("NTK_erank", "NTK")),
+                                strict=True):
+        for when, ls in (("initial", "--"), ("final", "-")):
+            means, spreads = [], []
+            for g in gs:
+                vals = []
+                for c in cfgs:
+                    if c.model.g != g:
+                        continue
+                    rs = sorted((r for r in rows if r["run"] == c.name and r["metric"] == key and r["g"] == g),
+                                key=lambda r: r["step"])
+                    if rs:
+                        vals.append(rs[0]["value"] if when == "initial" else rs[-1]["value"])
+                means.append(float(np.mean(vals)) if vals else np.nan)
+                spreads.append(float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0)
+                summary_rows.append({"run": f"{when}", "step": 0, "metric": f"{key}_{when}@g={g:g}",
+                                     "value": means[-1], "stderr": spreads[-1], "method": "mean over seeds"})
+            _errorbar(ax, (np.array(gs), np.array(means), np.array(spreads)), when, ls=ls)
+        ax.set(xlabel="initial recurrent weight scale g", yscale="log", title=f"effective rank of {label}")
+        ax.legend(fontsize=8)
+    figs = [_save(fig, sweep_dir / "figures", "sweep_effective_ranks")]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    cmap = plt.get_cmap("viridis")
+    for ax, key in zip(axes, ("PPstar_erank", "K_erank"), strict=True):
+        for i, g in enumerate(gs):
+            for c in cfgs:
+                if c.model.g != g:
+                    continue
+                rs = sorted((r for r in rows if r["run"] == c.name and r["metric"] == key), key=lambda r: r["step"])
+                ax.plot([r["step"] for r in rs], [r["value"] for r in rs], color=cmap(i / max(1, len(gs) - 1)),
+                        label=f"g={g:g}" if c.seed == cfgs[0].seed else None)
+        ax.set(yscale="log", xlabel="GD step", title=key)
+        ax.legend(fontsize=7)
+    figs.append(_save(fig, sweep_dir / "figures", "sweep_trajectories"))
+    for g in gs:
+        p0 = [r for r in summary_rows if r["metric"] == f"PPstar_erank_initial@g={g:g}"][0]["value"]
+        p1 = [r for r in summary_rows if r["metric"] == f"PPstar_erank_final@g={g:g}"][0]["value"]
+        k1 = [r for r in summary_rows if r["metric"] == f"K_erank_final@g={g:g}"][0]["value"]
+        notes.append(f"g = {g:g}: effective rank of P P* {p0:.3g} → {p1:.3g} (ratio {p1 / p0:.3g}); "
+                     f"final effective rank of K {k1:.3g}.")
+    links = "".join(f'<li><a href="{c.name}/report.html">{c.name}</a></li>' for c in cfgs)
+    return write_report(sweep_dir / "report.html", title=f"kpflow sweep over g: {base.name}", rows=summary_rows,
+                        figures=figs, config_text=dump_config(base, "yaml"), notes=notes,
+                        extra_html=f"<h2>Runs</h2><ul>{links}</ul>")
+
+
+def last_complete_step(run_dir: Path) -> int | None:
+    found = list_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1].step if found else None

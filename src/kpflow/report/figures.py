@@ -1,0 +1,165 @@
+"""Figures of a run from its tidy metrics table: PNG and SVG, matplotlib's Agg backend."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+OPERATORS = (("K", "K = Jθ Jθ*", "tab:blue"), ("PPstar", "P P*", "tab:orange"), ("NTK", "NTK P K P*", "tab:green"))
+VIEW_TITLES = {"temporal": "temporal (trial × time)", "spatial": "spatial (units)", "trial": "trial"}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def series(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``{metric: (steps, values, stderrs)}`` sorted by step."""
+    acc = defaultdict(list)
+    for r in rows:
+        acc[r["metric"]].append((r["step"], r["value"], r["stderr"]))
+    out = {}
+    for k, v in acc.items():
+        v.sort()
+        a = np.array(v, dtype=float)
+        out[k] = (a[:, 0], a[:, 1], a[:, 2])
+    return out
+
+
+def _save(fig, folder: Path, stem: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    png = folder / f"{stem}.png"
+    fig.savefig(png, dpi=110, bbox_inches="tight")
+    fig.savefig(folder / f"{stem}.svg", bbox_inches="tight")
+    _plt().close(fig)
+    return png
+
+
+def _errorbar(ax, s, label, color=None, **kw):
+    x, y, e = s
+    e = np.where(np.isfinite(e), e, 0.0)
+    ax.errorbar(x, y, yerr=e, label=label, color=color, marker="o", ms=3, capsize=3, lw=1.4, **kw)
+
+
+def figure_training(train_losses, S, folder: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    if train_losses:
+        steps, losses = zip(*train_losses, strict=True)
+        axes[0].plot(steps, losses, color="0.6", lw=0.8, label="training batch loss")
+    if "loss" in S:
+        _errorbar(axes[0], S["loss"], "evaluation loss ± s.e.", color="k")
+    axes[0].set(yscale="log", xlabel="GD step", ylabel="loss", title="Loss")
+    axes[0].legend(fontsize=8)
+    if "accuracy" in S:
+        _errorbar(axes[1], S["accuracy"], "accuracy ± s.e.", color="tab:purple")
+    if "activity_dim" in S:
+        ax2 = axes[1].twinx()
+        _errorbar(ax2, S["activity_dim"], "activity PR dimension", color="tab:red")
+        ax2.set_ylabel("participation ratio", color="tab:red")
+    axes[1].set(xlabel="GD step", ylabel="accuracy", ylim=(-0.05, 1.05), title="Accuracy and activity dimension")
+    return _save(fig, folder, "training")
+
+
+def figure_effective_ranks(S, folder: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for key, label, color in OPERATORS:
+        if f"{key}_erank" in S:
+            _errorbar(ax, S[f"{key}_erank"], f"erank {label}", color=color)
+    ax.set(yscale="log", xlabel="GD step", ylabel="effective rank tr(A)²/‖A‖_F²",
+           title="Effective rank of the operators of learning")
+    ax.legend(fontsize=8)
+    return _save(fig, folder, "effective_ranks")
+
+
+def figure_axis_ranks(S, folder: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (view, title) in zip(axes, VIEW_TITLES.items(), strict=True):
+        for key, label, color in OPERATORS:
+            m = f"{key}_erank_{view}"
+            if m in S:
+                _errorbar(ax, S[m], label, color=color)
+        ax.set(yscale="log", xlabel="GD step", title=f"{title} effective rank")
+        ax.legend(fontsize=8)
+    return _save(fig, folder, "axis_effective_ranks")
+
+
+def figure_norms(S, folder: Path) -> Path:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for key, label, color in OPERATORS:
+        if f"{key}_trace" in S:
+            _errorbar(axes[0], S[f"{key}_trace"], label, color=color)
+        if f"{key}_fro" in S:
+            _errorbar(axes[1], S[f"{key}_fro"], label, color=color)
+    axes[0].set(yscale="log", xlabel="GD step", title="trace")
+    axes[1].set(yscale="log", xlabel="GD step", title="Frobenius norm")
+    axes[0].legend(fontsize=8)
+    return _save(fig, folder, "trace_and_norm")
+
+
+def figure_alignments(S, folder: Path) -> Path:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for m, label, color in (("ntk_init_alignment", "cos(NTK, NTK at init)", "tab:green"),
+                            ("misdirection", "misdirection cos(PKP*, PP*)", "tab:orange"),
+                            ("kernel_target_alignment", "kernel-target alignment cos(Θ, e eᵀ)", "tab:blue")):
+        if m in S:
+            _errorbar(ax, S[m], label, color=color)
+    ax.set(xlabel="GD step", ylabel="cosine", ylim=(-0.05, 1.05), title="Alignments")
+    ax.legend(fontsize=8)
+    return _save(fig, folder, "alignments")
+
+
+def figure_interference(rows, folder: Path) -> Path | None:
+    inter = [r for r in rows if r["metric"].startswith("interference[")]
+    if not inter:
+        return None
+    plt = _plt()
+    steps = sorted({r["step"] for r in inter})
+    names = []
+    for r in inter:
+        a = r["metric"][len("interference["):-1].split(",")[0]
+        if a not in names:
+            names.append(a)
+    n = len(names)
+    picks = [steps[0], steps[len(steps) // 2], steps[-1]] if len(steps) >= 3 else steps
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.8), squeeze=False)
+    for ax, step in zip(axes[0], picks, strict=True):
+        M = np.full((n, n), np.nan)
+        for r in inter:
+            if r["step"] == step:
+                a, b = r["metric"][len("interference["):-1].split(",")
+                M[names.index(a), names.index(b)] = r["value"]
+        im = ax.imshow(M, vmin=-1, vmax=1, cmap="RdBu_r")
+        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(n), names, fontsize=7)
+        ax.set_title(f"step {step}: cos(δz_i←j, δz_i←i)", fontsize=9)
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    return _save(fig, folder, "interference")
+
+
+def run_figures(rows: list[dict], train_losses, folder: str | Path) -> list[Path]:
+    """Write every figure the metrics support; returns the PNG paths (an SVG lies beside each)."""
+    folder = Path(folder)
+    S = series(rows)
+    made = [figure_training(train_losses, S, folder), figure_effective_ranks(S, folder)]
+    if any(k.endswith("_erank_temporal") for k in S):
+        made.append(figure_axis_ranks(S, folder))
+    made += [figure_norms(S, folder), figure_alignments(S, folder)]
+    inter = figure_interference(rows, folder)
+    if inter is not None:
+        made.append(inter)
+    return made

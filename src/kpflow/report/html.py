@@ -1,0 +1,190 @@
+"""A self-contained HTML report of a run: figures embedded as base64 PNG, the config, the environment,
+the metrics with error bars and a short automatic reading of what happened."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+from .figures import series
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.9em;color:#555}
+table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}
+th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}pre{background:#f7f7f7;padding:.8em;
+overflow-x:auto;font-size:.85em}.note{background:#f3f8ff;border-left:4px solid #4a90d9;padding:.6em 1em}
+"""
+
+CAPTIONS = {
+    "training": "Training loss (grey: each training batch; black: the fixed evaluation batch, mean ± standard "
+                "error over trials), accuracy and the participation-ratio dimension of the hidden activity.",
+    "effective_ranks": "Effective rank tr(A)²/‖A‖_F² of K, P P* and the NTK P K P* on the evaluation batch, "
+                       "with standard errors of the randomized estimates (0 where exact).",
+    "axis_effective_ranks": "Effective ranks of the compressions (1ᵀ⊗I)A(1⊗I) onto one view: temporal keeps "
+                            "(trial, time), spatial keeps units, trial keeps trials.",
+    "trace_and_norm": "Trace and Frobenius norm of each operator.",
+    "alignments": "Alignment of the NTK with its value at initialisation, the misdirection cos(PKP*, PP*), and the "
+                  "kernel-target alignment cos(Θ, e eᵀ) with e = ∂L/∂z.",
+    "interference": "Task-by-task interference: cosine between the state change of task i driven by task j's "
+                    "error, −P_i K_ij P_j* e_j, and the one driven by task i's own error.",
+    "sweep_effective_ranks": "Effective ranks at initialisation and at the end of training against the initial "
+                             "recurrent weight scale g (mean over seeds, error bars: spread over seeds).",
+    "sweep_trajectories": "Effective rank of P P* and of K over training for each g.",
+}
+
+
+def environment() -> dict[str, str]:
+    import numpy
+    import torch
+
+    from kpflow import __version__
+
+    return {"kpflow": __version__, "python": sys.version.split()[0], "torch": torch.__version__,
+            "numpy": numpy.__version__, "platform": platform.platform(), "machine": platform.machine(),
+            "torch threads": str(torch.get_num_threads()),
+            "cuda": torch.version.cuda or "none", "generated": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+
+
+def _fmt(v: float, se: float) -> str:
+    if se != se or se == 0:
+        return f"{v:.4g}" + ("" if se == 0 else " ± n/a")
+    return f"{v:.4g} ± {se:.2g}"
+
+
+def _ratio_text(a, b) -> str:
+    if a <= 0 or b <= 0:
+        return "n/a"
+    r = b / a
+    return f"×{r:.2g}" if r >= 1 else f"÷{1 / r:.2g}"
+
+
+def reading(rows: list[dict], train_losses) -> list[str]:
+    """A few sentences on what the metrics show, computed from them (no claims the numbers do not support)."""
+    S = series(rows)
+    if not S:
+        return ["No metrics were recorded."]
+    out = []
+
+    def first_last(m):
+        x, y, e = S[m]
+        return (int(x[0]), y[0], e[0]), (int(x[-1]), y[-1], e[-1])
+
+    if "loss" in S:
+        (s0, l0, _), (s1, l1, _) = first_last("loss")
+        acc = ""
+        if "accuracy" in S:
+            (_, a0, _), (_, a1, _) = first_last("accuracy")
+            acc = f"; accuracy went from {a0:.2f} to {a1:.2f}"
+        out.append(f"Between step {s0} and step {s1} the evaluation loss went from {l0:.3g} to {l1:.3g}{acc}.")
+    parts = []
+    for key, label in (("PPstar", "P P*"), ("K", "K"), ("NTK", "the NTK P K P*")):
+        m = f"{key}_erank"
+        if m in S:
+            (_, a, ea), (_, b, eb) = first_last(m)
+            x, y, _ = S[m]
+            parts.append(f"{label}: {_fmt(a, ea)} → {_fmt(b, eb)} ({_ratio_text(a, b)}; minimum {y.min():.3g} at "
+                         f"step {int(x[y.argmin()])})")
+    if parts:
+        out.append("Effective rank tr(A)²/‖A‖_F² from the first to the last checkpoint — " + "; ".join(parts) + ".")
+    views = []
+    for key, label in (("PPstar", "P P*"), ("K", "K"), ("NTK", "NTK")):
+        m = f"{key}_erank_temporal"
+        if m in S:
+            (_, a, _), (_, b, _) = first_last(m)
+            views.append(f"{label} {a:.3g} → {b:.3g}")
+    if views:
+        out.append("Temporal effective rank (compression onto trial × time): " + "; ".join(views) + ".")
+    if "PPstar_erank" in S and "K_erank" in S:
+        (_, p0, _), (_, p1, _) = first_last("PPstar_erank")
+        (_, k0, _), (_, k1, _) = first_last("K_erank")
+        x, y, _ = S["K_erank"]
+        collapse = p1 < 0.5 * p0
+        k_low = max(k0, k1) < 0.1 * max(p0, 1e-12)
+        verdict = ("consistent with" if collapse and k_low else "not consistent with" if not collapse
+                   else "partly consistent with")
+        out.append(
+            f"KPFlow claim check (P's effective rank collapses under GD while K stays low-rank): the effective rank "
+            f"of P P* {'fell' if p1 < p0 else 'rose'} by a factor {max(p0, p1) / max(min(p0, p1), 1e-12):.3g}, "
+            f"and K's stayed between {y.min():.3g} and {y.max():.3g} — "
+            f"{'far below' if k_low else 'not far below'} P P*'s initial {p0:.3g}. This run is {verdict} the claim.")
+    if "ntk_init_alignment" in S:
+        (_, _, _), (s1, a1, e1) = first_last("ntk_init_alignment")
+        regime = "lazy (kernel) regime" if a1 > 0.9 else "rich (feature-learning) regime" if a1 < 0.5 else \
+            "intermediate regime"
+        out.append(f"The NTK at step {s1} has cosine {_fmt(a1, e1)} with the NTK at initialisation: a {regime}.")
+    if "misdirection" in S:
+        (_, m0, _), (_, m1, _) = first_last("misdirection")
+        out.append(f"Misdirection cos(PKP*, PP*) went from {m0:.3g} to {m1:.3g} (1 would mean K passes P's "
+                   f"directions unchanged).")
+    inter = [r for r in rows if r["metric"].startswith("interference[")]
+    if inter:
+        last = max(r["step"] for r in inter)
+        off = [r for r in inter if r["step"] == last and r["metric"].split("[")[1].split(",")[0]
+               != r["metric"].split(",")[1].rstrip("]")]
+        if off:
+            best = max(off, key=lambda r: r["value"])
+            worst = min(off, key=lambda r: r["value"])
+            out.append(f"At step {last} the most cooperative task pair is {best['metric'][12:]} "
+                       f"(cos {best['value']:.2f}) and the most interfering is {worst['metric'][12:]} "
+                       f"(cos {worst['value']:.2f}).")
+    return out
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<img alt="{html.escape(path.stem)}" src="data:image/png;base64,{data}">'
+
+
+def _metrics_table(rows: list[dict]) -> str:
+    S = series(rows)
+    steps = sorted({int(r["step"]) for r in rows})
+    head = "".join(f"<th>step {s}</th>" for s in steps)
+    body = []
+    for m, (x, y, e) in S.items():
+        cells = {int(s): _fmt(v, se) for s, v, se in zip(x, y, e, strict=True)}
+        body.append(f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{cells.get(s, '')}</td>" for s in steps)
+                    + "</tr>")
+    methods = {}
+    for r in rows:
+        methods.setdefault(r["metric"], r.get("method", ""))
+    meth = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
+                   for k, v in methods.items())
+    return (f"<div style='overflow-x:auto'><table><tr><th>metric (value ± standard error)</th>{head}</tr>"
+            + "".join(body) + "</table></div><details><summary>How each metric was computed</summary><table>"
+            f"<tr><th>metric</th><th>method</th></tr>{meth}</table></details>")
+
+
+def write_report(path: str | Path, *, title: str, rows: list[dict], figures: list[Path], config_text: str,
+                 train_losses=(), notes: list[str] | None = None, extra_html: str = "") -> Path:
+    """Write the self-contained HTML report to ``path`` (atomically)."""
+    from kpflow.training.checkpoints import atomic_write_text
+
+    paragraphs = notes if notes is not None else reading(rows, list(train_losses))
+    env = environment()
+    meta = html.escape(json.dumps({"figures": [p.stem for p in figures]}))
+    figs = "".join(f"<figure>{_img(p)}<figcaption><b>{html.escape(p.stem)}</b>: "
+                   f"{html.escape(CAPTIONS.get(p.stem, ''))}</figcaption></figure>" for p in figures)
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
+<body><h1>{html.escape(title)}</h1>
+<h2>Reading</h2><div class="note">{''.join(f'<p>{html.escape(p)}</p>' for p in paragraphs)}</div>
+<h2>Figures</h2>{figs}
+{extra_html}
+<h2>Metrics</h2>{_metrics_table(rows) if rows else '<p>No metrics.</p>'}
+<h2>Configuration</h2><pre>{html.escape(config_text)}</pre>
+<h2>Environment</h2><table>{''.join(f'<tr><td>{html.escape(k)}</td><td style="text-align:left">'
+                                    f'{html.escape(v)}</td></tr>' for k, v in env.items())}</table>
+<script type="application/json" id="kpflow-metadata">{meta}</script>
+</body></html>
+"""
+    path = Path(path)
+    atomic_write_text(path, doc)
+    return path
