@@ -135,14 +135,12 @@ def measure_checkpoint(model, task: Task, batch: TaskBatch, *, probes: int = 24,
         for name, op in (("K", K), ("PPstar", PP), ("NTK", NTK)):
             for v in VIEWS:
                 rows.append(_row(f"{name}_erank_{v}", psd_stats(view(op, v), probes, seed)["erank"]))
-    rows.append(_row("misdirection", alignment_stat(NTK, PP, probes, seed, stats["NTK"]["fro"],
-                                                    stats["PPstar"]["fro"])))
+    rows.append(_row("misdirection", alignment_stat(NTK, PP, probes, seed)))
     ref = Reference(NTK, stats["NTK"]["fro"])
     if reference is None:
         rows.append(_row("ntk_init_alignment", Stat(1.0, 0.0, "definition (this is the initial NTK)")))
     else:
-        rows.append(_row("ntk_init_alignment", alignment_stat(NTK, reference.ntk, probes, seed,
-                                                              stats["NTK"]["fro"], reference.fro)))
+        rows.append(_row("ntk_init_alignment", alignment_stat(NTK, reference.ntk, probes, seed)))
     e = traj.error
     fro = stats["NTK"]["fro"]
     quad = float((e * NTK.apply(e)).sum())
