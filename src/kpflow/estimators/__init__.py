@@ -2,14 +2,46 @@
 
 Free functions of operators: each accepts a kpflow ``LinearOperator``, a torch/numpy matrix or a
 scipy ``LinearOperator`` (one-sided estimators take a factor J of A = J J*), a probe budget and a
-seed, and returns an ``Estimate`` (value, standard error, probes, method, seed, running estimate).
+seed (int or ``torch.Generator``), applies probes in chunks of ``chunk_size``, and returns an
+``Estimate``: value, standard error, matvecs spent, method, seed and the running estimate by probe
+count (``float(est)`` gives the value). See docs/estimators.md.
 """
 
+from .alignment import CenteringOperator, alignment, centered, centered_alignment, factor_alignment
+from .norms import (
+    axis_effective_rank,
+    axis_effective_ranks,
+    effective_rank,
+    frobenius_norm,
+    frobenius_norm_sq,
+)
+from .onesided import (
+    OneSidedStatistics,
+    exact_onesided_trace,
+    onesided_effective_rank,
+    onesided_frobenius_sq,
+    onesided_statistics,
+    onesided_trace,
+)
 from .probes import BudgetError, NonFiniteError
 from .result import Estimate
+from .spectrum import (
+    EigenResult,
+    SpectralDensity,
+    modes_for_variance,
+    spectral_density,
+    top_eigenpairs,
+    top_singular_triplets,
+)
 from .trace import exact_trace, hutchinson_trace, hutchpp_trace, trace, xnystrace, xtrace
 
 __all__ = [
     "BudgetError", "NonFiniteError", "Estimate",
     "exact_trace", "hutchinson_trace", "hutchpp_trace", "trace", "xnystrace", "xtrace",
+    "OneSidedStatistics", "exact_onesided_trace", "onesided_effective_rank", "onesided_frobenius_sq",
+    "onesided_statistics", "onesided_trace",
+    "axis_effective_rank", "axis_effective_ranks", "effective_rank", "frobenius_norm", "frobenius_norm_sq",
+    "CenteringOperator", "alignment", "centered", "centered_alignment", "factor_alignment",
+    "EigenResult", "SpectralDensity", "modes_for_variance", "spectral_density", "top_eigenpairs",
+    "top_singular_triplets",
 ]

@@ -10,8 +10,10 @@ Var(vᵀAv) = 2‖A‖_F²: one pass yields the trace, the Frobenius norm and th
 Unbiased forms used for ‖A‖_F² by probe distribution (d = dimension of the probe space):
     gaussian:  F̂ = sample variance of s / 2                       (always ≥ 0)
     sphere:    F̂ = ((d+2)/d · mean(s²) − T̂²) / 2, T̂² = (m·mean(s)² − mean(s²))/(m−1)
-               (uniform on the sphere of radius √d; may come out negative: it is reported as is)
+               (uniform on the sphere of radius √d)
     rademacher: not identifiable from the samples (depends on diag(A)); reported as NaN.
+Both forms are ≥ 0 for any samples (T̂² ≤ mean(s²)); should an estimate of ‖A‖_F² ever be ≤ 0 it is
+returned as is with a warning and the effective rank is NaN (never clamped).
 """
 
 from __future__ import annotations
@@ -94,12 +96,12 @@ def onesided_statistics(J, num_probes: int = 100, *, side: str = "auto", distrib
     standard error is below it. Standard errors of ‖·‖_F² and erank are delete-one jackknife.
     """
     J = operator(J, "onesided_statistics")
-    m = check_budget(num_probes, 3, "onesided_statistics",
-                     "Three probes are the least that give the Frobenius norm a standard error.")
     chunk, rtol = check_chunk(chunk_size), check_rtol(rtol)
     side = choose_side(J, side)
     apply, shape, what = _side_ops(J, side)
     d = math.prod(shape)
+    m = check_budget(num_probes, min(3, d), "onesided_statistics",
+                     "Three probes are the least that give the Frobenius norm a standard error.")
     if m >= d and rtol is None:
         return _exact_statistics(J, side, chunk, max_dense)
     src = ProbeSource(seed, shape, J.dtype, J.device, distribution)
@@ -147,7 +149,7 @@ def onesided_statistics(J, num_probes: int = 100, *, side: str = "auto", distrib
                "it is reported unclamped and the effective rank is not meaningful. Use more probes.")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         fro.info["negative"] = True
-        er.info["note"] = msg
+        er = Estimate(math.nan, math.nan, n_used, method, src.seed, info={**common, "note": msg})
     tr.info.update(frobenius_sq=fro, effective_rank=er)
     return OneSidedStatistics(tr, fro, er)
 
