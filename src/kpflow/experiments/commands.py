@@ -78,7 +78,8 @@ LR = typer.Option(None, "--lr", help="Learning rate.")
 EVAL = typer.Option(None, "--eval-batch", help="Trials in the fixed evaluation batch (smaller = faster analysis).")
 PROBES = typer.Option(None, "--probes", help="Random probes per randomized estimate (smaller = faster, noisier).")
 DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps.")
-THREADS = typer.Option(0, "--threads", help="torch CPU threads (0: torch's default).")
+THREADS = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default). The default models are small: "
+                       "one thread avoids oversubscription on shared machines.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 
 

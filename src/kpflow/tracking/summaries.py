@@ -33,6 +33,28 @@ class Stat:
         return cls(float(e.value), float(e.stderr), str(e.method))
 
 
+class _KnownPSD(LinearOperator):
+    """A leaf view of an operator known to be PSD (e.g. ``P K P*``), so that products the estimators form
+    from it (``A* A``) keep the PSD flag; the matvec is the wrapped operator's."""
+
+    def __init__(self, base: LinearOperator):
+        super().__init__(base.shape_in, base.shape_out, base.dtype, base.device, is_psd=True)
+        self.base = base
+
+    def _matmat(self, X):
+        return self.base.matmat(X)
+
+    def _rmatmat(self, Y):
+        return self.base.matmat(Y)
+
+
+def known_psd(A: LinearOperator) -> LinearOperator:
+    """``A`` as a leaf operator flagged PSD (``A`` must be PSD: a Gram ``J J*`` or ``P K P*`` with K PSD)."""
+    if not A.is_psd:
+        raise ValueError(f"{A!r} is not flagged positive semi-definite")
+    return A if type(A) is _KnownPSD else _KnownPSD(A)
+
+
 def _dense_psd_stats(A: LinearOperator) -> dict[str, Stat]:
     M = A.to_matrix().to(torch.float64)
     M = 0.5 * (M + M.T)
@@ -51,7 +73,7 @@ def psd_stats(A: LinearOperator, probes: int, seed: int) -> dict[str, Stat]:
         return _dense_psd_stats(A)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a negative ‖A‖_F² estimate is reported as NaN
-        er = est.effective_rank(A, num_matvecs=3 * probes, seed=seed)
+        er = est.effective_rank(known_psd(A), num_matvecs=3 * probes, seed=seed)
     tr, fro2 = er.info["trace"], er.info["frobenius_sq"]
     fro = sqrt_estimate(fro2)
     return {"trace": Stat.of(tr), "fro": Stat(fro.value, fro.stderr, f"sqrt ‖A‖_F² [{fro2.method}]"),
