@@ -174,36 +174,76 @@ def hutchpp_trace(A, num_matvecs: int = 99, *, distribution: str = "rademacher",
 
 # ------------------------------------------------------------------------------------------------ xtrace
 def _prefix_sizes(s: int, smallest: int = 2, points: int = 24) -> list[int]:
+    if points <= 1:
+        return [s]
     sizes = np.unique(np.round(np.geomspace(smallest, s, num=min(points, s - smallest + 1))).astype(int))
     return [int(v) for v in sizes if v >= smallest]
+
+
+def _exchangeable_stderr(t: torch.Tensor, delta: torch.Tensor) -> float:
+    """Standard error of the mean of exchangeable leave-one-out estimates tᵢ.
+
+    tᵢ − tr = eᵢ with E[eᵢ | Ω₋ᵢ] = 0, so E[eᵢeⱼ] = E[ΔᵢⱼΔⱼᵢ] for i ≠ j, where Δᵢⱼ = tᵢ − tᵢ⁽⁻ʲ⁾ is the
+    change of tᵢ when probe j also leaves the sketch (the other cross terms have conditional mean 0).
+    Hence Var(t̄) ≈ [s/(s−1)·Σ(tᵢ − t̄)² + Σ_{i≠j} ΔᵢⱼΔⱼᵢ] / s²; the naive std(t)/√s drops the second
+    sum and underestimates on decaying spectra. Falls back to the naive form if the sum is negative.
+    """
+    s = t.numel()
+    if s < 2:
+        return math.nan
+    own = float(((t - t.mean()) ** 2).sum()) * s / (s - 1)
+    D = delta.clone()
+    D.fill_diagonal_(0)
+    cross = float((D * D.T).sum())
+    var = (own + cross) / s**2
+    return math.sqrt(var if var > 0 else own / s**2)
 
 
 def _xtrace_estimates(R, H, W, T, d, p: int) -> tuple[float, float]:
     """XTrace on the first ``p`` probes from the small matrices (all [s, s] except ``d`` [s]).
 
-    With Y = AΩ = QR, Z = AQ, H = QᵀZ, W = QᵀΩ, T = ZᵀΩ, dᵢ = ωᵢᵀAωᵢ: the leave-one-out basis of
-    range(Y₋ᵢ) is Q(I − sᵢsᵢᵀ) with sᵢ ∝ R⁻ᵀeᵢ, and uᵢ = (I − Πᵢ)ωᵢ = ωᵢ − Q vᵢ, vᵢ = wᵢ − sᵢ(sᵢᵀwᵢ).
+    With Y = AΩ = QR, Z = AQ, H = QᵀZ, W = QᵀΩ, T = ZᵀΩ, dᵢ = ωᵢᵀAωᵢ: the sketch without probes I
+    is Q(I − P_I)Qᵀ, P_I the projector onto span{R⁻ᵀeₖ : k ∈ I}; the residual probe is
+    u = ωᵢ − Q v, v = (I − P_I)wᵢ, and uᵀAu = dᵢ − Tₑᵢ·v − Reᵢ·v + vᵀHv (Qᵀ A ωᵢ = R eᵢ).
+    Leave-one-out (I = {i}) gives the estimate; leave-two-out (I = {i, j}) its standard error.
     """
-    Rp, Hp, Wp, Tp = R[:p, :p], H[:p, :p], W[:p, :p], T[:p, :p]
-    eye = torch.eye(p, dtype=R.dtype)
-    S = torch.linalg.solve_triangular(Rp, eye, upper=True).T  # column i = R^{-T} e_i
-    S = S / S.norm(dim=0, keepdim=True)
-    c = (S * Wp).sum(0)
-    V = Wp - S * c  # column i = v_i
-    quad_S = (S * (Hp @ S)).sum(0)
-    # u_iᵀ A u_i = d_i − (Zᵀω_i)ᵀ v_i − v_iᵀ (Qᵀ A ω_i) + v_iᵀ H v_i, with Qᵀ A ω_i = R e_i
-    quad_u = d[:p] - (Tp * V).sum(0) - (V * Rp).sum(0) + (V * (Hp @ V)).sum(0)
-    ests = torch.trace(Hp) - quad_S + quad_u
-    return float(ests.mean()), float(ests.std(unbiased=True) / math.sqrt(p))
+    Rp, Hp, Wp, Tp, dp = R[:p, :p], H[:p, :p], W[:p, :p], T[:p, :p], d[:p]
+    Hs = (Hp + Hp.T) / 2
+    N = torch.linalg.solve_triangular(Rp, torch.eye(p, dtype=R.dtype), upper=True).T  # columns R^{-T} e_k
+    N = N / N.norm(dim=0, keepdim=True)
+    NN, NW, NHN, NHW = N.T @ N, N.T @ Wp, N.T @ Hs @ N, N.T @ Hs @ Wp
+    TN, RN = Tp.T @ N, Rp.T @ N  # (i, k): T[:, i]·n_k and R[:, i]·n_k
+    wHw = (Wp * (Hs @ Wp)).sum(0)
+    lin_w = (Tp * Wp).sum(0) + (Rp * Wp).sum(0)
+    trH = torch.trace(Hp)
+    ii = torch.arange(p)
+    # leave-one-out: v_i = w_i − n_i (n_i·w_i)
+    a = NW[ii, ii]
+    t = (trH - NHN[ii, ii] + dp - (lin_w - a * (TN[ii, ii] + RN[ii, ii]))
+         + (wHw - 2 * a * NHW[ii, ii] + a**2 * NHN[ii, ii]))
+    # leave-two-out, all pairs (row i = the estimate, column j = the extra probe left out)
+    g_ii, g_jj, g_ij = NN[ii, ii][:, None], NN[ii, ii][None, :], NN
+    det = (g_ii * g_jj - g_ij**2).clamp_min(1e-300)
+    b1, b2 = NW[ii, ii][:, None], NW.T  # n_i·w_i, n_j·w_i
+    al = (g_jj * b1 - g_ij * b2) / det
+    be = (-g_ij * b1 + g_ii * b2) / det
+    quad = (wHw[:, None] - 2 * al * NHW[ii, ii][:, None] - 2 * be * NHW.T
+            + al**2 * NHN[ii, ii][:, None] + 2 * al * be * NHN + be**2 * NHN[ii, ii][None, :])
+    lin = lin_w[:, None] - al * (TN[ii, ii] + RN[ii, ii])[:, None] - be * (TN + RN)
+    tr_PH = (g_jj * NHN[ii, ii][:, None] - 2 * g_ij * NHN + g_ii * NHN[ii, ii][None, :]) / det
+    t2 = trH - tr_PH + dp[:, None] - lin + quad
+    return float(t.mean()), _exchangeable_stderr(t, t[:, None] - t2)
 
 
 def xtrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=None,
-           chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None) -> Estimate:
+           chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, history_points: int = 24) -> Estimate:
     """XTrace: the mean over i of tr(Πᵢ A) + ωᵢᵀ(I−Πᵢ)A(I−Πᵢ)ωᵢ, Πᵢ the projector onto
     range(A Ω₋ᵢ) (Epperly, Tropp & Webber 2024). m/2 probes Ω, m/2 matvecs on Q = orth(AΩ).
 
-    Standard error: std of the m/2 leave-one-out estimates / √(m/2) (the paper's error estimate).
+    Standard error: from the leave-one-out estimates plus their leave-two-out cross terms
+    (``_exchangeable_stderr``; the paper's std/√(m/2) alone underestimates on decaying spectra).
     ``rtol`` doubles the number of probes (reusing all matvecs) until reached or the budget is spent.
+    The running estimate is evaluated at ``history_points`` probe counts (cheap: small matrices only).
     """
     A = square_operator(A, "xtrace")
     m = check_budget(num_matvecs, 4, "xtrace", "It needs two probes, each costing two matvecs.")
@@ -233,7 +273,7 @@ def xtrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=No
         H, W, T = Q.T @ Z, Q.T @ Om, Z.T @ Om
         d = (Om * Y).sum(0)
         p_prev = history[-1][0] // 2 if history else 1
-        for p in _prefix_sizes(Om.shape[1]):
+        for p in _prefix_sizes(Om.shape[1], points=history_points):
             if p > p_prev:
                 history.append((2 * p, *_xtrace_estimates(R.cpu(), H.cpu(), W.cpu(), T.cpu(), d.cpu(), p)))
         value, se = history[-1][1], history[-1][2]
@@ -280,28 +320,37 @@ def _xtrace_rank_deficient(A, Y, chunk, used, src, distribution) -> Estimate:
 def _xnys_estimate(Gs, RY, p: int, nu: float, n: int) -> tuple[float, float] | None:
     """XNysTrace on the first ``p`` probes; ``Gs`` = Ωᵀ(A+νI)Ω, ``RY`` the R of (A+νI)Ω.
 
-    With F = G⁻¹ = L⁻ᵀL⁻¹ and xᵢ = L⁻¹eᵢ: tr(Âᵢ) = ‖C‖²_F − ‖C xᵢ‖²/‖xᵢ‖² (C = R_Y L⁻ᵀ), and the
-    leave-one-out residual ωᵢᵀ(A − Âᵢ)ωᵢ = 1/Fᵢᵢ = 1/‖xᵢ‖².
+    With F = G⁻¹ and K = F M F (M = YᵀY = R_YᵀR_Y): leaving probe i out, tr(Âᵢ) = tr(FM) − Kᵢᵢ/Fᵢᵢ and
+    the residual ωᵢᵀ(A − Âᵢ)ωᵢ = 1/Fᵢᵢ. Leaving j out as well replaces F by F − fⱼfⱼᵀ/Fⱼⱼ, which gives
+    the leave-two-out estimates behind the standard error (``_exchangeable_stderr``).
     """
     L, info = torch.linalg.cholesky_ex(Gs[:p, :p])
     if int(info) != 0:
         return None
     X = torch.linalg.solve_triangular(L, torch.eye(p, dtype=L.dtype), upper=False)  # L^{-1}
+    F = X.T @ X
     C = torch.linalg.solve_triangular(L, RY[:p, :p].T, upper=False).T  # R_Y L^{-T}
-    xn2 = X.pow(2).sum(0)
-    CX = C @ X
-    ests = C.pow(2).sum() - CX.pow(2).sum(0) / xn2 + 1.0 / xn2 - n * nu
-    return float(ests.mean()), float(ests.std(unbiased=True) / math.sqrt(p))
+    tau = C.pow(2).sum()
+    E = RY[:p, :p] @ F
+    K = E.T @ E
+    fd, kd = F.diagonal(), K.diagonal()
+    t = tau - kd / fd + 1.0 / fd - n * nu
+    r = F / fd[None, :]  # r_ij = F_ij / F_jj
+    D = fd[:, None] - F * r  # F^{(j)}_ii = F_ii − F_ij² / F_jj
+    q = kd[:, None] - 2 * r * K + r**2 * kd[None, :]
+    t2 = tau - (kd / fd)[None, :] - q / D + 1.0 / D - n * nu
+    return float(t.mean()), _exchangeable_stderr(t, t[:, None] - t2)
 
 
 def xnystrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=None,
-              chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, assume_psd: bool = False) -> Estimate:
+              chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, assume_psd: bool = False,
+              history_points: int = 24) -> Estimate:
     """XNysTrace for PSD A: mean over i of tr(Âᵢ) + ωᵢᵀ(A − Âᵢ)ωᵢ, Âᵢ the Nyström approximation
     from the probes Ω₋ᵢ (Epperly, Tropp & Webber 2024). One matvec per probe; a tiny shift ν keeps
     the Cholesky factor stable (the estimate of tr(A + νI) − nν is still unbiased).
 
-    Standard error: std of the leave-one-out estimates / √m. ``rtol`` doubles the probe count
-    (reusing all matvecs) until reached.
+    Standard error: leave-one-out spread plus leave-two-out cross terms (``_exchangeable_stderr``).
+    ``rtol`` doubles the probe count (reusing all matvecs) until reached.
     """
     A = square_operator(A, "xnystrace")
     if not (A.is_psd or assume_psd):
@@ -330,7 +379,7 @@ def xnystrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed
             G = Om @ Ynu.T
             Gs = ((G + G.T) / 2).cpu()
             RY = torch.linalg.qr(Ynu.T).R.cpu()
-            sizes = _prefix_sizes(Om.shape[0])
+            sizes = _prefix_sizes(Om.shape[0], points=history_points)
             full = _xnys_estimate(Gs, RY, sizes[-1], nu, n)
             if full is not None:
                 break
