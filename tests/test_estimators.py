@@ -27,7 +27,11 @@ from kpflow.estimators import (
     frobenius_norm_sq,
     hutchinson_trace,
     hutchpp_trace,
+    modes_for_variance,
     onesided_statistics,
+    spectral_density,
+    top_eigenpairs,
+    top_singular_triplets,
     trace,
     xnystrace,
     xtrace,
@@ -313,3 +317,63 @@ def test_onesided_fro_forms_nonnegative_and_rademacher_not_identifiable():
             assert onesided_statistics(J, 3, distribution=dist, seed=seed).frobenius_sq.value >= 0
     st = onesided_statistics(J, 10, distribution="rademacher", seed=0)
     assert math.isnan(st.frobenius_sq.value) and "Rademacher" in st.frobenius_sq.info["note"]
+
+
+# ----------------------------------------------------------------------------------------- spectrum
+@pytest.mark.parametrize("method", ["lanczos", "randomized"])
+def test_top_eigenpairs_match_eigh(method):
+    M = _psd(120, decay=1.5)
+    w, V = torch.linalg.eigh(M)
+    res = top_eigenpairs(DenseOperator(M, is_psd=True), 5, method=method, seed=0, power_iters=6)
+    assert torch.allclose(res.values, w.flip(0)[:5], rtol=1e-6)
+    overlap = (res.vectors @ V[:, -5:].flip(1)).abs().diagonal()
+    assert torch.all(overlap > 1 - 1e-5) and torch.all(res.residuals < 1e-4)
+
+
+@pytest.mark.parametrize("method", ["lanczos", "randomized"])
+def test_top_singular_triplets_match_svd(method):
+    g = torch.Generator().manual_seed(3)
+    U, _ = torch.linalg.qr(torch.randn(60, 40, generator=g, dtype=DT))
+    Vq, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=DT))
+    s = 2.0 ** -torch.arange(30, dtype=DT)
+    M = U[:, :30] * s @ Vq.T  # 60 x 30
+    res = top_singular_triplets(DenseOperator(M), 4, method=method, seed=0)
+    assert torch.allclose(res.values, s[:4], rtol=1e-8)
+    assert torch.all(res.residuals < 1e-8)
+    assert torch.allclose((res.left_vectors * (res.vectors @ M.T)).sum(1), s[:4], rtol=1e-8)
+
+
+def test_top_eigenpairs_requires_self_adjoint():
+    with pytest.raises(ValueError, match="self-adjoint"):
+        top_eigenpairs(DenseOperator(_general(20)), 3)
+
+
+def test_spectral_density_quadrature():
+    lam = torch.linspace(0.1, 2.0, 150, dtype=DT)
+    U = torch.linalg.qr(torch.randn(150, 150, generator=torch.Generator().manual_seed(0), dtype=DT)).Q
+    A = DenseOperator(U * lam @ U.T, is_psd=True)
+    sd = spectral_density(A, num_probes=8, lanczos_steps=30, seed=0)
+    # per probe, Gauss quadrature with 30 nodes is exact for x and x² (degree ≤ 59): trace of A is the
+    # Rademacher Hutchinson estimate with the same probes, which is within its error of the truth
+    t = sd.integrate(lambda x: x)
+    assert abs(t.value - float(lam.sum())) <= 3 * t.stderr
+    sq = sd.integrate(lambda x: x**2)
+    assert abs(sq.value - float((lam**2).sum())) <= 3 * sq.stderr
+    assert torch.allclose(sd.weights.sum(1), torch.ones(8, dtype=DT))
+    grid = torch.linspace(-0.5, 2.6, 2000, dtype=DT)
+    mass = float(torch.trapezoid(sd.density(grid, sigma=0.05), grid))
+    assert mass == pytest.approx(1.0, abs=1e-3)
+
+
+def test_modes_for_variance_dense_and_iterative(monkeypatch):
+    import kpflow.estimators.spectrum as spectrum
+
+    n = 300
+    lam = torch.arange(1, n + 1, dtype=DT) ** -2.0
+    U = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(1), dtype=DT)).Q
+    A = DenseOperator(U * lam @ U.T, is_psd=True)
+    want = int(torch.searchsorted(torch.cumsum(lam, 0), 0.95 * lam.sum())) + 1
+    assert modes_for_variance(A, 0.95).value == want
+    monkeypatch.setattr(spectrum, "DENSE_EIG_LIMIT", 10)  # force the matrix-free path
+    est = modes_for_variance(A, 0.95, num_matvecs=300, seed=0)
+    assert est.value == want and est.n_probes > 0
