@@ -158,11 +158,17 @@ def nystrom_eigh(
     return LowRankEig(lam, U[:, :r].T.reshape(r, *shape).contiguous())
 
 
-def damped_lowrank_solve(eig: LowRankEig, damping: float, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """``(c U Λ U* + λ I)⁻¹ x = (x − U U* x)/λ + U (cΛ + λ)⁻¹ U* x`` (Woodbury, U orthonormal).
+def damped_lowrank_solve(eig: LowRankEig, damping: float, x: torch.Tensor, scale: float = 1.0,
+                         floor: float = 0.0) -> torch.Tensor:
+    """``(c U Λ U* + c·floor (I − U U*) + λ I)⁻¹ x = U (cΛ + λ)⁻¹ U* x + (x − U U* x)/(c·floor + λ)``.
 
-    The complement ``x − U U* x`` is formed before dividing by λ (and dropped for a complete basis),
-    so a small λ does not amplify rounding error in the part of ``x`` the basis already explains."""
+    With ``floor = 0`` this is the Woodbury inverse of the damped rank-r approximation
+    ``(c U Λ U* + λ I)⁻¹``. With ``floor = λ_r`` (the smallest kept eigenvalue, an upper bound of the
+    unseen spectrum) it is the randomized Nyström preconditioner of Frangella, Tropp & Udell (2023):
+    directions outside the basis get the curvature of the weakest kept one instead of none, which
+    keeps the step in the unexplored complement from growing like 1/λ. The complement is formed
+    before dividing (and dropped for a complete basis), so a small λ does not amplify rounding error.
+    """
     damping = float(damping)
     if not damping > 0:
         raise ValueError(f"damping must be > 0 for the damped solve, got {damping}")
@@ -172,7 +178,7 @@ def damped_lowrank_solve(eig: LowRankEig, damping: float, x: torch.Tensor, scale
     solved = eig.combine(c / (scale * eig.eigenvalues + damping))
     if eig.rank == x.numel():  # a complete basis: the complement is zero, not rounding error / λ
         return solved
-    return (x - eig.combine(c)) / damping + solved
+    return (x - eig.combine(c)) / (scale * float(floor) + damping) + solved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,6 +260,7 @@ class CountingOperator(LinearOperator):
 
 FORMS = ("auto", "state", "parameter")
 JACOBIANS = ("unrolled", "kernels")
+COMPLEMENTS = ("nystrom", "damping")
 
 
 def _kernel_jacobian(traj, param_names: Sequence[str]):
@@ -284,6 +291,7 @@ class UnrolledJacobian(LinearOperator):
         with torch.enable_grad():
             self._out = model.unroll({**fixed, **dict(zip(self.names, self._leaves, strict=True))}, inputs, z0)
         self.states = self._out.detach()
+        self.gradient = None  # J* e, when the recording computed it with e
         self._dual = None  # (u, J* u) with the graph of the backward pass, for JVPs
         super().__init__((sum(self._sizes),), tuple(self.states.shape), self.states.dtype, self.states.device)
 
@@ -325,10 +333,11 @@ def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, 
         raise FloatingPointError("the model's states became non-finite on this batch; lower the learning rate "
                                  "or the damping's lower bound, or raise the trust_region clip")
     rp = {k: v.detach() for k, v in model.readout_params().items()}
-    with torch.enable_grad():
-        z = states.clone().requires_grad_(True)
-        value = _loss_value(model.output(z, rp), targets, loss, mask)
-        (e,) = torch.autograd.grad(value, z)
+    with torch.enable_grad():  # one backward pass gives both e = ∂L/∂z and the gradient J* e
+        value = _loss_value(model.output(J._out, rp), targets, loss, mask)
+        e, *grads = torch.autograd.grad(value, [J._out, *J._leaves], retain_graph=True, allow_unused=True)
+    J.gradient = torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
+                            for g, leaf in zip(grads, J._leaves, strict=True)])
     with torch.no_grad():
         outputs = model.output(states, rp)
     traj = Trajectory(model=model, params=params, inputs=inputs, z0=z0.detach(), states=states, outputs=outputs,
@@ -373,11 +382,17 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         curvature: c, or ``"auto"`` = ``‖e‖² / (2 L)`` (exact for a mean-squared loss directly on
             the states, since then ``L = ½c‖z − z*‖²`` and ``e = c (z − z*)``).
         refresh_every: recompute the low-rank basis every this many steps (1 = every step); in
-            between, the previous ``(U, Λ)`` are reused at no extra cost.
+            between, the previous ``(U, Λ)`` are reused at no extra cost, unless the previous step's
+            reduction ratio ρ fell below 1/4 (then the basis is refreshed at once).
         power_iters: subspace-iteration passes before each warm Nyström sketch.
         warmup_iters: passes for the first (cold, random) sketch.
         oversample: extra probes in the sketch beyond ``rank``.
         trust_region: clip ``‖Δθ‖₂ ≤ trust_region · max(‖θ‖₂, 1)`` (None = no clip).
+        complement: curvature assumed outside the rank-r basis: ``"nystrom"`` (default) the smallest
+            kept eigenvalue λ_r, i.e. the Nyström preconditioner ``U(cΛ+λ)⁻¹U* + (I−UU*)/(cλ_r+λ)``
+            (Frangella, Tropp & Udell 2023); ``"damping"`` none, i.e. exactly ``(cΘ_r + λI)⁻¹``, whose
+            complement step grows like 1/λ. Both are the exact Gauss–Newton step at full rank and
+            gradient descent with step η/λ at rank 0.
         form: ``"state"``, ``"parameter"`` or ``"auto"`` (the smaller of B·T·H and n_params).
         param_names: which cell parameters to train (default all of ``model.cell_params()``).
         readout_lr: learning rate of plain gradient steps on the readout (None = the readout is
@@ -408,6 +423,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         warmup_iters: int = 2,
         oversample: int = 0,
         trust_region: float | None = 0.5,
+        complement: str = "nystrom",
         form: str = "auto",
         param_names: Sequence[str] | None = None,
         readout_lr: float | None = None,
@@ -444,6 +460,9 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self.param_names = names
         self.n_params = n_params
         self.form = form
+        if complement not in COMPLEMENTS:
+            raise ValueError(f"complement={complement!r} is invalid; use one of {COMPLEMENTS}")
+        self.complement = complement
         self.curvature = curvature
         self.adaptive_damping = bool(adaptive_damping)
         self.damping_bounds = (float(damping_bounds[0]), float(damping_bounds[1]))
@@ -520,7 +539,11 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         J = traj.cache.get("unrolled_jacobian") if hasattr(traj, "cache") else None
         if J is None or tuple(J.names) != tuple(self.param_names):
             J = UnrolledJacobian(traj.model, traj.params, self.param_names, traj.inputs, traj.z0)
-        return CountingOperator(J), None
+        grad = getattr(J, "gradient", None)
+        J = CountingOperator(J)
+        if grad is not None:
+            J.vjps += 1  # the gradient came with e from the recording's one backward pass
+        return J, grad
 
     def _readout_step(self, traj) -> None:
         if self.readout_lr is None or getattr(traj, "targets", None) is None:
@@ -596,7 +619,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         if st["eig_values"] is not None:
             eig = LowRankEig(st["eig_values"].to(J.dtype), st["eig_basis"].to(J.dtype))
         stale = eig is None or st["eig_form"] != form or eig.shape != tuple(shape) or eig.rank != rank
-        refresh = rank > 0 and (stale or st["steps"] % group["refresh_every"] == 0)
+        poor = rho is not None and rho < 0.25  # the last step's model was poor: the basis may be stale
+        refresh = rank > 0 and (stale or poor or st["steps"] % group["refresh_every"] == 0)
         if refresh:
             op = (J @ J.T) if form == "state" else (J.T @ J)
             warm = None if stale else eig.basis
@@ -607,8 +631,9 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             eig = LowRankEig(torch.zeros(0, dtype=J.dtype, device=J.device),
                              torch.zeros(0, *shape, dtype=J.dtype, device=J.device))
         x = None
+        floor = float(eig.eigenvalues[-1]) if self.complement == "nystrom" and eig.rank > 0 else 0.0
         if form == "state":
-            x = damped_lowrank_solve(eig, lam, e, scale=c)
+            x = damped_lowrank_solve(eig, lam, e, scale=c, floor=floor)
             if grad is None:  # J* of the preconditioned error and of the error, in one batched product
                 both = J.rmatmat(torch.stack([x, e]))
                 direction, grad = both[0], both[1]
@@ -617,7 +642,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         else:
             if grad is None:
                 grad = J.adjoint_apply(e)
-            direction = damped_lowrank_solve(eig, lam, grad, scale=c)
+            direction = damped_lowrank_solve(eig, lam, grad, scale=c, floor=floor)
         theta = self._flat_params().to(J.dtype)
         radius = None if group["trust_region"] is None else group["trust_region"] * max(
             float(theta.norm()), 1.0)
@@ -641,6 +666,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             jvps=J.jvps, vjps=J.vjps, products=J.jvps + J.vjps, extra_products=J.jvps + J.vjps - 1,
             step_norm=float(delta.norm()), clip_factor=clip, predicted_change=predicted,
             grad_norm=float(grad.norm()), eigenvalues=[float(v) for v in eig.eigenvalues] if keep else [],
+            complement_floor=floor,
             seconds=seconds,
         )
         return torch.tensor(loss, dtype=torch.float64)
