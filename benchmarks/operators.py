@@ -55,7 +55,8 @@ def _median_times(fns: dict, device, repeats: int, baseline: str | None = None) 
         _sync(device)
         times[name].append(time.perf_counter() - t0)
 
-    for _ in range(repeats):
+    for r in range(repeats):
+        print(f"  timing round {r + 1}/{repeats} of {', '.join(fns)}", flush=True)
         for name in fns:
             if name == baseline:
                 continue
@@ -79,8 +80,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="small sizes, < 1 minute")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice; 1 is steadier on a loaded machine)")
     ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     dtype = torch.float32

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kpflow.kernels import (
+    KroneckerCore,
     NonFiniteStateError,
     dense_step_jacobians,
     inverse_propagator,
@@ -219,6 +220,13 @@ def test_kronecker_core_exact(name):
     for n in names:
         U = core.site_variables[n]
         assert torch.allclose(G[n].reshape(U.shape[0], -1), U @ U.T)
+    # the generic (JVP/VJP of post) path agrees with the unit-structured one
+    assert core.structured
+    generic = KroneckerCore(traj)
+    generic.structured = False
+    assert _rel(_dense(generic.operator()), Kad) < 1e-10
+    assert abs(generic.trace() - core.trace()) < 1e-10 * core.trace()
+    assert abs(generic.frobenius_norm() - fro) < 1e-10 * fro
     # ntk through the Kronecker core
     _, _, Jref, _ = _setup(name)
     assert _rel(_dense(ntk(traj, method="kronecker")), Jref @ Jref.T) < 1e-10

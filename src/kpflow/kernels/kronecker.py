@@ -15,8 +15,12 @@ and ``K = Σ_W K_W``. Weights sharing a slot share ``M_s``, so ``K = Σ_s M_s (G
   hence the exact effective rank ``tr(K)² / ‖K‖_F²`` with no probes;
 * ``rank K_W ≤ rank(G_W) · R`` (``R`` = rows of W; ``R = H`` for the vanilla and leaky RNN).
 
-For cells whose ``post`` is elementwise (vanilla, leaky RNN) ``M`` is a diagonal ``m_n`` and all of
-this costs O(N² H) or less.
+``M`` is *unit-structured* for all four built-in cells: output unit j at a site depends only on the
+entries j of each gate block of the slots (vanilla/leaky RNN: one block, M diagonal; GRU: gates r, z,
+n; LSTM: gates i, f, g, o feeding h and c). The core then stores the per-site, per-unit coefficients
+``D_s[n, o, g, j] = ∂z_{n, o·U + j} / ∂a_{s, n, g·U + j}`` (read off with one JVP per gate block and
+verified against a random JVP), so ``M``/``M*`` are a few elementwise products and the exact scalars
+cost O(N² · gates² · U). Cells without this structure fall back to JVP/VJP of ``post``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch.func import jvp, vjp, vmap
 from kpflow.models.cells import AffineRecurrentModel
 from kpflow.operators import LinearOperator
 
+from .state_space import _rep
 from .trajectory import Trajectory, resolve_param_names
 
 #: Ceiling on entries of intermediate tensors of the general (non-elementwise) exact Frobenius norm.
@@ -74,8 +79,8 @@ class KroneckerCore:
             self._slot_values = {k: v.detach() for k, v in model.slots(traj.params, zp, x).items()}
         self._U = {s: torch.cat([self.site_variables[n] for n in names], 1) for s, names in self.slots.items()}
         self._G: dict[str, torch.Tensor] = {}
-        self.elementwise = bool(model.post_is_elementwise)
-        self._m = self._diag_derivative() if self.elementwise else None
+        self._D = self._unit_coefficients()
+        self.structured = self._D is not None
 
     # ------------------------------------------------------------------ M and M*
     def _post(self, sub: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -84,23 +89,73 @@ class KroneckerCore:
     def _primal(self):
         return {s: self._slot_values[s] for s in self.slots}
 
-    def _diag_derivative(self) -> torch.Tensor:
-        (s,) = self.slots
-        ones = {s: torch.ones_like(self._slot_values[s])}
-        return jvp(self._post, (self._primal(),), (ones,))[1].detach()  # [N, H]: diagonal of ∂z/∂a
+    def _unit_coefficients(self) -> dict[str, torch.Tensor] | None:
+        """``{slot: D_s [N, O_b, G_s, U]}`` if ``post`` is unit-structured (checked), else None."""
+        model = self.traj.model
+        U = int(getattr(model, "hidden_dim", 0) or 0)
+        if U <= 0 or self.H % U or any(R % U for R in self.slot_sizes.values()):
+            return None
+        Ob = self.H // U
+        primal = self._primal()
+        D = {}
+        for s, R in self.slot_sizes.items():
+            G = R // U
+            cols = []
+            for g in range(G):
+                t = {q: torch.zeros_like(v) for q, v in primal.items()}
+                t[s][:, g * U:(g + 1) * U] = 1.0
+                cols.append(jvp(self._post, (primal,), (t,))[1].reshape(self.N, Ob, U))
+            D[s] = torch.stack(cols, 2).detach()  # [N, Ob, G, U]
+        # verify the structure with one random JVP (a cell whose unit j reads other units fails here)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        Z = {s: torch.randn(1, self.N, R, generator=gen, dtype=self.traj.dtype).to(self.traj.device)
+             for s, R in self.slot_sizes.items()}
+        ref = jvp(self._post, (primal,), ({s: z[0] for s, z in Z.items()},))[1]
+        got = self._structured_M(D, Z)[0]
+        if float((got - ref).norm()) > 1e-6 * float(ref.norm().clamp_min(1e-30)):
+            return None
+        return D
+
+    def _structured_M(self, D, Z):
+        k = next(iter(Z.values())).shape[0]
+        out = None
+        for s, Ds in D.items():
+            _, Ob, G, U = Ds.shape
+            Zs = Z[s].reshape(k, self.N, 1, G, U)
+            for g in range(G):  # a loop over gates avoids a [k, N, Ob, G, U] intermediate
+                term = Ds[:, :, g] * Zs[:, :, :, g]  # [k, N, Ob, U]
+                out = term if out is None else out + term
+        return out.reshape(k, self.N, self.H)
 
     def M(self, Z: dict[str, torch.Tensor]) -> torch.Tensor:
         """``Σ_s M_s Z_s`` for slot tangents ``[k, N, R_s]`` -> ``[k, N, H]``."""
-        if self.elementwise:
-            (s,) = self.slots
-            return self._m * Z[s]
-        return vmap(lambda z: jvp(self._post, (self._primal(),), (z,))[1])(Z)
+        if self.structured:
+            return self._structured_M(self._D, Z)
+        # probes folded into the batch axis (forward-mode AD under vmap is slower on CPU)
+        k = next(iter(Z.values())).shape[0]
+        rep = {s: _rep(v, k) for s, v in self._slot_values.items()}
+        zr, xr = _rep(self._zp, k), _rep(self._x, k)
+
+        def f(sub):
+            return self.traj.model.post({**rep, **sub}, zr, xr)
+
+        primal = {s: rep[s] for s in self.slots}
+        tangent = {s: Z[s].reshape(k * self.N, -1) for s in self.slots}
+        return jvp(f, (primal,), (tangent,))[1].reshape(k, self.N, -1)
 
     def M_adjoint(self, Y: torch.Tensor) -> dict[str, torch.Tensor]:
         """``M_s* Y`` for every slot, ``Y`` ``[k, N, H]`` -> ``{slot: [k, N, R_s]}``."""
-        if self.elementwise:
-            (s,) = self.slots
-            return {s: self._m * Y}
+        if self.structured:
+            k = Y.shape[0]
+            out = {}
+            for s, Ds in self._D.items():
+                _, Ob, G, U = Ds.shape
+                Yr = Y.reshape(k, self.N, Ob, 1, U)
+                Zs = Ds[:, 0:1] * Yr[:, :, 0:1]  # [k, N, 1, G, U]
+                for o in range(1, Ob):
+                    Zs = Zs + Ds[:, o:o + 1] * Yr[:, :, o:o + 1]
+                out[s] = Zs.reshape(k, self.N, G * U)
+            return out
         _, pullback = vjp(self._post, self._primal())
         return vmap(lambda y: pullback(y)[0])(Y)
 
@@ -154,9 +209,8 @@ class KroneckerCore:
 
     def _site_sq_norms(self) -> dict[str, torch.Tensor]:
         """``‖M_{s,n}‖_F²`` for every slot and site: ``{slot: [N]}``."""
-        if self.elementwise:
-            (s,) = self.slots
-            return {s: (self._m ** 2).sum(-1)}
+        if self.structured:
+            return {s: (Ds ** 2).flatten(1).sum(1) for s, Ds in self._D.items()}
         out = {}
         for s, R in self.slot_sizes.items():
             acc = torch.zeros(self.N, dtype=self.traj.dtype, device=self.traj.device)
@@ -177,12 +231,15 @@ class KroneckerCore:
         return float(sum(((self._U[s] ** 2).sum(1) * norms[s]).sum() for s in self.slots))
 
     def frobenius_norm(self) -> float:
-        """Exact ``‖K‖_F`` (no probes; O(N² H) for elementwise cells)."""
-        if self.elementwise:
-            (s,) = self.slots
-            G = self.slot_gram(s)
-            m2 = self._m ** 2
-            return float(((G ** 2) * (m2 @ m2.T)).sum().clamp_min(0).sqrt())
+        """Exact ``‖K‖_F`` (no probes; O(N² · gates² · U) for unit-structured cells)."""
+        if self.structured:
+            total = torch.zeros((), dtype=self.traj.dtype, device=self.traj.device)
+            for s, Ds in self._D.items():
+                for s2, Ds2 in self._D.items():
+                    # b_n[g, g', j] = Σ_o D_s[n,o,g,j] D_s'[n,o,g',j]: the unit-diagonal blocks of M_sᵀ M_s'
+                    b = torch.einsum("nogj,nohj->nghj", Ds, Ds2).reshape(self.N, -1)
+                    total = total + (self.slot_gram(s) * self.slot_gram(s2) * (b @ b.T)).sum()
+            return float(total.clamp_min(0).sqrt())
         Ms = {s: self._site_jacobians(s) for s in self.slots}
         total = torch.zeros((), dtype=self.traj.dtype, device=self.traj.device)
         for s in self.slots:

@@ -69,6 +69,22 @@ class ParamLayout:
         return f"ParamLayout({', '.join(f'{n}{list(s)}' for n, s in self.shapes.items())}; numel={self.numel})"
 
 
+def _rep(t: torch.Tensor, k: int) -> torch.Tensor:
+    """``t`` [N, ...] repeated k times along the batch axis -> [k·N, ...] (probe-major)."""
+    return t.repeat(k, *([1] * (t.dim() - 1)))
+
+
+def step_jvp(model, params, z_prev: torch.Tensor, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``A V`` at sites ``(z_prev [N, H], x [N, I])`` for probes ``V`` [k, N, H].
+
+    The probes are folded into the batch axis (the step is evaluated at k copies of the sites)
+    instead of vmapped: forward-mode AD under ``vmap`` was measured 2-3x slower than this.
+    """
+    k, N, H = V.shape
+    zr, xr = _rep(z_prev, k), _rep(x, k)
+    return jvp(lambda z: model.step(params, z, xr), (zr,), (V.reshape(k * N, H),))[1].reshape(k, N, -1)
+
+
 class _TrajectoryOperator(LinearOperator):
     """Base of the operators built on a recorded trajectory (shared dtype/device/shape logic)."""
 
@@ -79,6 +95,9 @@ class _TrajectoryOperator(LinearOperator):
 
     def _vmap(self, fn):
         return vmap(fn, chunk_size=self.chunk_size)
+
+    def _chunks(self, X):
+        return (X,) if self.chunk_size is None else X.split(self.chunk_size)
 
 
 # ----------------------------------------------------------------------------- Jθ
@@ -200,13 +219,14 @@ def dense_step_jacobians(traj: Trajectory, chunk: int | None = None) -> torch.Te
         return model.step(params, z, x)
 
     N = B * T
-    chunk = chunk or max(1, min(H, (2**26) // max(1, N * H)))
+    chunk = chunk or max(1, min(H, (2**24) // max(1, N * H)))
     out = torch.empty(N, H, H, dtype=traj.dtype, device=traj.device)
     eye = torch.eye(H, dtype=traj.dtype, device=traj.device)
-    for j0 in range(0, H, chunk):
-        basis = eye[j0:j0 + chunk].unsqueeze(1).expand(-1, N, H)
-        cols = vmap(lambda v: jvp(f, (zp,), (v,))[1])(basis)  # [c, N, H_out]
-        out[:, :, j0:j0 + chunk] = cols.permute(1, 2, 0)
+    _, pullback = vjp(f, zp)
+    for i0 in range(0, H, chunk):  # rows i of every A[n], by VJPs with the basis e_i at all sites
+        basis = eye[i0:i0 + chunk].unsqueeze(1).expand(-1, N, H)
+        rows = vmap(lambda v: pullback(v)[0])(basis)  # [c, N, H_in]
+        out[:, i0:i0 + chunk, :] = rows.permute(1, 0, 2)
     return out.reshape(B, T, H, H)
 
 
@@ -223,11 +243,8 @@ class StepJacobians(_TrajectoryOperator):
             return torch.einsum("btij,kbtj->kbti", dense, Q)
         traj, k, (B, T, H) = self.traj, Q.shape[0], self.shape_in
         zp, x = traj.sites()
-
-        def f(z):
-            return traj.model.step(traj.params, z, x)
-
-        return self._vmap(lambda v: jvp(f, (zp,), (v,))[1])(Q.reshape(k, B * T, H)).reshape(Q.shape)
+        out = [step_jvp(traj.model, traj.params, zp, x, q) for q in self._chunks(Q.reshape(k, B * T, H))]
+        return torch.cat(out, 0).reshape(Q.shape)
 
     def _rmatmat(self, Y):
         dense = self.cache.get(Y.shape[0])
@@ -275,7 +292,8 @@ class Propagator(_TrajectoryOperator):
 
     def _matmat(self, Q):
         dense = self.cache.get(Q.shape[0])
-        prev = self.traj.prev_states
+        traj = self.traj
+        prev = traj.prev_states
         out = torch.empty_like(Q)
         d = Q[:, :, 0]
         out[:, :, 0] = d
@@ -283,9 +301,8 @@ class Propagator(_TrajectoryOperator):
             if dense is not None:
                 Ad = torch.einsum("bij,kbj->kbi", dense[:, t], d)
             else:
-                f = self._step_fns(t)
-                zp = prev[:, t]
-                Ad = self._vmap(lambda v, f=f, zp=zp: jvp(f, (zp,), (v,))[1])(d)
+                Ad = torch.cat([step_jvp(traj.model, traj.params, prev[:, t], traj.inputs[:, t], c)
+                                for c in self._chunks(d)], 0)
             d = Ad + Q[:, :, t]
             out[:, :, t] = d
         return out
