@@ -5,12 +5,16 @@ Per challenge: a *trivial* baseline (constant scores / the organisers' demo rule
 from kpflow recurrent models and gradient (empirical-NTK) features:
 
 * ``SequenceAutoencoder``: kpflow ``GRU`` encoder -> code (its readout) -> kpflow ``GRU`` decoder
-  fed the code at every step -> readout = reconstruction. Trained on normal data only.
+  fed the code at every step -> readout = reconstruction. Sequences: GW windows as 20 frames of 10
+  samples x 2 detectors; butterfly images as 16 rows of 16 RGB pixels. Trained on normal data
+  (background / non-hybrids); for GW also a GWAK-style autoencoder of the signal classes, whose
+  negated reconstruction error is the score (windows it reconstructs well look like signals).
 * Scores of a window x with scalar loss ``f(x; θ) = mean (x − x̂)²``:
   ``recon`` = f(x); ``ntk_diag`` = Θ(x, x) = ‖∂f/∂θ‖² (the empirical NTK diagonal, GradNorm-like);
   ``ntk_residual`` = ‖(I − V_k V_kᵀ) φ(x)‖² / ‖φ(x)‖² with φ = ∂f/∂θ and V_k the top-k eigen-directions
   of the background NTK (right singular vectors of the background gradient-feature matrix Φ, whose
-  Gram Φ Φᵀ is the NTK Gram matrix) — the GradPCA idea (Seleznova et al. 2025).
+  Gram Φ Φᵀ is the NTK Gram matrix) — the GradPCA idea (Seleznova et al. 2025). θ here is the
+  decoder's parameters (features stop at the code, which keeps them cheap).
 * Sea level: a kpflow ``GRU`` classifier over the last 7 days of station-local SLA, thresholds per
   station tuned for F1 on the training years.
 
@@ -55,6 +59,23 @@ def gw_band_features(x: np.ndarray, bands: int = 25) -> np.ndarray:
     return np.concatenate([np.log(power.reshape(len(x), -1) + 1e-8), corr, peak], 1)
 
 
+def gw_frames(x: np.ndarray, frame: int = 10) -> np.ndarray:
+    """[N, 200, 2] windows -> [N, 20, 2 * frame] sequences of 10-sample frames of both detectors."""
+    x = np.asarray(x, dtype=np.float32)
+    n, t, d = x.shape
+    return x.reshape(n, t // frame, frame * d)
+
+
+def gw_spectrogram(x: np.ndarray, frame: int = 40, hop: int = 10, bands: int = 7) -> np.ndarray:
+    """[N, 200, 2] windows -> [N, 17, 2 * bands] log band powers of Hann-windowed 40-sample frames."""
+    x = np.asarray(x, dtype=np.float64)
+    starts = range(0, x.shape[1] - frame + 1, hop)
+    frames = np.stack([x[:, s:s + frame] for s in starts], 1) * np.hanning(frame)[None, None, :, None]
+    power = np.abs(np.fft.rfft(frames, axis=2)) ** 2                    # [N, F, 21, 2]
+    power = power[:, :, :3 * bands].reshape(len(x), len(starts), bands, 3, 2).mean(3)
+    return np.log(power + 1e-6).reshape(len(x), len(starts), -1).astype(np.float32)
+
+
 def image_features(image, size: int = 16) -> np.ndarray:
     """A PIL image resized to ``size`` x ``size``, RGB in [0, 1], flattened row-major."""
     return np.asarray(image.convert("RGB").resize((size, size)), dtype=np.float32).reshape(-1) / 255.0
@@ -83,6 +104,18 @@ def _torch():
     import torch
 
     return torch
+
+
+class single_thread:
+    """Run small models on one intra-op thread (much faster than spinning threads for tiny ops)."""
+
+    def __enter__(self):
+        torch = _torch()
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        _torch().set_num_threads(self.before)
 
 
 class SequenceAutoencoder:
@@ -204,11 +237,15 @@ class AutoencoderScorer:
         tensors = load_file(str(self.folder / "weights.safetensors"))
         self.model.load_state_dict(tensors)
         self.directions = tensors["ntk_directions"]
+        self.input_mean, self.input_std = tensors.get("input_mean"), tensors.get("input_std")
         return self
 
     def scores(self, sequences: np.ndarray) -> np.ndarray:
         torch = _torch()
+        torch.set_num_threads(1)  # runs inside the submission's own process
         x = torch.as_tensor(np.asarray(sequences, dtype=np.float32))
+        if self.input_mean is not None:
+            x = (x - self.input_mean) / self.input_std
         params = self.model.params()
         if self.score_name in ("recon", "neg_recon"):
             with torch.no_grad():
@@ -302,11 +339,11 @@ def _write_submission(folder: Path, model_py: str, npz: dict | None = None) -> P
 
 
 def _save_autoencoder(folder: Path, model: SequenceAutoencoder, directions, score: str, title: str, arg: str,
-                      body: str, extra_import: str = "") -> Path:
+                      body: str, extra_import: str = "", stats: dict | None = None) -> Path:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({**model.state_dict(), "ntk_directions": directions.contiguous()},
+    save_file({**model.state_dict(), "ntk_directions": directions.contiguous(), **(stats or {})},
               str(folder / "weights.safetensors"))
     atomic_write_json(folder / "config.json", {"input_dim": model.input_dim, "hidden": model.hidden,
                                                "code": model.code, "score": score})
@@ -338,17 +375,110 @@ def build_gw(challenge_dir: Path, out: Path, quick: bool = False, seed: int = 0,
     subs["pca_residual"] = _write_submission(out / "pca_residual", _NUMPY_MODEL_PY.format(
         title="PCA residual of log band powers", arg="X", body=_GW_PCA_BODY), pca_fit(features, k=8))
     steps = 40 if quick else 300
-    body = "        return self.scorer.scores(np.asarray(X, dtype=np.float32)[:, ::2])"
-    model, directions, _ = _fit_autoencoder(background[:, ::2], steps, 128 if quick else 384, 32, seed, progress)
+    torch = _torch()
+    spec_bg = gw_spectrogram(background)
+    stats = {"input_mean": torch.as_tensor(spec_bg.mean((0, 1))), "input_std": torch.as_tensor(spec_bg.std((0, 1)))}
+    standardised = (spec_bg - stats["input_mean"].numpy()) / stats["input_std"].numpy()
+    body = "        return self.scorer.scores(gw_spectrogram(X))"
+    model, directions, _ = _fit_autoencoder(standardised, steps, 128 if quick else 384, 32, seed, progress)
     for score in ("recon", "ntk_diag", "ntk_residual"):
         subs[f"kpflow_{score}"] = _save_autoencoder(out / f"kpflow_{score}", model, directions, score,
-                                                    "gravitational waves, trained on background", "X", body)
-    # GWAK-style: an autoencoder of the signal classes; windows it reconstructs well are signal-like
+                                                    "gravitational waves, trained on background", "X", body,
+                                                    extra_import=", gw_spectrogram", stats=stats)
+    # supervised: a kpflow GRU classifier of background vs the training signals (as the winning entries)
     signals = normalise(np.concatenate([np.load(train / "bbh.npy"), np.load(train / "sglf.npy")]))
-    model, directions, _ = _fit_autoencoder(signals[:, ::2], steps, 16, 4, seed, progress)
-    subs["kpflow_signal_ae"] = _save_autoencoder(out / "kpflow_signal_ae", model, directions, "neg_recon",
-                                                 "gravitational waves, trained on signals", "X", body)
+    x = np.concatenate([standardised, (gw_spectrogram(signals) - stats["input_mean"].numpy())
+                        / stats["input_std"].numpy()])
+    y = np.r_[np.zeros(len(standardised)), np.ones(len(signals))]
+    subs["kpflow_gru_classifier"] = _train_classifier(out / "kpflow_gru_classifier", x, y, steps, seed, progress,
+                                                      stats, "gw_spectrogram(X)", "X", ", gw_spectrogram")
     return subs
+
+
+class SequenceClassifier:
+    """kpflow GRU over a sequence [B, T, I]; the readout of the last state is the logit(s)."""
+
+    def __init__(self, input_dim: int, outputs: int = 1, hidden: int = 32, seed: int = 0):
+        torch = _torch()
+        from kpflow.models import GRU
+
+        torch.manual_seed(seed)
+        self.gru = GRU(input_dim, hidden, output_dim=outputs)
+
+    def logits(self, x):
+        return self.gru(x)[1][:, -1]
+
+
+_CLASSIFIER_MODEL_PY = '''"""kpflow baseline: GRU sequence classifier trained on the training signals and background."""
+
+import os
+
+import numpy as np
+
+from kpflow.challenges.baselines import ClassifierScorer{extra_import}
+
+
+class Model:
+    def load(self):
+        self.scorer = ClassifierScorer(os.path.dirname(os.path.abspath(__file__))).load()
+
+    def predict(self, {arg}):
+        return self.scorer.scores({features})
+'''
+
+
+class ClassifierScorer:
+    """Loads a SequenceClassifier (+ input standardisation); scores = its logit."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def load(self):
+        from safetensors.torch import load_file
+
+        torch = _torch()
+        torch.set_num_threads(1)  # runs inside the submission's own process
+        config = json.loads((self.folder / "config.json").read_text())
+        tensors = load_file(str(self.folder / "weights.safetensors"))
+        self.model = SequenceClassifier(config["input_dim"], 1, config["hidden"])
+        with torch.no_grad():
+            for k, v in self.model.gru.named_parameters():
+                v.copy_(tensors[k])
+        self.mean, self.std = tensors["input_mean"], tensors["input_std"]
+        return self
+
+    def scores(self, sequences) -> np.ndarray:
+        torch = _torch()
+        x = (torch.as_tensor(np.asarray(sequences, dtype=np.float32)) - self.mean) / self.std
+        with torch.no_grad():
+            return self.model.logits(x)[:, 0].numpy().astype(np.float64)
+
+
+def _train_classifier(folder: Path, x: np.ndarray, y: np.ndarray, steps: int, seed: int, progress: bool,
+                      stats: dict, features: str, arg: str, extra_import: str) -> Path:
+    """Balanced-BCE training of a SequenceClassifier; writes a submission folder."""
+    torch = _torch()
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+
+    clf = SequenceClassifier(x.shape[-1], 1, hidden=32, seed=seed)
+    xt, yt = torch.as_tensor(x, dtype=torch.float32), torch.as_tensor(y, dtype=torch.float32)
+    optimizer = torch.optim.Adam(clf.gru.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(seed)
+    pos_weight = torch.tensor(float((1 - y.mean()) / max(y.mean(), 1e-3)))
+    for _ in tqdm(range(steps), desc="train GRU classifier", disable=not progress, leave=False):
+        idx = torch.randint(0, len(xt), (64,), generator=generator)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(clf.logits(xt[idx])[:, 0], yt[idx],
+                                                                    pos_weight=pos_weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({**{k: v.detach().contiguous() for k, v in clf.gru.named_parameters()}, **stats},
+              str(folder / "weights.safetensors"))
+    atomic_write_json(folder / "config.json", {"input_dim": int(x.shape[-1]), "hidden": 32})
+    return _write_submission(folder, _CLASSIFIER_MODEL_PY.format(extra_import=extra_import, arg=arg,
+                                                                 features=features))
 
 
 def _butterfly_train(challenge_dir: Path):
@@ -430,6 +560,7 @@ class StationGRUScorer:
             for k, v in self.model.gru.named_parameters():
                 v.copy_(tensors[k])
         self.history: list[np.ndarray] = []
+        torch.set_num_threads(1)  # runs inside the submission's own process
         return self
 
     def flags(self, sla_day) -> list[int]:
@@ -499,4 +630,5 @@ def build_baselines(challenge_dir: Path, out: Path, quick: bool = False, seed: i
     from kpflow.challenges.common import check_challenge_folder
 
     name = check_challenge_folder(challenge_dir)["name"]
-    return BUILDERS[name](challenge_dir, out, quick=quick, seed=seed, progress=progress)
+    with single_thread():
+        return BUILDERS[name](challenge_dir, out, quick=quick, seed=seed, progress=progress)
