@@ -159,3 +159,21 @@ def test_print_defaults_round_trips_and_help_documents_shortening(tmp_path):
 def test_report_without_metrics_says_what_to_do(tmp_path):
     r = runner.invoke(app, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "kpflow analyze" in r.output
+
+
+def test_sweep_over_g_writes_table_figures_and_report(tmp_path):
+    cfg = write_config(tmp_path, **{"train.steps": 10, "train.checkpoint_every": 10, "model.hidden": 4,
+                                    "track.eval_batch": 2, "track.probes": 4})
+    r = invoke("sweep", cfg, "--gs", "0.5,2", "--seeds", "0", "-q")
+    assert r.exit_code == 0, r.output
+    sweep = tmp_path / "runs" / "tiny_sweep"
+    with open(sweep / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {float(r["g"]) for r in rows} == {0.5, 2.0}
+    assert all(math.isfinite(float(r["value"])) for r in rows)
+    html = (sweep / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == len(list((sweep / "figures").glob("*.png"))) == 2
+    for run in ("g0.5_s0", "g2_s0"):
+        assert (sweep / run / "report.html").is_file()
+    r = runner.invoke(app, ["sweep", str(cfg), "--gs", "a,b"])
+    assert r.exit_code == 2 and "comma-separated" in r.output

@@ -119,7 +119,9 @@ def reading(rows: list[dict], train_losses) -> list[str]:
         (_, _, _), (s1, a1, e1) = first_last("ntk_init_alignment")
         regime = "lazy (kernel) regime" if a1 > 0.9 else "rich (feature-learning) regime" if a1 < 0.5 else \
             "intermediate regime"
-        out.append(f"The NTK at step {s1} has cosine {_fmt(a1, e1)} with the NTK at initialisation: a {regime}.")
+        article = "an" if regime[0] in "aeiou" else "a"
+        out.append(f"The NTK at step {s1} has cosine {_fmt(a1, e1)} with the NTK at initialisation: {article} "
+                   f"{regime}.")
     if "misdirection" in S:
         (_, m0, _), (_, m1, _) = first_last("misdirection")
         out.append(f"Misdirection cos(PKP*, PP*) went from {m0:.3g} to {m1:.3g} (1 would mean K passes P's "

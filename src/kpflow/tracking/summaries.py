@@ -19,7 +19,7 @@ from kpflow.estimators.norms import sqrt_estimate
 from kpflow.operators import LinearOperator
 
 #: operators with at most this many input entries are summarised exactly from their dense matrix
-DENSE_MAX = 128
+DENSE_MAX = 64
 
 
 @dataclass(frozen=True)
