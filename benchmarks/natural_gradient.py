@@ -27,6 +27,7 @@ to ``benchmarks/natural_gradient.json``; the figure goes to ``benchmarks/natural
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -139,6 +140,10 @@ def summarize(m: Method, floor: float, window: int) -> dict:
     return out
 
 
+def ng_maker(model, **options):
+    return LowRankNaturalGradient(model, param_names=["W"], **options)
+
+
 def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -199,6 +204,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--ng-lr", type=float, default=0.5)
     ap.add_argument("--rank", type=int, default=2)
     ap.add_argument("--refresh-every", type=int, default=1)
+    ap.add_argument("--variants", default=None,
+                    help="extra NG settings run in the same lockstep, 'rank:refresh_every,...' "
+                         "(default: 1:1,1:3,2:3 in the full run, none with --quick)")
     ap.add_argument("--floor", type=float, default=1e-2, help="loss floor as a fraction of the initial loss")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -209,6 +217,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     quick = dict(steps=80, hidden=8, seq_len=25, batch=8)
     full = dict(steps=300, hidden=16, seq_len=40, batch=16)
+    if args.variants is None and not args.quick:
+        args.variants = "1:1,1:3,2:3"
     size = {k: (getattr(args, k) if getattr(args, k) is not None else (quick if args.quick else full)[k])
             for k in quick}
     torch.set_num_threads(args.threads)
@@ -224,9 +234,14 @@ def main(argv=None) -> dict:
     makers = {
         "sgd": lambda m: torch.optim.SGD([m.cell.W], lr=args.sgd_lr),
         "adam": lambda m: torch.optim.Adam([m.cell.W], lr=args.adam_lr),
-        "ng": lambda m: LowRankNaturalGradient(m, lr=args.ng_lr, rank=args.rank, param_names=["W"],
-                                               refresh_every=args.refresh_every, seed=args.seed),
+        "ng": functools.partial(ng_maker, lr=args.ng_lr, rank=args.rank, refresh_every=args.refresh_every,
+                                seed=args.seed),
     }
+    variants = [] if not args.variants else [tuple(int(v) for v in item.split(":")) for item in
+                                             args.variants.split(",")]
+    for rank, every in variants:
+        makers[f"ng_r{rank}_k{every}"] = functools.partial(ng_maker, lr=args.ng_lr, rank=rank,
+                                                           refresh_every=every, seed=args.seed)
     methods = [Method(name, student(), inputs, targets, make) for name, make in makers.items()]
     bar = range(steps)
     if not args.no_progress:
@@ -269,9 +284,12 @@ def main(argv=None) -> dict:
     title = (f"student-teacher pitchfork: H={H}, T={T}, B={B}, g {args.g_student} → g* {args.g_teacher}; "
              f"SGD lr {args.sgd_lr}, Adam lr {args.adam_lr}, low-rank NG r={args.rank} lr {args.ng_lr}")
     figure(methods, summary, args.figure, title)
-    for name in ("sgd", "adam", "ng"):
+    for m in methods[3:]:
+        for key in ("time_per_step_over_sgd", "peak_spike", "steps_to_floor", "extra_products_per_step"):
+            headline[f"{m.name}_{key}"] = summary[m.name][key]
+    for name in [m.name for m in methods]:
         s = summary[name]
-        print(f"{name:>4}: first bifurcation at step {s['first_bifurcation_step']}, peak spike "
+        print(f"{name:>9}: first bifurcation at step {s['first_bifurcation_step']}, peak spike "
               f"{s['peak_spike']:.4g} ({s['peak_spike_rel']:.3g} of L0), floor at step {s['steps_to_floor']}, "
               f"final loss {s['final_loss']:.3g}, {1e3 * s['time_per_step']:.1f} ms/step")
     print(f"figure: {args.figure}\njson: {args.out}")

@@ -422,7 +422,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         power_iters: int = 0,
         warmup_iters: int = 2,
         oversample: int = 0,
-        trust_region: float | None = 0.5,
+        trust_region: float | None = 0.25,
         complement: str = "nystrom",
         form: str = "auto",
         param_names: Sequence[str] | None = None,
