@@ -5,12 +5,21 @@ from .bifurcations import (
     BifurcationHistory,
     BifurcationScan,
     bialternate_product,
+    bifurcation_test_functions,
     check_same_architecture,
     classify_crossing,
     find_bifurcations,
     interpolate_params,
-    test_functions,
     track_bifurcations,
+)
+from .channels import (
+    ChannelDecomposition,
+    JacobianSummary,
+    NormalFormMatch,
+    bifurcation_channel,
+    critical_subspace,
+    jacobian_summary,
+    normal_form_match,
 )
 from .fixedpoints import (
     ConstantInputMap,
@@ -39,8 +48,10 @@ from .normal_forms import (
 )
 
 __all__ = [
+    "ChannelDecomposition", "JacobianSummary", "NormalFormMatch", "bifurcation_channel", "critical_subspace",
+    "jacobian_summary", "normal_form_match",
     "BifurcationEvent", "BifurcationHistory", "BifurcationScan", "bialternate_product", "check_same_architecture",
-    "classify_crossing", "find_bifurcations", "interpolate_params", "test_functions", "track_bifurcations",
+    "classify_crossing", "find_bifurcations", "interpolate_params", "bifurcation_test_functions", "track_bifurcations",
     "ConstantInputMap", "FixedPoints", "NoFixedPointError", "classify_spectrum", "constant_input_map",
     "eig_with_left", "find_fixed_points", "newton_polish", "stability_margin",
     "NORMAL_FORMS", "AmplificationLandscape", "FlipMap", "NeimarkSackerMap", "NormalFormMap", "PitchforkMap",

@@ -47,8 +47,8 @@ from .fixedpoints import (
 
 __all__ = [
     "BifurcationEvent", "BifurcationScan", "BifurcationHistory", "check_same_architecture",
-    "interpolate_params", "test_functions", "bialternate_product", "find_bifurcations", "track_bifurcations",
-    "classify_crossing",
+    "interpolate_params", "bifurcation_test_functions", "bialternate_product", "find_bifurcations",
+    "track_bifurcations", "classify_crossing",
 ]
 
 
@@ -86,7 +86,7 @@ def bialternate_product(A: torch.Tensor) -> torch.Tensor:
     return App * Aqs - Aps * Aqp
 
 
-def test_functions(lam: torch.Tensor, is_flow: bool) -> dict[str, float]:
+def bifurcation_test_functions(lam: torch.Tensor, is_flow: bool) -> dict[str, float]:
     """Classical bifurcation test functions evaluated from a spectrum ``lam`` ([H], complex).
 
     Maps: ``fold = det(A − I) = Π(λ−1)``, ``flip = det(A + I) = Π(λ+1)``,
@@ -282,7 +282,7 @@ class _Corrector:
     def correct(self, s: float, z_pred: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor | None:
         """Newton at ``s`` from ``z_pred``; None if it fails or jumps farther than allowed from ``z_ref``."""
         fm = self.at(s)
-        z, q = newton_polish(fm, z_pred.unsqueeze(0), steps=40, tol=self.tol, max_step=self.jump)
+        z, q = newton_polish(fm, z_pred.unsqueeze(0), steps=12, tol=self.tol, max_step=self.jump, max_halvings=10)
         ok = bool(torch.isfinite(q).all()) and float(q[0]) <= 0.5 * self.tol ** 2 * 4
         if not ok:
             return None
@@ -340,7 +340,7 @@ def _make_event(cor: _Corrector, s: float, bracket, z: torch.Tensor, source: str
 
 
 def _continue(cor: _Corrector, z0: torch.Tensor, s0: float, s1: float, n_substeps: int, s_tol: float,
-              zero_tol: float, max_halvings: int = 12) -> _Branch:
+              zero_tol: float, max_halvings: int = 5) -> _Branch:
     """Follow one fixed point from ``s0`` to ``s1`` (either direction), locating crossings and its end."""
     direction = 1.0 if s1 >= s0 else -1.0
     ds_full = abs(s1 - s0) / max(1, n_substeps)

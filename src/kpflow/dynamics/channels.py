@@ -219,7 +219,8 @@ def bifurcation_channel(traj, critical_vector: torch.Tensor, rank: int | None = 
             orthonormal basis ``[H, r_s]``.
         rank: channel rank (default 1 for a real direction, 2 for a complex pair).
         totals: ``"exact"`` (``jacobian_summary``: every column of ``J``), a precomputed
-            ``JacobianSummary``, or ``"dense"`` (``Θ.to_dense()`` — small problems only).
+            ``JacobianSummary``, a ``(tr Θ, ‖Θ‖_F)`` pair (e.g. randomized estimates), or
+            ``"dense"`` (``Θ.to_dense()`` — small problems only).
     """
     from kpflow.kernels import ntk, state_jacobian
 
@@ -254,6 +255,8 @@ def bifurcation_channel(traj, critical_vector: torch.Tensor, rank: int | None = 
     spatial_total = float(torch.diagonal(M).sum())
     if isinstance(totals, JacobianSummary):
         tr, fro, how = totals.trace, totals.frobenius, "exact"
+    elif isinstance(totals, tuple) and len(totals) == 2:
+        tr, fro, how = float(totals[0]), float(totals[1]), "given"
     elif totals == "exact":
         s = jacobian_summary(traj, param_names, chunk_size, max_params)
         tr, fro, how = s.trace, s.frobenius, "exact"

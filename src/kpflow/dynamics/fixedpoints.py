@@ -16,6 +16,7 @@ Points whose speed stays above the fixed-point tolerance but below ``slow_q`` ar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -291,11 +292,11 @@ def spectra(fmap: ConstantInputMap, points: torch.Tensor, tol: float = 1e-9):
 
 # ------------------------------------------------------------------------------------------ solver
 def newton_polish(fmap: ConstantInputMap, z: torch.Tensor, steps: int = 30, tol: float = 1e-13,
-                  max_step: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_step: float | None = None, max_halvings: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
     """Damped Newton on ``F(z) − z = 0`` for every row of ``z`` (in the map's dtype).
 
     Solves ``(A − I) δ = −(F(z) − z)`` (least squares where ``A − I`` is singular), then halves the
-    step until the residual norm decreases (at most 30 halvings); rows that cannot improve stop.
+    step until the residual norm decreases (at most ``max_halvings``); rows that cannot improve stop.
     ``max_step`` caps ‖δ‖ (keeps continuation on its branch). Returns the points and their speeds.
     """
     z = z.detach().clone()
@@ -321,7 +322,7 @@ def newton_polish(fmap: ConstantInputMap, z: torch.Tensor, steps: int = 30, tol:
         improved = torch.zeros(idx.shape[0], dtype=torch.bool, device=z.device)
         z_new, r_new = z[idx].clone(), r[idx].clone()
         with torch.no_grad():
-            for _ in range(30):
+            for _ in range(max_halvings):
                 todo = ~improved
                 if not bool(todo.any()):
                     break
@@ -426,6 +427,7 @@ def find_fixed_points(
     lr: float = 1e-2,
     tol_q: float = 1e-20,
     adam_tol: float = 1e-10,
+    adam_round: int = 200,
     newton_steps: int = 30,
     slow_points: bool = False,
     slow_q: float = 1e-4,
@@ -448,9 +450,11 @@ def find_fixed_points(
             ``[B, T, H]`` states); ``n_starts`` of them are sampled. Gaussian starts when omitted.
         params: cell parameters to analyse instead of the model's own.
         noise_scale: standard deviation of noise added to the starts.
-        max_iters, lr, adam_tol: the Adam stage on ``q`` (stops once every ``q < adam_tol``; Newton
-            takes it from there). ``tol_q``: a point is *fixed* when ``q ≤ tol_q``
-            after the Newton polish (``newton_steps`` damped steps, float64 by default).
+        max_iters, lr, adam_tol, adam_round: the Adam stage on ``q``: rounds of ``adam_round``
+            iterations (at most ``max_iters`` in all), each followed by a Newton polish that retires
+            the starts it converges; a round also ends once every ``q < adam_tol``.
+        tol_q: a point is *fixed* when ``q ≤ tol_q`` after the Newton polish (``newton_steps``
+            damped steps, float64 by default).
         slow_points: also keep minima with ``tol_q < q ≤ slow_q`` (labelled ``is_slow``).
         unique_tol: relative distance under which two points are one.
         exclude_outliers: drop points farther than ``outlier_distance_scale`` × the largest
@@ -467,12 +471,31 @@ def find_fixed_points(
     z0 = _initial_states(fmap, initial_states, n_starts, noise_scale, g)
     if z0.shape[0] == 0:
         raise ValueError("no initial states to start from (initial_states is empty and n_starts is 0)")
-    z_adam, q_adam = _adam_minimise_q(fmap, z0, max_iters, lr, adam_tol, progress) if max_iters > 0 else (
-        z0, fmap.speed(z0).detach())
-    z_newton, q_newton = newton_polish(fmap, z_adam, steps=newton_steps, tol=(2 * tol_q) ** 0.5)
-    better = q_newton <= q_adam
-    z = torch.where(better.unsqueeze(-1), z_newton, z_adam)
-    q = torch.where(better, q_newton, q_adam)
+    # Rounds of (Newton polish -> Adam on the starts Newton could not converge). Converged starts
+    # leave the pool; Adam moves the others towards minima of q (fixed points or slow points).
+    z = z0.clone()
+    with torch.no_grad():
+        q = fmap.speed(z)
+    done = torch.zeros(z.shape[0], dtype=torch.bool, device=z.device)
+    n_rounds = max(1, math.ceil(max_iters / adam_round)) if max_iters > 0 else 0
+    rounds = range(n_rounds + 1)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc="fixed points (Newton/Adam rounds)", leave=False)
+    for r in rounds:
+        idx = torch.nonzero(~done).flatten()
+        zn, qn = newton_polish(fmap, z[idx], steps=newton_steps, tol=(2 * tol_q) ** 0.5)
+        conv = torch.isfinite(qn) & (qn <= tol_q)
+        z[idx[conv]], q[idx[conv]] = zn[conv], qn[conv]
+        done[idx[conv]] = True
+        if r == n_rounds or bool(done.all()):
+            better = ~conv & torch.isfinite(qn) & (qn < q[idx])
+            z[idx[better]], q[idx[better]] = zn[better], qn[better]
+            break
+        idx = torch.nonzero(~done).flatten()
+        za, qa = _adam_minimise_q(fmap, z[idx], adam_round, lr, adam_tol, False)
+        z[idx], q[idx] = za, qa
     finite = torch.isfinite(q) & torch.isfinite(z).all(-1)
     is_fixed = finite & (q <= tol_q)
     keep = is_fixed | (finite & (q <= slow_q) if slow_points else is_fixed)
