@@ -455,3 +455,33 @@ def test_registered_for_configs_and_trains_with_checkpoints(tmp_path):
           out_dir=tmp_path, progress=False)
     assert opt2._st["steps"] == 4
     assert torch.allclose(opt2._st["eig_basis"], opt._st["eig_basis"])
+
+
+@pytest.mark.parametrize("B,T", [(1, 3), (3, 4)])
+def test_output_space_full_rank_is_exact_gauss_newton_of_the_readout_loss(B, T):
+    from kpflow.models import VanillaRNN
+
+    torch.manual_seed(3)
+    model = VanillaRNN(1, 2, 2, dtype=D)
+    inputs = torch.randn(B, T, 1, dtype=D, generator=gen(4))
+    targets = torch.randn(B, T, 2, dtype=D, generator=gen(5))
+    names = ["W", "U", "b"]
+    C = model.readout.weight.detach()
+    Jm = dense_jacobian(model, inputs, names)  # [B*T*H, P]
+    G = torch.einsum("oh,nhp->nop", C, Jm.reshape(B * T, 2, -1)).reshape(B * T * 2, -1)  # C J
+    y = model(inputs)[1].detach().requires_grad_(True)
+    loss = ((y - targets) ** 2).mean()
+    (e_y,) = torch.autograd.grad(loss, y)
+    c = float(e_y.pow(2).sum()) / (2 * float(loss.detach()))
+    assert c == pytest.approx(2 / (B * T * 2))  # the MSE's Hessian in output space
+    ref = -torch.linalg.pinv(G) @ (e_y.reshape(-1) / c)  # Gauss–Newton step of the readout loss
+    full = min(8, B * T * 2)
+    lam = 1e-9
+    smin2 = float(torch.linalg.svdvals(G)[full - 1]) ** 2
+    opt = LowRankNaturalGradient(model, lr=1.0, rank=full, damping=lam, adaptive_damping=False,
+                                 trust_region=None, space="output")
+    before = flat_params(model, names)
+    opt.step(lambda: {"inputs": inputs, "targets": targets})
+    got = flat_params(model, names) - before
+    assert opt.last_stats["space"] == "output"
+    assert float((got - ref).norm()) <= (4 * lam / (c * smin2) + 1e-8) * float(ref.norm())

@@ -261,6 +261,7 @@ class CountingOperator(LinearOperator):
 FORMS = ("auto", "state", "parameter")
 JACOBIANS = ("unrolled", "kernels")
 COMPLEMENTS = ("nystrom", "damping")
+SPACES = ("state", "output")
 
 
 def _kernel_jacobian(traj, param_names: Sequence[str]):
@@ -333,9 +334,11 @@ def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, 
         raise FloatingPointError("the model's states became non-finite on this batch; lower the learning rate "
                                  "or the damping's lower bound, or raise the trust_region clip")
     rp = {k: v.detach() for k, v in model.readout_params().items()}
-    with torch.enable_grad():  # one backward pass gives both e = ∂L/∂z and the gradient J* e
-        value = _loss_value(model.output(J._out, rp), targets, loss, mask)
-        e, *grads = torch.autograd.grad(value, [J._out, *J._leaves], retain_graph=True, allow_unused=True)
+    with torch.enable_grad():  # one backward pass gives e = ∂L/∂z, ∂L/∂y and the gradient J* e
+        y = model.output(J._out, rp)
+        value = _loss_value(y, targets, loss, mask)
+        e, e_y, *grads = torch.autograd.grad(value, [J._out, y, *J._leaves], retain_graph=True,
+                                             allow_unused=True)
     J.gradient = torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
                             for g, leaf in zip(grads, J._leaves, strict=True)])
     with torch.no_grad():
@@ -345,6 +348,7 @@ def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, 
                       param_names=tuple(names))
     traj.cache["unrolled_jacobian"] = J
     traj.cache["loss"] = loss
+    traj.cache["output_error"] = e_y.detach()
     return traj, J
 
 
@@ -393,7 +397,10 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             (Frangella, Tropp & Udell 2023); ``"damping"`` none, i.e. exactly ``(cΘ_r + λI)⁻¹``, whose
             complement step grows like 1/λ. Both are the exact Gauss–Newton step at full rank and
             gradient descent with step η/λ at rank 0.
-        form: ``"state"``, ``"parameter"`` or ``"auto"`` (the smaller of B·T·H and n_params).
+        space: where the Gauss–Newton metric lives: ``"state"`` (default; the sNTK ``Θ = J J*`` and
+            ``e = ∂L/∂z`` as above) or ``"output"`` (``G = C J``, the output NTK ``C Θ C*`` and
+            ``∂L/∂y``: the exact Gauss–Newton step of a loss on the readout).
+        form: ``"state"``, ``"parameter"`` or ``"auto"`` (the smaller of B·T·H (B·T·O) and n_params).
         param_names: which cell parameters to train (default all of ``model.cell_params()``).
         readout_lr: learning rate of plain gradient steps on the readout (None = the readout is
             not touched by this optimizer; pair it with another one if it should train).
@@ -424,6 +431,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         oversample: int = 0,
         trust_region: float | None = 0.25,
         complement: str = "nystrom",
+        space: str = "state",
         form: str = "auto",
         param_names: Sequence[str] | None = None,
         readout_lr: float | None = None,
@@ -463,6 +471,9 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         if complement not in COMPLEMENTS:
             raise ValueError(f"complement={complement!r} is invalid; use one of {COMPLEMENTS}")
         self.complement = complement
+        if space not in SPACES:
+            raise ValueError(f"space={space!r} is invalid; use one of {SPACES}")
+        self.space = space
         self.curvature = curvature
         self.adaptive_damping = bool(adaptive_damping)
         self.damping_bounds = (float(damping_bounds[0]), float(damping_bounds[1]))
@@ -599,18 +610,25 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             rho = lm.update(loss - st["pending_loss"], st["pending_predicted"])
             st["damping"] = lm.value
         lam = st["damping"]
-        J, grad = self._operators(traj)
-        if J.shape_in != (self.n_params,):
-            raise ShapeError(f"the Jacobian takes {J.shape_in}, expected the flat ({self.n_params},) vector of "
-                             f"the trained parameters {self.param_names}")
-        e = traj.error.detach().to(J.dtype)
+        counter, grad = self._operators(traj)
+        if counter.shape_in != (self.n_params,):
+            raise ShapeError(f"the Jacobian takes {counter.shape_in}, expected the flat ({self.n_params},) vector "
+                             f"of the trained parameters {self.param_names}")
+        if self.space == "output":  # residuals are the outputs: G = C J, error ∂L/∂y
+            from kpflow.kernels import readout_jacobian
+
+            J = readout_jacobian(traj) @ counter
+            e = _output_error(traj).to(J.dtype)
+        else:
+            J, e = counter, traj.error.detach().to(counter.dtype)
         n_state = J.size_out
         form = self._choose_form(n_state)
         rank = group["rank"]
         space_dim = n_state if form == "state" else self.n_params
         if rank > space_dim:
             raise ValueError(
-                f"rank {rank} is larger than the state dimension B·T·H = {n_state} of this batch; "
+                f"rank {rank} is larger than the {self.space} dimension B·T·{'H' if self.space == 'state' else 'O'}"
+                f" = {n_state} of this batch; "
                 f"use rank <= {space_dim} (or a larger batch, or form='parameter')"
             )
         c = _curvature(self.curvature, e, loss)
@@ -657,19 +675,34 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         st.update(eig_values=eig.eigenvalues.detach() if keep else None,
                   eig_basis=eig.basis.detach() if keep else None, eig_form=form if keep else None,
                   steps=st["steps"] + 1, pending_loss=loss, pending_predicted=predicted)
-        st["jvps"] += J.jvps
-        st["vjps"] += J.vjps
+        st["jvps"] += counter.jvps
+        st["vjps"] += counter.vjps
         seconds = time.perf_counter() - t0
         st["seconds"] += seconds
         self.last_stats = dict(
             loss=loss, form=form, rank=rank, damping=lam, rho=rho, curvature=c, refreshed=refresh,
-            jvps=J.jvps, vjps=J.vjps, products=J.jvps + J.vjps, extra_products=J.jvps + J.vjps - 1,
+            jvps=counter.jvps, vjps=counter.vjps, products=counter.jvps + counter.vjps,
+            extra_products=counter.jvps + counter.vjps - 1, space=self.space,
             step_norm=float(delta.norm()), clip_factor=clip, predicted_change=predicted,
             grad_norm=float(grad.norm()), eigenvalues=[float(v) for v in eig.eigenvalues] if keep else [],
             complement_floor=floor,
             seconds=seconds,
         )
         return torch.tensor(loss, dtype=torch.float64)
+
+
+def _output_error(traj) -> torch.Tensor:
+    """``∂L/∂y`` of the recorded loss (kept by ``record_for_step``, else recomputed from the outputs)."""
+    cached = traj.cache.get("output_error") if hasattr(traj, "cache") else None
+    if cached is not None:
+        return cached
+    from kpflow.kernels.trajectory import _loss_value
+
+    with torch.enable_grad():
+        y = traj.outputs.detach().clone().requires_grad_(True)
+        value = _loss_value(y, traj.targets, traj.cache.get("loss", "mse"), traj.mask)
+        (e_y,) = torch.autograd.grad(value, y)
+    return e_y
 
 
 def _is_batch(obj) -> bool:
