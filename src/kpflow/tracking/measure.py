@@ -8,7 +8,7 @@ trajectory (``kpflow.kernels``) in float64; their summaries come from ``kpflow.e
 * ``activity_dim`` — participation ratio ``tr(C)²/tr(C²)`` of the centred state covariance
   (stderr: bootstrap over trials);
 * ``{K, PPstar, NTK}_{trace, fro, erank}`` — of ``K = Jθ Jθ*``, ``P P*`` and ``Θ = P K P*`` on ``[B,T,H]``;
-  ``K`` is exact through the Kronecker core for cells with elementwise gates (vanilla / leaky RNN);
+  the trace, norm and erank of ``K`` are exact through the Kronecker core for weight-based cells;
 * ``{op}_erank_{temporal, spatial, trial}`` — effective rank of the compression onto one view
   (``kpflow.operators.view``: temporal keeps (trial, time), spatial keeps units, trial keeps trials);
 * ``ntk_init_alignment`` — ``cos(Θ, Θ₀)`` with ``Θ₀`` the NTK of the initial weights on the same batch;
@@ -77,13 +77,17 @@ def _mean_stat(x: torch.Tensor, method: str) -> Stat:
 
 
 def _k_stats(traj, K, param_names, probes, seed, exact_k: str) -> dict[str, Stat]:
-    use_core = supports_kronecker(traj.model) and (
-        exact_k == "always" or (exact_k == "auto" and getattr(kronecker_core(traj, param_names), "elementwise", False)))
-    if use_core:
-        core = kronecker_core(traj, param_names)
-        tr, fro = core.trace(), core.frobenius_norm()
-        return {"trace": Stat(tr, 0.0, "exact-kronecker"), "fro": Stat(fro, 0.0, "exact-kronecker"),
-                "erank": Stat(tr**2 / fro**2 if fro > 0 else 0.0, 0.0, "exact-kronecker")}
+    """Exact trace / norm / erank of K through the Kronecker core (weight-based cells), else estimated."""
+    if exact_k != "never" and supports_kronecker(traj.model):
+        try:
+            core = kronecker_core(traj, param_names)
+            tr, fro = core.trace(), core.frobenius_norm()
+        except MemoryError:
+            if exact_k == "always":
+                raise
+        else:
+            return {"trace": Stat(tr, 0.0, "exact-kronecker"), "fro": Stat(fro, 0.0, "exact-kronecker"),
+                    "erank": Stat(tr**2 / fro**2 if fro > 0 else math.nan, 0.0, "exact-kronecker")}
     return psd_stats(K, probes, seed)
 
 
