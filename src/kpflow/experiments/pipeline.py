@@ -15,7 +15,8 @@ from kpflow.training.config import RunConfig, dump_config, load_config, validate
 
 def prepare_run_dir(cfg: RunConfig, fresh: bool = False) -> Path:
     """Create ``<out>/<name>`` and write its config.yaml. An existing run with a *different* config is refused
-    (so checkpoints are never mixed); ``fresh`` deletes the folder first."""
+    (so checkpoints are never mixed; only the tracking settings and the device may change between calls);
+    ``fresh`` deletes the folder first."""
     run_dir = cfg.run_dir
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
@@ -23,7 +24,7 @@ def prepare_run_dir(cfg: RunConfig, fresh: bool = False) -> Path:
     path = run_dir / "config.yaml"
     if path.is_file():
         old = load_config(path)
-        if old.model_dump(exclude={"track"}) != cfg.model_dump(exclude={"track"}):
+        if old.model_dump(exclude={"track", "device"}) != cfg.model_dump(exclude={"track", "device"}):
             raise ValueError(f"{run_dir} already holds a run with a different configuration; choose another "
                              f"--name / --out, or pass --fresh to delete it")
     atomic_write_text(path, dump_config(cfg, "yaml"))
