@@ -497,7 +497,7 @@ def _butterfly_train(challenge_dir: Path):
 
 def build_butterfly(challenge_dir: Path, out: Path, quick: bool = False, seed: int = 0,
                     progress: bool = True) -> dict:
-    """Butterfly baselines: constant, PCA residual of 16x16 pixels, GRU-AE over image rows."""
+    """Butterfly baselines: constant, PCA residual of 16x16 pixels, GRU-AE over image rows, GRU classifier."""
     feats, labels = _butterfly_train(challenge_dir)
     normal = feats[labels == 0].astype(np.float64)
     out = Path(out)
@@ -513,6 +513,14 @@ def build_butterfly(challenge_dir: Path, out: Path, quick: bool = False, seed: i
         subs[f"kpflow_{score}"] = _save_autoencoder(out / f"kpflow_{score}", model, directions, score,
                                                     "butterflies", "image", body,
                                                     extra_import=", image_features")
+    # supervised: a kpflow GRU over image rows, trained on non-hybrids vs the one training hybrid type
+    torch = _torch()
+    all_rows = feats.reshape(len(feats), 16, 48).astype(np.float32)
+    stats = {"input_mean": torch.as_tensor(all_rows.mean((0, 1))), "input_std": torch.as_tensor(all_rows.std((0, 1)))}
+    standardised = (all_rows - stats["input_mean"].numpy()) / stats["input_std"].numpy()
+    subs["kpflow_gru_classifier"] = _train_classifier(
+        out / "kpflow_gru_classifier", standardised, labels.astype(np.float64), 40 if quick else 300, seed, progress,
+        stats, "image_features(image).reshape(1, 16, 48)", "image", ", image_features")
     return subs
 
 
