@@ -188,3 +188,19 @@ def test_participation_ratio_of_known_covariance():
     lam = s**2 / (N - 1)
     assert participation_ratio(X) == pytest.approx(float(lam.sum() ** 2 / (lam**2).sum()), rel=1e-10)
     assert Q.shape == (N, H + 1)
+
+
+@pytest.mark.parametrize("name", ["context_integration", "flipflop"])
+def test_recorded_error_is_the_gradient_of_the_training_loss(name):
+    """The direct error e the metrics use is ∂(task_loss)/∂z of the loss the trainer minimises (mask included)."""
+    from kpflow.kernels import record
+    from kpflow.tasks import make_task, task_loss
+    from kpflow.training import build_model
+
+    task = make_task(name, seq_len=8, **({"decision": 3} if name == "context_integration" else {}))
+    model = build_model("gru", task.input_dim, 5, task.output_dim, seed=0).double()
+    batch = task.sample(3, 0, dtype=torch.float64)
+    traj = record(model, batch.inputs, targets=batch.targets, loss=batch.loss, mask=batch.mask)
+    z = traj.states.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(task_loss(model.output(z), batch), z)
+    assert torch.allclose(traj.error, grad, atol=1e-12, rtol=1e-10)
