@@ -24,6 +24,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from kpflow.challenges.common import (
     ChallengeSpec,
@@ -207,6 +208,7 @@ def generate(out: Path, seed: int, scale: float) -> dict:
     names = [f"CAM{n:06d}_d.png" for n in rngs["names"].choice(900000, size=total, replace=False) + 10000]
     cursor = 0
     splits = {}
+    bar = tqdm(total=total, desc="draw butterflies", disable=None, leave=False)
     for split in ("train", "val", "test"):
         rng = rngs[split]
         rows = []
@@ -215,6 +217,7 @@ def generate(out: Path, seed: int, scale: float) -> dict:
                 hybrid = int(p1 != p2)
                 group = kind.split("_")[0] if split != "train" else ""
                 rows.append((render(rng, loci), species, ssp, p1, p2, hybrid, group))
+                bar.update()
         order = rng.permutation(len(rows))
         rows = [rows[i] for i in order]
         split_names = names[cursor:cursor + len(rows)]
@@ -232,6 +235,7 @@ def generate(out: Path, seed: int, scale: float) -> dict:
                       ["filename", "hybrid_stat", "ssp_indicator", "subspecies"],
                       [(nm, r[5], r[6], r[2]) for nm, r in zip(split_names, rows, strict=True)])
         splits[split] = f"{len(rows)} images (" + ", ".join(f"{k} {v}" for k, v in counts[split].items()) + ")"
+    bar.close()
     return {"splits": splits, "counts": counts, "shapes": {"image": [SIZE, SIZE, 3]}}
 
 

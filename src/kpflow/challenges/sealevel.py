@@ -30,6 +30,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from kpflow.challenges.common import (
     ChallengeSpec,
@@ -199,7 +200,7 @@ def generate(out: Path, seed: int, scale: float) -> dict:
     lo = n_train
     for phase in ("val", "test"):
         hi = lo + days[phase]
-        for d in range(lo, hi):
+        for d in tqdm(range(lo, hi), desc=f"write {phase} maps", disable=None, leave=False):
             atomic_write_bytes(out / "input_data" / phase / "maps" / f"{dates[d]:%Y%m%d}.nc",
                                netcdf_bytes(fields[d:d + 1], since[d:d + 1]))
         write_csv(out / "input_data" / phase / "stations.csv", header, station_rows)
