@@ -13,8 +13,6 @@ from kpflow.tasks import MultiTask, TaskBatch
 from kpflow.tracking import alignment_stat, interference_matrix, measure_checkpoint, participation_ratio, psd_stats
 from kpflow.tracking.summaries import DENSE_MAX
 
-torch.set_default_dtype(torch.float32)
-
 
 @pytest.fixture(autouse=True)
 def _one_thread():

@@ -9,6 +9,7 @@ import torch
 
 from kpflow.tasks import make_task, task_loss
 from kpflow.training import (
+    OPTIMIZERS,
     ConfigError,
     CorruptCheckpointError,
     CorruptCheckpointWarning,
@@ -143,8 +144,11 @@ def test_any_torch_optimizer_and_registered_ones(tmp_path):
             calls.append(batch.batch_size)
 
     register_optimizer("counting-sgd", lambda model, lr=0.1: Counting(model.parameters(), lr=lr))
-    cfg2 = validate_config({**tiny_config(steps=3).model_dump(), "optimizer": {"name": "counting-sgd", "lr": 0.1}})
-    run(cfg2, None)
+    try:
+        cfg2 = validate_config({**tiny_config(steps=3).model_dump(), "optimizer": {"name": "counting-sgd", "lr": 0.1}})
+        run(cfg2, None)
+    finally:
+        OPTIMIZERS.pop("counting-sgd")
     assert calls == [8, 8, 8]
 
 
