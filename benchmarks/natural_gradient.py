@@ -77,6 +77,25 @@ def make_problem(H, T, B, g_teacher, seed, dtype, device):
     return inputs, targets
 
 
+def make_study_problem(H, T, B, g_teacher, g_student, seed, dtype, device):
+    """The issue-6 study's student-teacher setup (``kpflow.experiments.bifurcation.build_student``):
+    input-driven tanh RNN, ``W = g W_base`` with W_base random orthogonal, teacher ``g* W_base``, frozen
+    input and readout weights, loss on the 1-D readout; here at size H and one fixed batch of B trials."""
+    from kpflow.experiments.bifurcation import bifurcation_config, build_student
+
+    cfg = bifurcation_config().model_copy(deep=True)
+    cfg.task.params.update(hidden=H, seq_len=T, g_teacher=g_teacher, teacher_seed=seed)
+    cfg.model.hidden, cfg.model.g = H, g_student
+    task, _ = build_student(cfg)
+    batch = task.sample(B, seed + 1, device=device, dtype=dtype)
+
+    def student():
+        _, model = build_student(cfg)
+        return model.to(device=device, dtype=dtype)
+
+    return student, batch.inputs, batch.targets
+
+
 def spectral_radius(W: torch.Tensor) -> float:
     return float(torch.linalg.eigvals(W.detach().double().cpu()).abs().max())
 
@@ -144,6 +163,7 @@ def ng_maker(model, **options):
     return LowRankNaturalGradient(model, param_names=["W"], **options)
 
 
+
 def atomic_write(path: Path, write) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
@@ -162,11 +182,15 @@ def figure(methods, summary, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    colors = {"sgd": "tab:red", "adam": "tab:blue"}
+    extra = iter(["tab:olive", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:gray"])
+    colors = {"sgd": "tab:red", "adam": "tab:blue", "ng": "tab:green"}
     for m in methods:
-        c = colors.get(m.name, "tab:green" if m.name == "ng" else "tab:olive")
+        colors.setdefault(m.name, next(extra, "k"))
+    for m in methods:
+        c = colors[m.name]
         s = summary[m.name]
-        label = f"{m.name} (spike {s['peak_spike']:.3g}, floor @ {s['steps_to_floor']})"
+        floor_at = s["steps_to_floor"] if s["steps_to_floor"] >= 0 else "never"
+        label = f"{m.name} (spike {s['peak_spike']:.3g}, floor at {floor_at})"
         ax1.semilogy(m.losses, color=c, label=label)
         ax2.plot(m.radius, color=c, label=m.name)
         if s["first_bifurcation_step"] is not None:
@@ -175,11 +199,15 @@ def figure(methods, summary, path: Path, title: str) -> None:
     ax1.set(xlabel="step", ylabel="loss (MSE to teacher states)", title="loss (dotted: first bifurcation)")
     ax1.legend(fontsize=8)
     ax2.axhline(1.0, color="k", ls="--", lw=0.8)
-    ax2.set(xlabel="step", ylabel="spectral radius of W", title="student crosses the pitchfork at 1")
+    top = max(max(r for r in m.radius if math.isfinite(r)) for m in methods)
+    ax2.set_ylim(0, min(top * 1.05, 3.0))
+    ax2.set(xlabel="step", ylabel="spectral radius of W (clipped at 3)",
+            title="student crosses the bifurcation at 1")
     ax2.legend(fontsize=8)
     names = [m.name for m in methods]
     ratios = [summary[n]["time_per_step_over_sgd"] for n in names]
-    ax3.bar(names, ratios, color=[colors.get(n, "tab:green" if n == "ng" else "tab:olive") for n in names])
+    ax3.bar(names, ratios, color=[colors[n] for n in names])
+    ax3.tick_params(axis="x", labelrotation=30)
     ax3.axhline(1.5, color="k", ls="--", lw=0.8, label="1.5× target")
     ax3.set(ylabel="wall time per step / SGD", title="cost per step (median over 10-step lockstep blocks)")
     ax3.legend(fontsize=8)
@@ -199,9 +227,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--g-teacher", type=float, default=1.2)
     ap.add_argument("--g-student", type=float, default=0.4)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sgd-lr", type=float, default=5.0)
-    ap.add_argument("--adam-lr", type=float, default=1e-2)
-    ap.add_argument("--ng-lr", type=float, default=0.5)
+    ap.add_argument("--setup", default="pitchfork", choices=["pitchfork", "study"],
+                    help="pitchfork: the free-running setup built here (default); study: the issue-6 study's "
+                         "input-driven student-teacher (kpflow.experiments.bifurcation)")
+    ap.add_argument("--sgd-lr", type=float, default=None, help="default 5 (pitchfork) / 0.2 (study)")
+    ap.add_argument("--adam-lr", type=float, default=None, help="default 0.01")
+    ap.add_argument("--ng-lr", type=float, default=None, help="default 0.5")
+    ap.add_argument("--space", default=None, choices=["state", "output"],
+                    help="NG metric: default state (pitchfork) / output (study)")
     ap.add_argument("--rank", type=int, default=2)
     ap.add_argument("--refresh-every", type=int, default=1)
     ap.add_argument("--variants", default=None,
@@ -226,21 +259,33 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     H, T, B, steps = size["hidden"], size["seq_len"], size["batch"], size["steps"]
-    inputs, targets = make_problem(H, T, B, args.g_teacher, args.seed, dtype, device)
+    study = args.setup == "study"
+    lrs = dict(sgd=0.2 if study else 5.0, adam=1e-2, ng=0.5)
+    for k, v in lrs.items():
+        if getattr(args, f"{k}_lr") is None:
+            setattr(args, f"{k}_lr", v)
+    if args.space is None:
+        args.space = "output" if study else "state"
+    if study:
+        student, inputs, targets = make_study_problem(H, T, B, args.g_teacher, args.g_student, args.seed,
+                                                      dtype, device)
+    else:
+        inputs, targets = make_problem(H, T, B, args.g_teacher, args.seed, dtype, device)
 
-    def student():
-        return make_rnn(H, args.g_student, args.seed + 100, dtype, device)
+        def student():
+            return make_rnn(H, args.g_student, args.seed + 100, dtype, device)
 
     makers = {
         "sgd": lambda m: torch.optim.SGD([m.cell.W], lr=args.sgd_lr),
         "adam": lambda m: torch.optim.Adam([m.cell.W], lr=args.adam_lr),
         "ng": functools.partial(ng_maker, lr=args.ng_lr, rank=args.rank, refresh_every=args.refresh_every,
+                                space=args.space,
                                 seed=args.seed),
     }
     variants = [] if not args.variants else [tuple(int(v) for v in item.split(":")) for item in
                                              args.variants.split(",")]
     for rank, every in variants:
-        makers[f"ng_r{rank}_k{every}"] = functools.partial(ng_maker, lr=args.ng_lr, rank=rank,
+        makers[f"ng_r{rank}_k{every}"] = functools.partial(ng_maker, lr=args.ng_lr, rank=rank, space=args.space,
                                                            refresh_every=every, seed=args.seed)
     methods = [Method(name, student(), inputs, targets, make) for name, make in makers.items()]
     bar = range(steps)
@@ -281,7 +326,7 @@ def main(argv=None) -> dict:
 
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(args.out, write_json)
-    title = (f"student-teacher pitchfork: H={H}, T={T}, B={B}, g {args.g_student} → g* {args.g_teacher}; "
+    title = (f"student-teacher ({args.setup}): H={H}, T={T}, B={B}, g {args.g_student} → g* {args.g_teacher}; "
              f"SGD lr {args.sgd_lr}, Adam lr {args.adam_lr}, low-rank NG r={args.rank} lr {args.ng_lr}")
     figure(methods, summary, args.figure, title)
     for m in methods[3:]:
