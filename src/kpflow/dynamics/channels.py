@@ -278,15 +278,17 @@ def bifurcation_channel(traj, critical_vector: torch.Tensor, rank: int | None = 
 class NormalFormMatch:
     """How well the sNTK restricted to one parameter direction matches a normal form's prediction.
 
-    ``measured`` = ``(I ⊗ pᵀ)(J w)`` ``[B, T]`` (centre-coordinate sensitivity along ``w``);
-    ``predicted`` = ``d_μα · (∂μ/∂θ · w)`` from the normal-form model run on the projected initial
-    state and input drive. ``correlation`` = cosine of the two profiles; ``magnitude_ratio`` =
+    ``measured`` = ``(I ⊗ pᴴ)(J w)`` ``[B, T]`` (``[B, T, 2]`` planar for Neimark–Sacker): the
+    centre-coordinate sensitivity along ``w``; ``predicted`` = ``d_μα · (∂μ/∂θ · w)`` (+ the ω term for
+    Neimark–Sacker) from the normal-form model run on the projected initial state and input drive.
+    ``cubic`` is the normal form's cubic coefficient (complex for Neimark–Sacker).
+    ``correlation`` = cosine of the two profiles; ``magnitude_ratio`` =
     ``‖measured‖ / ‖predicted‖`` (1 = perfect; the restricted kernels' norms differ by its square).
     """
 
     kind: str
     mu: float
-    cubic: float
+    cubic: float | complex
     mu_speed: float
     measured: torch.Tensor
     predicted: torch.Tensor
@@ -294,26 +296,50 @@ class NormalFormMatch:
     magnitude_ratio: float
 
     def summary(self) -> dict:
-        return {"kind": self.kind, "mu": self.mu, "cubic": self.cubic, "mu_speed": self.mu_speed,
+        return {"kind": self.kind, "mu": self.mu, "cubic": str(self.cubic), "mu_speed": self.mu_speed,
                 "correlation": self.correlation, "magnitude_ratio": self.magnitude_ratio}
 
 
-def normal_form_match(traj, fixed_point: torch.Tensor, direction: torch.Tensor, x_bar: torch.Tensor | None = None,
-                      param_names=None, kind: str | None = None) -> NormalFormMatch:
-    """Compare the restricted sNTK along the parameter direction ``direction`` (flat, in
-    ``state_jacobian`` order) with the prediction of the scalar normal form of the fixed point's
-    leading real eigenvalue (pitchfork for λ ≈ +1, flip for λ ≈ −1; Hazelden & Shea-Brown).
+def _normal_form_prediction(kind, lam_c, cubic, alpha0, forcing, T, dtype, device):
+    """``d_μα`` (and for Neimark–Sacker also ``d_ωα``) of the normal form run on the projected data."""
+    from .normal_forms import FlipMap, NeimarkSackerMap, PitchforkMap, mu_sensitivity
 
-    The normal form's ``μ`` is the critical multiplier's distance (``λ − 1``, or ``−λ − 1``), its
-    cubic coefficient the centre-manifold one of the network at the fixed point, its initial state
-    ``pᵀ(z₀ − z̄)`` and its forcing ``pᵀ(F(z̄, x_t) − F(z̄, x̄))``; the predicted sensitivity is its
-    ``d_μα`` times ``∂μ/∂θ · w = pᵀ (∂A/∂θ · w) q``.
+    if kind == "neimark-sacker":
+        mu, omega = abs(lam_c) - 1.0, abs(math.atan2(lam_c.imag, lam_c.real))
+        nf = NeimarkSackerMap(mu, omega, cubic, dtype=dtype, device=device)
+        d_mu, traj = mu_sensitivity(nf, alpha0, T, forcing)
+        h = 1e-6  # ω is fixed in the model: central difference of the unroll (float64)
+        outs = []
+        for sgn in (1.0, -1.0):
+            m2 = NeimarkSackerMap(mu, omega + sgn * h, cubic, dtype=dtype, device=device)
+            with torch.no_grad():
+                outs.append(m2.unroll(m2.cell_params(), forcing, alpha0))
+        return mu, d_mu, (outs[0] - outs[1]) / (2 * h)
+    mu = lam_c.real - 1.0 if kind == "pitchfork" else -lam_c.real - 1.0
+    nf = (PitchforkMap if kind == "pitchfork" else FlipMap)(mu, cubic=cubic, dtype=dtype, device=device)
+    d_mu, _ = mu_sensitivity(nf, alpha0, T, forcing)
+    return mu, d_mu, None
+
+
+def normal_form_match(traj, fixed_point: torch.Tensor, direction: torch.Tensor, x_bar: torch.Tensor | None = None,
+                      param_names=None, eigenvalue: complex | None = None) -> NormalFormMatch:
+    """Compare the sNTK restricted to the parameter direction ``w = direction`` (flat, in
+    ``state_jacobian`` order) with the prediction of the normal form of the fixed point's critical
+    eigenvalue (Hazelden & Shea-Brown): pitchfork for λ ≈ +1, flip for λ ≈ −1, planar Neimark–Sacker
+    for a complex pair. The critical eigenvalue is the one of largest modulus, or the one nearest
+    ``eigenvalue``.
+
+    Centre coordinate ``α = pᴴ(z − z̄)`` (``p`` the left eigenvector, ``pᴴq = 1``; complex → planar
+    ``(Re α, Im α)`` for Neimark–Sacker). The normal form gets ``μ = λ − 1`` (``−λ − 1``, ``|λ| − 1``),
+    the network's centre-manifold cubic coefficient (``⅙pᵀ[C(q,q,q) + 3B(q,w)]``; ``½pᴴC(q,q,q̄)``
+    for Neimark–Sacker, quadratic corrections omitted there), initial state ``pᴴ(z₀ − z̄)`` and forcing
+    ``pᴴ(F(z̄, x_t) − F(z̄, x̄))``. Predicted sensitivity: ``d_μα · (∂μ/∂θ·w)`` (+ ``d_ωα · (∂ω/∂θ·w)``
+    for Neimark–Sacker) with ``∂λ/∂θ·w = pᴴ (∂A/∂θ·w) q``.
     """
     from kpflow.kernels import param_jacobian, state_jacobian
 
     from .bifurcations import _bilinear, _directional_derivatives
     from .fixedpoints import constant_input_map, eig_with_left
-    from .normal_forms import FlipMap, PitchforkMap, mu_sensitivity
 
     model, params = traj.model, traj.params
     dtype, device = traj.dtype, traj.device
@@ -322,59 +348,83 @@ def normal_form_match(traj, fixed_point: torch.Tensor, direction: torch.Tensor, 
     H = zb.shape[0]
     A = fmap.jacobians(zb.unsqueeze(0))[0]
     lam, R, L = eig_with_left(A)
-    real = lam.imag.abs() <= 1e-8 * lam.abs().clamp_min(1.0)
-    if not bool(real.any()):
-        raise ValueError("normal_form_match needs a real critical eigenvalue (pitchfork/flip); this fixed point "
-                         "has only complex ones")
-    cand = torch.nonzero(real).flatten()
-    i = int(cand[torch.argmax(lam[cand].abs())])
-    lam_c = float(lam[i].real)
-    kind = kind or ("flip" if lam_c < 0 else "pitchfork")
-    q = R[:, i].real
-    q = q / q.norm()
-    p = L[:, i].real
-    p = p / torch.dot(p, q)
+    i = int(torch.argmax(lam.abs())) if eigenvalue is None else int(torch.argmin((lam - complex(eigenvalue)).abs()))
+    lam_c = complex(lam[i])
+    is_complex = abs(lam_c.imag) > 1e-8 * max(1.0, abs(lam_c))
+    kind = "neimark-sacker" if is_complex else ("flip" if lam_c.real < 0 else "pitchfork")
     eye = torch.eye(H, dtype=dtype, device=device)
-    Bqq, Cqqq = _directional_derivatives(fmap, zb, q)
-    a = 0.5 * float(torch.dot(p, Bqq))
-    w2 = torch.linalg.lstsq((eye - A).unsqueeze(0), (Bqq - 2 * a * q).reshape(1, -1, 1)).solution.reshape(-1) \
-        if device.type == "cpu" else torch.linalg.pinv(eye - A) @ (Bqq - 2 * a * q)
-    w2 = w2 - torch.dot(p, w2) * q
-    c = float(torch.dot(p, Cqqq + 3 * _bilinear(fmap, zb, q, w2))) / 6.0
-    if c == 0.0:
-        c = -1e-12
-    # ∂λ/∂θ · w  (eigenvalue perturbation, pᵀq = 1)
+    if is_complex:
+        q, p = R[:, i], L[:, i]                       # pᴴ q = 1 from eig_with_left
+        qr, qi = q.real, q.imag
+        # C(q,q,q̄) for q = u + iv is C(u,u,u) + C(u,v,v) + i[C(u,u,v) + C(v,v,v)]; the mixed terms come
+        # from polarisation, C(u±v) = C(u) ± 3C(u,u,v) + 3C(u,v,v) ± C(v) (C symmetric trilinear).
+        def C3(x):
+            return _directional_derivatives(fmap, zb, x)[1]
+
+        Cu, Cv, Cp, Cm = C3(qr), C3(qi), C3(qr + qi), C3(qr - qi)
+        Cuuv, Cuvv = (Cp - Cm - 2 * Cv) / 6.0, (Cp + Cm - 2 * Cu) / 6.0
+        Cqqqb = (Cu + Cuvv) + 1j * (Cuuv + Cv)
+        cubic = complex(0.5 * torch.vdot(p, Cqqqb.to(p.dtype)))
+    else:
+        q = R[:, i].real
+        q = q / q.norm()
+        p = L[:, i].real
+        p = p / torch.dot(p, q)
+        Bqq, Cqqq = _directional_derivatives(fmap, zb, q)
+        a = 0.5 * float(torch.dot(p, Bqq))
+        rhs = Bqq - 2 * a * q
+        w2 = torch.linalg.lstsq((eye - A).unsqueeze(0), rhs.reshape(1, -1, 1)).solution.reshape(-1) \
+            if device.type == "cpu" else torch.linalg.pinv(eye - A) @ rhs
+        w2 = w2 - torch.dot(p, w2) * q
+        cubic = float(torch.dot(p, Cqqq + 3 * _bilinear(fmap, zb, q, w2))) / 6.0
+        if cubic == 0.0:
+            cubic = -1e-12
+    # ∂λ/∂θ · w  (eigenvalue perturbation, pᴴq = 1)
     J = state_jacobian(traj, param_names)
     layout = param_jacobian(traj, param_names).layout
     wflat = torch.as_tensor(direction, dtype=dtype, device=device).reshape(-1)
     if wflat.shape[0] != layout.numel:
         raise ValueError(f"direction has {wflat.shape[0]} entries but the parameters {list(layout.names)} have "
                          f"{layout.numel}")
-    wdict = layout.unflatten(wflat)
+    wdict = {k: v[0] for k, v in layout.unflatten(wflat.unsqueeze(0)).items()}  # batched: works for 0-d params
     primal = {n: params[n] for n in layout.names}
 
-    def Aq(sub):
+    def Av(sub, v):
         pp = {**params, **sub}
-        return torch.func.jvp(lambda y: fmap(y.unsqueeze(0), pp)[0], (zb,), (q,))[1]
+        return torch.func.jvp(lambda y: fmap(y.unsqueeze(0), pp)[0], (zb,), (v,))[1]
 
-    dAq = torch.func.jvp(Aq, (primal,), (wdict,))[1]
-    dlam = float(torch.dot(p, dAq))
-    mu = lam_c - 1.0 if kind == "pitchfork" else -lam_c - 1.0
-    mu_speed = dlam if kind == "pitchfork" else -dlam
-    # measured: centre-coordinate profile of J w
-    Jw = J.apply(wflat)                                   # [B, T, H]
-    measured = torch.einsum("bth,h->bt", Jw, p)
-    # predicted: the scalar normal form run on the projected initial state and drive
+    def dA(v):
+        return torch.func.jvp(lambda sub: Av(sub, v), (primal,), (wdict,))[1]
+
     B, T, _ = traj.shape
+    Jw = J.apply(wflat)                                   # [B, T, H]
     with torch.no_grad():
         Fbar = fmap(zb.unsqueeze(0))[0]
         drive = model.step(params, zb.expand(B * T, H), traj.inputs.reshape(B * T, -1)).reshape(B, T, H) - Fbar
-    alpha0 = ((traj.z0 - zb) @ p).reshape(B, 1)
-    forcing = (drive @ p).reshape(B, T, 1)
-    nf = PitchforkMap(mu, cubic=c, dtype=dtype, device=device) if kind == "pitchfork" else \
-        FlipMap(mu, cubic=c, dtype=dtype, device=device)
-    d_mu_alpha, _ = mu_sensitivity(nf, alpha0, T, forcing)
-    predicted = d_mu_alpha[..., 0] * mu_speed
+    if is_complex:
+        dlam = complex(torch.vdot(p, (dA(q.real) + 1j * dA(q.imag)).to(p.dtype)))
+        mu_speed = (lam_c.conjugate() * dlam).real / abs(lam_c)                  # d|λ|
+        om_speed = (dlam / lam_c).imag * (1.0 if lam_c.imag >= 0 else -1.0)      # d arg λ (upper half)
+        pc = p.conj() if lam_c.imag >= 0 else p
+
+        def planar(x):  # α = pᴴ x as (Re, Im)
+            a_ = torch.einsum("...h,h->...", x.to(pc.dtype), pc)
+            return torch.stack([a_.real, a_.imag], -1)
+
+        measured = planar(Jw)
+        alpha0, forcing = planar(traj.z0 - zb), planar(drive)
+        mu, d_mu, d_om = _normal_form_prediction(kind, lam_c if lam_c.imag >= 0 else lam_c.conjugate(),
+                                                 cubic if lam_c.imag >= 0 else cubic.conjugate(),
+                                                 alpha0, forcing, T, dtype, device)
+        predicted = d_mu * mu_speed + d_om * om_speed
+    else:
+        dlam = float(torch.dot(p, dA(q)))
+        mu_speed = dlam if kind == "pitchfork" else -dlam
+        measured = torch.einsum("bth,h->bt", Jw, p)
+        alpha0, forcing = ((traj.z0 - zb) @ p).reshape(B, 1), (drive @ p).reshape(B, T, 1)
+        mu, d_mu, _ = _normal_form_prediction(kind, lam_c, cubic, alpha0, forcing, T, dtype, device)
+        predicted = d_mu[..., 0] * mu_speed
     nm, npred = float(measured.norm()), float(predicted.norm())
     corr = float((measured * predicted).sum()) / (nm * npred) if nm > 0 and npred > 0 else float("nan")
-    return NormalFormMatch(kind, mu, c, mu_speed, measured, predicted, corr, nm / npred if npred > 0 else float("inf"))
+    return NormalFormMatch(kind, mu, cubic, mu_speed, measured, predicted, corr,
+                           nm / npred if npred > 0 else float("inf"))

@@ -147,26 +147,32 @@ class FlipMap(NormalFormMap):
 
 
 class NeimarkSackerMap(NormalFormMap):
-    """``z ↦ (1+μ) e^{iω} z − |z|² z`` in real coordinates ``(α₁, α₂)``; the multipliers
-    ``(1+μ) e^{±iω}`` cross the unit circle at ``μ = 0`` (``ω`` fixed, away from strong resonances)."""
+    """``z ↦ (1+μ) e^{iω} z + d |z|² z`` (``d = −1`` by default) in real coordinates ``(α₁, α₂)``;
+    the multipliers ``(1+μ) e^{±iω}`` cross the unit circle at ``μ = 0`` (``ω`` fixed, away from
+    strong resonances). ``Re d < 0``: supercritical (an invariant circle of radius √(μ/−Re d))."""
 
     bifurcation = "neimark-sacker"
 
-    def __init__(self, mu: float = 0.0, omega: float = 1.0, dtype=torch.float64, device=None):
+    def __init__(self, mu: float = 0.0, omega: float = 1.0, cubic: complex = -1.0, dtype=torch.float64,
+                 device=None):
         for k in (1, 2, 3, 4):
             if abs(math.remainder(omega * k, 2 * math.pi)) < 1e-6:
                 raise ValueError(f"omega = {omega} is a strong resonance (e^(i k omega) = 1 for k = {k}); "
                                  "pick omega away from 2π/k, k = 1..4")
-        self.omega = float(omega)
+        cubic = complex(cubic)
+        if cubic == 0:
+            raise ValueError("the Neimark–Sacker cubic coefficient d must be non-zero")
+        self.omega, self.cubic = float(omega), cubic
         self.critical_multiplier = complex(math.cos(omega), math.sin(omega))
         super().__init__(mu, 2, dtype, device)
 
     def f(self, mu, a):
         c, s = math.cos(self.omega), math.sin(self.omega)
+        dr, di = self.cubic.real, self.cubic.imag
         a1, a2 = a[..., :1], a[..., 1:]
         r2 = a1 * a1 + a2 * a2
         rot = torch.cat([c * a1 - s * a2, s * a1 + c * a2], -1)
-        return (1 + mu) * rot - r2 * a
+        return (1 + mu) * rot + r2 * torch.cat([dr * a1 - di * a2, di * a1 + dr * a2], -1)
 
     def fixed_points_exact(self, mu):
         return torch.zeros(1, 2, dtype=torch.float64)

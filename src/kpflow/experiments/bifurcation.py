@@ -153,7 +153,11 @@ def origin_spectrum(model, params) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return lam[order], R[:, order], L[:, order]
 
 
-def measure(model, params, batch, probes: int, seed: int, critical: torch.Tensor | None = None) -> dict:
+NF_KINDS = ("pitchfork", "flip", "neimark-sacker")
+
+
+def measure(model, params, batch, probes: int, seed: int, critical: torch.Tensor | None = None,
+            critical_eigenvalue: complex | None = None) -> dict:
     """All per-checkpoint metrics at the cell parameters ``params`` (float64) on ``batch``."""
     from kpflow.dynamics import bifurcation_channel, normal_form_match
     from kpflow.kernels import record, state_jacobian
@@ -181,11 +185,12 @@ def measure(model, params, batch, probes: int, seed: int, critical: torch.Tensor
     m["channel_top_direction_overlap"] = (abs(float(torch.dot(w, ch.param_directions[0]))), 0.0)
     extra = {"channel": ch, "direction": w}
     try:
-        nf = normal_form_match(traj, torch.zeros(model.state_dim, dtype=traj.dtype), w, param_names=[PARAM])
+        nf = normal_form_match(traj, torch.zeros(model.state_dim, dtype=traj.dtype), w, param_names=[PARAM],
+                               eigenvalue=critical_eigenvalue)
         m["nf_correlation"] = (abs(nf.correlation), 0.0)
         m["nf_magnitude_ratio"] = (nf.magnitude_ratio, 0.0)
         m["nf_mu"] = (nf.mu, 0.0)
-        m["nf_is_flip"] = (1.0 if nf.kind == "flip" else 0.0, 0.0)
+        m["nf_kind_code"] = (float(NF_KINDS.index(nf.kind)), 0.0)
         extra["nf"] = nf
     except ValueError:
         pass
@@ -360,7 +365,7 @@ def run_bifurcation_study(cfg: RunConfig | None = None, out_dir: str | Path | No
                        first_bifurcation_criticality=first.criticality,
                        first_bifurcation_interval=[steps[k], steps[k + 1]])
         at = measure(probe_model, {k2: v.clone() for k2, v in first.params.items()}, batch, cfg.track.probes, cfg.seed,
-                     critical=first.right_vector)
+                     critical=first.right_vector, critical_eigenvalue=first.eigenvalue)
         nf_at = at.get("nf")
         summary["at"] = {k2: v[0] for k2, v in at["metrics"].items()}
         summary["at_stderr"] = {k2: v[1] for k2, v in at["metrics"].items()}
@@ -419,13 +424,18 @@ def reading_notes(summary: dict) -> list[str]:
     if "nf_correlation" in at:
         notes.append(
             "Normal-form match along the dominant direction (scalar "
-            f"{('flip' if at.get('nf_is_flip') else 'pitchfork')} form of "
-            f"the leading real eigenvalue, μ = {at['nf_mu']:.3g}): profile correlation {at['nf_correlation']:.3f}, "
+            f"{NF_KINDS[int(at.get('nf_kind_code', 0))]} form of the critical eigenvalue, μ = {at['nf_mu']:.3g}): "
+            f"profile correlation {at['nf_correlation']:.3f}, "
             f"magnitude ratio {at['nf_magnitude_ratio']:.3g} (1 = exact).")
     if summary["first_bifurcation_kind"] != "pitchfork":
         notes.append("The paper reports that the first learned bifurcation is a pitchfork; here the first crossing is "
-                     f"a {summary['first_bifurcation_kind']} (a complex pair leaves the unit circle first), so the "
-                     "pitchfork comparison refers to the leading real eigenvalue, which is not the critical one.")
+                     f"a {summary['first_bifurcation_kind']}, so the comparison uses that normal form instead of the "
+                     "scalar pitchfork.")
+    b_er, at_er = b.get("ntk_erank", math.nan), at["ntk_erank"]
+    notes.append(f"Collapse check: the sNTK effective rank changes by a factor {b_er / at_er:.3g} between the last "
+                 "checkpoint before the crossing and the crossing, and by "
+                 f"{summary['start'].get('ntk_erank', math.nan) / at_er:.3g}"
+                 " from the start of training to the crossing.")
     return notes
 
 
