@@ -155,9 +155,11 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
     for g in gs:
         p0 = [r for r in summary_rows if r["metric"] == f"PPstar_erank_initial@g={g:g}"][0]["value"]
         p1 = [r for r in summary_rows if r["metric"] == f"PPstar_erank_final@g={g:g}"][0]["value"]
+        k0 = [r for r in summary_rows if r["metric"] == f"K_erank_initial@g={g:g}"][0]["value"]
         k1 = [r for r in summary_rows if r["metric"] == f"K_erank_final@g={g:g}"][0]["value"]
-        notes.append(f"g = {g:g}: effective rank of P P* {p0:.3g} → {p1:.3g} (ratio {p1 / p0:.3g}); "
-                     f"final effective rank of K {k1:.3g}.")
+        trend = "collapsed" if p1 < 0.5 * p0 else "rose" if p1 > 2 * p0 else "stayed within a factor 2"
+        notes.append(f"g = {g:g}: the effective rank of P P* {trend}, {p0:.3g} → {p1:.3g} (ratio {p1 / p0:.3g}); "
+                     f"K's went {k0:.3g} → {k1:.3g}.")
     links = "".join(f'<li><a href="{c.name}/report.html">{c.name}</a></li>' for c in cfgs)
     return write_report(sweep_dir / "report.html", title=f"kpflow sweep over g: {base.name}", rows=summary_rows,
                         figures=figs, config_text=dump_config(base, "yaml"), notes=notes,
