@@ -186,7 +186,8 @@ def study(name, J, budgets, reruns, chunk, direct_basis, seed0=0):
     side = "forward" if p <= n else "reverse"
     print(f"\n== {name}: state n = {n:,}, parameters = {p:,}; cheapest exact side: {side}")
     J.matmat(torch.zeros(2, *J.shape_in, dtype=J.dtype))  # warm-up
-    exact, t_cheap = _timed(lambda: exact_onesided_trace(J, side=side, chunk_size=chunk, max_matvecs=10**6))
+    exact, t_cheap = _timed(lambda: exact_onesided_trace(J, side=side, chunk_size=chunk, max_matvecs=10**6,
+                                                          progress=True))
     tr = exact.value
     print(f"exact trace (Σ‖J{'' if side == 'forward' else '*'} e_i‖² over {min(n, p):,} basis vectors): "
           f"{tr:.8g} in {t_cheap:.2f} s")

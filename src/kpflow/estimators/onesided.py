@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from kpflow.operators import LinearOperator, base
 
@@ -154,7 +155,8 @@ def onesided_statistics(J, num_probes: int = 100, *, side: str = "auto", distrib
     return OneSidedStatistics(tr, fro, er)
 
 
-def _exact_statistics(J: LinearOperator, side: str, chunk: int, max_dense: int | None) -> OneSidedStatistics:
+def _exact_statistics(J: LinearOperator, side: str, chunk: int, max_dense: int | None,
+                      progress: bool = False) -> OneSidedStatistics:
     """All of them exactly from the basis of the chosen side: rows rᵢ = J* eᵢ (or columns J eᵢ)."""
     apply, shape, what = _side_ops(J, side)
     d = math.prod(shape)
@@ -163,7 +165,9 @@ def _exact_statistics(J: LinearOperator, side: str, chunk: int, max_dense: int |
     keep_rows = d * other <= limit
     total = 0.0
     rows = []
-    for start, E in basis_chunks(shape, J.dtype, J.device, chunk):
+    chunks = tqdm(basis_chunks(shape, J.dtype, J.device, chunk), total=-(-d // chunk), disable=not progress,
+                  desc=f"exact tr(J J*) over {d:,} basis vectors", leave=False)
+    for start, E in chunks:
         Y = check_finite(apply(E), start, f"onesided (exact): {what}")
         total += float(flat_sqnorm(Y).sum())
         if keep_rows:
@@ -204,7 +208,7 @@ def onesided_effective_rank(J, num_probes: int = 100, **kwargs) -> Estimate:
 
 
 def exact_onesided_trace(J, *, side: str = "auto", chunk_size: int = DEFAULT_CHUNK,
-                         max_matvecs: int = 50_000) -> Estimate:
+                         max_matvecs: int = 50_000, progress: bool = False) -> Estimate:
     """tr(J J*) = Σᵢ ‖J* eᵢ‖² (or Σᵢ ‖J eᵢ‖²) over the basis of the smaller side, chunked and guarded."""
     J = operator(J, "exact_onesided_trace")
     side = choose_side(J, side)
@@ -212,4 +216,4 @@ def exact_onesided_trace(J, *, side: str = "auto", chunk_size: int = DEFAULT_CHU
     if d > max_matvecs:
         raise BudgetError(f"exact_onesided_trace needs {d:,} applications of J ({side}), above max_matvecs="
                           f"{max_matvecs:,}; raise it or use onesided_trace with a probe budget")
-    return _exact_statistics(J, side, check_chunk(chunk_size), max_dense=0).trace
+    return _exact_statistics(J, side, check_chunk(chunk_size), max_dense=0, progress=progress).trace

@@ -21,6 +21,7 @@ import math
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .probes import (
     DEFAULT_CHUNK,
@@ -70,10 +71,12 @@ def _seed_of(src: ProbeSource) -> int | None:
 
 
 # ------------------------------------------------------------------------------------------------- exact
-def exact_trace(A, *, chunk_size: int = DEFAULT_CHUNK, max_matvecs: int = EXACT_MATVEC_LIMIT) -> Estimate:
+def exact_trace(A, *, chunk_size: int = DEFAULT_CHUNK, max_matvecs: int = EXACT_MATVEC_LIMIT,
+                progress: bool = False) -> Estimate:
     """tr(A) = Σᵢ eᵢᵀ A eᵢ over the standard basis, ``chunk_size`` basis vectors per call.
 
-    Refuses when the dimension exceeds ``max_matvecs`` (each basis vector costs one matvec).
+    Refuses when the dimension exceeds ``max_matvecs`` (each basis vector costs one matvec);
+    ``progress=True`` shows a progress bar.
     """
     A = square_operator(A, "exact_trace")
     chunk = check_chunk(chunk_size)
@@ -85,7 +88,9 @@ def exact_trace(A, *, chunk_size: int = DEFAULT_CHUNK, max_matvecs: int = EXACT_
             "(kpflow.estimators.trace(A, num_matvecs=...))."
         )
     total = torch.zeros((), dtype=torch.float64)
-    for start, E in basis_chunks(A.shape_in, A.dtype, A.device, chunk):
+    chunks = tqdm(basis_chunks(A.shape_in, A.dtype, A.device, chunk), total=-(-n // chunk), disable=not progress,
+                  desc=f"exact trace over {n:,} basis vectors", leave=False)
+    for start, E in chunks:
         Y = check_finite(A.matmat(E), start, "exact_trace: the operator")
         k = E.shape[0]
         idx = torch.arange(start, start + k, device=Y.device)
