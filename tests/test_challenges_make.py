@@ -44,6 +44,15 @@ def test_make_is_deterministic_and_seed_dependent(name, tmp_path):
         make_challenge(name, tmp_path / "a", seed=7, scale=SMALL[name])
 
 
+@pytest.mark.parametrize("name", ["butterfly", "sealevel"])
+def test_croissant_validates_and_streams_with_mlcroissant(name, tmp_path):
+    mlc = pytest.importorskip("mlcroissant")
+    make_challenge(name, tmp_path / name, seed=0, scale=SMALL[name])
+    dataset = mlc.Dataset(jsonld=str(tmp_path / name / "croissant.json"))
+    first = next(iter(dataset.records(f"{name}_train")))
+    assert len(first) >= 2
+
+
 # ----------------------------------------------------------------------------- gravitational waves
 def test_coloured_noise_has_the_analytic_psd():
     """Averaged periodogram / PSD = 1 within 5 standard errors (each bin ~ χ²₂/2, 2M samples)."""

@@ -217,6 +217,7 @@ def croissant_metadata(spec: ChallengeSpec, manifest: dict, record_fields: list[
         "key": "cr:key", "md5": "cr:md5", "parentField": "cr:parentField", "path": "cr:path",
         "recordSet": "cr:recordSet", "references": "cr:references", "regex": "cr:regex",
         "repeated": "cr:repeated", "replace": "cr:replace", "separator": "cr:separator",
+        "samplingRate": "cr:samplingRate", "equivalentProperty": "cr:equivalentProperty",
         "source": "cr:source", "subField": "cr:subField", "transform": "cr:transform",
     }
     distribution = []

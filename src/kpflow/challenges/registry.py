@@ -30,8 +30,8 @@ RECORD_FIELDS = {
          "source": {"fileObject": {"@id": "train/train.csv"}, "extract": {"column": c}}}
         for c, t in (("filename", "sc:Text"), ("hybrid_stat", "sc:Integer"), ("subspecies", "sc:Text"))],
     "sealevel": [
-        {"@type": "cr:Field", "@id": f"sealevel_train/{c}", "name": c, "dataType": t,
-         "source": {"fileObject": {"@id": "train/labels.csv"}, "extract": {"column": c}}}
+        {"@type": "cr:Field", "@id": f"sealevel_train/{c.replace(' ', '_')}", "name": c.replace(" ", "_"),
+         "dataType": t, "source": {"fileObject": {"@id": "train/labels.csv"}, "extract": {"column": c}}}
         for c, t in (("date", "sc:Date"), ("Atlantic City", "sc:Integer"))],
 }
 
