@@ -86,6 +86,12 @@ def test_tiny_run_analyze_report(tmp_path):
     before = (run / "metrics.csv").read_text()
     assert invoke("analyze", run, "-q").exit_code == 0
     assert (run / "metrics.csv").read_text() == before
+    # an interrupted analysis resumes: the missing checkpoint is re-measured against the rebuilt initial NTK
+    (run / "analysis" / "step_000020.json").unlink()
+    assert invoke("analyze", run, "-q").exit_code == 0
+    again = {(r["step"], r["metric"]): float(r["value"]) for r in csv.DictReader(open(run / "metrics.csv"))}
+    for r in rows:
+        assert again[(r["step"], r["metric"])] == pytest.approx(float(r["value"]), rel=1e-9, abs=1e-12)
 
 
 def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
