@@ -181,6 +181,7 @@ def main(argv=None) -> dict:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".tmp")
     with os.fdopen(fd, "w") as f:
         json.dump(results, f, indent=2)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, out)
     print(f"wrote {out}")
     for key in ("ntk_probe_over_fwd_bwd", "propagator_probe_over_fwd_bwd", "peak_rss_mb", "kron_core_speedup",

@@ -252,6 +252,10 @@ def test_bad_inputs_have_clear_errors():
         record(m, x, torch.zeros(B, H + 1, dtype=DT))
     with pytest.raises(ValueError, match="weight_hh"):
         record(m, x, params={"weight_hh": torch.zeros(H, H, dtype=DT)})
+    wrong = _make("rnn")
+    wrong.cell.W = torch.nn.Parameter(torch.zeros(H + 1, H + 1, dtype=DT))
+    with pytest.raises(ValueError, match=r"'W' has shape \(6, 6\) but VanillaRNN needs \(5, 5\)"):
+        record(wrong, x)
     with pytest.raises(ValueError, match="no cell parameter"):
         record(m, x, params={"W_typo": torch.zeros(H, H, dtype=DT)})
     with pytest.raises(ValueError, match="unknown parameter name"):

@@ -153,14 +153,14 @@ class ParamJacobian(_TrajectoryOperator):
 class StepJacobianCache:
     """Dense per-site step Jacobians ``A[b, t] = ∂F/∂z_{t-1}`` ``[B, T, H, H]``, built on demand.
 
-    Policy ``"auto"`` (ski rental): building the cache is ``A`` applied to the H basis vectors at all
-    B·T sites in one parallel call — the flops of H probes, but measured at about H/4 probes of
-    sequential ``P`` wall time, since it avoids T small calls — and it turns every later sequential
-    step into a single batched matmul (``benchmarks/operators.py`` measures both). So the cache is
-    built once the probes pushed through ``A``/``P``/``P*`` of this trajectory reach ``H // 4``,
-    provided its ``B·T·H²`` entries fit ``memory_budget`` bytes; like ski rental, the total is then
-    within about twice the cost of the better choice made in hindsight. ``True`` builds it on first
-    use (error if it does not fit), ``False`` never builds it.
+    Policy ``"auto"`` (ski rental): building the cache is ``A*`` applied to the H basis vectors at
+    all B·T sites — the work of about H probes through ``P`` — and afterwards every sequential step
+    is one batched matmul (``benchmarks/operators.py`` measured ``P`` about 10x cheaper per probe with
+    the cache for a GRU with H=256). So the cache is built once the probes pushed through
+    ``A``/``P``/``P*`` of this trajectory reach ``H``, provided its ``B·T·H²`` entries fit
+    ``memory_budget`` bytes; as in ski rental the total cost then stays within about twice that of
+    the better choice made in hindsight. ``True`` builds it on first use (error if it does not fit),
+    ``False`` never builds it.
     """
 
     def __init__(self, traj: Trajectory, policy="auto", memory_budget: int | None = None):
@@ -185,7 +185,7 @@ class StepJacobianCache:
         if self.dense is not None:
             return self.dense
         self.probes_seen += probes
-        threshold = max(1, self.traj.shape[-1] // 4)
+        threshold = self.traj.shape[-1]
         want = self.policy is True or (self.policy == "auto" and self.probes_seen >= threshold)
         if want and self.fits:
             self.dense = dense_step_jacobians(self.traj)

@@ -152,6 +152,7 @@ def record(
     if params is not None:
         model.check_params(params)
         live |= {k: v.detach() for k, v in params.items()}
+    model.check_params(live, complete=True)
     names = resolve_param_names(model, param_names)
     B = inputs.shape[0]
     if z0 is None:

@@ -86,10 +86,18 @@ class RecurrentModel(nn.Module):
                 live[k].copy_(v)
 
     # ------------------------------------------------------------ validation
+    def expected_param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape every cell parameter must have: the shapes the cell declared when it was built
+        (``cell.declared_shapes``, set by the built-in cells), else the current ones."""
+        declared = getattr(getattr(self, "cell", None), "declared_shapes", None)
+        if declared:
+            return {k: tuple(v) for k, v in declared.items()}
+        return {k: tuple(v.shape) for k, v in self.cell_params().items()}
+
     def check_params(self, params: Params, complete: bool = False) -> None:
         """Raise a ValueError naming any parameter in ``params`` that the cell does not have or whose
         shape differs from the cell's (with ``complete=True`` also any that is missing)."""
-        own = {k: tuple(v.shape) for k, v in self.cell_params().items()}
+        own = self.expected_param_shapes()
         unknown = sorted(set(params) - set(own))
         if unknown:
             raise ValueError(f"{type(self).__name__} has no cell parameter(s) {unknown}; its parameters are "

@@ -42,6 +42,7 @@ class ParameterCell(nn.Module):
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtype=None, device=None):
         super().__init__()
+        self.declared_shapes = {k: tuple(int(d) for d in v) for k, v in shapes.items()}
         for name, shape in shapes.items():
             self.register_parameter(name, nn.Parameter(torch.empty(*shape, dtype=dtype, device=device)))
 
