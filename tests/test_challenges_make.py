@@ -217,3 +217,44 @@ def test_sealevel_labels_are_the_station_threshold_rule(tmp_path):
     assert len(maps) == manifest["counts"]["val"]
     sla, _ = sealevel.read_sla(maps[0])
     assert np.nanmax(np.abs(sla[0] - fields[n])) <= sealevel.SCALE_FACTOR / 2 + 1e-7
+
+
+# ----------------------------------------------------------------------------- loaders of the original files
+def test_butterfly_loader_reads_the_organisers_csv_layout(tmp_path):
+    make_challenge("butterfly", tmp_path / "b", seed=0, scale=SMALL["butterfly"])
+    with open(tmp_path / "b" / "train" / "train.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    original = tmp_path / "butterfly_anomaly_train.csv"
+    with open(original, "w", newline="") as handle:  # the organisers' column names and order
+        writer = csv.writer(handle)
+        writer.writerow(["CAMID", "file_url", "hybrid_stat", "split", "zenodo_link", "md5", "subspecies",
+                         "parent_subspecies_1", "parent_subspecies_2", "filename"])
+        for r in rows:
+            status = "hybrid" if r["hybrid_stat"] == "1" else "non-hybrid"
+            writer.writerow([r["filename"][:9], "", status, "train", "", "", r["subspecies"],
+                             r["parent_subspecies_1"], r["parent_subspecies_2"], r["filename"]])
+    records = butterfly.load_original(original, tmp_path / "b" / "train" / "images")
+    assert [h for _, h, _ in records] == [int(r["hybrid_stat"]) for r in rows]
+    (tmp_path / "b" / "train" / "images" / rows[0]["filename"]).unlink()
+    with pytest.raises(FileNotFoundError, match=rows[0]["filename"]):
+        butterfly.load_original(original, tmp_path / "b" / "train" / "images")
+
+
+def test_sealevel_loader_reads_daily_maps_and_station_csvs(tmp_path):
+    make_challenge("sealevel", tmp_path / "s", seed=0, scale=SMALL["sealevel"])
+    maps = tmp_path / "s" / "input_data" / "val" / "maps"
+    with open(tmp_path / "s" / "reference_data" / "val" / "labels.csv") as handle:
+        ref = list(csv.DictReader(handle))
+    station_files = []
+    for name in list(sealevel.STATIONS)[:2]:  # the organisers' per-station files: t, anomaly, ...
+        path = tmp_path / f"{name.replace(' ', '_')}_training_data.csv"
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["t", "anomaly", "location", "latitude", "longitude"])
+            for r in ref:
+                writer.writerow([r["date"], r[name], name, *sealevel.STATIONS[name]])
+        station_files.append(path)
+    dates, sla, labels = sealevel.load_original(maps, station_files)
+    assert dates == [r["date"] for r in ref]
+    assert sla.shape == (len(ref), 100, 160)
+    assert labels[:, 0].tolist() == [int(r["Atlantic City"]) for r in ref]

@@ -196,8 +196,10 @@ def run_submission(challenge_dir: Path, submission: Path, phase: str = "val", na
             except scoring.ScoringError as err:
                 entry["error"] = f"malformed predictions: {err}"
         if record:
-            run_dir = challenge_dir / "runs" / f"{entry['timestamp'].replace(':', '')}-{entry['submission']}-{phase}"
-            run_dir.mkdir(parents=True, exist_ok=True)
+            (challenge_dir / "runs").mkdir(exist_ok=True)
+            stamp = entry["timestamp"].replace(":", "").replace("+0000", "Z")
+            prefix = f"{stamp}-{entry['submission']}-{phase}-"
+            run_dir = Path(tempfile.mkdtemp(dir=challenge_dir / "runs", prefix=prefix))
             for f in (output / ingestion.PREDICTIONS_FILE, stdout, stderr, status_path):
                 if f.is_file():
                     shutil.copy2(f, run_dir / f.name)
@@ -218,10 +220,13 @@ def score_predictions(challenge_dir: Path, predictions: Path, phase: str = "val"
     """Score a predictions file directly (no ingestion) against ``phase``'s reference labels."""
     challenge_dir = Path(challenge_dir)
     manifest = check_challenge_folder(challenge_dir)
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     predictions = Path(predictions)
-    res = predictions if predictions.is_dir() else predictions.parent
-    if predictions.is_file() and predictions.name != scoring.PREDICTIONS_FILE:
-        tmp = Path(tempfile.mkdtemp(prefix="kpflow-score-"))
-        shutil.copy2(predictions, tmp / scoring.PREDICTIONS_FILE)
-        res = tmp
-    return scoring.score_folder(manifest["name"], str(res), str(challenge_dir / "reference_data" / phase))
+    reference = str(challenge_dir / "reference_data" / phase)
+    if predictions.is_dir():
+        return scoring.score_folder(manifest["name"], str(predictions), reference)
+    with tempfile.TemporaryDirectory(prefix="kpflow-score-") as tmp:
+        if predictions.is_file():
+            shutil.copy2(predictions, Path(tmp) / scoring.PREDICTIONS_FILE)
+        return scoring.score_folder(manifest["name"], tmp, reference)
