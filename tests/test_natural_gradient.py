@@ -355,7 +355,7 @@ def _cells():
     }
 
 
-@pytest.mark.parametrize("jacobian", ["unrolled", "kernels"])
+@pytest.mark.parametrize("jacobian", ["auto", "unrolled", "kernels"])
 @pytest.mark.parametrize("cell", ["vanilla", "leaky", "gru", "lstm", "node", "adapter"])
 def test_full_rank_gauss_newton_with_recorded_trajectory_for_every_cell(cell, jacobian):
     from kpflow.kernels import record

@@ -259,7 +259,7 @@ class CountingOperator(LinearOperator):
 # ---------------------------------------------------------------------------------------------
 
 FORMS = ("auto", "state", "parameter")
-JACOBIANS = ("unrolled", "kernels")
+JACOBIANS = ("auto", "unrolled", "kernels")
 COMPLEMENTS = ("nystrom", "damping")
 SPACES = ("state", "output")
 
@@ -315,6 +315,48 @@ class UnrolledJacobian(LinearOperator):
             if not g.requires_grad:  # J* does not depend on u through a graph: J is zero
                 return torch.zeros(V.shape[0], *self.shape_out, dtype=self.dtype, device=self.device)
             return torch.stack([torch.autograd.grad(g, u, v, retain_graph=True)[0] for v in V]).detach()
+
+
+class AutotunedJacobian(LinearOperator):
+    """``J`` with ``J*`` on the recording's autograd graph and ``J v`` from whichever is faster here:
+    the double-backward pass of :class:`UnrolledJacobian` or the forward-mode ``P Jθ`` of
+    :mod:`kpflow.kernels`. ``choice`` is a dict shared across steps: on the first two products both
+    are timed on the same probes (their results agree to rounding; the tests check both against
+    ``jacrev``; the first call of each is a warm-up) and the faster one is kept."""
+
+    def __init__(self, unrolled: UnrolledJacobian, traj, names: Sequence[str], choice: dict):
+        super().__init__(unrolled.shape_in, unrolled.shape_out, unrolled.dtype, unrolled.device)
+        self.unrolled, self.traj, self.names, self.choice = unrolled, traj, tuple(names), choice
+        self.gradient = unrolled.gradient
+
+    def _kernels(self):
+        from kpflow.kernels import param_jacobian, propagator
+
+        return propagator(self.traj) @ param_jacobian(self.traj, list(self.names))
+
+    def _matmat(self, V):
+        backend = self.choice.get("jvp")
+        if backend == "unrolled":
+            return self.unrolled._matmat(V)
+        if backend == "kernels":
+            return self._kernels()._matmat(V)
+        t0 = time.perf_counter()
+        out = self.unrolled._matmat(V)
+        t1 = time.perf_counter()
+        try:
+            self._kernels()._matmat(V)
+        except Exception:  # noqa: BLE001 - a model the kernels cannot linearise: keep autodiff
+            self.choice["jvp"] = "unrolled"
+            return out
+        t2 = time.perf_counter()
+        trials = self.choice.get("trials", 0) + 1  # the first call of each is a warm-up (lazy setup)
+        self.choice.update(trials=trials, seconds={"unrolled": t1 - t0, "kernels": t2 - t1})
+        if trials >= 2:
+            self.choice["jvp"] = "kernels" if (t2 - t1) < (t1 - t0) else "unrolled"
+        return out
+
+    def _rmatmat(self, Y):
+        return self.unrolled._rmatmat(Y)
 
 
 def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, loss="mse", z0=None):
@@ -404,8 +446,10 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         param_names: which cell parameters to train (default all of ``model.cell_params()``).
         readout_lr: learning rate of plain gradient steps on the readout (None = the readout is
             not touched by this optimizer; pair it with another one if it should train).
-        jacobian: how products with ``J = dz/dθ`` are computed: ``"unrolled"`` (default; autodiff
-            through the unrolled recurrence, so ``J*`` costs one backward pass like SGD's),
+        jacobian: how products with ``J = dz/dθ`` are computed: ``"auto"`` (default; ``J*`` on the
+            recording's autograd graph, ``J v`` by whichever of the two below was faster on the
+            first refresh), ``"unrolled"`` (autodiff through the unrolled recurrence, so ``J*``
+            costs one backward pass like SGD's and ``J v`` one double-backward pass),
             ``"kernels"`` (``P Jθ`` of :mod:`kpflow.kernels`, reusing the recorded adjoint ``P* e`` for
             the gradient), or a callable ``jacobian(traj, param_names) -> LinearOperator`` taking the
             flat parameter vector (model's parameter order) to the error's shape.
@@ -435,7 +479,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         form: str = "auto",
         param_names: Sequence[str] | None = None,
         readout_lr: float | None = None,
-        jacobian: str | Callable[..., LinearOperator] = "unrolled",
+        jacobian: str | Callable[..., LinearOperator] = "auto",
         seed: int = 0,
     ):
         if not hasattr(model, "cell_params"):
@@ -485,6 +529,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         p0 = cell[names[0]]
         self._generator = torch.Generator(device=p0.device).manual_seed(int(seed))
         self._batch = None
+        self._jvp_choice: dict = {}
         # all state lives under the first parameter, as tensors and JSON scalars (checkpoint friendly)
         self.state[p0].update(steps=0, damping=float(damping), eig_values=None, eig_basis=None, eig_form=None,
                               pending_loss=None, pending_predicted=None, jvps=0, vjps=0, seconds=0.0)
@@ -550,6 +595,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         J = traj.cache.get("unrolled_jacobian") if hasattr(traj, "cache") else None
         if J is None or tuple(J.names) != tuple(self.param_names):
             J = UnrolledJacobian(traj.model, traj.params, self.param_names, traj.inputs, traj.z0)
+        if self.jacobian == "auto":
+            J = AutotunedJacobian(J, traj, self.param_names, self._jvp_choice)
         grad = getattr(J, "gradient", None)
         J = CountingOperator(J)
         if grad is not None:
@@ -682,6 +729,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self.last_stats = dict(
             loss=loss, form=form, rank=rank, damping=lam, rho=rho, curvature=c, refreshed=refresh,
             jvps=counter.jvps, vjps=counter.vjps, products=counter.jvps + counter.vjps,
+            jvp_backend=self._jvp_choice.get("jvp", self.jacobian if isinstance(self.jacobian, str) else "custom"),
             extra_products=counter.jvps + counter.vjps - 1, space=self.space,
             step_norm=float(delta.norm()), clip_factor=clip, predicted_change=predicted,
             grad_norm=float(grad.norm()), eigenvalues=[float(v) for v in eig.eigenvalues] if keep else [],
