@@ -303,3 +303,14 @@ def test_device_and_dtype_are_carried():
     assert A.dtype == torch.float32 and A.device.type == "cpu"
     assert gram(A).dtype == torch.float32
     assert kron(A, A).T.dtype == torch.float32
+
+
+def test_gram_of_composite_stays_psd():
+    P, _ = dense((3,), (3,), 1)
+    J, _ = dense((4,), (3,), 2)
+    ntk = P @ J @ J.T @ P.T
+    assert ntk.is_psd
+    assert gram(ntk).is_psd and gram(ntk.T).is_psd
+    assert (ntk.T @ ntk).is_psd
+    M = ntk.to_matrix()
+    assert close(gram(ntk.T).to_matrix(), M.T @ M)

@@ -450,7 +450,10 @@ class ComposedOperator(LinearOperator):
                     f"cannot compose: left operator takes {left.shape_in} but right operator produces "
                     f"{right.shape_out} ({left!r} @ {right!r})"
                 )
-        sa, psd = _chain_flags(flat)
+        # structure is judged both on the factors as given (e.g. X X* for a composite X) and flattened
+        sa, psd = _chain_flags(list(factors))
+        sa2, psd2 = _chain_flags(flat)
+        sa, psd = sa or sa2, psd or psd2
         super().__init__(flat[-1].shape_in, flat[0].shape_out, flat[0].dtype, flat[0].device,
                          is_self_adjoint=sa, is_psd=psd)
         self.factors = flat
