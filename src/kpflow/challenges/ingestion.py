@@ -10,8 +10,9 @@ Codabench-style call::
 The submission folder holds ``model.py`` defining ``class Model`` with ``load()`` and ``predict(...)``.
 The program writes ``OUTPUT_DIR/predictions.csv`` and ``OUTPUT_DIR/status.json``.
 
-Containment inside the process (the parent adds a wall-clock timeout, a memory limit, a fresh
-sandbox folder and a minimal environment): a Python audit hook (PEP 578) refuses to open or list
+Containment inside the process, when ``--deny`` / ``--allow-write`` are given (kpflow's runner gives
+them and adds a wall-clock timeout, a memory limit, a fresh sandbox folder and a minimal
+environment; on Codabench the container does this job): a Python audit hook (PEP 578) refuses to open or list
 anything under a ``--deny`` root (the challenge folder holding the reference labels) and refuses
 writes, renames and deletions outside the ``--allow-write`` roots (the output and scratch folders).
 Attempts are recorded and make the run fail even if the submission catches the error. The hook sees
@@ -226,7 +227,8 @@ def main(argv=None) -> int:
     os.makedirs(output_dir, exist_ok=True)
     status_path = os.path.join(output_dir, STATUS_FILE)
     guard = FileGuard(deny, [output_dir, *allow])
-    sys.addaudithook(guard)
+    if deny or allow:  # kpflow's sandbox; on Codabench the container isolates the submission instead
+        sys.addaudithook(guard)
     sys.dont_write_bytecode = True
     start = time.time()
     status = {"ok": False, "challenge": challenge}
