@@ -35,6 +35,7 @@ from kpflow.training.config import RunConfig, validate_config
 from .registry import register_study
 
 PARAM = "W"
+CACHE_VERSION = 2  # bump when the per-checkpoint metrics change
 
 
 def bifurcation_config() -> RunConfig:
@@ -197,6 +198,14 @@ def measure(model, params, batch, probes: int, seed: int, critical: torch.Tensor
     return {"metrics": m, **extra}
 
 
+def record_states(model, params, batch, n: int, seed: int) -> torch.Tensor:
+    """``n`` states sampled from the model's run on ``batch`` (starts for fixed-point searches)."""
+    with torch.no_grad():
+        z = model.unroll(params, batch.inputs).reshape(-1, model.state_dim)
+    pick = torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    return z[pick]
+
+
 # ------------------------------------------------------------------------------------------ runner
 def _rows(run: str, step, metrics: dict, method: str = "") -> list[dict]:
     return [{"run": run, "step": step, "metric": k, "value": v, "stderr": se, "method": method}
@@ -342,7 +351,8 @@ def run_bifurcation_study(cfg: RunConfig | None = None, out_dir: str | Path | No
         p = {k: v.detach().to(torch.float64).clone() for k, v in probe_model.cell_params().items()}
         steps.append(c.step)
         params.append(p)
-        tag = f"{c.meta.get('sha256', '')[:12]}_{cfg.track.probes}_{cfg.track.eval_batch}_{cfg.track.eval_seed}"
+        tag = f"v{CACHE_VERSION}_{c.meta.get('sha256', '')[:12]}_{cfg.track.probes}_{cfg.track.eval_batch}_" \
+              f"{cfg.track.eval_seed}"
         key = cache_dir / f"step_{c.step:06d}_{tag}.json"
         if key.is_file():
             metrics = {k: tuple(v) for k, v in json.loads(key.read_text()).items()}
@@ -375,6 +385,16 @@ def run_bifurcation_study(cfg: RunConfig | None = None, out_dir: str | Path | No
         def at_step(s):
             return {r["metric"]: r["value"] for r in rows if r["step"] == s}
 
+        # fixed points born or lost on the crossing interval: fresh searches from recorded states at both ends
+        from kpflow.dynamics import find_bifurcations
+
+        starts = record_states(probe_model, params[k], batch, 48, cfg.seed)
+        scan = find_bifurcations(probe_model, params[k], params[k + 1], initial_states=starts,
+                                 search_kwargs={"n_starts": 48, "max_iters": 600})
+        summary["interval_scan"] = {
+            "fixed_points_before": len(scan.fixed_points_a), "fixed_points_after": len(scan.fixed_points_b),
+            "stability_before": scan.fixed_points_a.stability, "stability_after": scan.fixed_points_b.stability,
+            "born": len(scan.born), "lost": len(scan.lost), "events": [e.summary() for e in scan.events]}
         summary["before"] = {"step": steps[k], **at_step(steps[k])}
         summary["after"] = {"step": steps[k + 1], **at_step(steps[k + 1])}
         summary["start"] = {"step": steps[0], **at_step(steps[0])}
@@ -423,14 +443,21 @@ def reading_notes(summary: dict) -> list[str]:
     ]
     if "nf_correlation" in at:
         notes.append(
-            "Normal-form match along the dominant direction (scalar "
-            f"{NF_KINDS[int(at.get('nf_kind_code', 0))]} form of the critical eigenvalue, μ = {at['nf_mu']:.3g}): "
+            "Normal-form match along the dominant direction ("
+            f"{NF_KINDS[int(at.get('nf_kind_code', 0))]} normal form of the critical eigenvalue, "
+            f"μ = {at['nf_mu']:.3g}): "
             f"profile correlation {at['nf_correlation']:.3f}, "
             f"magnitude ratio {at['nf_magnitude_ratio']:.3g} (1 = exact).")
     if summary["first_bifurcation_kind"] != "pitchfork":
         notes.append("The paper reports that the first learned bifurcation is a pitchfork; here the first crossing is "
                      f"a {summary['first_bifurcation_kind']}, so the comparison uses that normal form instead of the "
                      "scalar pitchfork.")
+    sc = summary.get("interval_scan")
+    if sc:
+        notes.append(f"Fixed points on the crossing interval (fresh searches from recorded states): "
+                     f"{sc['fixed_points_before']} before ({', '.join(sc['stability_before'])}), "
+                     f"{sc['fixed_points_after']} after ({', '.join(sc['stability_after'])}); "
+                     f"{sc['born']} born, {sc['lost']} lost.")
     b_er, at_er = b.get("ntk_erank", math.nan), at["ntk_erank"]
     notes.append(f"Collapse check: the sNTK effective rank changes by a factor {b_er / at_er:.3g} between the last "
                  "checkpoint before the crossing and the crossing, and by "
