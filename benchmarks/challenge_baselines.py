@@ -3,7 +3,7 @@
 For each challenge: make it (timed; default scale = the size `kpflow challenge make` uses), train its
 baselines on `train/`, run every baseline as a sandboxed code submission on the **test** phase, and
 score it with the challenge's scoring program. Ends with `key=value` lines and writes the same to
-`challenge_baselines.json` beside this script.
+`challenge_baselines.json` (`challenge_baselines_quick.json` with `--quick`) beside this script.
 
     .venv/bin/python benchmarks/challenge_baselines.py            # default sizes (a few minutes)
     .venv/bin/python benchmarks/challenge_baselines.py --quick    # small sizes, short training (< 1 min)
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
         spec = get_challenge(name)
         others = ", ".join(f"{k}={scores[k]:.3f}" for k in spec.score_keys[1:4])
         print(f"{name:10s} {baseline:22s} {scores[spec.primary]:8.4f}  {others}  ({seconds:.1f} s)")
-    out = Path(__file__).with_suffix(".json")
+    out = Path(__file__).with_name("challenge_baselines_quick.json" if args.quick else "challenge_baselines.json")
     atomic_write_json(out, {"quick": args.quick, "seed": args.seed, "phase": args.phase, "results": results})
     print()
     for key, value in results.items():
