@@ -238,8 +238,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rank", type=int, default=2)
     ap.add_argument("--refresh-every", type=int, default=1)
     ap.add_argument("--variants", default=None,
-                    help="extra NG settings run in the same lockstep, 'rank:refresh_every,...' "
-                         "(default: 1:1,1:3,2:3 in the full run, none with --quick)")
+                    help="extra NG settings run in the same lockstep, 'rank:refresh_every[:ritz],...' "
+                         "(default: 1:1,1:3,2:3,2:3:ritz in the full run, none with --quick)")
     ap.add_argument("--floor", type=float, default=1e-2, help="loss floor as a fraction of the initial loss")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -251,7 +251,7 @@ def main(argv=None) -> dict:
     quick = dict(steps=80, hidden=8, seq_len=25, batch=8)
     full = dict(steps=300, hidden=16, seq_len=40, batch=16)
     if args.variants is None and not args.quick:
-        args.variants = "1:1,1:3,2:3"
+        args.variants = "1:1,1:3,2:3,2:3:ritz"
     size = {k: (getattr(args, k) if getattr(args, k) is not None else (quick if args.quick else full)[k])
             for k in quick}
     torch.set_num_threads(args.threads)
@@ -282,11 +282,11 @@ def main(argv=None) -> dict:
                                 space=args.space,
                                 seed=args.seed),
     }
-    variants = [] if not args.variants else [tuple(int(v) for v in item.split(":")) for item in
-                                             args.variants.split(",")]
-    for rank, every in variants:
-        makers[f"ng_r{rank}_k{every}"] = functools.partial(ng_maker, lr=args.ng_lr, rank=rank, space=args.space,
-                                                           refresh_every=every, seed=args.seed)
+    for item in (args.variants.split(",") if args.variants else []):
+        rank, every, *ritz = item.split(":")
+        name = f"ng_r{rank}_k{every}" + ("_ritz" if ritz == ["ritz"] else "")
+        makers[name] = functools.partial(ng_maker, lr=args.ng_lr, rank=int(rank), space=args.space,
+                                         refresh_every=int(every), ritz_updates=ritz == ["ritz"], seed=args.seed)
     methods = [Method(name, student(), inputs, targets, make) for name, make in makers.items()]
     bar = range(steps)
     if not args.no_progress:

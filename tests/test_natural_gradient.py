@@ -485,3 +485,40 @@ def test_output_space_full_rank_is_exact_gauss_newton_of_the_readout_loss(B, T):
     got = flat_params(model, names) - before
     assert opt.last_stats["space"] == "output"
     assert float((got - ref).norm()) <= (4 * lam / (c * smin2) + 1e-8) * float(ref.norm())
+
+
+@pytest.mark.parametrize("form", ["state", "parameter"])
+def test_ritz_update_recovers_exact_eigenpairs_from_a_rotated_top_basis(form):
+    from kpflow.training.natural_gradient import _ritz_update
+
+    n, P, r = 12, 7, 2
+    Jm = torch.randn(n, P, dtype=D, generator=gen(0))
+    J = DenseOperator(Jm, (P,), (3, 4))
+    Us, sv, Vh = torch.linalg.svd(Jm, full_matrices=False)
+    Q, _ = torch.linalg.qr(torch.randn(r, r, dtype=D, generator=gen(1)))
+    basis = (Q @ Us[:, :r].T).reshape(r, 3, 4)  # the top-r left singular space, in a random basis
+    eig, rotated = _ritz_update(J, basis, r, form)
+    assert torch.allclose(eig.eigenvalues, sv[:r] ** 2, rtol=1e-12)
+    ref = Us[:, :r].T if form == "state" else Vh[:r]
+    got = eig.basis.reshape(r, -1)
+    assert torch.allclose((got * ref).sum(1).abs(), torch.ones(r, dtype=D), atol=1e-10)  # same vectors up to sign
+    assert torch.allclose(rotated.reshape(r, -1).abs(), Us[:, :r].T.abs(), atol=1e-10)
+
+
+def test_ritz_updates_between_refreshes_use_vjps_only():
+    from kpflow.models import VanillaRNN
+
+    *_, inputs, z_star = state_targets_problem(2, 5, seed=2)
+    batch = {"inputs": inputs, "targets": z_star}  # the same trials every step
+    model = VanillaRNN(1, 2, 2, dtype=D)
+    opt = LowRankNaturalGradient(model, rank=2, refresh_every=3, form="parameter", param_names=["W", "U"],
+                                 ritz_updates=True)
+    opt.step(lambda: batch)
+    assert opt.last_stats["refreshed"]
+    opt.step(lambda: batch)
+    st = opt.last_stats
+    assert not st["refreshed"] and st["ritz_updated"] and st["jvps"] == 0 and st["vjps"] == 1 + 2
+    opt2 = LowRankNaturalGradient(model, rank=2, refresh_every=3, param_names=["W", "U"])  # off by default
+    opt2.step(lambda: batch)
+    opt2.step(lambda: batch)
+    assert not opt2.last_stats["ritz_updated"] and opt2.last_stats["products"] == 1

@@ -430,6 +430,10 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         refresh_every: recompute the low-rank basis every this many steps (1 = every step); in
             between, the previous ``(U, Λ)`` are reused at no extra cost, unless the previous step's
             reduction ratio ρ fell below 1/4 (then the basis is refreshed at once).
+        ritz_updates: between refreshes, when the batch is the previous step's, update the
+            eigenvalues and rotate the basis by Rayleigh–Ritz on the tracked state-space directions
+            (``rank + oversample`` products with ``J*`` only, no ``J``), so the curvature along
+            the channel stays current; otherwise the previous ``(U, Λ)`` are reused as they are.
         power_iters: subspace-iteration passes before each warm Nyström sketch.
         warmup_iters: passes for the first (cold, random) sketch.
         oversample: extra probes in the sketch beyond ``rank``.
@@ -470,6 +474,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         damping_bounds: tuple[float, float] = (1e-8, 1e8),
         curvature: float | str = "auto",
         refresh_every: int = 1,
+        ritz_updates: bool = False,
         power_iters: int = 0,
         warmup_iters: int = 2,
         oversample: int = 0,
@@ -530,6 +535,9 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self._generator = torch.Generator(device=p0.device).manual_seed(int(seed))
         self._batch = None
         self._jvp_choice: dict = {}
+        self._state_basis: torch.Tensor | None = None  # state-space side of the basis (not checkpointed)
+        self._last_inputs: torch.Tensor | None = None
+        self.ritz_updates = bool(ritz_updates)
         # all state lives under the first parameter, as tensors and JSON scalars (checkpoint friendly)
         self.state[p0].update(steps=0, damping=float(damping), eig_values=None, eig_basis=None, eig_form=None,
                               pending_loss=None, pending_predicted=None, jvps=0, vjps=0, seconds=0.0)
@@ -575,6 +583,16 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
                 n = p.numel()
                 p.add_(delta[offset:offset + n].reshape(p.shape).to(p.dtype))
                 offset += n
+
+    def _same_batch(self, traj, J) -> bool:
+        """Whether this step's trials are the previous step's (then a state-space basis still applies)."""
+        inputs = getattr(traj, "inputs", None)
+        prev, self._last_inputs = self._last_inputs, inputs
+        if inputs is None or prev is None or prev.shape != inputs.shape:
+            return False
+        if self._state_basis is None or tuple(self._state_basis.shape[1:]) != tuple(J.shape_out):
+            return False
+        return prev is inputs or bool(torch.equal(prev, inputs))
 
     def _choose_form(self, n_state: int) -> str:
         if self.form != "auto":
@@ -686,12 +704,19 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         stale = eig is None or st["eig_form"] != form or eig.shape != tuple(shape) or eig.rank != rank
         poor = rho is not None and rho < 0.25  # the last step's model was poor: the basis may be stale
         refresh = rank > 0 and (stale or poor or st["steps"] % group["refresh_every"] == 0)
+        same_batch = self._same_batch(traj, J)
+        updated = False
         if refresh:
-            op = (J @ J.T) if form == "state" else (J.T @ J)
+            op = (J @ J.T) if form == "state" else _FisherKeepingImage(J)
             warm = None if stale else eig.basis
             iters = group["warmup_iters"] if warm is None else group["power_iters"]
             eig = nystrom_eigh(op, rank, oversample=group["oversample"], power_iters=iters, init=warm,
                                generator=self._generator)
+            # a state-space basis for cheap Ritz updates until the next refresh
+            self._state_basis = eig.basis if form == "state" else _orthonormal_rows(op.last_image)
+        elif rank > 0 and self.ritz_updates and same_batch and self._state_basis is not None:
+            eig, self._state_basis = _ritz_update(J, self._state_basis, rank, form)
+            updated = True
         elif rank == 0:
             eig = LowRankEig(torch.zeros(0, dtype=J.dtype, device=J.device),
                              torch.zeros(0, *shape, dtype=J.dtype, device=J.device))
@@ -728,6 +753,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         st["seconds"] += seconds
         self.last_stats = dict(
             loss=loss, form=form, rank=rank, damping=lam, rho=rho, curvature=c, refreshed=refresh,
+            ritz_updated=updated,
             jvps=counter.jvps, vjps=counter.vjps, products=counter.jvps + counter.vjps,
             jvp_backend=self._jvp_choice.get("jvp", self.jacobian if isinstance(self.jacobian, str) else "custom"),
             extra_products=counter.jvps + counter.vjps - 1, space=self.space,
@@ -737,6 +763,36 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             seconds=seconds,
         )
         return torch.tensor(loss, dtype=torch.float64)
+
+
+class _FisherKeepingImage(LinearOperator):
+    """``F = J* J`` (PSD) that keeps the last image ``J X`` (the state-space side of the sketch)."""
+
+    def __init__(self, J: LinearOperator):
+        super().__init__(J.shape_in, J.shape_in, J.dtype, J.device, is_psd=True)
+        self.J, self.last_image = J, None
+
+    def _matmat(self, X):
+        self.last_image = self.J._matmat(X)
+        return self.J._rmatmat(self.last_image)
+
+
+def _ritz_update(J: LinearOperator, state_basis: torch.Tensor, rank: int, form: str):
+    """Rayleigh–Ritz of ``Θ = J J*`` on span(state_basis) with ``k`` VJPs only: ``W = J* U``,
+    ``U* Θ U = W W*`` = Z S Z*; returns the top-``rank`` pairs (state or parameter side) and the
+    rotated state basis. Keeps the curvature along the tracked directions current between refreshes."""
+    W = J.rmatmat(state_basis)  # [k, n_params]
+    k = W.shape[0]
+    G = W.reshape(k, -1) @ W.reshape(k, -1).T
+    S, Z = torch.linalg.eigh(0.5 * (G + G.T))
+    S, Z = S.flip(0).clamp_min(0), Z.flip(1)
+    rotated = (Z.T @ state_basis.reshape(k, -1)).reshape(state_basis.shape)
+    r = min(rank, k)
+    if form == "state":
+        return LowRankEig(S[:r], rotated[:r].contiguous()), rotated
+    tiny = torch.finfo(S.dtype).tiny ** 0.5
+    V = (Z.T @ W.reshape(k, -1))[:r] / S[:r].clamp_min(tiny).sqrt().unsqueeze(1)
+    return LowRankEig(S[:r], V.contiguous()), rotated
 
 
 def _output_error(traj) -> torch.Tensor:
