@@ -138,6 +138,13 @@ def test_propagator_inverse_and_step_jacobians(name):
         # P^{-1} = I - A S composed from the parts
         A, S = step_jacobians(traj, cache=cache), time_shift(traj)
         assert _rel(_dense(A @ S), eye - Pinv) < 1e-12
+    # affine cells apply A_t from stored per-site coefficients; the JVP/VJP path must agree
+    lin = traj.cache.get("linearization")
+    assert (lin is not None) == (name in AFFINE)
+    if lin is not None:
+        generic = propagator(traj, cache=False)
+        generic.use_linearization = False
+        assert _rel(_dense(generic), _dense(propagator(traj, cache=False))) < 1e-12
     # A against jacrev of one step at every site
     zp, x = traj.sites()
     blocks = torch.stack([torch.func.jacrev(lambda z, i=i: m.step(traj.params, z[None], x[i:i + 1])[0])(zp[i])

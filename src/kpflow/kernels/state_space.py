@@ -277,9 +277,22 @@ class Propagator(_TrajectoryOperator):
     """``P = (I − A S)^{-1}``: forward recursion ``δz_t = A_t δz_{t-1} + q_t``; the adjoint is the
     backward recursion ``λ_t = y_t + A_{t+1}ᵀ λ_{t+1}`` (BPTT). Batched over trials and probes."""
 
+    #: apply A_t from stored per-site coefficients when the cell allows it (else JVP/VJP of the step)
+    use_linearization: bool = True
+
     def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None):
         super().__init__(traj, traj.shape, traj.shape, chunk_size)
         self.cache = _cache_for(traj, cache, memory_budget)
+
+    def _linearization(self):
+        """Stored per-site coefficients of A for affine unit-structured cells (None otherwise)."""
+        if not self.use_linearization:
+            return None
+        if "linearization" not in self.traj.cache:
+            from .linearization import StepLinearization
+
+            self.traj.cache["linearization"] = StepLinearization.build(self.traj)
+        return self.traj.cache["linearization"]
 
     def _step_fns(self, t):
         traj = self.traj
@@ -294,12 +307,15 @@ class Propagator(_TrajectoryOperator):
         dense = self.cache.get(Q.shape[0])
         traj = self.traj
         prev = traj.prev_states
+        lin = None if dense is not None else self._linearization()
         out = torch.empty_like(Q)
         d = Q[:, :, 0]
         out[:, :, 0] = d
         for t in range(1, Q.shape[2]):
             if dense is not None:
                 Ad = torch.einsum("bij,kbj->kbi", dense[:, t], d)
+            elif lin is not None:
+                Ad = lin.step(t, d)
             else:
                 Ad = torch.cat([step_jvp(traj.model, traj.params, prev[:, t], traj.inputs[:, t], c)
                                 for c in self._chunks(d)], 0)
@@ -311,12 +327,15 @@ class Propagator(_TrajectoryOperator):
         dense = self.cache.get(Y.shape[0])
         prev = self.traj.prev_states
         T = Y.shape[2]
+        lin = None if dense is not None else self._linearization()
         out = torch.empty_like(Y)
         lam = Y[:, :, T - 1]
         out[:, :, T - 1] = lam
         for t in range(T - 2, -1, -1):
             if dense is not None:
                 Atl = torch.einsum("bij,kbi->kbj", dense[:, t + 1], lam)
+            elif lin is not None:
+                Atl = lin.step_adjoint(t + 1, lam)
             else:
                 _, pullback = vjp(self._step_fns(t + 1), prev[:, t + 1])
                 Atl = self._vmap(lambda y, pb=pullback: pb(y)[0])(lam)
