@@ -432,6 +432,7 @@ def find_fixed_points(
     slow_points: bool = False,
     slow_q: float = 1e-4,
     unique_tol: float = 1e-6,
+    slow_unique_tol: float = 1e-2,
     exclude_outliers: bool = True,
     outlier_distance_scale: float = 10.0,
     stability_tol: float = 1e-9,
@@ -456,7 +457,8 @@ def find_fixed_points(
         tol_q: a point is *fixed* when ``q ≤ tol_q`` after the Newton polish (``newton_steps``
             damped steps, float64 by default).
         slow_points: also keep minima with ``tol_q < q ≤ slow_q`` (labelled ``is_slow``).
-        unique_tol: relative distance under which two points are one.
+        unique_tol: relative distance under which two fixed points are one; ``slow_unique_tol`` the
+            same for slow points (which sit in extended slow regions), also against fixed points.
         exclude_outliers: drop points farther than ``outlier_distance_scale`` × the largest
             distance of a start from the starts' centroid.
         stability_tol: eigenvalues within this margin of the boundary are ``marginal``.
@@ -519,8 +521,15 @@ def find_fixed_points(
                 "slow_points=True, or allow_empty=True to get an empty result."
             )
     else:
-        cand = torch.nonzero(keep).flatten()
+        cand = torch.nonzero(keep & is_fixed).flatten()
         idx = cand[_deduplicate(z[cand], q[cand], unique_tol)]
+        slow = torch.nonzero(keep & ~is_fixed).flatten()
+        if slow.numel():  # slow points sit in extended slow regions: merge them on a coarser scale
+            slow = slow[_deduplicate(z[slow], q[slow], slow_unique_tol)]
+            if idx.numel():
+                d = torch.cdist(z[slow], z[idx]).min(1).values
+                slow = slow[d > slow_unique_tol * z[slow].norm(dim=-1).clamp_min(1.0)]
+            idx = torch.cat([idx, slow])
         idx = idx[torch.argsort(q[idx])]
     pts, qs = z[idx], q[idx]
     A, lam, R, L, labels, dims = spectra(fmap, pts, stability_tol)
