@@ -7,9 +7,10 @@ The Gauss–Newton / natural-gradient step of a loss ``L(z(θ))`` on the recorde
 with ``J = dz/dθ = P Jθ`` the state Jacobian, ``e = ∂L/∂z`` the direct error and ``Θ = P K P*`` the
 state-space NTK (push-through / Woodbury identity). Near a bifurcation ``Θ`` is dominated by one
 amplified direction, so a rank-``r`` approximation ``Θ_r = U Λ U*`` captures the part of the geometry
-that makes plain gradient descent overshoot; the rest is treated as ``λ I``:
+that makes plain gradient descent overshoot; the rest is treated as ``λ I`` (or, by default, as
+curvature ``λ_r`` — the Nyström preconditioner of Frangella, Tropp & Udell 2023):
 
-    (Θ_r + λ I)⁻¹ e = e / λ + U [(Λ + λ)⁻¹ − 1/λ] U* e.
+    (Θ_r + λ I)⁻¹ e = U (Λ + λ)⁻¹ U* e + (e − U U* e) / λ.
 
 ``Θ_r`` comes from randomized Nyström with subspace iteration (Halko, Martinsson & Tropp 2011,
 Alg. 4.3/5.5; the stable Nyström of Tropp, Yurtsever, Udell & Cevher 2017, Alg. 3), warm-started from
@@ -19,7 +20,9 @@ The same step in parameter space uses the state-space Fisher ``F = J* J`` (same 
 
 Building blocks (free functions, operators only): :func:`nystrom_eigh`, :func:`damped_lowrank_solve`,
 :class:`LevenbergMarquardtDamping`, :func:`clip_to_trust_region`. The optimizer
-:class:`LowRankNaturalGradient` wires them to the state-space operators of :mod:`kpflow.kernels`.
+:class:`LowRankNaturalGradient` applies them to ``J`` evaluated on the recording's autograd graph
+(:class:`UnrolledJacobian`; ``J*`` costs one backward pass, like SGD's gradient) or to the
+state-space operators ``P Jθ`` of :mod:`kpflow.kernels`. See docs/natural_gradient.md.
 """
 
 from __future__ import annotations
@@ -40,7 +43,11 @@ __all__ = [
     "LevenbergMarquardtDamping",
     "clip_to_trust_region",
     "CountingOperator",
+    "UnrolledJacobian",
+    "AutotunedJacobian",
+    "record_for_step",
     "LowRankNaturalGradient",
+    "lowrank_ng",
 ]
 
 
