@@ -136,6 +136,10 @@ def test_bad_inputs_have_clear_messages():
     with pytest.raises(TypeError, match="no notion of a constant input"):
         constant_input_map(nn.GRUCell(2, 3))
     m = tanh_unit(0.5)
+    m.has_constant_input = False
+    with pytest.raises(TypeError, match="has_constant_input=False"):
+        find_fixed_points(m)
+    m.has_constant_input = True
     with pytest.raises(ValueError, match=r"shape \[input_dim\] = \[1\]"):
         constant_input_map(m, torch.zeros(3))
     with pytest.raises(ValueError, match="end in the state size H=1"):
