@@ -159,6 +159,10 @@ def summarize(m: Method, floor: float, window: int) -> dict:
     return out
 
 
+def sgd_maker(model, lr):
+    return torch.optim.SGD([model.cell.W], lr=lr)
+
+
 def ng_maker(model, **options):
     return LowRankNaturalGradient(model, param_names=["W"], **options)
 
@@ -182,7 +186,8 @@ def figure(methods, summary, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    extra = iter(["tab:olive", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:gray"])
+    extra = iter(["tab:olive", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:gray", "gold",
+                  "salmon", "navy", "lime"])
     colors = {"sgd": "tab:red", "adam": "tab:blue", "ng": "tab:green"}
     for m in methods:
         colors.setdefault(m.name, next(extra, "k"))
@@ -240,6 +245,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--variants", default=None,
                     help="extra NG settings run in the same lockstep, 'rank:refresh_every[:ritz],...' "
                          "(default: 1:1,1:3,2:3,2:3:ritz in the full run, none with --quick)")
+    ap.add_argument("--sgd-sweep", default=None,
+                    help="extra SGD learning rates run in the same lockstep, comma-separated "
+                         "(default: 1,2,10 for pitchfork, 0.05,1 for study; none with --quick)")
     ap.add_argument("--floor", type=float, default=1e-2, help="loss floor as a fraction of the initial loss")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -252,6 +260,8 @@ def main(argv=None) -> dict:
     full = dict(steps=300, hidden=16, seq_len=40, batch=16)
     if args.variants is None and not args.quick:
         args.variants = "1:1,1:3,2:3,2:3:ritz"
+    if args.sgd_sweep is None and not args.quick:
+        args.sgd_sweep = "1,2,10" if args.setup == "pitchfork" else "0.05,1"
     size = {k: (getattr(args, k) if getattr(args, k) is not None else (quick if args.quick else full)[k])
             for k in quick}
     torch.set_num_threads(args.threads)
@@ -282,6 +292,8 @@ def main(argv=None) -> dict:
                                 space=args.space,
                                 seed=args.seed),
     }
+    for lr in (args.sgd_sweep.split(",") if args.sgd_sweep else []):
+        makers[f"sgd_lr{lr}"] = functools.partial(sgd_maker, lr=float(lr))
     for item in (args.variants.split(",") if args.variants else []):
         rank, every, *ritz = item.split(":")
         name = f"ng_r{rank}_k{every}" + ("_ritz" if ritz == ["ritz"] else "")
@@ -331,7 +343,8 @@ def main(argv=None) -> dict:
     figure(methods, summary, args.figure, title)
     for m in methods[3:]:
         for key in ("time_per_step_over_sgd", "peak_spike", "steps_to_floor", "extra_products_per_step"):
-            headline[f"{m.name}_{key}"] = summary[m.name][key]
+            if key in summary[m.name]:
+                headline[f"{m.name}_{key}"] = summary[m.name][key]
     for name in [m.name for m in methods]:
         s = summary[name]
         print(f"{name:>9}: first bifurcation at step {s['first_bifurcation_step']}, peak spike "
