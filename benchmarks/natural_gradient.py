@@ -201,7 +201,7 @@ def figure(methods, summary, path: Path, title: str) -> None:
         if s["first_bifurcation_step"] is not None:
             ax1.axvline(s["first_bifurcation_step"], color=c, ls=":", lw=1)
     ax1.axhline(summary["floor"] * methods[0].losses[0], color="k", ls="--", lw=0.8, label="loss floor")
-    ax1.set(xlabel="step", ylabel="loss (MSE to teacher states)", title="loss (dotted: first bifurcation)")
+    ax1.set(xlabel="step", ylabel="loss (MSE to the teacher)", title="loss (dotted: first bifurcation)")
     ax1.legend(fontsize=8)
     ax2.axhline(1.0, color="k", ls="--", lw=0.8)
     top = max(max(r for r in m.radius if math.isfinite(r)) for m in methods)
