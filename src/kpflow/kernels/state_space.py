@@ -14,8 +14,10 @@ On tensors of shape ``[B, T, H]`` (a perturbation of every state):
 Everything is applied with per-site JVPs/VJPs of the model's step, batched over probes with
 ``torch.func.vmap``. ``Jθ``, ``A`` and ``P^{-1}`` treat all B·T sites at once (the step is independent
 across sites once ``z_{t-1}`` is known); ``P`` and ``P*`` are sequential in time and batched over
-trials and probes. ``P``/``P*``/``A`` switch to a cache of dense step Jacobians ``[B, T, H, H]`` when it
-fits a memory budget and is expected to pay for itself (see ``StepJacobianCache``).
+trials and probes; for the weight-based cells each step uses stored per-site coefficients of ``A_t``
+instead (``kpflow.kernels.linearization``: one matmul per weight and a few elementwise products).
+``P``/``P*``/``A`` switch to a cache of dense step Jacobians ``[B, T, H, H]`` when it fits a memory
+budget and is expected to pay for itself (see ``StepJacobianCache``).
 """
 
 from __future__ import annotations
