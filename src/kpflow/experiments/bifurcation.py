@@ -35,7 +35,7 @@ from kpflow.training.config import RunConfig, validate_config
 from .registry import register_study
 
 PARAM = "W"
-CACHE_VERSION = 2  # bump when the per-checkpoint metrics change
+CACHE_VERSION = 3  # bump when the per-checkpoint metrics change
 
 
 def bifurcation_config() -> RunConfig:
@@ -177,6 +177,7 @@ def measure(model, params, batch, probes: int, seed: int, critical: torch.Tensor
     tr, fro = m["ntk_trace"][0], m["ntk_fro"][0]
     ch = bifurcation_channel(traj, q, param_names=[PARAM], totals=(tr, fro))
     m["channel_rank"] = (float(ch.rank), 0.0)
+    m["channel_amplification"] = (float(ch.singular_values[0]) ** 2, 0.0)  # σ₁² of the channel
     m["channel_trace_fraction"] = (ch.trace_fraction, ch.trace_fraction * m["ntk_trace"][1] / tr if tr else math.nan)
     m["channel_frobenius_fraction"] = (ch.frobenius_fraction, 0.0)
     m["channel_spatial_fraction"] = (ch.spatial_fraction, 0.0)
@@ -186,7 +187,8 @@ def measure(model, params, batch, probes: int, seed: int, critical: torch.Tensor
     m["channel_top_direction_overlap"] = (abs(float(torch.dot(w, ch.param_directions[0]))), 0.0)
     extra = {"channel": ch, "direction": w}
     try:
-        nf = normal_form_match(traj, torch.zeros(model.state_dim, dtype=traj.dtype), w, param_names=[PARAM],
+        nf = normal_form_match(traj, torch.zeros(model.state_dim, dtype=traj.dtype, device=traj.device), w,
+                               param_names=[PARAM],
                                eigenvalue=critical_eigenvalue)
         m["nf_correlation"] = (abs(nf.correlation), 0.0)
         m["nf_magnitude_ratio"] = (nf.magnitude_ratio, 0.0)
@@ -214,6 +216,7 @@ def _rows(run: str, step, metrics: dict, method: str = "") -> list[dict]:
 
 def _save(fig, folder: Path, stem: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
     fig.savefig(folder / f"{stem}.svg")
     fig.savefig(folder / f"{stem}.png", dpi=110)
     import matplotlib.pyplot as plt
@@ -285,11 +288,14 @@ def _figures(rows, summary, landscape, nf_at, folder: Path) -> list[Path]:
         fig, ax = plt.subplots(figsize=(6, 3.6))
         meas, pred = nf_at.measured.detach().cpu(), nf_at.predicted.detach().cpu()
         sign = 1.0 if float((meas * pred).sum()) >= 0 else -1.0
-        for b in range(min(3, meas.shape[0])):
+        if meas.dim() == 3:  # planar (Neimark–Sacker): show Re α
+            meas, pred = meas[..., 0], pred[..., 0]
+        for b in range(min(2, meas.shape[0])):
             ax.plot(meas[b].numpy(), color=f"C{b}", label=f"network, trial {b}")
             ax.plot(sign * pred[b].numpy(), color=f"C{b}", ls="--", label=f"{nf_at.kind} normal form, trial {b}")
         ax.set_xlabel("time step")
-        ax.set_ylabel("centre-coordinate sensitivity")
+        ax.set_ylabel("centre-coordinate sensitivity (Re α)" if nf_at.kind == "neimark-sacker"
+                      else "centre-coordinate sensitivity")
         ax.set_title(f"restricted sNTK profile: corr {abs(nf_at.correlation):.3f}, ratio {nf_at.magnitude_ratio:.3g}",
                      fontsize=9)
         ax.legend(fontsize=6)
@@ -337,7 +343,7 @@ def run_bifurcation_study(cfg: RunConfig | None = None, out_dir: str | Path | No
     if len(cps) < 2:
         raise RuntimeError(f"{run_dir} has {len(cps)} checkpoint(s); the study needs at least two")
     probe_model = build_student(cfg)[1].to(torch.float64)
-    batch = task.sample(cfg.track.eval_batch, cfg.track.eval_seed, dtype=torch.float64)
+    batch = task.sample(cfg.track.eval_batch, cfg.track.eval_seed, device=cfg.device, dtype=torch.float64)
     steps, params, rows = [], [], []
     cache_dir = run_dir / "bifurcation_cache"
     cache_dir.mkdir(exist_ok=True)
@@ -363,7 +369,8 @@ def run_bifurcation_study(cfg: RunConfig | None = None, out_dir: str | Path | No
 
     # ---------------------------------------------------------------- bifurcations of the origin
     hist = track_bifurcations(probe_model, params, steps=steps, search=False,
-                              initial_points=torch.zeros(1, probe_model.state_dim, dtype=torch.float64),
+                              initial_points=torch.zeros(1, probe_model.state_dim, dtype=torch.float64,
+                                                         device=cfg.device),
                               progress=progress)
     summary: dict = {"steps": steps, "events": [e.summary() for e in hist.events]}
     nf_at = None
