@@ -37,7 +37,8 @@ def test_shortened_bifurcation_run_reports_the_first_crossing(tmp_path):
     assert lo <= step <= hi
     # at the located crossing the critical eigenvalue of the origin is on the unit circle
     assert summary["at"]["origin_abs_lambda1"] == pytest.approx(1.0, abs=1e-6)
-    assert (run / "report.html").is_file()
+    page = (run / "report.html").read_text()
+    assert "first_bifurcation_step" in page and "at the crossing" in page
     assert (run / "figures" / "bifurcation_sntk_erank.svg").is_file()
 
 

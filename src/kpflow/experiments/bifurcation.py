@@ -423,7 +423,8 @@ def run_bifurcation_study(cfg: RunConfig | None = None, out_dir: str | Path | No
         config_text = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
         table_rows = [r for r in rows if isinstance(r["step"], int)]
         write_report(run_dir / "report.html", title=f"kpflow bifurcation study: {cfg.name}", rows=table_rows,
-                     figures=figs, config_text=config_text, train_losses=training_losses(run_dir), notes=notes)
+                     figures=figs, config_text=config_text, train_losses=training_losses(run_dir), notes=notes,
+                     extra_html=bifurcation_table_html(summary))
     return run_dir
 
 
@@ -471,6 +472,28 @@ def reading_notes(summary: dict) -> list[str]:
                  f"{summary['start'].get('ntk_erank', math.nan) / at_er:.3g}"
                  " from the start of training to the crossing.")
     return notes
+
+
+def bifurcation_table_html(summary: dict) -> str:
+    """The headline table of the report: the first learned bifurcation and the sNTK around it."""
+    import html
+
+    if "first_bifurcation_step" not in summary:
+        return "<h2>First learned bifurcation</h2><p>None was crossed during training.</p>"
+    cols = [("start", summary["start"]), ("before", summary["before"]), ("at the crossing", summary["at"]),
+            ("after", summary["after"]), ("end", summary["end"])]
+    metrics = ["ntk_erank", "ntk_erank_temporal", "ntk_erank_spatial", "ntk_trace", "origin_abs_lambda1",
+               "channel_trace_fraction", "channel_frobenius_fraction", "channel_amplification",
+               "top_direction_fraction", "nf_correlation", "nf_magnitude_ratio", "loss"]
+    head = "".join(f"<th>{html.escape(n)}<br>step {d.get('step', summary['first_bifurcation_step']):.6g}</th>"
+                   for n, d in cols)
+    body = "".join("<tr><td>" + html.escape(m) + "</td>" + "".join(
+        f"<td>{d[m]:.4g}</td>" if isinstance(d.get(m), (int, float)) else "<td>–</td>" for _, d in cols) + "</tr>"
+        for m in metrics)
+    lam = summary["first_bifurcation_eigenvalue"]
+    return (f"<h2>First learned bifurcation</h2><p>first_bifurcation_step = {summary['first_bifurcation_step']:.6g} "
+            f"({html.escape(str(summary['first_bifurcation_kind']))}, critical eigenvalue "
+            f"{lam[0]:.5f}{lam[1]:+.5f}i)</p><table><tr><th>metric</th>{head}</tr>{body}</table>")
 
 
 def _study_runner(cfg: RunConfig, **options) -> Path:
