@@ -156,13 +156,14 @@ class StepJacobianCache:
     """Dense per-site step Jacobians ``A[b, t] = ∂F/∂z_{t-1}`` ``[B, T, H, H]``, built on demand.
 
     Policy ``"auto"`` (ski rental): building the cache is ``A*`` applied to the H basis vectors at
-    all B·T sites — the work of about H probes through ``P`` — and afterwards every sequential step
-    is one batched matmul (``benchmarks/operators.py`` measured ``P`` about 10x cheaper per probe with
-    the cache for a GRU with H=256). So the cache is built once the probes pushed through
-    ``A``/``P``/``P*`` of this trajectory reach ``H``, provided its ``B·T·H²`` entries fit
-    ``memory_budget`` bytes; as in ski rental the total cost then stays within about twice that of
-    the better choice made in hindsight. ``True`` builds it on first use (error if it does not fit),
-    ``False`` never builds it.
+    all B·T sites — the work of about H probes through ``P`` by JVP/VJP of the step — after which every
+    sequential step is one batched matmul. The weight-based cells apply ``A_t`` from per-site
+    coefficients instead, which is faster, so there the cache pays off later (measured with
+    ``benchmarks/operators.py``, GRU H=256: cached ``P`` 1.7x cheaper per probe, build ≈ 1000 probes).
+    The cache is built once the probes pushed through ``A``/``P``/``P*`` of this trajectory reach
+    ``H`` (``4H`` for the weight-based cells), provided its ``B·T·H²`` entries fit ``memory_budget``
+    bytes; as in ski rental the total cost then stays within about twice that of the better choice
+    made in hindsight. ``True`` builds it on first use (error if it does not fit), ``False`` never.
     """
 
     def __init__(self, traj: Trajectory, policy="auto", memory_budget: int | None = None):
@@ -187,7 +188,10 @@ class StepJacobianCache:
         if self.dense is not None:
             return self.dense
         self.probes_seen += probes
-        threshold = self.traj.shape[-1]
+        H = self.traj.shape[-1]
+        # measured break-even (benchmarks/operators.py, GRU H=256): about H probes against the JVP/VJP
+        # path, about 4H against the faster per-site-coefficient path of the weight-based cells
+        threshold = 4 * H if _linearization_of(self.traj) is not None else H
         want = self.policy is True or (self.policy == "auto" and self.probes_seen >= threshold)
         if want and self.fits:
             self.dense = dense_step_jacobians(self.traj)
@@ -211,6 +215,15 @@ def _cache_for(traj: Trajectory, cache, memory_budget) -> StepJacobianCache:
     return c
 
 
+def _linearization_of(traj: Trajectory):
+    """The trajectory's ``StepLinearization`` (built once; None for cells without the structure)."""
+    if "linearization" not in traj.cache:
+        from .linearization import StepLinearization
+
+        traj.cache["linearization"] = StepLinearization.build(traj)
+    return traj.cache["linearization"]
+
+
 def dense_step_jacobians(traj: Trajectory, chunk: int | None = None) -> torch.Tensor:
     """All step Jacobians ``A[b, t, i, j] = ∂F_i/∂z_{t-1, j}`` as one ``[B, T, H, H]`` tensor."""
     B, T, H = traj.shape
@@ -221,9 +234,9 @@ def dense_step_jacobians(traj: Trajectory, chunk: int | None = None) -> torch.Te
         return model.step(params, z, x)
 
     N = B * T
+    eye = torch.eye(H, dtype=traj.dtype, device=traj.device)
     chunk = chunk or max(1, min(H, (2**24) // max(1, N * H)))
     out = torch.empty(N, H, H, dtype=traj.dtype, device=traj.device)
-    eye = torch.eye(H, dtype=traj.dtype, device=traj.device)
     _, pullback = vjp(f, zp)
     for i0 in range(0, H, chunk):  # rows i of every A[n], by VJPs with the basis e_i at all sites
         basis = eye[i0:i0 + chunk].unsqueeze(1).expand(-1, N, H)
@@ -288,13 +301,7 @@ class Propagator(_TrajectoryOperator):
 
     def _linearization(self):
         """Stored per-site coefficients of A for affine unit-structured cells (None otherwise)."""
-        if not self.use_linearization:
-            return None
-        if "linearization" not in self.traj.cache:
-            from .linearization import StepLinearization
-
-            self.traj.cache["linearization"] = StepLinearization.build(self.traj)
-        return self.traj.cache["linearization"]
+        return _linearization_of(self.traj) if self.use_linearization else None
 
     def _step_fns(self, t):
         traj = self.traj
