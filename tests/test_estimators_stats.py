@@ -181,3 +181,16 @@ def test_gru_ntk_onesided_and_twosided_agree_with_dense():
     exact = onesided_statistics(J, 90, side="reverse")
     assert exact.trace.value == pytest.approx(tr, rel=1e-10)
     assert exact.frobenius_sq.value == pytest.approx(f2, rel=1e-10)
+
+
+def test_xtrace_and_hutchpp_on_non_symmetric_operator():
+    n = 150
+    g = torch.Generator().manual_seed(0)
+    U = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT)).Q
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=DT)).Q
+    M = U * torch.arange(1, n + 1, dtype=DT) ** -1.0 @ V.T + 0.3 * torch.eye(n, dtype=DT)
+    A = DenseOperator(M)
+    for fn in (xtrace, hutchpp_trace):
+        ests = [fn(A, 40, seed=s) for s in range(SEEDS)]
+        _check_calibration([e.value for e in ests], [e.stderr for e in ests], float(torch.trace(M)),
+                           f"{fn.__name__} on a non-symmetric operator")
