@@ -255,6 +255,8 @@ def test_bad_inputs_have_clear_errors():
     x, z0, y = _data(m)
     with pytest.raises(ValueError, match="input_dim=2"):
         record(m, torch.randn(B, T, 3, dtype=DT))
+    with pytest.raises(ValueError, match="inputs are torch.float32"):
+        record(m, x.float())
     with pytest.raises(ValueError, match="z0 has shape"):
         record(m, x, torch.zeros(B, H + 1, dtype=DT))
     with pytest.raises(ValueError, match="weight_hh"):

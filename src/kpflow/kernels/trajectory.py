@@ -153,6 +153,10 @@ def record(
         model.check_params(params)
         live |= {k: v.detach() for k, v in params.items()}
     model.check_params(live, complete=True)
+    p0 = next(iter(live.values()))
+    if inputs.dtype != p0.dtype or inputs.device != p0.device:
+        raise ValueError(f"inputs are {inputs.dtype} on {inputs.device} but the model's parameters are "
+                         f"{p0.dtype} on {p0.device}; convert one of them (e.g. inputs.to(model_dtype))")
     names = resolve_param_names(model, param_names)
     B = inputs.shape[0]
     if z0 is None:
