@@ -406,7 +406,7 @@ def _merge_events(events: list[BifurcationEvent], s_tol: float) -> list[Bifurcat
         for m in merged:
             close_s = abs(m.s - e.s) <= max(1e3 * s_tol, 1e-6)
             close_z = float((m.point - e.point).norm()) <= 1e-2 * max(1.0, float(m.point.norm()))
-            if close_s and close_z:
+            if close_s and close_z and m.kind == e.kind:
                 dup = True
                 break
         if not dup:
