@@ -74,6 +74,14 @@ def test_channel_split_is_exact_and_recovers_the_planted_direction():
             assert float(torch.trace(Mc) + torch.trace(Mr)) == pytest.approx(float(torch.trace(M)), rel=1e-10)
             assert float(torch.trace(Mc)) == pytest.approx(ch.trace_fraction * s.trace, rel=1e-9)
             torch.testing.assert_close(Mc, ch.channel_ntk().to_matrix(), rtol=1e-9, atol=1e-9)
+            # the Jacobian split: J_c + J_r = J and J_c J_cᵀ = Θ_c
+            from kpflow.kernels import state_jacobian
+
+            J = state_jacobian(traj)
+            Jc, Jr = ch.split_jacobian(J)
+            Jc_m, Jr_m = Jc.to_matrix(), Jr.to_matrix()
+            torch.testing.assert_close(Jc_m + Jr_m, J.to_matrix(), rtol=1e-10, atol=1e-10)
+            torch.testing.assert_close(Jc_m @ Jc_m.T, Mc, rtol=1e-9, atol=1e-8)
             # the rank-one channel is the best rank-one approximation of Θ inside the critical subspace
             assert torch.linalg.matrix_rank(Mc, rtol=1e-8) == 1
     assert all(b > a for a, b in zip(fractions, fractions[1:], strict=False)), fractions
