@@ -13,7 +13,8 @@ Measured side by side in one run (medians over repeats):
   both on 32 probes.
 * ``peak_rss_mb``: peak resident memory of the process (and ``peak_cuda_mb`` on CUDA).
 
-Prints the figures, ends with ``key=value`` lines, writes ``operators.json`` beside this script.
+Prints the figures, ends with ``key=value`` lines, writes ``operators.json`` beside this script
+(``operators_quick.json`` with ``--quick``).
 ``--quick`` runs a smaller size (B=8, T=20, H=48) in well under a minute.
 """
 
@@ -82,8 +83,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads (default: torch's choice; 1 is steadier on a loaded machine)")
-    ap.add_argument("--out", default=str(Path(__file__).with_suffix(".json")))
+    ap.add_argument("--out", default=None, help="JSON path (default: operators.json beside this script, "
+                                                 "operators_quick.json with --quick)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = str(Path(__file__).with_name("operators_quick.json" if args.quick else "operators.json"))
     if args.threads:
         torch.set_num_threads(args.threads)
 
