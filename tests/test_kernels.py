@@ -229,6 +229,9 @@ def test_kronecker_core_exact(name):
     for n in names:
         U = core.site_variables[n]
         assert torch.allclose(G[n].reshape(U.shape[0], -1), U @ U.T)
+    # Jθ through the Kronecker structure equals Jθ by autodiff (both directions: dense matrices)
+    assert _rel(_dense(param_jacobian(traj)), _dense(param_jacobian(traj, method="autodiff"))) < 1e-12
+    assert _rel(_dense(param_jacobian(traj).T), _dense(param_jacobian(traj, method="autodiff").T)) < 1e-12
     # the generic (JVP/VJP of post) path agrees with the unit-structured one
     assert core.structured
     generic = KroneckerCore(traj)

@@ -159,6 +159,28 @@ class KroneckerCore:
         _, pullback = vjp(self._post, self._primal())
         return vmap(lambda y: pullback(y)[0])(Y)
 
+    # ------------------------------------------------------------------ Jθ through the structure
+    def param_jvp(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``Jθ v = M (Σ_W V_W u_W)`` for parameter tangents ``{W: [k, *shape]}`` -> ``[k, N, H]``."""
+        Z: dict[str, torch.Tensor] = {}
+        for name, slot_names in self.slots.items():
+            for n in slot_names:
+                v, u = V[n], self.site_variables[n]
+                term = v.unsqueeze(1).expand(-1, self.N, -1) if v.dim() == 2 else torch.einsum("nc,krc->knr", u, v)
+                Z[name] = term if name not in Z else Z[name] + term
+        return self.M(Z)
+
+    def param_vjp(self, Y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Jθ* y``: ``{W: Σ_n (M* y)_n u_nᵀ}`` (a bias gets ``Σ_n (M* y)_n``) for ``Y`` ``[k, N, H]``."""
+        Z = self.M_adjoint(Y)
+        out = {}
+        for slot, names in self.slots.items():
+            for n in names:
+                p = self.traj.params[n]
+                out[n] = Z[slot].sum(1) if p.dim() == 1 else torch.einsum("knr,nc->krc", Z[slot],
+                                                                            self.site_variables[n])
+        return out
+
     # ------------------------------------------------------------------ Gram matrices
     def slot_gram(self, slot: str) -> torch.Tensor:
         """``G_s = U_s U_sᵀ`` ``[N, N]`` (summed over the slot's included weights)."""

@@ -107,14 +107,29 @@ class ParamJacobian(_TrajectoryOperator):
     """``Jθ``: ``(Jθ v)_{b,t} = ∂F/∂θ (z_{t-1}, x_t; θ) · v`` (previous state held fixed).
 
     ``shape_in = (n_params,)`` (flat, in ``self.layout`` order); ``apply_dict``/``adjoint_dict`` work
-    with parameter dicts. Both directions evaluate all B·T sites in one batched call of the step.
+    with parameter dicts. Both directions evaluate all B·T sites at once. ``method="autodiff"`` uses
+    JVP/VJP of the step; ``"auto"`` (default) uses, for the weight-based cells, the Kronecker structure
+    ``Jθ v = M (Σ_W V_W u_W)``, ``(Jθ* y)_W = Σ_n (M* y)_n u_nᵀ`` (one matmul per weight, no autodiff).
     """
 
-    def __init__(self, traj: Trajectory, param_names=None, chunk_size=None):
+    def __init__(self, traj: Trajectory, param_names=None, chunk_size=None, method: str = "auto"):
+        if method not in ("auto", "autodiff"):
+            raise ValueError(f"method must be 'auto' or 'autodiff', got {method!r}")
         names = resolve_param_names(traj.model, traj.param_names if param_names is None else param_names)
         self.layout = ParamLayout(traj.params, names)
         super().__init__(traj, (self.layout.numel,), traj.shape, chunk_size)
         self.param_names = names
+        self.method = method
+
+    def _core(self):
+        if self.method != "auto":
+            return None
+        from .kronecker import kronecker_core, supports_kronecker
+
+        if not supports_kronecker(self.traj.model):
+            return None
+        core = kronecker_core(self.traj, self.param_names)
+        return core if core.structured else None
 
     def _site_fn(self):
         traj = self.traj
@@ -128,15 +143,21 @@ class ParamJacobian(_TrajectoryOperator):
         return f, primal
 
     def _matmat(self, V):
+        core = self._core()
+        if core is not None:
+            return core.param_jvp(self.layout.unflatten(V)).reshape(V.shape[0], *self.shape_out)
         f, primal = self._site_fn()
         tangents = self.layout.unflatten(V)
         out = self._vmap(lambda t: jvp(f, (primal,), (t,))[1])(tangents)
         return out.reshape(V.shape[0], *self.shape_out)
 
     def _rmatmat(self, Y):
+        k, (B, T, H) = Y.shape[0], self.shape_out
+        core = self._core()
+        if core is not None:
+            return self.layout.flatten(core.param_vjp(Y.reshape(k, B * T, H)), batch_dims=1)
         f, primal = self._site_fn()
         _, pullback = vjp(f, primal)
-        k, (B, T, H) = Y.shape[0], self.shape_out
         grads = self._vmap(lambda y: pullback(y)[0])(Y.reshape(k, B * T, H))
         return self.layout.flatten(grads, batch_dims=1)
 
@@ -389,9 +410,11 @@ class ReadoutJacobian(_TrajectoryOperator):
 
 
 # ----------------------------------------------------------------------------- public constructors
-def param_jacobian(traj: Trajectory, param_names=None, chunk_size: int | None = None) -> ParamJacobian:
-    """``Jθ`` (parameters, flat vector -> ``[B, T, H]``); ``param_names`` selects a subset."""
-    return ParamJacobian(traj, param_names, chunk_size)
+def param_jacobian(traj: Trajectory, param_names=None, chunk_size: int | None = None,
+                   method: str = "auto") -> ParamJacobian:
+    """``Jθ`` (parameters, flat vector -> ``[B, T, H]``); ``param_names`` selects a subset;
+    ``method="autodiff"`` forces JVP/VJP of the step (else the Kronecker structure when available)."""
+    return ParamJacobian(traj, param_names, chunk_size, method)
 
 
 def parameter_operator(traj: Trajectory, param_names=None, method: str = "autodiff",
@@ -405,7 +428,7 @@ def parameter_operator(traj: Trajectory, param_names=None, method: str = "autodi
 
         if method == "kronecker" or supports_kronecker(traj.model):
             return kronecker_core(traj, param_names).operator()
-    J = param_jacobian(traj, param_names, chunk_size)
+    J = param_jacobian(traj, param_names, chunk_size, method="autodiff")
     return J @ J.T
 
 
