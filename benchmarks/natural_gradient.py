@@ -241,7 +241,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--space", default=None, choices=["state", "output"],
                     help="NG metric: default state (pitchfork) / output (study)")
     ap.add_argument("--rank", type=int, default=2)
-    ap.add_argument("--refresh-every", type=int, default=1)
+    ap.add_argument("--refresh-every", type=int, default=1,
+                    help="basis update period of the main NG run (krylov: Ritz steps; nystrom: sketches)")
+    ap.add_argument("--update", default="krylov", choices=["krylov", "nystrom"],
+                    help="how the main NG run tracks its basis between Nyström refreshes")
     ap.add_argument("--variants", default=None,
                     help="extra NG settings run in the same lockstep, 'rank:refresh_every[:ritz],...' "
                          "(default: 1:1,1:3,2:3,2:3:ritz in the full run, none with --quick)")
@@ -289,16 +292,18 @@ def main(argv=None) -> dict:
         "sgd": lambda m: torch.optim.SGD([m.cell.W], lr=args.sgd_lr),
         "adam": lambda m: torch.optim.Adam([m.cell.W], lr=args.adam_lr),
         "ng": functools.partial(ng_maker, lr=args.ng_lr, rank=args.rank, refresh_every=args.refresh_every,
-                                space=args.space,
+                                space=args.space, update=args.update,
                                 seed=args.seed),
     }
     for lr in (args.sgd_sweep.split(",") if args.sgd_sweep else []):
         makers[f"sgd_lr{lr}"] = functools.partial(sgd_maker, lr=float(lr))
     for item in (args.variants.split(",") if args.variants else []):
-        rank, every, *ritz = item.split(":")
-        name = f"ng_r{rank}_k{every}" + ("_ritz" if ritz == ["ritz"] else "")
+        rank, every, *flags = item.split(":")
+        update = "nystrom" if "nystrom" in flags else "krylov"
+        name = f"ng_r{rank}_k{every}_{update}" + ("_ritz" if "ritz" in flags else "")
         makers[name] = functools.partial(ng_maker, lr=args.ng_lr, rank=int(rank), space=args.space,
-                                         refresh_every=int(every), ritz_updates=ritz == ["ritz"], seed=args.seed)
+                                         refresh_every=int(every), update=update, ritz_updates="ritz" in flags,
+                                         seed=args.seed)
     methods = [Method(name, student(), inputs, targets, make) for name, make in makers.items()]
     bar = range(steps)
     if not args.no_progress:

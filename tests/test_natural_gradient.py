@@ -522,3 +522,128 @@ def test_ritz_updates_between_refreshes_use_vjps_only():
     opt2.step(lambda: batch)
     opt2.step(lambda: batch)
     assert not opt2.last_stats["ritz_updated"] and opt2.last_stats["products"] == 1
+
+
+# ------------------------------------------------------------------------------ Krylov / Rayleigh–Ritz update
+def test_ritz_sketch_is_rayleigh_ritz_of_the_dense_sntk():
+    from kpflow.training.natural_gradient import CountingOperator, ritz_sketch
+
+    n, P, r = 12, 9, 2
+    Jm = torch.randn(n, P, dtype=D, generator=gen(20))
+    J = CountingOperator(DenseOperator(Jm, (P,), (3, 4)))
+    e = torch.randn(3, 4, dtype=D, generator=gen(21))
+    sketch = [torch.randn(3, 4, dtype=D, generator=gen(22 + i)) for i in range(3)]
+    ritz = ritz_sketch(J, e, sketch, r)
+    assert J.vjps == 4 and J.jvps == 0  # one batched J* product of e and the sketch, nothing else
+    # independent reference: orthonormal basis of span(e, sketch) by SVD, Θ projected on it
+    X = torch.stack([e.reshape(-1)] + [s.reshape(-1) for s in sketch], 1)
+    Qs = torch.linalg.svd(X, full_matrices=False)[0]
+    Theta = Jm @ Jm.T
+    vals, vecs = torch.linalg.eigh(Qs.T @ Theta @ Qs)
+    top = Qs @ vecs[:, -r:]
+    assert torch.allclose(ritz.values, vals.flip(0)[:r], rtol=1e-10)
+    U = ritz.state_basis.reshape(r, -1).T
+    assert torch.allclose(U @ U.T, top @ top.T, atol=1e-10)  # same Ritz subspace (projectors)
+    assert torch.allclose(ritz.adjoint_basis, (Jm.T @ U).T, atol=1e-10)
+    assert torch.allclose(ritz.gradient, Jm.T @ e.reshape(-1), atol=1e-10)
+    # parameter side: V Λ V* = J* U Λ U* ... = the top-r part of J* Q Q* J, V orthonormal
+    V = ritz.eig("parameter").basis.reshape(r, -1).T
+    assert torch.allclose(V.T @ V, torch.eye(r, dtype=D), atol=1e-10)
+    FS = Jm.T @ Qs @ Qs.T @ Jm
+    fv, fU = torch.linalg.eigh(FS)
+    assert torch.allclose(V @ torch.diag(ritz.values) @ V.T, fU[:, -r:] @ torch.diag(fv[-r:]) @ fU[:, -r:].T,
+                          atol=1e-9)
+    # Ritz values are lower bounds of the true top eigenvalues (interlacing)
+    true = torch.linalg.eigvalsh(Theta).flip(0)[:r]
+    assert bool((ritz.values <= true * (1 + 1e-12)).all())
+
+
+def krylov_problem(B, T, seed=0, c=0.5):
+    """state_targets_problem whose trajectories carry their inputs, so the optimizer sees the same batch."""
+    model, closure, dense_J, inputs, z_star = state_targets_problem(B, T, seed=seed, c=c)
+
+    def with_inputs():
+        traj = closure()
+        traj.inputs = inputs
+        return traj
+
+    return model, with_inputs, dense_J, inputs, z_star
+
+
+def test_krylov_update_at_full_rank_is_exact_gauss_newton():
+    c, lam = 0.5, 1e-9
+    model, closure, dense_J, inputs, _ = krylov_problem(1, 3, c=c)  # state dim 6 < 8 parameters
+    names = ["W", "U", "b"]
+    opt = LowRankNaturalGradient(model, lr=0.5, rank=6, damping=lam, adaptive_damping=False, trust_region=None,
+                                 jacobian=dense_J, update="krylov")
+    opt.step(closure)  # cold start: a Nyström sketch
+    assert not opt.last_stats["krylov"]
+    Jm = dense_jacobian(model, inputs, names)
+    e = closure().error.reshape(-1)
+    ref = -torch.linalg.pinv(Jm) @ (e / c)
+    before = flat_params(model, names)
+    for g in opt.param_groups:
+        g["lr"] = 1.0
+    opt.step(closure)  # same batch: a Ritz step on span(e, U, secant) = the whole state space
+    got = flat_params(model, names) - before
+    assert opt.last_stats["krylov"] and opt.last_stats["secant"] and opt.last_stats["form"] == "state"
+    assert opt.last_stats["jvps"] == 0 and opt.last_stats["vjps"] == 6  # one batched J* product
+    smin2 = float(torch.linalg.svdvals(Jm)[-1]) ** 2
+    assert float((got - ref).norm()) <= (2 * lam / (c * smin2) + 1e-9) * float(ref.norm())
+
+
+@pytest.mark.parametrize("form", ["state", "parameter"])
+def test_krylov_low_rank_step_matches_dense_ritz_formula(form):
+    # r = 2 < full: the second step is −η J*(cΘ_S + cλ_r(I − UU*) + λI)⁻¹e with (U, Λ) the top-2 Ritz pairs
+    # of Θ = JJ* on span(e, U_prev, z_2 − z_1), all from dense float64 matrices at the current parameters
+    c, lam, r, lr = 0.5, 1e-2, 2, 0.7
+    model, closure, dense_J, inputs, _ = krylov_problem(3, 4, seed=5, c=c)  # state dim 24, 8 parameters
+    names = ["W", "U", "b"]
+    opt = LowRankNaturalGradient(model, lr=lr, rank=r, damping=lam, adaptive_damping=False, trust_region=None,
+                                 jacobian=dense_J, form=form)
+    z1 = closure().states
+    opt.step(closure)
+    U_prev = opt._state_basis.reshape(r, -1)
+    traj = closure()
+    Jm = dense_jacobian(model, inputs, names)
+    e = traj.error.reshape(-1)
+    X = torch.stack([e, *U_prev, (traj.states - z1).reshape(-1)], 1)
+    Qs = torch.linalg.svd(X, full_matrices=False)[0]
+    vals, vecs = torch.linalg.eigh(Qs.T @ Jm @ Jm.T @ Qs)
+    L, U = vals.flip(0)[:r], (Qs @ vecs.flip(1)[:, :r])
+    if form == "state":
+        Pc = torch.eye(U.shape[0], dtype=D) - U @ U.T
+        M = c * U @ torch.diag(L) @ U.T + c * float(L[-1]) * Pc + lam * torch.eye(U.shape[0], dtype=D)
+        x = torch.linalg.solve(M, e)
+        ref = -lr * Jm.T @ x
+    else:
+        V = Jm.T @ U / L.sqrt()
+        Pc = torch.eye(V.shape[0], dtype=D) - V @ V.T
+        M = c * V @ torch.diag(L) @ V.T + c * float(L[-1]) * Pc + lam * torch.eye(V.shape[0], dtype=D)
+        ref = -lr * torch.linalg.solve(M, Jm.T @ e)
+    before = flat_params(model, names)
+    opt.step(closure)
+    got = flat_params(model, names) - before
+    assert opt.last_stats["krylov"] and opt.last_stats["form"] == form
+    assert torch.allclose(got, ref, rtol=1e-9, atol=1e-12 * float(ref.norm()))
+
+
+def test_krylov_reuses_the_basis_between_updates_and_falls_back_without_a_secant():
+    model, closure, dense_J, *_ = krylov_problem(2, 5)
+    opt = LowRankNaturalGradient(model, rank=2, jacobian=dense_J, form="parameter", refresh_every=2,
+                                 stale_rho=-math.inf)
+    opt.step(closure)  # cold: Nyström
+    assert opt.last_stats["refreshed"] and not opt.last_stats["krylov"]
+    opt.step(closure)  # odd step: reuse (V, Λ); only the gradient
+    assert opt.last_stats["products"] == 1 and not opt.last_stats["krylov"]
+    opt.step(closure)  # periodic Ritz update: J* of [e, U_1, U_2, secant] in one product
+    assert opt.last_stats["krylov"] and (opt.last_stats["jvps"], opt.last_stats["vjps"]) == (0, 4)
+    model2, plain, dense_J2, *_ = state_targets_problem(2, 5)  # no inputs on the trajectory: no secant
+    opt2 = LowRankNaturalGradient(model2, rank=2, jacobian=dense_J2, form="parameter")
+    opt2.step(plain)
+    opt2.step(plain)
+    assert opt2.last_stats["refreshed"] and not opt2.last_stats["krylov"]
+    with pytest.raises(ValueError, match="update"):
+        LowRankNaturalGradient(model, update="lanczos", jacobian=dense_J)
+    with pytest.raises(ValueError, match="stale_rho"):
+        LowRankNaturalGradient(model, stale_rho=2.0, jacobian=dense_J)

@@ -268,6 +268,7 @@ class CountingOperator(LinearOperator):
 FORMS = ("auto", "state", "parameter")
 JACOBIANS = ("auto", "unrolled", "kernels")
 COMPLEMENTS = ("nystrom", "damping")
+UPDATES = ("krylov", "nystrom")
 SPACES = ("state", "output")
 
 
@@ -285,9 +286,10 @@ class UnrolledJacobian(LinearOperator):
     The same operator as ``P Jθ`` of :mod:`kpflow.kernels`, evaluated the way a training step
     evaluates its gradient: one forward pass builds the autograd graph; every ``J* y`` is then one
     backward pass over it, and every ``J v`` one double-backward pass (``J v = ∂/∂u ⟨J* u, v⟩``, the
-    graph of ``u ↦ J* u`` being built once on first use). Probes are looped over (small rank), since
-    vmapped autodiff through a Python time loop is slower than that for models with custom ops.
-    Flat parameter vectors follow ``names`` (the model's parameter order).
+    graph of ``u ↦ J* u`` being built once on first use). Several probes go through one vmapped
+    backward pass of the graph (``is_grads_batched``: the Python-level cost of a pass is paid once,
+    so k probes cost far less than k passes); models whose ops lack a batching rule fall back to a
+    loop over the probes. Flat parameter vectors follow ``names`` (the model's parameter order).
     """
 
     def __init__(self, model, params: dict, names: Sequence[str], inputs: torch.Tensor, z0: torch.Tensor):
@@ -301,6 +303,7 @@ class UnrolledJacobian(LinearOperator):
         self.states = self._out.detach()
         self.gradient = None  # J* e, when the recording computed it with e
         self._dual = None  # (u, J* u) with the graph of the backward pass, for JVPs
+        self._batched = None  # whether vmapped (is_grads_batched) backward passes work for this model
         super().__init__((sum(self._sizes),), tuple(self.states.shape), self.states.dtype, self.states.device)
 
     def _vjp(self, y, create_graph=False):
@@ -309,9 +312,24 @@ class UnrolledJacobian(LinearOperator):
         return torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
                           for g, leaf in zip(grads, self._leaves, strict=True)])
 
+    def _vjp_batched(self, Y):
+        """``J* Y`` for all probes in one vmapped backward pass (``is_grads_batched``); None if unsupported."""
+        if self._batched is False or Y.shape[0] == 1:
+            return None
+        try:
+            grads = torch.autograd.grad(self._out, self._leaves, Y, retain_graph=True, allow_unused=True,
+                                        is_grads_batched=True)
+        except RuntimeError:  # an op without a batching rule: loop over the probes instead
+            self._batched = False
+            return None
+        self._batched = True
+        return torch.cat([(Y.new_zeros(Y.shape[0], leaf.numel()) if g is None else g.reshape(Y.shape[0], -1))
+                          for g, leaf in zip(grads, self._leaves, strict=True)], 1)
+
     def _rmatmat(self, Y):
         with torch.enable_grad():
-            return torch.stack([self._vjp(y) for y in Y]).detach()
+            out = self._vjp_batched(Y)
+            return (out if out is not None else torch.stack([self._vjp(y) for y in Y])).detach()
 
     def _matmat(self, V):
         with torch.enable_grad():
@@ -321,6 +339,11 @@ class UnrolledJacobian(LinearOperator):
             u, g = self._dual
             if not g.requires_grad:  # J* does not depend on u through a graph: J is zero
                 return torch.zeros(V.shape[0], *self.shape_out, dtype=self.dtype, device=self.device)
+            if self._batched is not False and V.shape[0] > 1:
+                try:
+                    return torch.autograd.grad(g, u, V, retain_graph=True, is_grads_batched=True)[0].detach()
+                except RuntimeError:
+                    self._batched = False
             return torch.stack([torch.autograd.grad(g, u, v, retain_graph=True)[0] for v in V]).detach()
 
 
@@ -366,9 +389,12 @@ class AutotunedJacobian(LinearOperator):
         return self.unrolled._rmatmat(Y)
 
 
-def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, loss="mse", z0=None):
+def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, loss="mse", z0=None,
+                    with_gradient: bool = True):
     """Record a batch for one optimizer step: a :class:`kpflow.kernels.Trajectory` (without the adjoint,
-    which the step does not need) and the :class:`UnrolledJacobian` whose forward pass produced it."""
+    which the step does not need) and the :class:`UnrolledJacobian` whose forward pass produced it.
+    ``with_gradient=False`` stops the backward pass at the states (``e`` and ``∂L/∂y`` only), for a
+    step that computes ``J* e`` together with other ``J*`` products in one batched pass."""
     from kpflow.kernels import Trajectory
     from kpflow.kernels.trajectory import _loss_value
 
@@ -386,10 +412,12 @@ def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, 
     with torch.enable_grad():  # one backward pass gives e = ∂L/∂z, ∂L/∂y and the gradient J* e
         y = model.output(J._out, rp)
         value = _loss_value(y, targets, loss, mask)
-        e, e_y, *grads = torch.autograd.grad(value, [J._out, y, *J._leaves], retain_graph=True,
+        leaves = J._leaves if with_gradient else []
+        e, e_y, *grads = torch.autograd.grad(value, [J._out, y, *leaves], retain_graph=True,
                                              allow_unused=True)
-    J.gradient = torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
-                            for g, leaf in zip(grads, J._leaves, strict=True)])
+    if with_gradient:
+        J.gradient = torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
+                                for g, leaf in zip(grads, J._leaves, strict=True)])
     with torch.no_grad():
         outputs = model.output(states, rp)
     traj = Trajectory(model=model, params=params, inputs=inputs, z0=z0.detach(), states=states, outputs=outputs,
@@ -481,6 +509,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         damping_bounds: tuple[float, float] = (1e-8, 1e8),
         curvature: float | str = "auto",
         refresh_every: int = 1,
+        update: str = "krylov",
+        stale_rho: float = 0.5,
         ritz_updates: bool = False,
         power_iters: int = 0,
         warmup_iters: int = 2,
@@ -506,6 +536,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"param_names {unknown or chosen} are not cell parameters of {type(model).__name__}; "
                              f"valid names: {list(cell)}")
         names = [n for n in cell if n in chosen]  # the model's order = the flat layout of kpflow.kernels
+        if update not in UPDATES:
+            raise ValueError(f"update={update!r} is invalid; use one of {UPDATES}")
         _check_hyper(lr=lr, rank=rank, damping=damping, refresh_every=refresh_every,
                      power_iters=power_iters, warmup_iters=warmup_iters, oversample=oversample,
                      trust_region=trust_region, curvature=curvature, form=form,
@@ -545,6 +577,12 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         self._state_basis: torch.Tensor | None = None  # state-space side of the basis (not checkpointed)
         self._last_inputs: torch.Tensor | None = None
         self.ritz_updates = bool(ritz_updates)
+        self.update = update
+        if not (isinstance(stale_rho, (int, float)) and stale_rho <= 1):
+            raise ValueError(f"stale_rho={stale_rho!r} is invalid; stale_rho must be a number <= 1 (a reduction "
+                             "ratio below which the basis is updated at once; -inf: never)")
+        self.stale_rho = float(stale_rho)
+        self._prev_residual: torch.Tensor | None = None  # last recording's states (outputs), for the secant
         # all state lives under the first parameter, as tensors and JSON scalars (checkpoint friendly)
         self.state[p0].update(steps=0, damping=float(damping), eig_values=None, eig_basis=None, eig_form=None,
                               pending_loss=None, pending_predicted=None, jvps=0, vjps=0, seconds=0.0)
@@ -577,7 +615,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
     def _record_batch(self, batch):
         get = batch.get if isinstance(batch, dict) else (lambda k, d=None: getattr(batch, k, d))
         traj, _ = record_for_step(self.model, self.param_names, get("inputs"), get("targets"),
-                                  mask=get("mask"), loss=get("loss") or "mse", z0=get("z0"))
+                                  mask=get("mask"), loss=get("loss") or "mse", z0=get("z0"),
+                                  with_gradient=self.update == "nystrom")
         return traj
 
     def _flat_params(self) -> torch.Tensor:
@@ -710,10 +749,29 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             eig = LowRankEig(st["eig_values"].to(J.dtype), st["eig_basis"].to(J.dtype))
         stale = eig is None or st["eig_form"] != form or eig.shape != tuple(shape) or eig.rank != rank
         poor = rho is not None and rho < 0.25  # the last step's model was poor: the basis may be stale
-        refresh = rank > 0 and (stale or poor or st["steps"] % group["refresh_every"] == 0)
+        periodic = st["steps"] % group["refresh_every"] == 0
+        refresh = rank > 0 and (stale or poor or periodic)
+        residual = (traj.outputs if self.space == "output" else traj.states).detach().to(J.dtype)
         same_batch = self._same_batch(traj, J)
+        secant = None
+        if same_batch and self._prev_residual is not None and self._prev_residual.shape == residual.shape:
+            secant = residual - self._prev_residual
+        self._prev_residual = residual
+        # the Krylov/Ritz update needs the previous basis and the secant (same batch as the last step);
+        # otherwise (cold start, a new batch) the step falls back to a Nyström sketch
+        krylov = (self.update == "krylov" and rank > 0 and not stale and secant is not None
+                  and self._state_basis is not None and tuple(self._state_basis.shape[1:]) == tuple(J.shape_out))
         updated = False
-        if refresh:
+        ritz = None
+        if krylov:  # Nyström only for a cold start; Ritz steps track the basis every refresh_every steps
+            refresh = False
+        if krylov and (periodic or (rho is not None and rho < self.stale_rho)):
+            sketch = [*self._state_basis, secant]
+            ritz = ritz_sketch(J, e, sketch, rank)
+            eig, grad = ritz.eig(form), ritz.gradient
+            self._state_basis = ritz.state_basis
+            updated = True
+        elif refresh:
             op = (J @ J.T) if form == "state" else _FisherKeepingImage(J)
             warm = None if stale else eig.basis
             iters = group["warmup_iters"] if warm is None else group["power_iters"]
@@ -729,7 +787,9 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
                              torch.zeros(0, *shape, dtype=J.dtype, device=J.device))
         x = None
         floor = float(eig.eigenvalues[-1]) if self.complement == "nystrom" and eig.rank > 0 else 0.0
-        if form == "state":
+        if ritz is not None and form == "state":
+            x, direction = _state_direction(ritz, e, lam, c, floor)
+        elif form == "state":
             x = damped_lowrank_solve(eig, lam, e, scale=c, floor=floor)
             if grad is None:  # J* of the preconditioned error and of the error, in one batched product
                 both = J.rmatmat(torch.stack([x, e]))
@@ -760,7 +820,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         st["seconds"] += seconds
         self.last_stats = dict(
             loss=loss, form=form, rank=rank, damping=lam, rho=rho, curvature=c, refreshed=refresh,
-            ritz_updated=updated,
+            ritz_updated=updated, krylov=ritz is not None, secant=secant is not None,
             jvps=counter.jvps, vjps=counter.vjps, products=counter.jvps + counter.vjps,
             jvp_backend=self._jvp_choice.get("jvp", self.jacobian if isinstance(self.jacobian, str) else "custom"),
             extra_products=counter.jvps + counter.vjps - 1, space=self.space,
@@ -770,6 +830,65 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             seconds=seconds,
         )
         return torch.tensor(loss, dtype=torch.float64)
+
+
+@dataclass
+class RitzSketch:
+    """Rayleigh–Ritz pairs of ``Θ = J J*`` on an orthonormal state-space subspace ``Q`` (``m`` rows):
+    ``Q* Θ Q = (J* Q)(J* Q)* = Z diag(values) Z*``. ``state_basis = Z_r* Q`` (Ritz vectors, orthonormal),
+    ``adjoint_basis = J* state_basis = Z_r* (J* Q)`` and ``gradient = J* e`` (``e`` spans Q's first row)."""
+
+    values: torch.Tensor
+    state_basis: torch.Tensor
+    adjoint_basis: torch.Tensor
+    gradient: torch.Tensor
+
+    def eig(self, form: str) -> LowRankEig:
+        """The state form's ``Θ_S = U Λ U*`` or the parameter form's ``F_S = J* Q Q* J = V Λ V*`` with
+        ``V = J* U Λ^{-1/2}`` (orthonormal; the same nonzero spectrum, push-through identity)."""
+        if form == "state":
+            return LowRankEig(self.values, self.state_basis)
+        tiny = torch.finfo(self.values.dtype).tiny ** 0.5
+        V = self.adjoint_basis / self.values.clamp_min(tiny).sqrt().unsqueeze(1)
+        return LowRankEig(self.values, V.contiguous())
+
+
+def ritz_sketch(J: LinearOperator, error: torch.Tensor, sketch: Sequence[torch.Tensor], rank: int) -> RitzSketch:
+    """Rayleigh–Ritz of ``Θ = J J*`` on ``span(e, sketch)`` from one batched product with ``J*`` only.
+
+    ``Q R = [e, s_1, …]`` (thin QR), ``W = J* Q`` — the ``m = 1 + len(sketch)`` cotangents of one
+    backward pass, the first of which gives the gradient ``J* e = R₁₁ W₁`` — then the eigenpairs of
+    the ``m×m`` Gram ``W W* = Q* Θ Q`` (Rayleigh–Ritz, Parlett 1998 §11.4; a block-Krylov step when
+    the sketch holds the previous Ritz vectors and ``Θ``-images such as the state secant
+    ``z_k − z_{k−1} ≈ J Δθ``). Ritz values are lower bounds of the top eigenvalues of Θ (Cauchy
+    interlacing), exact when ``span(Q)`` contains the top-``rank`` eigenspace, and ``J* Q Q* J ⪯ F``.
+    """
+    rows = [error.reshape(-1)] + [v.reshape(-1).to(error.dtype) for v in sketch]
+    X = torch.stack(rows, 1)  # [n, m]
+    Q, R = torch.linalg.qr(X)  # Q: [n, min(n, m)]; e = R₁₁ Q₁
+    k = Q.shape[1]
+    Qr = Q.T.reshape(k, *error.shape)
+    W = J.rmatmat(Qr).reshape(k, -1)  # J* Q: one (batched) backward pass
+    gradient = R[0, 0] * W[0]
+    G = W @ W.T
+    values, Z = torch.linalg.eigh(0.5 * (G + G.T))
+    values, Z = values.flip(0).clamp_min(0), Z.flip(1)
+    r = min(int(rank), k)
+    Zr = Z[:, :r].T
+    state_basis = (Zr @ Q.T).reshape(r, *error.shape)
+    return RitzSketch(values[:r], state_basis.contiguous(), Zr @ W, gradient)
+
+
+def _state_direction(ritz: RitzSketch, e: torch.Tensor, damping: float, scale: float, floor: float):
+    """``x = (cΘ_S + c·floor (I − UU*) + λI)⁻¹ e`` and ``J* x``, the latter from the sketch's ``J* U`` and
+    ``J* e`` with no further product: ``J* x = (a − β U*e)·J*U + β J* e``, ``a = U*e / (cΛ + λ)``."""
+    eig = ritz.eig("state")
+    coeff = eig.coefficients(e)
+    a = coeff / (scale * eig.eigenvalues + damping)
+    beta = 0.0 if eig.rank == e.numel() else 1.0 / (scale * float(floor) + damping)
+    x = damped_lowrank_solve(eig, damping, e, scale=scale, floor=floor)
+    direction = (a - beta * coeff) @ ritz.adjoint_basis + beta * ritz.gradient
+    return x, direction
 
 
 class _FisherKeepingImage(LinearOperator):
