@@ -42,6 +42,8 @@ from kpflow.models import VanillaRNN
 from kpflow.training.natural_gradient import LowRankNaturalGradient
 
 HERE = Path(__file__).resolve().parent
+#: extra NG runs of the full benchmark: rank:refresh_every[:nystrom][:ritz] ('a' = adaptive only)
+DEFAULT_VARIANTS = "1:a,2:1,2:4,2:1:nystrom,2:3:nystrom,2:3:nystrom:ritz"
 
 
 def symmetric_matrix(H: int, seed: int, top: float = 1.0, rest: float = 0.6) -> torch.Tensor:
@@ -106,7 +108,7 @@ class Method:
     def __init__(self, name, model, inputs, targets, make_opt):
         self.name, self.model, self.inputs, self.targets = name, model, inputs, targets
         self.opt = make_opt(model)
-        self.losses, self.radius, self.seconds = [], [], []
+        self.losses, self.radius, self.seconds, self.updates = [], [], [], []
 
     def step(self, sync):
         W = self.model.cell.W
@@ -115,6 +117,8 @@ class Method:
         t0 = time.perf_counter()
         if isinstance(self.opt, LowRankNaturalGradient):
             loss = float(self.opt.step(lambda: {"inputs": self.inputs, "targets": self.targets}))
+            stats = self.opt.last_stats
+            self.updates.append(bool(stats["refreshed"] or stats["krylov"] or stats["ritz_updated"]))
         else:
             self.opt.zero_grad(set_to_none=True)
             _, out = self.model(self.inputs)
@@ -156,6 +160,7 @@ def summarize(m: Method, floor: float, window: int) -> dict:
     if isinstance(m.opt, LowRankNaturalGradient):
         out["products_per_step"] = m.opt.products_per_step
         out["extra_products_per_step"] = m.opt.products_per_step - 1
+        out["basis_updates"] = sum(m.updates)
     return out
 
 
@@ -241,13 +246,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--space", default=None, choices=["state", "output"],
                     help="NG metric: default state (pitchfork) / output (study)")
     ap.add_argument("--rank", type=int, default=2)
-    ap.add_argument("--refresh-every", type=int, default=1,
-                    help="basis update period of the main NG run (krylov: Ritz steps; nystrom: sketches)")
+    ap.add_argument("--refresh-every", type=int, default=None,
+                    help="basis update period of the main NG run (default: krylov updates only when its free "
+                         "staleness tests fire; nystrom sketches every step)")
     ap.add_argument("--update", default="krylov", choices=["krylov", "nystrom"],
                     help="how the main NG run tracks its basis between Nyström refreshes")
     ap.add_argument("--variants", default=None,
-                    help="extra NG settings run in the same lockstep, 'rank:refresh_every[:ritz],...' "
-                         "(default: 1:1,1:3,2:3,2:3:ritz in the full run, none with --quick)")
+                    help="extra NG settings run in the same lockstep, 'rank:refresh_every[:nystrom][:ritz],...' "
+                         "(refresh_every 'a': adaptive only; default: " + DEFAULT_VARIANTS + " in the full run, "
+                         "none with --quick)")
     ap.add_argument("--sgd-sweep", default=None,
                     help="extra SGD learning rates run in the same lockstep, comma-separated "
                          "(default: 1,2,10 for pitchfork, 0.05,1 for study; none with --quick)")
@@ -262,7 +269,7 @@ def main(argv=None) -> dict:
     quick = dict(steps=80, hidden=8, seq_len=25, batch=8)
     full = dict(steps=300, hidden=16, seq_len=40, batch=16)
     if args.variants is None and not args.quick:
-        args.variants = "1:1,1:3,2:3,2:3:ritz"
+        args.variants = DEFAULT_VARIANTS
     if args.sgd_sweep is None and not args.quick:
         args.sgd_sweep = "1,2,10" if args.setup == "pitchfork" else "0.05,1"
     size = {k: (getattr(args, k) if getattr(args, k) is not None else (quick if args.quick else full)[k])
@@ -302,7 +309,8 @@ def main(argv=None) -> dict:
         update = "nystrom" if "nystrom" in flags else "krylov"
         name = f"ng_r{rank}_k{every}_{update}" + ("_ritz" if "ritz" in flags else "")
         makers[name] = functools.partial(ng_maker, lr=args.ng_lr, rank=int(rank), space=args.space,
-                                         refresh_every=int(every), update=update, ritz_updates="ritz" in flags,
+                                         refresh_every=None if every == "a" else int(every), update=update,
+                                         ritz_updates="ritz" in flags,
                                          seed=args.seed)
     methods = [Method(name, student(), inputs, targets, make) for name, make in makers.items()]
     bar = range(steps)

@@ -575,7 +575,7 @@ def test_krylov_update_at_full_rank_is_exact_gauss_newton():
     model, closure, dense_J, inputs, _ = krylov_problem(1, 3, c=c)  # state dim 6 < 8 parameters
     names = ["W", "U", "b"]
     opt = LowRankNaturalGradient(model, lr=0.5, rank=6, damping=lam, adaptive_damping=False, trust_region=None,
-                                 jacobian=dense_J, update="krylov")
+                                 jacobian=dense_J, update="krylov", refresh_every=1)
     opt.step(closure)  # cold start: a Nyström sketch
     assert not opt.last_stats["krylov"]
     Jm = dense_jacobian(model, inputs, names)
@@ -600,7 +600,7 @@ def test_krylov_low_rank_step_matches_dense_ritz_formula(form):
     model, closure, dense_J, inputs, _ = krylov_problem(3, 4, seed=5, c=c)  # state dim 24, 8 parameters
     names = ["W", "U", "b"]
     opt = LowRankNaturalGradient(model, lr=lr, rank=r, damping=lam, adaptive_damping=False, trust_region=None,
-                                 jacobian=dense_J, form=form)
+                                 jacobian=dense_J, form=form, refresh_every=1)
     z1 = closure().states
     opt.step(closure)
     U_prev = opt._state_basis.reshape(r, -1)
@@ -647,3 +647,36 @@ def test_krylov_reuses_the_basis_between_updates_and_falls_back_without_a_secant
         LowRankNaturalGradient(model, update="lanczos", jacobian=dense_J)
     with pytest.raises(ValueError, match="stale_rho"):
         LowRankNaturalGradient(model, stale_rho=2.0, jacobian=dense_J)
+
+
+def test_krylov_updates_exactly_when_the_secant_curvature_test_fires():
+    # default refresh_every=None: after the cold start, a Ritz update happens iff the measured ‖z_k − z_{k−1}‖²
+    # exceeds stale_curvature × the low-rank model's Δθ*(VΛV* + λ_r(I − VV*))Δθ of the previous step
+    kappa = 1.05
+    model, closure, dense_J, inputs, _ = krylov_problem(3, 4, seed=9)
+    opt = LowRankNaturalGradient(model, lr=0.8, rank=2, damping=1e-3, jacobian=dense_J, form="parameter",
+                                 stale_curvature=kappa, stale_rho=-math.inf, trust_region=None)
+    names = opt.param_names  # the optimizer's flat layout
+    fired = []
+    for _ in range(8):
+        z_prev, before = closure().states, flat_params(model, names)
+        opt.step(closure)
+        st, stats = opt._st, opt.last_stats
+        delta = flat_params(model, names) - before
+        V = st["eig_basis"].reshape(2, -1)
+        coeff = V @ delta
+        floor = stats["complement_floor"]
+        model_quad = float((st["eig_values"] * coeff**2).sum() + floor * (delta @ delta - coeff @ coeff))
+        assert st["pending_quad"] == pytest.approx(model_quad, rel=1e-10)
+        fired.append(float((closure().states - z_prev).pow(2).sum()) / model_quad)  # the next step's secant
+    # replay the rule on the recorded ratios: step k+1 ran a Ritz update iff q_k > κ
+    model, closure, dense_J, *_ = krylov_problem(3, 4, seed=9)
+    opt = LowRankNaturalGradient(model, lr=0.8, rank=2, damping=1e-3, jacobian=dense_J, form="parameter",
+                                 stale_curvature=kappa, stale_rho=-math.inf, trust_region=None)
+    opt.step(closure)
+    for q in fired[:-1]:
+        opt.step(closure)
+        assert opt.last_stats["curvature_ratio"] == pytest.approx(q, rel=1e-8)
+        assert opt.last_stats["krylov"] == (q > kappa)
+        assert opt.last_stats["products"] == (4 if q > kappa else 1)
+    assert any(q > kappa for q in fired[:-1]) and any(q <= kappa for q in fired[:-1])  # both branches ran

@@ -508,9 +508,10 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         adaptive_damping: bool = True,
         damping_bounds: tuple[float, float] = (1e-8, 1e8),
         curvature: float | str = "auto",
-        refresh_every: int = 1,
+        refresh_every: int | None = None,
         update: str = "krylov",
         stale_rho: float = 0.5,
+        stale_curvature: float = 1.5,
         ritz_updates: bool = False,
         power_iters: int = 0,
         warmup_iters: int = 2,
@@ -538,7 +539,12 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         names = [n for n in cell if n in chosen]  # the model's order = the flat layout of kpflow.kernels
         if update not in UPDATES:
             raise ValueError(f"update={update!r} is invalid; use one of {UPDATES}")
-        _check_hyper(lr=lr, rank=rank, damping=damping, refresh_every=refresh_every,
+        if refresh_every is None:  # nystrom: sketch every step; krylov: update only when a test says stale
+            refresh_every = 1 if update == "nystrom" else 0
+        elif not (isinstance(refresh_every, int) and not isinstance(refresh_every, bool) and refresh_every >= 1):
+            raise ValueError(f"refresh_every={refresh_every!r} is invalid; refresh_every must be None (default) "
+                             "or an integer >= 1")
+        _check_hyper(lr=lr, rank=rank, damping=damping, refresh_every=max(refresh_every, 1),
                      power_iters=power_iters, warmup_iters=warmup_iters, oversample=oversample,
                      trust_region=trust_region, curvature=curvature, form=form,
                      damping_bounds=damping_bounds, readout_lr=readout_lr)
@@ -582,10 +588,14 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"stale_rho={stale_rho!r} is invalid; stale_rho must be a number <= 1 (a reduction "
                              "ratio below which the basis is updated at once; -inf: never)")
         self.stale_rho = float(stale_rho)
+        if not (isinstance(stale_curvature, (int, float)) and stale_curvature >= 1):
+            raise ValueError(f"stale_curvature={stale_curvature!r} is invalid; it must be a number >= 1 (the ratio "
+                             "of the measured to the modelled ‖J Δθ‖² above which the basis is updated; inf: never)")
+        self.stale_curvature = float(stale_curvature)
         self._prev_residual: torch.Tensor | None = None  # last recording's states (outputs), for the secant
         # all state lives under the first parameter, as tensors and JSON scalars (checkpoint friendly)
         self.state[p0].update(steps=0, damping=float(damping), eig_values=None, eig_basis=None, eig_form=None,
-                              pending_loss=None, pending_predicted=None, jvps=0, vjps=0, seconds=0.0)
+                              pending_loss=None, pending_predicted=None, pending_quad=None, jvps=0, vjps=0, seconds=0.0)
         self.last_stats: dict = {}
 
     # ------------------------------------------------------------------ helpers
@@ -749,7 +759,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             eig = LowRankEig(st["eig_values"].to(J.dtype), st["eig_basis"].to(J.dtype))
         stale = eig is None or st["eig_form"] != form or eig.shape != tuple(shape) or eig.rank != rank
         poor = rho is not None and rho < 0.25  # the last step's model was poor: the basis may be stale
-        periodic = st["steps"] % group["refresh_every"] == 0
+        every = group["refresh_every"]  # 0: no periodic update (krylov: only the staleness tests)
+        periodic = every > 0 and st["steps"] % every == 0
         refresh = rank > 0 and (stale or poor or periodic)
         residual = (traj.outputs if self.space == "output" else traj.states).detach().to(J.dtype)
         same_batch = self._same_batch(traj, J)
@@ -765,7 +776,15 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         ritz = None
         if krylov:  # Nyström only for a cold start; Ritz steps track the basis every refresh_every steps
             refresh = False
-        if krylov and (periodic or (rho is not None and rho < self.stale_rho)):
+        elif self.update == "krylov" and rank > 0:  # no secant (new batch): Nyström sketches, period ≥ 1
+            refresh = refresh or st["steps"] % max(every, 1) == 0
+        # free staleness tests: the loss's reduction ratio ρ, and the secant's curvature ratio
+        # q = ‖z_k − z_{k−1}‖² / (Δθ* F_model Δθ) (the measured ‖J Δθ‖² against the low-rank model's)
+        q = None
+        if secant is not None and st.get("pending_quad"):
+            q = float(secant.pow(2).sum()) / st["pending_quad"]
+        stale_now = (rho is not None and rho < self.stale_rho) or (q is not None and q > self.stale_curvature)
+        if krylov and (periodic or stale_now):
             sketch = [*self._state_basis, secant]
             ritz = ritz_sketch(J, e, sketch, rank)
             eig, grad = ritz.eig(form), ritz.gradient
@@ -808,12 +827,13 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             raise FloatingPointError("the natural-gradient step is not finite (non-finite error or Jacobian); "
                                      "check the loss and the model's states")
         predicted = float(grad @ delta) + 0.5 * c * _lowrank_quadratic(eig, form, delta, x, group["lr"] * clip)
+        quad = _model_image_norm2(eig, form, delta, x, group["lr"] * clip, floor) if rank > 0 else None
         self._apply_update(delta)
         self._readout_step(traj)
         keep = rank > 0
         st.update(eig_values=eig.eigenvalues.detach() if keep else None,
                   eig_basis=eig.basis.detach() if keep else None, eig_form=form if keep else None,
-                  steps=st["steps"] + 1, pending_loss=loss, pending_predicted=predicted)
+                  steps=st["steps"] + 1, pending_loss=loss, pending_predicted=predicted, pending_quad=quad)
         st["jvps"] += counter.jvps
         st["vjps"] += counter.vjps
         seconds = time.perf_counter() - t0
@@ -826,7 +846,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             extra_products=counter.jvps + counter.vjps - 1, space=self.space,
             step_norm=float(delta.norm()), clip_factor=clip, predicted_change=predicted,
             grad_norm=float(grad.norm()), eigenvalues=[float(v) for v in eig.eigenvalues] if keep else [],
-            complement_floor=floor,
+            complement_floor=floor, curvature_ratio=q,
             seconds=seconds,
         )
         return torch.tensor(loss, dtype=torch.float64)
@@ -950,6 +970,18 @@ def _lowrank_quadratic(eig: LowRankEig, form: str, delta, x, scale) -> float:
         return float((eig.apply(x) * scale).pow(2).sum())
     coeff = eig.coefficients(delta)
     return float((eig.eigenvalues * coeff.pow(2)).sum())
+
+
+def _model_image_norm2(eig: LowRankEig, form: str, delta, x, scale, floor: float) -> float:
+    """The low-rank model's ``‖J Δθ‖²``: ``Δθ*(VΛV* + λ_r(I − VV*))Δθ`` (parameter form) or
+    ``‖scale·(UΛU* + λ_r(I − UU*)) x‖²`` (state form, ``J Δθ = −scale·Θ x``), the floor being the
+    curvature the preconditioner assumed outside the basis."""
+    if form == "state":
+        coeff = eig.coefficients(x)
+        image = eig.combine((eig.eigenvalues - floor) * coeff) + floor * x
+        return float(image.pow(2).sum()) * scale**2
+    coeff = eig.coefficients(delta)
+    return float((eig.eigenvalues * coeff.pow(2)).sum() + floor * (delta.pow(2).sum() - coeff.pow(2).sum()))
 
 
 def _curvature(curvature, e: torch.Tensor, loss: float) -> float:
