@@ -680,3 +680,35 @@ def test_krylov_updates_exactly_when_the_secant_curvature_test_fires():
         assert opt.last_stats["krylov"] == (q > kappa)
         assert opt.last_stats["products"] == (4 if q > kappa else 1)
     assert any(q > kappa for q in fired[:-1]) and any(q <= kappa for q in fired[:-1])  # both branches ran
+
+
+@pytest.mark.parametrize("cell", ["vanilla", "leaky", "gru", "lstm", "node", "adapter"])
+def test_krylov_step_on_the_recorded_graph_is_exact_gauss_newton_for_every_cell(cell):
+    # second step on the same batch: one batched J* pass (is_grads_batched, or its per-probe fallback) over
+    # the recording's graph; at full rank the Ritz subspace is the whole space, so the step is −J⁺e/c
+    torch.manual_seed(0)
+    model = _cells()[cell]()
+    B, T = 1, 3
+    inputs = torch.randn(B, T, 1, dtype=D, generator=gen(1))
+    targets = torch.randn(B, T, 2, dtype=D, generator=gen(2))
+    names = list(model.cell_params())
+    P, n = sum(p.numel() for p in model.cell_params().values()), B * T * model.state_dim
+    full, lam = min(P, n), 1e-9
+    opt = LowRankNaturalGradient(model, lr=1e-3, rank=full, damping=lam, adaptive_damping=False,
+                                 trust_region=None, jacobian="unrolled", refresh_every=1)
+    batch = {"inputs": inputs, "targets": targets}
+    opt.step(lambda: batch)
+    Jm = dense_jacobian(model, inputs, names)
+    z = model.unroll({k: v.detach() for k, v in model.cell_params().items()}, inputs).requires_grad_(True)
+    loss = ((model.output(z) - targets) ** 2).mean()
+    (e,) = torch.autograd.grad(loss, z)
+    c = float(e.pow(2).sum()) / (2 * float(loss.detach()))
+    ref = -torch.linalg.pinv(Jm) @ (e.reshape(-1) / c)
+    for g in opt.param_groups:
+        g["lr"] = 1.0
+    before = flat_params(model, names)
+    opt.step(lambda: batch)
+    got = flat_params(model, names) - before
+    assert opt.last_stats["krylov"] and opt.last_stats["jvps"] == 0
+    smin2 = float(torch.linalg.svdvals(Jm)[full - 1]) ** 2
+    assert float((got - ref).norm()) <= (4 * lam / (c * smin2) + 1e-8) * float(ref.norm())
