@@ -36,8 +36,8 @@ from .probes import (
     basis_chunks,
     check_budget,
     check_chunk,
-    check_finite,
     check_rtol,
+    checked,
     flat_sqnorm,
     jackknife,
     operator,
@@ -111,8 +111,7 @@ def onesided_statistics(J, num_probes: int = 100, *, side: str = "auto", distrib
     while done < m:
         k = min(chunk, m - done)
         V = src.draw(k)
-        Y = check_finite(apply(V), done, f"onesided_statistics: {what}")
-        out.append(flat_sqnorm(Y).cpu())
+        out.append(checked(flat_sqnorm(apply(V)), done, f"onesided_statistics: {what}").cpu())
         done += k
         if rtol is not None and done >= MIN_PROBES_FOR_RTOL:
             s = torch.cat(out).numpy()
@@ -168,8 +167,8 @@ def _exact_statistics(J: LinearOperator, side: str, chunk: int, max_dense: int |
     chunks = tqdm(basis_chunks(shape, J.dtype, J.device, chunk), total=-(-d // chunk), disable=not progress,
                   desc=f"exact tr(J J*) over {d:,} basis vectors", leave=False)
     for start, E in chunks:
-        Y = check_finite(apply(E), start, f"onesided (exact): {what}")
-        total += float(flat_sqnorm(Y).sum())
+        Y = apply(E)
+        total += float(checked(flat_sqnorm(Y), start, f"onesided (exact): {what}").sum())
         if keep_rows:
             rows.append(Y.reshape(Y.shape[0], -1).to(torch.float64))
     method = f"onesided-{side}"

@@ -150,15 +150,19 @@ def basis_chunks(shape, dtype, device, chunk_size: int) -> Iterator[tuple[int, t
 
 
 def flat_dot(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """Per-probe inner products ``<X_i, Y_i>`` in float64: ``[k, ...] x [k, ...] -> [k]``."""
+    """Per-probe inner products ``<X_i, Y_i>``, accumulated in float64: ``[k, ...] x [k, ...] -> [k]``."""
     k = X.shape[0]
-    return (X.reshape(k, -1).to(torch.float64) * Y.reshape(k, -1).to(torch.float64)).sum(1)
+    return torch.sum(X.reshape(k, -1) * Y.reshape(k, -1).to(X.dtype), 1, dtype=torch.float64)
 
 
 def flat_sqnorm(X: torch.Tensor) -> torch.Tensor:
-    """Per-probe squared norms in float64."""
-    k = X.shape[0]
-    return X.reshape(k, -1).to(torch.float64).pow(2).sum(1)
+    """Per-probe squared norms, accumulated in float64."""
+    return torch.linalg.vector_norm(X.reshape(X.shape[0], -1), dim=1, dtype=torch.float64) ** 2
+
+
+def checked(samples: torch.Tensor, first_probe: int, what: str) -> torch.Tensor:
+    """``check_finite`` on per-probe scalars (NaN/Inf anywhere in an output reaches its scalar)."""
+    return check_finite(samples.reshape(-1, 1), first_probe, what).reshape(-1)
 
 
 def running_mean(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

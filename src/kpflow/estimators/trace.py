@@ -34,6 +34,7 @@ from .probes import (
     check_chunk,
     check_finite,
     check_rtol,
+    checked,
     flat_dot,
     running_mean,
     square_operator,
@@ -129,8 +130,8 @@ def _hutchinson_samples(A, src: ProbeSource, m: int, chunk: int, rtol: float | N
         V = src.draw(k)
         if project is not None:
             V = project(V)
-        AV = check_finite(A.matmat(V.to(A.dtype)), offset + done, f"{what}: the operator")
-        out.append(flat_dot(V, AV).cpu())
+        AV = A.matmat(V.to(A.dtype))
+        out.append(checked(flat_dot(V, AV), offset + done, f"{what}: the operator").cpu())
         done += k
         if rtol is not None and done >= MIN_PROBES_FOR_RTOL:
             s = torch.cat(out).numpy()
