@@ -192,7 +192,7 @@ def figure(methods, summary, path: Path, title: str) -> None:
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     extra = iter(["tab:olive", "tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:gray", "gold",
-                  "salmon", "navy", "lime"])
+                  "salmon", "navy", "lime", "teal", "maroon", "orchid", "darkkhaki"])
     colors = {"sgd": "tab:red", "adam": "tab:blue", "ng": "tab:green"}
     for m in methods:
         colors.setdefault(m.name, next(extra, "k"))
@@ -207,7 +207,7 @@ def figure(methods, summary, path: Path, title: str) -> None:
             ax1.axvline(s["first_bifurcation_step"], color=c, ls=":", lw=1)
     ax1.axhline(summary["floor"] * methods[0].losses[0], color="k", ls="--", lw=0.8, label="loss floor")
     ax1.set(xlabel="step", ylabel="loss (MSE to the teacher)", title="loss (dotted: first bifurcation)")
-    ax1.legend(fontsize=8)
+    ax1.legend(fontsize=7, loc="upper right", framealpha=0.6)
     ax2.axhline(1.0, color="k", ls="--", lw=0.8)
     top = max(max(r for r in m.radius if math.isfinite(r)) for m in methods)
     ax2.set_ylim(0, min(top * 1.05, 3.0))

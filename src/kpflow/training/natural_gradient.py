@@ -12,9 +12,13 @@ curvature ``λ_r`` — the Nyström preconditioner of Frangella, Tropp & Udell 2
 
     (Θ_r + λ I)⁻¹ e = U (Λ + λ)⁻¹ U* e + (e − U U* e) / λ.
 
-``Θ_r`` comes from randomized Nyström with subspace iteration (Halko, Martinsson & Tropp 2011,
-Alg. 4.3/5.5; the stable Nyström of Tropp, Yurtsever, Udell & Cevher 2017, Alg. 3), warm-started from
-the previous step's basis, so one pass per step keeps tracking the dominant eigenspace as it moves.
+By default ``Θ_r`` is tracked by Rayleigh–Ritz on the Krylov-like subspace ``span(e, U, z_k − z_{k−1})``
+(:func:`ritz_sketch`): the products ``J* [e, U, secant]`` are one batched backward pass, the first of
+which is the gradient, so no JVP is ever needed; it runs only when the curvature measured by the
+state secant (or the loss's reduction ratio) says the basis went stale, and a step otherwise costs
+SGD's one backward pass. The alternative is randomized Nyström with subspace iteration (Halko,
+Martinsson & Tropp 2011, Alg. 4.3/5.5; the stable Nyström of Tropp, Yurtsever, Udell & Cevher 2017,
+Alg. 3), warm-started from the previous step's basis (cold starts use it too).
 The same step in parameter space uses the state-space Fisher ``F = J* J`` (same nonzero spectrum):
 ``Δθ = −η (F_r + λ I)⁻¹ g`` with ``g = J* e``; the optimizer picks the form whose space is smaller.
 
@@ -39,6 +43,8 @@ from kpflow.operators import LinearOperator, ShapeError
 __all__ = [
     "LowRankEig",
     "nystrom_eigh",
+    "RitzSketch",
+    "ritz_sketch",
     "damped_lowrank_solve",
     "LevenbergMarquardtDamping",
     "clip_to_trust_region",
@@ -389,12 +395,11 @@ class AutotunedJacobian(LinearOperator):
         return self.unrolled._rmatmat(Y)
 
 
-def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, loss="mse", z0=None,
-                    with_gradient: bool = True):
+def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, loss="mse", z0=None):
     """Record a batch for one optimizer step: a :class:`kpflow.kernels.Trajectory` (without the adjoint,
     which the step does not need) and the :class:`UnrolledJacobian` whose forward pass produced it.
-    ``with_gradient=False`` stops the backward pass at the states (``e`` and ``∂L/∂y`` only), for a
-    step that computes ``J* e`` together with other ``J*`` products in one batched pass."""
+    The gradient ``J* e`` comes from the same backward pass as ``e`` (as in SGD), so a step that
+    reuses its basis costs no product beyond it."""
     from kpflow.kernels import Trajectory
     from kpflow.kernels.trajectory import _loss_value
 
@@ -412,12 +417,10 @@ def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, 
     with torch.enable_grad():  # one backward pass gives e = ∂L/∂z, ∂L/∂y and the gradient J* e
         y = model.output(J._out, rp)
         value = _loss_value(y, targets, loss, mask)
-        leaves = J._leaves if with_gradient else []
-        e, e_y, *grads = torch.autograd.grad(value, [J._out, y, *leaves], retain_graph=True,
+        e, e_y, *grads = torch.autograd.grad(value, [J._out, y, *J._leaves], retain_graph=True,
                                              allow_unused=True)
-    if with_gradient:
-        J.gradient = torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
-                                for g, leaf in zip(grads, J._leaves, strict=True)])
+    J.gradient = torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
+                            for g, leaf in zip(grads, J._leaves, strict=True)])
     with torch.no_grad():
         outputs = model.output(states, rp)
     traj = Trajectory(model=model, params=params, inputs=inputs, z0=z0.detach(), states=states, outputs=outputs,
@@ -462,9 +465,22 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         damping_bounds: the range adaptive λ is kept in.
         curvature: c, or ``"auto"`` = ``‖e‖² / (2 L)`` (exact for a mean-squared loss directly on
             the states, since then ``L = ½c‖z − z*‖²`` and ``e = c (z − z*)``).
-        refresh_every: recompute the low-rank basis every this many steps (1 = every step); in
-            between, the previous ``(U, Λ)`` are reused at no extra cost, unless the previous step's
-            reduction ratio ρ fell below 1/4 (then the basis is refreshed at once).
+        update: how the basis follows the moving sNTK. ``"krylov"`` (default): Rayleigh–Ritz of
+            ``Θ`` on ``span(e, U_prev, z_k − z_{k−1})`` (:func:`ritz_sketch`; the state secant is
+            ``J Δθ_{k−1}`` to first order, free on the same batch) from one batched ``J*`` pass whose
+            first cotangent ``e`` yields the gradient — no JVP — run only when a free staleness test
+            fires (``stale_curvature``, ``stale_rho``) or every ``refresh_every`` steps; otherwise
+            ``(U, Λ)`` is reused and the step costs SGD's one backward pass. Without a secant (cold
+            start, a new batch) it falls back to a Nyström sketch. ``"nystrom"``: a randomized Nyström
+            sketch (:func:`nystrom_eigh`) every ``refresh_every`` steps.
+        refresh_every: krylov: also update every this many steps (None = only when stale); nystrom:
+            sketch every this many steps (None = 1), reusing ``(U, Λ)`` in between unless the
+            previous step's reduction ratio ρ fell below 1/4 (then the basis is refreshed at once).
+        stale_curvature: krylov: update when the secant's curvature ratio
+            ``‖z_k − z_{k−1}‖² / Δθ*(VΛV* + λ_r(I − VV*))Δθ`` (measured over modelled ``‖J Δθ‖²``)
+            exceeds this (≥ 1; inf = never).
+        stale_rho: krylov: update when the previous step's reduction ratio fell below this
+            (-inf = never).
         ritz_updates: between refreshes, when the batch is the previous step's, update the
             eigenvalues and rotate the basis by Rayleigh–Ritz on the tracked state-space directions
             (``rank + oversample`` products with ``J*`` only, no ``J``), so the curvature along
@@ -625,8 +641,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
     def _record_batch(self, batch):
         get = batch.get if isinstance(batch, dict) else (lambda k, d=None: getattr(batch, k, d))
         traj, _ = record_for_step(self.model, self.param_names, get("inputs"), get("targets"),
-                                  mask=get("mask"), loss=get("loss") or "mse", z0=get("z0"),
-                                  with_gradient=self.update == "nystrom")
+                                  mask=get("mask"), loss=get("loss") or "mse", z0=get("z0"))
         return traj
 
     def _flat_params(self) -> torch.Tensor:
