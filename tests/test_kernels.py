@@ -314,3 +314,17 @@ def test_output_ntk_and_fisher_dense():
     assert _rel(_dense(output_ntk(traj, cache=False)), C @ Jref @ Jref.T @ C.T) < 1e-10
     assert _rel(_dense(state_fisher(traj, cache=False)), Jref.T @ Jref) < 1e-10
     assert output_ntk(traj).is_psd and ntk(traj).is_psd and state_fisher(traj).is_psd
+
+
+def test_param_layout_handles_scalar_parameters():
+    from kpflow.kernels.state_space import ParamLayout
+
+    params = {"mu": torch.tensor(0.5, dtype=torch.float64), "W": torch.zeros(2, 3, dtype=torch.float64)}
+    layout = ParamLayout(params, ["mu", "W"])
+    v = torch.arange(7, dtype=torch.float64)
+    d = layout.unflatten(v)
+    assert d["mu"].shape == () and float(d["mu"]) == 0.0
+    assert torch.equal(d["W"], v[1:].reshape(2, 3))
+    assert torch.equal(layout.flatten(d), v)
+    batched = layout.unflatten(torch.stack([v, v + 1]))
+    assert batched["mu"].shape == (2,) and batched["W"].shape == (2, 2, 3)

@@ -64,7 +64,7 @@ class ParamLayout:
             raise ValueError(f"parameter vector has {vector.shape[-1]} entries, expected {self.numel} "
                              f"(parameters {list(self.names)})")
         lead = vector.shape[:-1]
-        return {n: vector[..., self.offsets[n]:self.offsets[n] + self.sizes[n]].reshape(*lead, *self.shapes[n])
+        return {n: vector[..., self.offsets[n]:self.offsets[n] + self.sizes[n]].reshape(tuple(lead) + self.shapes[n])
                 for n in self.names}
 
     def __repr__(self):
