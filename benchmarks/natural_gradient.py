@@ -261,11 +261,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--floor", type=float, default=1e-2, help="loss floor as a fraction of the initial loss")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    ap.add_argument("--out", type=Path, default=HERE / "natural_gradient.json")
-    ap.add_argument("--figure", type=Path, default=HERE / "natural_gradient.png")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default natural_gradient.json; natural_gradient_quick.json with --quick)")
+    ap.add_argument("--figure", type=Path, default=None, help="figure path (default beside the JSON)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: steadier timings)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
+    stem = "natural_gradient_quick" if args.quick else "natural_gradient"
+    args.out = args.out if args.out is not None else HERE / f"{stem}.json"
+    args.figure = args.figure if args.figure is not None else args.out.with_suffix(".png")
     quick = dict(steps=80, hidden=8, seq_len=25, batch=8)
     full = dict(steps=300, hidden=16, seq_len=40, batch=16)
     if args.variants is None and not args.quick:
