@@ -379,7 +379,9 @@ def xnystrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed
         Om_new = _flat(src.draw(k_new))
         Y_new = _rows(A, Om_new, chunk, "xnystrace: the operator", Om.shape[0])
         Om, Y = torch.cat([Om, Om_new]), torch.cat([Y, Y_new])
-        nu = float(torch.finfo(torch.float64).eps * Y.norm() / math.sqrt(n) * 10)
+        # shift at the operator's own precision (a float32 operator's outputs carry float32 rounding)
+        nu = float(torch.finfo(A.dtype if A.dtype.is_floating_point else torch.float64).eps * Y.norm()
+                   / math.sqrt(n) * 10)
         for _attempt in range(8):
             Ynu = Y + nu * Om
             G = Om @ Ynu.T
