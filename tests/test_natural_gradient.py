@@ -510,15 +510,18 @@ def test_ritz_updates_between_refreshes_use_vjps_only():
 
     *_, inputs, z_star = state_targets_problem(2, 5, seed=2)
     batch = {"inputs": inputs, "targets": z_star}  # the same trials every step
+    torch.manual_seed(0)
     model = VanillaRNN(1, 2, 2, dtype=D)
+    # no adaptive damping: a poor reduction ratio would force a refresh and hide what is counted here
     opt = LowRankNaturalGradient(model, rank=2, refresh_every=3, form="parameter", param_names=["W", "U"],
-                                 ritz_updates=True)
+                                 ritz_updates=True, update="nystrom", adaptive_damping=False)
     opt.step(lambda: batch)
     assert opt.last_stats["refreshed"]
     opt.step(lambda: batch)
     st = opt.last_stats
     assert not st["refreshed"] and st["ritz_updated"] and st["jvps"] == 0 and st["vjps"] == 1 + 2
-    opt2 = LowRankNaturalGradient(model, rank=2, refresh_every=3, param_names=["W", "U"])  # off by default
+    opt2 = LowRankNaturalGradient(model, rank=2, refresh_every=3, param_names=["W", "U"],  # off by default
+                                  update="nystrom", adaptive_damping=False)
     opt2.step(lambda: batch)
     opt2.step(lambda: batch)
     assert not opt2.last_stats["ritz_updated"] and opt2.last_stats["products"] == 1
@@ -711,4 +714,38 @@ def test_krylov_step_on_the_recorded_graph_is_exact_gauss_newton_for_every_cell(
     got = flat_params(model, names) - before
     assert opt.last_stats["krylov"] and opt.last_stats["jvps"] == 0
     smin2 = float(torch.linalg.svdvals(Jm)[full - 1]) ** 2
+    assert float((got - ref).norm()) <= (4 * lam / (c * smin2) + 1e-8) * float(ref.norm())
+
+
+def test_krylov_step_in_output_space_is_exact_gauss_newton_of_the_readout_loss():
+    # space="output": the Ritz subspace is span(∂L/∂y, U, y_k − y_{k−1}) in output space; at full rank the
+    # second step on the same batch is −(CJ)⁺ ∂L/∂y / c
+    from kpflow.models import VanillaRNN
+
+    torch.manual_seed(3)
+    B, T = 1, 3
+    model = VanillaRNN(1, 2, 2, dtype=D)
+    inputs = torch.randn(B, T, 1, dtype=D, generator=gen(4))
+    targets = torch.randn(B, T, 2, dtype=D, generator=gen(5))
+    names = ["W", "U", "b"]
+    full, lam = min(8, B * T * 2), 1e-9
+    opt = LowRankNaturalGradient(model, lr=1e-3, rank=full, damping=lam, adaptive_damping=False,
+                                 trust_region=None, space="output", refresh_every=1)
+    batch = {"inputs": inputs, "targets": targets}
+    opt.step(lambda: batch)
+    C = model.readout.weight.detach()
+    Jm = dense_jacobian(model, inputs, names)
+    G = torch.einsum("oh,nhp->nop", C, Jm.reshape(B * T, 2, -1)).reshape(B * T * 2, -1)
+    y = model(inputs)[1].detach().requires_grad_(True)
+    loss = ((y - targets) ** 2).mean()
+    (e_y,) = torch.autograd.grad(loss, y)
+    c = float(e_y.pow(2).sum()) / (2 * float(loss.detach()))
+    ref = -torch.linalg.pinv(G) @ (e_y.reshape(-1) / c)
+    for g in opt.param_groups:
+        g["lr"] = 1.0
+    before = flat_params(model, names)
+    opt.step(lambda: batch)
+    got = flat_params(model, names) - before
+    assert opt.last_stats["krylov"] and opt.last_stats["secant"] and opt.last_stats["space"] == "output"
+    smin2 = float(torch.linalg.svdvals(G)[full - 1]) ** 2
     assert float((got - ref).norm()) <= (4 * lam / (c * smin2) + 1e-8) * float(ref.norm())
