@@ -8,7 +8,9 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DOCS = [ROOT / "README.md", ROOT / "docs" / "operators.md"]
+DOCS = [ROOT / "README.md"] + sorted(
+    p for p in (ROOT / "docs").glob("*.md") if "```python" in p.read_text()
+)
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: p.name)
