@@ -264,6 +264,7 @@ def plot(results, path, quick):
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
     os.close(fd)
     fig.savefig(tmp, dpi=120)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -271,6 +272,7 @@ def atomic_json(obj, path):
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json")
     with os.fdopen(fd, "w") as f:
         json.dump(obj, f, indent=1)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
