@@ -378,17 +378,3 @@ def test_modes_for_variance_dense_and_iterative(monkeypatch):
     est = modes_for_variance(A, 0.95, num_matvecs=300, seed=0)
     assert est.value == want and est.n_probes > 0
 
-
-def test_docs_example_runs(tmp_path, monkeypatch):
-    import pathlib
-    import re
-
-    monkeypatch.chdir(tmp_path)
-    doc = pathlib.Path(__file__).resolve().parents[1] / "docs" / "estimators.md"
-    blocks = re.findall(r"```python\n(.*?)```", doc.read_text(), re.S)
-    assert blocks
-    namespace: dict = {}
-    torch.manual_seed(0)
-    for block in blocks:
-        exec(compile(block, str(doc), "exec"), namespace)
-    assert namespace["est"].method == "xnystrace"
