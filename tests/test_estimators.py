@@ -89,6 +89,8 @@ def test_auto_picks_and_says_why():
     assert trace(DenseOperator(M, is_psd=True), 20, seed=0).method == "xnystrace"
     assert trace(DenseOperator(_general(40)), 20, seed=0).method == "xtrace"
     assert trace(DenseOperator(_general(40)), 3, seed=0).method == "hutchinson"
+    unflagged = trace(DenseOperator(M), 20, seed=0, assume_psd=True)
+    assert unflagged.method == "xnystrace" and "assumed" in unflagged.info["auto_reason"]
 
 
 @pytest.mark.parametrize("side", ["forward", "reverse"])

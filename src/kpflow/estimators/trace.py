@@ -415,7 +415,7 @@ METHODS = ("auto", "hutchinson", "hutchpp", "xtrace", "xnystrace", "exact")
 
 
 def trace(A, num_matvecs: int = 100, *, method: str = "auto", seed=None, chunk_size: int = DEFAULT_CHUNK,
-          rtol: float | None = None, distribution: str | None = None) -> Estimate:
+          rtol: float | None = None, distribution: str | None = None, assume_psd: bool = False) -> Estimate:
     """tr(A) by the named method; ``method="auto"`` picks:
 
     * ``exact`` when the budget covers the dimension (same cost, no error);
@@ -423,6 +423,7 @@ def trace(A, num_matvecs: int = 100, *, method: str = "auto", seed=None, chunk_s
     * ``xtrace`` otherwise (needs ≥ 4 matvecs), else ``hutchinson``.
 
     The result's ``method`` is the method actually run; ``info['auto_reason']`` says why.
+    ``assume_psd=True`` treats A as PSD when its flag is not set (e.g. ``J @ J.T`` for a composed J).
     """
     if method not in METHODS:
         raise ValueError(f"unknown trace method {method!r}; valid methods: {METHODS}")
@@ -433,8 +434,9 @@ def trace(A, num_matvecs: int = 100, *, method: str = "auto", seed=None, chunk_s
         m = check_budget(num_matvecs, 2, "trace")
         if _covers(m, A.size_in):
             method, reason = "exact", f"budget {m} >= dimension {A.size_in}"
-        elif A.is_psd:
-            method, reason = "xnystrace", "operator is flagged PSD and the budget is below the dimension"
+        elif A.is_psd or assume_psd:
+            method, reason = "xnystrace", ("operator is " + ("flagged" if A.is_psd else "assumed")
+                                           + " PSD and the budget is below the dimension")
         elif m >= 4:
             method, reason = "xtrace", "general square operator, budget below the dimension"
         else:
@@ -444,6 +446,8 @@ def trace(A, num_matvecs: int = 100, *, method: str = "auto", seed=None, chunk_s
     else:
         fn = {"hutchinson": hutchinson_trace, "hutchpp": hutchpp_trace, "xtrace": xtrace,
               "xnystrace": xnystrace}[method]
+        if method == "xnystrace":
+            kw["assume_psd"] = assume_psd
         est = fn(A, num_matvecs, seed=seed, chunk_size=chunk_size, rtol=rtol, **kw)
     if reason is not None:
         est.info["auto_reason"] = reason
