@@ -11,7 +11,14 @@ app = typer.Typer(
     help=(
         "Matrix-free operators of learning for recurrent networks.\n\n"
         "Examples:\n\n"
-        "  kpflow run                      # train the default GRU on 3-bit flip-flop and report\n\n"
+        "  kpflow run                              # default study: GRU-64 on 3-bit flip-flop, with report\n\n"
+        "  kpflow run --steps 40 --checkpoint-every 20 --out /tmp/smoke   # a one-minute smoke test\n\n"
+        "  kpflow run bifurcation                  # student-teacher study through a learned bifurcation\n\n"
+        "  kpflow run my_config.yaml               # your own study (kpflow run --print-defaults)\n\n"
+        "  kpflow sweep flipflop --gs 0.5,1,2,4    # initial weight scale sweep\n\n"
+        "  kpflow analyze runs/flipflop            # (re)measure every checkpoint\n\n"
+        "  kpflow report runs/flipflop             # write runs/flipflop/report.html\n\n"
+        "  kpflow challenge list                   # the anomaly-detection challenges\n\n"
         "  kpflow --version"
     ),
     no_args_is_help=True,
@@ -32,17 +39,6 @@ def _root(
                                  help="Print the version and exit."),
 ):
     """kpflow command line."""
-
-
-@app.command("demo")
-def demo(
-    size: int = typer.Option(400, help="Dimension of the synthetic PSD operator."),
-    seed: int = typer.Option(0, help="Random seed."),
-):
-    """Estimate the trace and effective rank of a PSD operator matrix-free, next to the exact values."""
-    from kpflow.demo import operator_demo
-
-    operator_demo(size=size, seed=seed)
 
 
 from kpflow.challenges.cli import challenge_app  # noqa: E402  (challenge command group)
