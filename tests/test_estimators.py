@@ -37,6 +37,7 @@ from kpflow.estimators import (
     xtrace,
 )
 from kpflow.estimators.norms import ratio_erank, sqrt_estimate
+from kpflow.estimators.probes import ProbeSource
 from kpflow.operators import DenseOperator, FunctionOperator, ShapeError
 
 DT = torch.float64
@@ -195,6 +196,14 @@ def test_seed_and_generator_reproducible_and_chunk_invariant():
     a = hutchinson_trace(A, 50, seed=11, chunk_size=7)
     b = hutchinson_trace(A, 50, seed=11, chunk_size=50)
     assert a.value == b.value and a.seed == 11
+    for dist in ("gaussian", "sphere"):
+        vals = [hutchinson_trace(A, 40, seed=1, chunk_size=c, distribution=dist).value for c in (1, 7, 64)]
+        assert vals[0] == pytest.approx(vals[1], rel=1e-12) and vals[0] == pytest.approx(vals[2], rel=1e-12)
+    J = DenseOperator(_psd(80)[:, :30])
+    f = [onesided_statistics(J, 24, side="reverse", seed=3, chunk_size=c).frobenius_sq.value for c in (1, 5, 64)]
+    assert f[0] == pytest.approx(f[1], rel=1e-12) and f[0] == pytest.approx(f[2], rel=1e-12)
+    # an rtol that is never reached must not change the estimate (probes drawn in rounds)
+    assert xnystrace(A, 40, seed=1).value == pytest.approx(xnystrace(A, 40, seed=1, rtol=1e-12).value, rel=1e-12)
     g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     assert xnystrace(A, 30, seed=g1).value == xnystrace(A, 30, seed=g2).value
     assert xnystrace(A, 30, seed=g1).value != xnystrace(A, 30, seed=g2.manual_seed(6)).value
@@ -207,7 +216,8 @@ def test_result_object_history_and_float():
     assert len(est.running_n) == 40 and est.running_n[-1] == 40 and est.running_value[-1] == est.value
     assert math.isnan(est.running_stderr[0]) and est.running_stderr[-1] == est.stderr
     # running value equals the mean of the first k samples: recompute for k = 10 by hand
-    v = torch.randint(0, 2, (40, 200), generator=torch.Generator().manual_seed(0), dtype=torch.int64).to(DT) * 2 - 1
+    v = ProbeSource(0, (200,), DT, "cpu", "rademacher").draw(40)
+    assert set(v.unique().tolist()) == {-1.0, 1.0}
     q = (v * (v @ A.matrix.T)).sum(1)
     assert est.running_value[9] == pytest.approx(float(q[:10].mean()), rel=1e-12)
     for fn in (hutchpp_trace, xtrace, xnystrace):

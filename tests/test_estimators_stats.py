@@ -95,7 +95,9 @@ def test_trace_unbiased_and_error_bars_honest(spectrum, method):
 def test_onesided_trace_and_frobenius_calibrated(spectrum):
     lam = _spectrum(spectrum)
     J = DenseOperator(_U * lam.sqrt())  # J Jᵀ = U diag(λ) Uᵀ
-    stats = [onesided_statistics(J, 40, side="reverse", seed=s) for s in range(SEEDS)]
+    # 80 probes: at 40 the one-sided ‖·‖_F² (a fourth-moment statistic) has heavy tails on decaying
+    # spectra, and its mean over seeds drifts to the edge of the 3-SE band (see docs/estimators.md)
+    stats = [onesided_statistics(J, 80, side="reverse", seed=s) for s in range(SEEDS)]
     _check_calibration([s.trace.value for s in stats], [s.trace.stderr for s in stats], float(lam.sum()),
                        f"one-sided trace on {spectrum}")
     _check_calibration([s.frobenius_sq.value for s in stats], [s.frobenius_sq.stderr for s in stats],
@@ -122,7 +124,7 @@ def test_convergence_rates_on_decaying_spectrum():
     budgets = np.array([12, 24, 48, 96])
     slopes = {}
     for name in ("hutchinson-rademacher", "hutchpp", "xtrace", "xnystrace"):
-        rmse = [np.sqrt(np.mean([(TRACE_METHODS[name](A, int(m), s).value - truth) ** 2 for s in range(40)]))
+        rmse = [np.sqrt(np.mean([(TRACE_METHODS[name](A, int(m), s).value - truth) ** 2 for s in range(80)]))
                 for m in budgets]
         slopes[name] = np.polyfit(np.log(budgets), np.log(rmse), 1)[0]
     assert abs(slopes["hutchinson-rademacher"] + 0.5) <= 0.15, slopes

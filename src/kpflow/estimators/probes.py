@@ -54,41 +54,63 @@ def square_operator(A, what: str) -> LinearOperator:
 
 
 class ProbeSource:
-    """Draws probe batches of one shape from a seed or a ``torch.Generator``."""
+    """Draws probe batches of one shape from a seed or a ``torch.Generator``.
+
+    Probe ``i`` of a stream is drawn from its own generator seeded by ``(seed, stream, i)``, so the
+    probes do not depend on how they are requested: the same seed gives the same estimate whatever
+    ``chunk_size`` or ``rtol`` round structure is used. ``draw`` (the estimator's distribution) and
+    ``gaussian`` (sketch matrices) are separate streams. A ``torch.Generator`` is consumed once, for
+    the base seed, and its device is used for drawing.
+    """
 
     def __init__(self, seed, shape, dtype: torch.dtype, device, distribution: str = "rademacher"):
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f"unknown probe distribution {distribution!r}; valid: {DISTRIBUTIONS}")
         if isinstance(seed, torch.Generator):
-            self.generator, self.seed = seed, None
+            self.draw_device = seed.device
+            self.seed = None
+            self._base = int(torch.randint(0, 2**62, (1,), generator=seed, device=seed.device).item())
         else:
             if seed is None:
                 seed = int(torch.randint(0, 2**31 - 1, (1,)).item())
-            if not isinstance(seed, (int, np.integer)):
+            if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
                 raise TypeError(f"seed must be an int, None or a torch.Generator, got {type(seed).__name__}")
             self.seed = int(seed)
-            self.generator = torch.Generator(device="cpu").manual_seed(self.seed)
+            self.draw_device = torch.device("cpu")
+            self._base = self.seed
         self.shape, self.dtype, self.device = tuple(shape), dtype, torch.device(device)
         self.distribution = distribution
         self.dim = math.prod(self.shape)
+        self._count = {"draw": 0, "gaussian": 0}
+
+    def _generator(self, stream: str, i: int) -> torch.Generator:
+        key = np.random.SeedSequence([self._base % 2**63, 0 if stream == "draw" else 1, i])
+        return torch.Generator(device=self.draw_device).manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
+
+    def _take(self, stream: str, k: int, distribution: str) -> torch.Tensor:
+        real = self.dtype if self.dtype.is_floating_point else torch.float64
+        start = self._count[stream]
+        rows = []
+        for i in range(start, start + k):
+            g = self._generator(stream, i)
+            if distribution == "rademacher":
+                v = torch.randint(0, 2, (self.dim,), generator=g, device=self.draw_device).to(real) * 2 - 1
+            else:
+                v = torch.randn(self.dim, generator=g, device=self.draw_device, dtype=real)
+                if distribution == "sphere":
+                    v = v * (math.sqrt(self.dim) / v.norm())
+            rows.append(v)
+        self._count[stream] = start + k
+        V = torch.stack(rows) if rows else torch.empty(0, self.dim, dtype=real, device=self.draw_device)
+        return V.to(self.device).reshape(k, *self.shape)
 
     def draw(self, k: int) -> torch.Tensor:
-        """``k`` probes of shape ``[k, *shape]`` with ``E[v vᵀ] = I``."""
-        gdev = self.generator.device
-        real = self.dtype if self.dtype.is_floating_point else torch.float64
-        if self.distribution == "rademacher":
-            V = torch.randint(0, 2, (k, self.dim), generator=self.generator, device=gdev).to(real) * 2 - 1
-        else:
-            V = torch.randn(k, self.dim, generator=self.generator, device=gdev, dtype=real)
-            if self.distribution == "sphere":
-                V = V * (math.sqrt(self.dim) / V.norm(dim=1, keepdim=True))
-        return V.to(self.device).reshape(k, *self.shape)
+        """The next ``k`` probes, shape ``[k, *shape]``, with ``E[v vᵀ] = I``."""
+        return self._take("draw", k, self.distribution)
 
     def gaussian(self, k: int) -> torch.Tensor:
-        """``k`` standard Gaussian probes regardless of ``distribution`` (for sketches)."""
-        V = torch.randn(k, self.dim, generator=self.generator, device=self.generator.device,
-                        dtype=self.dtype if self.dtype.is_floating_point else torch.float64)
-        return V.to(self.device).reshape(k, *self.shape)
+        """The next ``k`` standard Gaussian probes regardless of ``distribution`` (for sketches)."""
+        return self._take("gaussian", k, "gaussian")
 
 
 def check_finite(Y: torch.Tensor, first_probe: int, what: str) -> torch.Tensor:
