@@ -104,6 +104,18 @@ def test_onesided_trace_and_frobenius_calibrated(spectrum):
                        float((lam**2).sum()), f"one-sided ‖·‖_F² on {spectrum}")
 
 
+@pytest.mark.parametrize("spectrum", ["power", "lowrank_noise"])
+def test_onesided_effective_rank_unbiased(spectrum):
+    """The one-pass erank = tr²/‖A‖_F² (a ratio, jackknife bias-corrected) is within 3 SE of the truth."""
+    lam = _spectrum(spectrum)
+    J = DenseOperator(_U * lam.sqrt())
+    truth = float(lam.sum() ** 2 / (lam**2).sum())
+    ests = [onesided_statistics(J, 40, side="reverse", distribution="gaussian", seed=s).effective_rank
+            for s in range(SEEDS)]
+    values = np.array([e.value for e in ests])
+    assert abs(values.mean() - truth) <= 3 * values.std(ddof=1) / np.sqrt(values.size), (values.mean(), truth)
+
+
 def test_alignment_error_bars():
     lamA, lamB = _spectrum("power"), _spectrum("lowrank_noise")
     A, B = _U * lamA @ _U.T, _U * lamB @ _U.T

@@ -140,8 +140,10 @@ def onesided_statistics(J, num_probes: int = 100, *, side: str = "auto", distrib
         return _trace_sq_stat(ms, ms2, n) / fstat(ms, ms2, n)
 
     with np.errstate(divide="ignore", invalid="ignore"):
-        e_val, e_se = jackknife(pair, erank_stat)
+        # the ratio tr²/‖A‖_F² is biased at O(1/m) (+10–17% at 40 probes on decaying spectra): jackknife-corrected
+        e_val, e_se = jackknife(pair, erank_stat, bias_correct=True)
         e_run = running_statistic(pair, erank_stat)
+        e_run[-1] = e_val
     fro = Estimate(f_val, f_se, n_used, method, src.seed, ns, f_run, np.full(n_used, np.nan), dict(common))
     er = Estimate(e_val, e_se, n_used, method, src.seed, ns, e_run, np.full(n_used, np.nan), dict(common))
     if f_val <= 0:

@@ -198,8 +198,11 @@ def running_mean(samples: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.sqrt(var / n)
 
 
-def jackknife(samples, statistic: Callable[..., np.ndarray]) -> tuple[float, float]:
+def jackknife(samples, statistic: Callable[..., np.ndarray], bias_correct: bool = False) -> tuple[float, float]:
     """Full-sample statistic and its delete-one jackknife standard error.
+
+    With ``bias_correct`` the value is the jackknife bias-corrected ``m·θ̂ − (m−1)·mean(θ̂₍ᵢ₎)``, which
+    removes the O(1/m) bias of nonlinear statistics such as the ratio tr²/‖A‖_F² (Quenouille 1956).
 
     ``samples`` is one array or a list of arrays of equal length (paired samples). ``statistic``
     receives the per-array *means* over the kept samples followed by the number of kept samples,
@@ -215,6 +218,8 @@ def jackknife(samples, statistic: Callable[..., np.ndarray]) -> tuple[float, flo
     kept = [(s - a) / (m - 1) for s, a in zip(sums, arrays, strict=True)]
     loo = np.asarray(statistic(*kept, m - 1), dtype=np.float64)
     se = math.sqrt((m - 1) / m * float(((loo - loo.mean()) ** 2).sum()))
+    if bias_correct:
+        full = m * full - (m - 1) * float(loo.mean())
     return full, se
 
 
