@@ -108,6 +108,15 @@ def test_reading_the_reference_folder_is_refused_and_reported(gw_dir, tmp_path, 
     assert "forbidden" in entry["error"] and "reference" in entry["error"], entry["error"]
 
 
+@pytest.mark.parametrize("how", ["subprocess.run(['cat', {target!r}], capture_output=True)",
+                                 "os.system('cat ' + {target!r})"])
+def test_starting_another_program_is_refused(gw_dir, tmp_path, how):
+    target = str(gw_dir / "reference_data" / "val" / "labels.csv")
+    body = "import os\nimport subprocess\n" + how.format(target=target) + "\nreturn np.zeros(len(X))"
+    entry = run_submission(gw_dir, _submission(tmp_path, "spawner", _predict_body(body)), phase="val", record=False)
+    assert entry["status"] == "failed" and "starting another program" in entry["error"], entry["error"]
+
+
 def test_listing_the_challenge_folder_is_refused(gw_dir, tmp_path):
     code = _predict_body(f"import os\nos.listdir({str(gw_dir)!r})\nreturn np.zeros(len(X))")
     entry = run_submission(gw_dir, _submission(tmp_path, "lister", code), phase="val", record=False)

@@ -66,9 +66,15 @@ class FileGuard:
         self.violations.append(message)
         raise PermissionError(f"kpflow sandbox: {message}")
 
+    #: Audit events that start another program, which would run outside this hook.
+    SPAWN_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.startfile",
+                    "pty.spawn")
+
     def __call__(self, event, args):
         if not self.active:
             return
+        if event in self.SPAWN_EVENTS:
+            self._refuse(f"starting another program ({event}) is not allowed in a submission")
         if event == "open":
             path = self._resolve(args[0])
             if path is None:
