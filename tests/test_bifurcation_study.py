@@ -40,6 +40,12 @@ def test_shortened_bifurcation_run_reports_the_first_crossing(tmp_path):
     page = (run / "report.html").read_text()
     assert "first_bifurcation_step" in page and "at the crossing" in page
     assert (run / "figures" / "bifurcation_sntk_erank.svg").is_file()
+    # `kpflow analyze` and `kpflow report` on the study's folder use the study's own measurements
+    (run / "report.html").unlink()
+    for command in (["analyze", str(run), "--quiet"], ["report", str(run)]):
+        res = CliRunner().invoke(app, command)
+        assert res.exit_code == 0, res.output
+        assert "first_bifurcation_step" in (run / "report.html").read_text()
 
 
 def test_student_starts_as_g_times_the_teachers_base():

@@ -170,6 +170,9 @@ def analyze_command(
     _threads(threads)
     from kpflow.tracking.analyze import analyze_run
 
+    if _is_bifurcation_run(run):
+        typer.echo(f"report: {_rerun_bifurcation_study(run, progress=not quiet) / 'report.html'}")
+        return
     try:
         path = analyze_run(run, every=every, force=force, progress=not quiet)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
@@ -186,11 +189,33 @@ def report_command(run: Path = typer.Argument(..., help="Run folder (runs/<name>
     """
     from kpflow.report import report_run
 
+    if _is_bifurcation_run(run):
+        typer.echo(f"report: {_rerun_bifurcation_study(run, progress=False) / 'report.html'}")
+        return
     try:
         path = report_run(run)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(f"report: {path}")
+
+
+def _is_bifurcation_run(run: Path) -> bool:
+    """A ``kpflow run bifurcation`` folder (its own measurements and report, marked by bifurcation.json)."""
+    return (Path(run) / "bifurcation.json").exists() and (Path(run) / "config.yaml").exists()
+
+
+def _rerun_bifurcation_study(run: Path, progress: bool) -> Path:
+    """Re-measure (cached per checkpoint) and re-report a bifurcation run in place; training is complete."""
+    import yaml
+
+    from kpflow.experiments.bifurcation import run_bifurcation_study
+    from kpflow.training import validate_config
+
+    try:
+        cfg = validate_config(yaml.safe_load((Path(run) / "config.yaml").read_text()))
+        return run_bifurcation_study(cfg, out_dir=Path(run), progress=progress)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
 
 
 def register_commands(app: typer.Typer) -> None:
