@@ -183,3 +183,19 @@ def test_sweep_over_g_writes_table_figures_and_report(tmp_path):
         assert (sweep / run / "report.html").is_file()
     r = runner.invoke(app, ["sweep", str(cfg), "--gs", "a,b"])
     assert r.exit_code == 2 and "comma-separated" in r.output
+
+
+def test_bad_task_params_or_missing_cuda_leave_no_run_folder_behind(tmp_path):
+    import torch
+
+    bad = write_config(tmp_path, **{"task.params": {**TINY["task"]["params"], "n_bits": 0}})
+    r = runner.invoke(app, ["run", str(bad)])
+    assert r.exit_code != 0 and "n_bits" in r.output and "task.params" in r.output, r.output
+    assert not (tmp_path / "runs").exists()
+    if not torch.cuda.is_available():
+        r = runner.invoke(app, ["run", str(write_config(tmp_path)), "--device", "cuda:7"])
+        assert r.exit_code != 0 and "CUDA is not available" in r.output, r.output
+        assert not (tmp_path / "runs").exists()
+    # the corrected config then runs in the same place without --fresh
+    r = runner.invoke(app, ["run", str(write_config(tmp_path)), "--quiet"])
+    assert r.exit_code == 0, r.output

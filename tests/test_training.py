@@ -200,3 +200,16 @@ def test_yaml_and_toml_configs_round_trip(tmp_path):
     (tmp_path / "bad.yaml").write_text("train:\n  batch_size: zero\n")
     with pytest.raises(ConfigError, match="train.batch_size = 'zero'"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    from kpflow.training.checkpoints import atomic_write_text
+
+    mask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "report.txt", "x")
+        assert (tmp_path / "report.txt").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(mask)

@@ -39,10 +39,13 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, analyze: bool = True,
     from kpflow.tracking.analyze import build_from_config
     from kpflow.training.trainer import train
 
-    run_dir = prepare_run_dir(cfg, fresh)
-    task, model = build_from_config(cfg)
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"device={cfg.device!r} but CUDA is not available here; use --device cpu")
+    try:  # build first: bad task/model parameters must not leave a half-made run folder behind
+        task, model = build_from_config(cfg)
+    except ValueError as err:
+        raise ValueError(f"invalid task.params / model settings in the config: {err}") from None
+    run_dir = prepare_run_dir(cfg, fresh)
     result = train(model, task, cfg, out_dir=run_dir, progress=progress, stop_after=stop_after)
     if stop_after is not None and result.final_step < cfg.train.steps and not result.stopped_early:
         return run_dir

@@ -48,6 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.chmod(tmp, _file_mode())
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -57,6 +58,13 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _file_mode() -> int:
+    """The mode a plain ``open(path, "w")`` would give (0o666 less the umask); mkstemp alone gives 0o600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -107,6 +115,7 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module,
     tensor_path, sidecar_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
     os.close(fd)
+    os.chmod(tmp, _file_mode())
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT, "step": str(int(step))})
         with open(tmp, "rb") as f:
