@@ -202,3 +202,16 @@ def test_recorded_error_is_the_gradient_of_the_training_loss(name):
     z = traj.states.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(task_loss(model.output(z), batch), z)
     assert torch.allclose(traj.error, grad, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("k_end, verdict", [(95.0, "This run is consistent with"),
+                                            (180.0, "This run is partly consistent with")])
+def test_report_claim_check_requires_K_to_stay_put(k_end, verdict):
+    from kpflow.report.html import reading
+
+    rows = []
+    for step, p, k in ((0, 13000.0, 90.0), (300, 300.0, (90.0 + k_end) / 2), (600, 280.0, k_end)):
+        rows += [{"run": "r", "step": step, "metric": "PPstar_erank", "value": p, "stderr": 1.0, "method": ""},
+                 {"run": "r", "step": step, "metric": "K_erank", "value": k, "stderr": 0.0, "method": ""}]
+    text = " ".join(reading(rows, []))
+    assert verdict in text, text

@@ -107,13 +107,16 @@ def reading(rows: list[dict], train_losses) -> list[str]:
         (_, k0, _), (_, k1, _) = first_last("K_erank")
         x, y, _ = S["K_erank"]
         collapse = p1 < 0.5 * p0
-        k_low = max(k0, k1) < 0.1 * max(p0, 1e-12)
-        verdict = ("consistent with" if collapse and k_low else "not consistent with" if not collapse
+        k_low = float(y.max()) < 0.1 * max(p0, 1e-12)
+        k_growth = float(y.max()) / max(float(y.min()), 1e-12)
+        k_steady = k_growth <= 1.5
+        verdict = ("consistent with" if collapse and k_low and k_steady else "not consistent with" if not collapse
                    else "partly consistent with")
         out.append(
             f"KPFlow claim check (P's effective rank collapses under GD while K stays low-rank): the effective rank "
             f"of P P* {'fell' if p1 < p0 else 'rose'} by a factor {max(p0, p1) / max(min(p0, p1), 1e-12):.3g}, "
-            f"and K's stayed between {y.min():.3g} and {y.max():.3g} — "
+            f"and K's ranged between {y.min():.3g} and {y.max():.3g} (a factor {k_growth:.3g}; "
+            f"{'steady' if k_steady else 'not steady'}) — "
             f"{'far below' if k_low else 'not far below'} P P*'s initial {p0:.3g}. This run is {verdict} the claim.")
     if "ntk_init_alignment" in S:
         (_, _, _), (s1, a1, e1) = first_last("ntk_init_alignment")
