@@ -328,3 +328,18 @@ def test_param_layout_handles_scalar_parameters():
     assert torch.equal(layout.flatten(d), v)
     batched = layout.unflatten(torch.stack([v, v + 1]))
     assert batched["mu"].shape == (2,) and batched["W"].shape == (2, 2, 3)
+
+
+def test_building_operators_leaves_the_global_random_stream_alone():
+    from kpflow.kernels import ntk, propagator, record
+    from kpflow.models import GRU
+
+    torch.manual_seed(0)
+    model = GRU(2, 5, 1).double()
+    x = torch.randn(3, 7, 2, dtype=torch.float64)
+    traj = record(model, x)
+    state = torch.random.get_rng_state()
+    P = propagator(traj)
+    P.matmat(torch.ones(2, 3, 7, 5, dtype=torch.float64))
+    ntk(traj).matmat(torch.ones(1, 3, 7, 5, dtype=torch.float64))
+    assert torch.equal(state, torch.random.get_rng_state())

@@ -123,7 +123,8 @@ class StepLinearization:
         if E is None:
             return None
         # which site variables depend on z (a random JVP is nonzero there)
-        v = torch.randn_like(zp)
+        gen = torch.Generator().manual_seed(0)  # local: leave the user's global random stream untouched
+        v = torch.randn(zp.shape, generator=gen, dtype=zp.dtype).to(zp.device)
         tang = jvp(lambda z: model.site_variables(z, x), (zp,), (v,))[1]
         zsites = tuple(k for k, t in tang.items() if bool(t.abs().sum() > 0))
         return StepLinearization(traj, D, E, zsites)
