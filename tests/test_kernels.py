@@ -343,3 +343,18 @@ def test_building_operators_leaves_the_global_random_stream_alone():
     P.matmat(torch.ones(2, 3, 7, 5, dtype=torch.float64))
     ntk(traj).matmat(torch.ones(1, 3, 7, 5, dtype=torch.float64))
     assert torch.equal(state, torch.random.get_rng_state())
+
+
+def test_record_refuses_empty_nonfinite_or_mixed_dtype_input():
+    from kpflow.kernels import record
+    from kpflow.models import VanillaRNN
+
+    model = VanillaRNN(2, 4, 1).double()
+    with pytest.raises(ValueError, match="no time steps"):
+        record(model, torch.zeros(3, 0, 2, dtype=torch.float64))
+    x = torch.zeros(3, 5, 2, dtype=torch.float64)
+    x[1, 2, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"inputs contain NaN/Inf \(first at index \(1, 2, 0\)\)"):
+        record(model, x)
+    with pytest.raises(ValueError, match="z0 has dtype torch.float32"):
+        record(model, torch.zeros(3, 5, 2, dtype=torch.float64), z0=torch.zeros(3, 4))

@@ -148,6 +148,10 @@ def record(
         raise TypeError(f"record needs a kpflow RecurrentModel, got {type(model).__name__}; wrap an nn.Module "
                         "cell with kpflow.models.CellAdapter")
     model.check_inputs(inputs, z0)
+    for name, t in (("inputs", inputs), ("z0", z0)):
+        if t is not None and not bool(torch.isfinite(t).all()):
+            idx = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t))[0])
+            raise ValueError(f"{name} contain NaN/Inf (first at index {idx}); the model cannot be run on them")
     live = {k: v.detach() for k, v in model.cell_params().items()}
     if params is not None:
         model.check_params(params)

@@ -119,7 +119,12 @@ class RecurrentModel(nn.Module):
                 f"inputs have width {inputs.shape[-1]} but {type(self).__name__} expects input_dim="
                 f"{self.input_dim} (inputs shape {tuple(inputs.shape)} should be [B, T, {self.input_dim}])"
             )
+        if inputs.shape[1] < 1:
+            raise ValueError(f"inputs have no time steps (shape {tuple(inputs.shape)}); T must be at least 1")
         if z0 is not None and tuple(z0.shape) != (inputs.shape[0], self.state_dim):
             raise ValueError(
                 f"z0 has shape {tuple(z0.shape)} but must be [B, H] = [{inputs.shape[0]}, {self.state_dim}]"
             )
+        if z0 is not None and z0.dtype != inputs.dtype:
+            raise ValueError(f"z0 has dtype {z0.dtype} but the inputs have {inputs.dtype}; pass both in one dtype "
+                             "(the model's, e.g. model.double() with float64 tensors)")
