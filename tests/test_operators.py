@@ -314,3 +314,14 @@ def test_gram_of_composite_stays_psd():
     assert (ntk.T @ ntk).is_psd
     M = ntk.to_matrix()
     assert close(gram(ntk.T).to_matrix(), M.T @ M)
+
+
+@given(shapes, shapes, st.integers(1, 3), seeds)
+def test_block_diagonal(si, so, n, seed):
+    from kpflow.operators import BlockDiagonalOperator
+
+    blocks = [dense(si, so, seed + i) for i in range(n)]
+    D = BlockDiagonalOperator([b for b, _ in blocks])
+    assert D.shape_in == (n, *si) and D.shape_out == (n, *so)
+    assert close(D.to_matrix(), torch.block_diag(*[M for _, M in blocks]))
+    check_adjoint(D, seed)
