@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -115,6 +116,18 @@ def test_killed_run_resumes_from_last_complete_checkpoint(tmp_path):
     assert r.exit_code == 0, r.output
     steps = [c.step for c in list_checkpoints(run / "checkpoints")]
     assert steps == list(range(0, 401, 10))  # resumed: nothing lost, nothing duplicated
+    # and the resumed weights equal those of an uninterrupted run, bit for bit
+    from safetensors.torch import load_file
+
+    ref_cfg = tmp_path / "ref" / "tiny.yaml"
+    ref_cfg.parent.mkdir()
+    ref_cfg.write_text(cfg.read_text().replace(str(tmp_path / "runs"), str(tmp_path / "ref" / "runs")))
+    r = invoke("run", ref_cfg, "--no-analyze", "-q", "--threads", "1")
+    assert r.exit_code == 0, r.output
+    resumed = load_file(str(run / "checkpoints" / "step_000400.safetensors"))
+    reference = load_file(str(tmp_path / "ref" / "runs" / "tiny" / "checkpoints" / "step_000400.safetensors"))
+    model_keys = [k for k in reference if k.startswith("model.")]
+    assert model_keys and all(torch.equal(resumed[k], reference[k]) for k in model_keys)
 
 
 def test_corrupted_checkpoint_is_reported_and_skipped_by_analyze(tmp_path):
