@@ -15,15 +15,14 @@ A made challenge folder looks like::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from kpflow.files import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: F401 (re-exported)
 
 PHASES = ("val", "test")
 PHASE_NAMES = {"val": "Development", "test": "Final"}
@@ -85,28 +84,6 @@ def scaled(count: int, scale: float, minimum: int = 4) -> int:
     return max(int(minimum), int(round(count * scale)))
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o666 & ~mask)  # as a plain open() would; mkstemp alone gives 0o600
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
 def atomic_write_json(path: Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
@@ -115,14 +92,6 @@ def write_csv(path: Path, header: list[str], rows) -> None:
     """A plain CSV (``,``-separated, ``\\n`` line ends), atomically."""
     lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def data_checksums(folder: Path) -> dict[str, str]:

@@ -11,17 +11,17 @@ name and never loaded. Nothing here unpickles.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from kpflow.files import atomic_write_bytes, atomic_write_text, sha256_file, temporary_beside  # noqa: F401
 
 FORMAT = "kpflow-checkpoint-1"
 _NAME = re.compile(r"step_(\d{6,})\.json$")
@@ -41,42 +41,6 @@ class CheckpointInfo:
     tensors: Path
     sidecar: Path
     meta: dict
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, _file_mode())
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _file_mode() -> int:
-    """The mode a plain ``open(path, "w")`` would give (0o666 less the umask); mkstemp alone gives 0o600."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checkpoint_stem(step: int) -> str:
@@ -113,14 +77,12 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module,
     opt_tensors, opt_meta = _split_optimizer_state(optimizer)
     tensors.update(opt_tensors)
     tensor_path, sidecar_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=".tmp", dir=folder)
-    os.close(fd)
-    os.chmod(tmp, _file_mode())
+    tmp = temporary_beside(tensor_path)
     try:
         save_file(tensors, tmp, metadata={"format": FORMAT, "step": str(int(step))})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        digest = _sha256(Path(tmp))
+        digest = sha256_file(Path(tmp))
         os.replace(tmp, tensor_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -143,7 +105,7 @@ def verify_checkpoint(sidecar: str | Path) -> CheckpointInfo:
     tensors = sidecar.with_name(str(meta.get("tensors", "")))
     if not tensors.is_file():
         raise CorruptCheckpointError(f"checkpoint tensor file {tensors} is missing")
-    if _sha256(tensors) != meta["sha256"]:
+    if sha256_file(tensors) != meta["sha256"]:
         raise CorruptCheckpointError(f"checkpoint tensor file {tensors} is corrupted (SHA-256 does not match "
                                      f"its sidecar {sidecar.name})")
     return CheckpointInfo(int(meta["step"]), tensors, sidecar, meta)
