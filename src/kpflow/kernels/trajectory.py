@@ -20,9 +20,14 @@ class NonFiniteStateError(ValueError):
 class Trajectory:
     """States ``[B, T, H]`` of a model run, with its inputs, outputs, error and adjoint.
 
+    A trajectory is a *snapshot*: ``record`` stores copies of the cell and readout parameters, so
+    training the model in place afterwards (``optimizer.step()``) changes neither the trajectory
+    nor any operator built on it. Record again to linearise around the new parameters.
+
     Attributes:
-        model: the ``RecurrentModel`` that produced the run.
-        params: detached cell parameters the run used (the linearisation point).
+        model: the ``RecurrentModel`` that produced the run (its pure functions are used, never its
+            live parameters).
+        params: copies of the cell parameters the run used (the linearisation point).
         inputs: ``[B, T, I]``; z0: ``[B, H]``; states: ``[B, T, H]``; outputs: ``[B, T, O]``.
         targets, mask: what the loss compared the outputs with (or None).
         error: the direct error ``e = ∂L/∂z`` ``[B, T, H]`` (None without targets).
@@ -30,6 +35,8 @@ class Trajectory:
         loss: the loss value (None without targets).
         param_names: the parameters the operators differentiate by default (all cell parameters
             unless ``record`` was given a subset).
+        readout: copies of the readout parameters (``weight``, ``bias``) the outputs were computed
+            with; taken from the model (copied) when not given.
     """
 
     model: RecurrentModel
@@ -44,7 +51,12 @@ class Trajectory:
     adjoint: torch.Tensor | None = None
     loss: float | None = None
     param_names: tuple[str, ...] = ()
+    readout: dict[str, torch.Tensor] | None = None
     cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.readout is None:
+            self.readout = _snapshot(self.model.readout_params())
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -70,7 +82,13 @@ class Trajectory:
         return self.prev_states.reshape(B * T, H), self.inputs.reshape(B * T, -1)
 
     def readout_params(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach() for k, v in self.model.readout_params().items()}
+        """The readout parameters of the snapshot (not the model's live ones)."""
+        return dict(self.readout)
+
+
+def _snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached copies that no later in-place update of ``params`` can reach."""
+    return {k: v.detach().clone() for k, v in params.items()}
 
 
 def resolve_param_names(model: RecurrentModel, names: Sequence[str] | str | None) -> tuple[str, ...]:
@@ -131,18 +149,38 @@ def record(
     model: RecurrentModel,
     inputs: torch.Tensor,
     z0: torch.Tensor | None = None,
+    *,
     targets: torch.Tensor | None = None,
     loss: str | LossFn = "mse",
     mask: torch.Tensor | None = None,
     param_names: Sequence[str] | str | None = None,
     params: Mapping[str, torch.Tensor] | None = None,
 ) -> Trajectory:
-    """Run ``model`` on ``inputs`` and keep what the operators need.
+    """Run ``model`` on ``inputs`` and keep what the operators need, as a snapshot.
 
     With ``targets`` the direct error ``e = ∂L/∂z`` of the loss (``"mse"``: mean squared error of
     the readout over unmasked entries; ``"ce"``: mean cross-entropy; or a callable) and the adjoint
-    ``P* e`` (backprop through time) are recorded too. ``params`` overrides the model's current cell
-    parameters (a full or partial dict, shapes checked).
+    ``P* e`` (backprop through time) are recorded too. The cell and readout parameters are copied,
+    so later in-place updates of the model do not change the trajectory.
+
+    Args:
+        model: a kpflow ``RecurrentModel`` (wrap other cells with ``kpflow.models.CellAdapter``).
+        inputs: ``[B, T, I]`` with B, T >= 1, finite, of the parameters' dtype and device.
+        z0: initial state ``[B, H]`` (default: the model's initial state).
+        targets: what the readout is compared with; enables ``error``, ``adjoint`` and ``loss``.
+        loss: ``"mse"``, ``"ce"`` or a callable ``loss(outputs, targets) -> scalar``.
+        mask: ``[B, T]`` or the outputs' shape; masked-out entries do not enter the loss.
+        param_names: the cell parameters the operators differentiate by default (None = all).
+        params: overrides of the model's cell parameters (a full or partial dict, shapes checked).
+
+    Returns:
+        The ``Trajectory``.
+
+    Raises:
+        TypeError: ``model`` is not a ``RecurrentModel``.
+        ValueError: empty batch or no time steps, NaN/Inf inputs, shapes, dtypes or devices that do not
+            fit the model (also a readout of another dtype than the cell), an unknown loss or parameter.
+        NonFiniteStateError: the states (or the loss) become NaN/Inf.
     """
     if not isinstance(model, RecurrentModel):
         raise TypeError(f"record needs a kpflow RecurrentModel, got {type(model).__name__}; wrap an nn.Module "
@@ -152,15 +190,25 @@ def record(
         if t is not None and not bool(torch.isfinite(t).all()):
             idx = tuple(int(i) for i in torch.nonzero(~torch.isfinite(t))[0])
             raise ValueError(f"{name} contain NaN/Inf (first at index {idx}); the model cannot be run on them")
-    live = {k: v.detach() for k, v in model.cell_params().items()}
+    if inputs.shape[0] == 0:
+        raise ValueError(f"inputs have an empty batch (shape {tuple(inputs.shape)}); record needs at least one "
+                         "trial, inputs of shape [B, T, I] with B >= 1")
+    # a snapshot: copies, so that an in-place optimizer step on the model cannot reach the trajectory
+    live = _snapshot(model.cell_params())
     if params is not None:
         model.check_params(params)
-        live |= {k: v.detach() for k, v in params.items()}
+        live |= _snapshot(params)
     model.check_params(live, complete=True)
     p0 = next(iter(live.values()))
     if inputs.dtype != p0.dtype or inputs.device != p0.device:
         raise ValueError(f"inputs are {inputs.dtype} on {inputs.device} but the model's parameters are "
                          f"{p0.dtype} on {p0.device}; convert one of them (e.g. inputs.to(model_dtype))")
+    readout = _snapshot(model.readout_params())
+    odd = {k: (v.dtype, v.device) for k, v in readout.items() if (v.dtype, v.device) != (p0.dtype, p0.device)}
+    if odd:
+        raise ValueError(f"the readout parameters {sorted(odd)} are {next(iter(odd.values()))[0]} on "
+                         f"{next(iter(odd.values()))[1]} but the cell's are {p0.dtype} on {p0.device}; convert the "
+                         "whole model to one dtype and device (e.g. model.to(torch.float64))")
     names = resolve_param_names(model, param_names)
     B = inputs.shape[0]
     if z0 is None:
@@ -177,7 +225,7 @@ def record(
             "the dynamics diverge here: lower the weights' scale, the step dt, or the input size"
         )
     traj = Trajectory(model=model, params=live, inputs=inputs, z0=z0, states=states, outputs=None,
-                      targets=targets, mask=mask, param_names=names)
+                      targets=targets, mask=mask, param_names=names, readout=readout)
     rp = traj.readout_params()
     with torch.no_grad():
         traj.outputs = model.output(states, rp)

@@ -1,0 +1,79 @@
+"""``record`` takes a snapshot, and refuses inputs it cannot linearise around with clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kpflow.kernels import ntk, param_jacobian, propagator, record
+from kpflow.models import GRU, VanillaRNN
+
+DT = torch.float64
+
+
+def _data(model, B=3, T=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, model.input_dim, generator=g, dtype=DT)
+    y = torch.randn(B, T, model.output_dim, generator=g, dtype=DT)
+    return x, y
+
+
+@pytest.mark.parametrize("cls", [VanillaRNN, GRU])
+def test_trajectory_is_a_snapshot_of_the_parameters(cls):
+    """An in-place optimizer step after ``record`` changes neither the trajectory nor its operators: the NTK
+    built after the step equals the NTK of the model as it was (a deep copy recorded before the step)."""
+    torch.manual_seed(0)
+    model = cls(2, 4, 2, dtype=DT)
+    x, y = _data(model)
+    twin = cls(2, 4, 2, dtype=DT)
+    twin.load_state_dict(model.state_dict())  # the pre-step model, kept apart
+    traj = record(model, x, targets=y)
+    before = ntk(traj).to_matrix().clone()
+    adjoint_before = traj.adjoint.clone()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    _, out = model(x)
+    ((out - y) ** 2).mean().backward()
+    opt.step()  # in place: the live parameters change
+    moved = max(float((a - b).abs().max()) for a, b in zip(model.state_dict().values(),
+                                                            twin.state_dict().values(), strict=True))
+    assert moved > 1e-3
+
+    after = ntk(traj).to_matrix()  # built after the step, from the same trajectory
+    reference = ntk(record(twin, x, targets=y)).to_matrix()
+    assert torch.equal(after, before)
+    assert torch.allclose(after, reference, rtol=1e-12, atol=1e-12 * float(reference.abs().max()))
+    assert torch.equal(traj.adjoint, adjoint_before)
+    assert torch.allclose(propagator(traj).T.apply(traj.error), adjoint_before, rtol=1e-12, atol=1e-13)
+    # the readout used by the trajectory is the snapshot, not the trained one
+    for k, v in traj.readout_params().items():
+        assert torch.equal(v, twin.readout_params()[k].detach())
+    # a fresh recording does see the step
+    fresh = ntk(record(model, x, targets=y)).to_matrix()
+    assert float((fresh - before).norm() / before.norm()) > 1e-3
+
+
+def test_params_override_is_copied_too():
+    torch.manual_seed(0)
+    model = VanillaRNN(2, 4, 1, dtype=DT)
+    x, _ = _data(model)
+    W = model.cell_params()["W"].detach().clone()
+    traj = record(model, x, params={"W": W})
+    J0 = param_jacobian(traj).to_matrix().clone()
+    W.mul_(3.0)  # the caller mutates the tensor it handed over
+    assert torch.equal(param_jacobian(traj).to_matrix(), J0)
+
+
+def test_record_refuses_an_empty_batch():
+    model = VanillaRNN(2, 4, 1, dtype=DT)
+    with pytest.raises(ValueError, match=r"empty batch .*B >= 1"):
+        record(model, torch.zeros(0, 5, 2, dtype=DT))
+
+
+def test_record_refuses_a_readout_of_another_dtype():
+    model = VanillaRNN(2, 4, 1, dtype=DT)
+    model.readout.float()  # cell float64, readout float32
+    x = torch.zeros(3, 5, 2, dtype=DT)
+    with pytest.raises(ValueError, match=r"readout parameters \['bias', 'weight'\] are torch.float32.*"
+                                         r"cell's are torch.float64"):
+        record(model, x, targets=torch.zeros(3, 5, 1, dtype=DT))
