@@ -227,3 +227,6 @@ def register_commands(app: typer.Typer) -> None:
     app.command("sweep")(sweep_command)
     app.command("analyze")(analyze_command)
     app.command("report")(report_command)
+    from .claims.command import reproduce_command
+
+    app.command("reproduce")(reproduce_command)
