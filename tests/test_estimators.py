@@ -402,3 +402,21 @@ def test_onesided_effective_rank_stays_in_its_feasible_range():
         assert 1.0 <= er.value <= 30, (seed, er.value)
         clipped += "erank_clipped_from" in er.info
     assert clipped > 0  # the guard was exercised, not only the already-feasible path
+
+
+def test_integer_matrices_are_cast_with_a_warning_and_integer_operators_refused():
+    """An integer matrix used to give biased traces silently (its real probes were truncated)."""
+    from kpflow.estimators import hutchpp_trace, onesided_trace, trace, xtrace
+    from kpflow.operators import FunctionOperator
+
+    M = torch.diag(torch.arange(1, 21))  # int64, trace 210
+    Mf = M.to(torch.float64)
+    for fn in (trace, xtrace, hutchpp_trace):
+        with pytest.warns(UserWarning, match="dtype torch.int64; it is cast to float64"):
+            got = fn(M, 12, seed=4)
+        assert got.value == fn(Mf, 12, seed=4).value
+    with pytest.warns(UserWarning, match="cast to float64"):
+        assert onesided_trace(M.numpy(), 8, seed=1).value == onesided_trace(Mf, 8, seed=1).value
+    op = FunctionOperator(lambda v: 2 * v, None, (5,), (5,), torch.int64, is_self_adjoint=True)
+    with pytest.raises(TypeError, match="integer dtype torch.int64.*floating dtype"):
+        trace(op, 3, seed=0)

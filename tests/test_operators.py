@@ -325,3 +325,36 @@ def test_block_diagonal(si, so, n, seed):
     assert D.shape_in == (n, *si) and D.shape_out == (n, *so)
     assert close(D.to_matrix(), torch.block_diag(*[M for _, M in blocks]))
     check_adjoint(D, seed)
+
+
+def test_combining_mixed_dtypes_or_devices_is_refused():
+    A64 = DenseOperator(rand(3, 3, seed=1))
+    A32 = DenseOperator(rand(3, 3, seed=2).float())
+    Ameta = DenseOperator(torch.empty(3, 3, dtype=torch.float64, device="meta"))
+    for build in (lambda a, b: a @ b, lambda a, b: a + b, lambda a, b: a - b, kron,
+                  lambda a, b: opbase.BlockDiagonalOperator([a, b])):
+        with pytest.raises(TypeError, match=r"torch.float64.*torch.float32.*share one dtype and one device"):
+            build(A64, A32)
+        with pytest.raises(TypeError, match=r"on cpu .* on meta.*share one dtype and one device"):
+            build(A64, Ameta)
+    # the same dtype and device still compose, and torch itself agrees that the mixed product is an error
+    assert (A64 @ A64).dtype == torch.float64
+    with pytest.raises(RuntimeError):
+        A64.matrix @ A32.matrix
+
+
+def test_flags_survive_structurally_equal_factors_built_separately():
+    M = rand(4, 3, seed=5)
+    K = gram(DenseOperator(rand(3, 3, seed=6)))
+    B1, B2 = DenseOperator(M), DenseOperator(M)  # two wrappers of one matrix
+    assert B1 is not B2 and B1.same_map(B2)
+    chain = B1 @ K @ B2.T
+    assert chain.is_psd and chain.is_self_adjoint
+    assert close(chain.to_matrix(), M @ K.to_matrix() @ M.T)
+    assert (B1 @ B2.T).is_psd and (B2.T @ B1).is_psd
+    # identities, shifts and composites built twice are equal maps; different matrices are not
+    assert IdentityOperator((3,)).same_map(IdentityOperator((3,)))
+    assert (B1 @ K).same_map(B2 @ K) and (2.0 * B1).same_map(2.0 * B2)
+    other = DenseOperator(M.clone())
+    assert not other.same_map(B1) and not (other @ K @ B1.T).is_self_adjoint
+    assert not (B1 @ DenseOperator(rand(3, 3, seed=9)) @ B2.T).is_self_adjoint

@@ -77,3 +77,24 @@ def test_record_refuses_a_readout_of_another_dtype():
     with pytest.raises(ValueError, match=r"readout parameters \['bias', 'weight'\] are torch.float32.*"
                                          r"cell's are torch.float64"):
         record(model, x, targets=torch.zeros(3, 5, 1, dtype=DT))
+
+
+def test_separately_built_propagators_keep_the_ntk_psd_and_the_trace_method():
+    """``propagator(traj) @ K @ propagator(traj).T`` (two propagator objects) is PSD like ``ntk(traj)``, so
+    ``trace(method="auto")`` runs the same method on the same probes and gives the same number."""
+    from kpflow.estimators import trace
+    from kpflow.kernels import parameter_operator
+
+    torch.manual_seed(0)
+    model = GRU(2, 4, 2, dtype=DT)
+    x, _ = _data(model)
+    traj = record(model, x)
+    K = parameter_operator(traj)
+    two = propagator(traj) @ K @ propagator(traj).T
+    assert two.is_psd and ntk(traj).is_psd
+    a, b = trace(two, 20, seed=3), trace(ntk(traj), 20, seed=3)
+    assert a.method == b.method == "xnystrace"
+    assert abs(a.value - b.value) <= 1e-10 * abs(b.value)
+    # propagators of two different recordings are different maps: no PSD claim
+    other = record(model, x + 1.0)
+    assert not (propagator(traj) @ K @ propagator(other).T).is_self_adjoint

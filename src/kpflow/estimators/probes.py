@@ -9,12 +9,13 @@ bounded by ``chunk_size`` tensors of the operator's input and output shapes.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 
-from kpflow.operators import LinearOperator, ShapeError, as_operator
+from kpflow.operators import DenseOperator, LinearOperator, ShapeError, as_operator
 
 #: Probe distributions with ``E[v vᵀ] = I``.
 DISTRIBUTIONS = ("rademacher", "gaussian", "sphere")
@@ -35,11 +36,38 @@ class BudgetError(ValueError):
 
 
 def operator(A, what: str = "operator") -> LinearOperator:
-    """Accept a kpflow operator, a torch/numpy matrix or a scipy LinearOperator."""
+    """Accept a kpflow operator, a torch/numpy matrix or a scipy LinearOperator.
+
+    An integer (or boolean) *matrix* is cast to float64 with a warning, as scipy's solvers cast integer
+    input: the probes are real-valued, and applying them at integer precision would truncate them (an
+    integer operator used to give biased traces silently). A matrix-free operator that declares an
+    integer dtype cannot be cast from outside and is refused.
+
+    Args:
+        A: the operator or matrix.
+        what: the estimator's name, for messages.
+
+    Returns:
+        A kpflow ``LinearOperator`` of a floating (or complex) dtype.
+
+    Raises:
+        TypeError: ``A`` is not an operator or matrix, or is a matrix-free operator of an integer dtype.
+    """
     try:
-        return as_operator(A)
+        op = as_operator(A)
     except (TypeError, ShapeError) as exc:
         raise TypeError(f"{what}: {exc}") from None
+    if op.dtype.is_floating_point or op.dtype.is_complex:
+        return op
+    if isinstance(op, DenseOperator):
+        warnings.warn(f"{what}: the matrix has dtype {op.dtype}; it is cast to float64 for the estimate (exact for "
+                      "integers below 2**53). Pass a floating-point matrix to avoid this warning.",
+                      UserWarning, stacklevel=3)
+        return DenseOperator(op.matrix.to(torch.float64), op.shape_in, op.shape_out,
+                             is_self_adjoint=op.is_self_adjoint, is_psd=op.is_psd)
+    raise TypeError(f"{what}: {op!r} has the integer dtype {op.dtype}, but randomized estimators apply real-valued "
+                    "probes (Gaussian, sphere) that an integer operator would truncate; build the operator with a "
+                    "floating dtype (e.g. float64)")
 
 
 def square_operator(A, what: str) -> LinearOperator:

@@ -303,6 +303,10 @@ class KroneckerKernel(LinearOperator):
         super().__init__(core.traj.shape, core.traj.shape, core.traj.dtype, core.traj.device, is_psd=True)
         self.core = core
 
+    def structure(self):
+        """``K`` of one trajectory and one parameter subset is one map."""
+        return (id(self.core.traj), self.core.param_names)
+
     def _matmat(self, X):
         return self.core.apply(X)
 

@@ -95,6 +95,10 @@ class _TrajectoryOperator(LinearOperator):
         self.traj = traj
         self.chunk_size = chunk_size
 
+    def structure(self):
+        """Operators of one kind on one trajectory are one map, whatever their numerical path or chunking."""
+        return (id(self.traj),)
+
     def _vmap(self, fn):
         return vmap(fn, chunk_size=self.chunk_size)
 
@@ -120,6 +124,10 @@ class ParamJacobian(_TrajectoryOperator):
         super().__init__(traj, (self.layout.numel,), traj.shape, chunk_size)
         self.param_names = names
         self.method = method
+
+    def structure(self):
+        """``Jθ`` of one trajectory and one parameter subset is one map (autodiff or Kronecker path alike)."""
+        return (id(self.traj), self.param_names)
 
     def _core(self):
         if self.method != "auto":
@@ -297,6 +305,10 @@ class TimeShift(LinearOperator):
 
     def __init__(self, shape, dtype=torch.float64, device="cpu"):
         super().__init__(shape, shape, dtype, device)
+
+    def structure(self):
+        """Time shifts of one shape, dtype and device are one map."""
+        return (self.shape_in, self.dtype, self.device)
 
     def _matmat(self, X):
         out = torch.zeros_like(X)

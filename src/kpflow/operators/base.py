@@ -35,6 +35,32 @@ def _as_shape(shape) -> Shape:
     return tuple(int(s) for s in shape)
 
 
+def _ident(op: LinearOperator):
+    """``op``'s structure, or its identity when it has none (safe: composites keep their parts alive)."""
+    key = op.structure()
+    return ("object", id(op)) if key is None else (type(op).__name__, key)
+
+
+def check_compatible(ops: Sequence[LinearOperator], what: str) -> None:
+    """Refuse to combine operators of different dtypes or devices (as torch refuses ``float32 @ float64``).
+
+    Args:
+        ops: the operators to combine.
+        what: the operation, for the message (e.g. ``"compose"``).
+
+    Raises:
+        TypeError: the operators do not share one dtype and one device.
+    """
+    first = ops[0]
+    for op in ops[1:]:
+        if op.dtype != first.dtype or op.device != first.device:
+            raise TypeError(
+                f"cannot {what} {first!r} on {first.device} with {op!r} on {op.device}: operators must share "
+                f"one dtype and one device. Build them from tensors of one dtype and device (e.g. record the "
+                f"trajectory in {first.dtype}, or DenseOperator(M.to({first.dtype}, '{first.device}')))"
+            )
+
+
 class LinearOperator:
     """A linear map between tensor spaces, applied without forming its matrix.
 
@@ -79,6 +105,33 @@ class LinearOperator:
         if self.is_self_adjoint:
             return self._matmat(Y)
         raise NotImplementedError(f"{type(self).__name__} does not implement its adjoint")
+
+    def structure(self) -> tuple | None:
+        """A hashable description of the linear map, or None when only the object itself is known to be it.
+
+        Two operators whose ``structure()`` is equal (and not None) represent the same linear map even
+        when they were built separately, e.g. two ``propagator(traj)`` of one trajectory. Composition
+        uses it to recognise ``B C B*`` chains (and so keep the self-adjoint/PSD flags). Subclasses that
+        are determined by their arguments override it; the default keeps identity semantics.
+
+        Returns:
+            A tuple that is equal for operators representing the same map, or None.
+        """
+        return None
+
+    def same_map(self, other: LinearOperator) -> bool:
+        """True when ``other`` is known to represent the same linear map (identity or equal ``structure``).
+
+        Args:
+            other: another operator.
+
+        Returns:
+            Whether the two are known to be equal (False means *not known*, not *different*).
+        """
+        if self is other:
+            return True
+        key = self.structure()
+        return key is not None and type(self) is type(other) and key == other.structure()
 
     # ------------------------------------------------------------- properties
     @property
@@ -251,6 +304,10 @@ class AdjointOperator(LinearOperator):
         self.base = base
         self._adjoint = base
 
+    def structure(self):
+        """``("adjoint", base)``: the adjoints of two equal maps are equal."""
+        return ("adjoint", _ident(self.base))
+
     def _matmat(self, X):
         return self.base._rmatmat(X)
 
@@ -321,6 +378,12 @@ class DenseOperator(LinearOperator):
         super().__init__(shape_in, shape_out, M.dtype, M.device, is_self_adjoint=is_self_adjoint,
                          is_psd=is_psd)
 
+    def structure(self):
+        """Wrappers of one matrix (the same tensor storage, offset, shape and strides) are the same map."""
+        M = self.matrix
+        return (M.data_ptr(), M.storage_offset(), tuple(M.shape), M.stride(), M.dtype, M.device,
+                self.shape_in, self.shape_out) if M.device.type != "meta" else None
+
     def _matmat(self, X):
         k = X.shape[0]
         return (X.reshape(k, -1) @ self.matrix.T).reshape(k, *self.shape_out)
@@ -339,6 +402,10 @@ class IdentityOperator(LinearOperator):
     def __init__(self, shape, dtype=torch.float64, device="cpu"):
         super().__init__(shape, shape, dtype, device, is_psd=True)
 
+    def structure(self):
+        """Identities of one shape, dtype and device are the same map."""
+        return (self.shape_in, self.dtype, self.device)
+
     def _matmat(self, X):
         return X
 
@@ -353,6 +420,10 @@ class ZeroOperator(LinearOperator):
         shape_out = shape_in if shape_out is None else shape_out
         sq = _as_shape(shape_in) == _as_shape(shape_out)
         super().__init__(shape_in, shape_out, dtype, device, is_psd=sq)
+
+    def structure(self):
+        """Zero maps of one shape, dtype and device are the same map."""
+        return (self.shape_in, self.shape_out, self.dtype, self.device)
 
     def _matmat(self, X):
         return X.new_zeros(X.shape[0], *self.shape_out)
@@ -388,6 +459,10 @@ class ScaledOperator(LinearOperator):
         )
         self.base, self.scale = base, float(scale)
 
+    def structure(self):
+        """``(scale, base)``."""
+        return (self.scale, _ident(self.base))
+
     def _matmat(self, X):
         return self.scale * self.base._matmat(X)
 
@@ -409,11 +484,16 @@ class SumOperator(LinearOperator):
                     f"cannot add operators of different shapes: {first.shape_in} -> {first.shape_out} "
                     f"and {t.shape_in} -> {t.shape_out}"
                 )
+        check_compatible(flat, "add")
         super().__init__(
             first.shape_in, first.shape_out, first.dtype, first.device,
             is_self_adjoint=all(t.is_self_adjoint for t in flat), is_psd=all(t.is_psd for t in flat),
         )
         self.terms = flat
+
+    def structure(self):
+        """The terms, in order."""
+        return tuple(_ident(t) for t in self.terms)
 
     def _matmat(self, X):
         out = self.terms[0]._matmat(X)
@@ -429,8 +509,8 @@ class SumOperator(LinearOperator):
 
 
 def _is_adjoint_pair(a: LinearOperator, b: LinearOperator) -> bool:
-    """True when ``b`` is known to be ``a*``."""
-    return b is a.T or a is b.T or (a is b and a.is_self_adjoint)
+    """True when ``b`` is known to be ``a*`` (by identity or by structure, see ``LinearOperator.structure``)."""
+    return b.same_map(a.T) or a.same_map(b.T) or (a.same_map(b) and a.is_self_adjoint)
 
 
 class ComposedOperator(LinearOperator):
@@ -450,6 +530,7 @@ class ComposedOperator(LinearOperator):
                     f"cannot compose: left operator takes {left.shape_in} but right operator produces "
                     f"{right.shape_out} ({left!r} @ {right!r})"
                 )
+        check_compatible(flat, "compose")
         # structure is judged both on the factors as given (e.g. X X* for a composite X) and flattened
         sa, psd = _chain_flags(list(factors))
         sa2, psd2 = _chain_flags(flat)
@@ -457,6 +538,10 @@ class ComposedOperator(LinearOperator):
         super().__init__(flat[-1].shape_in, flat[0].shape_out, flat[0].dtype, flat[0].device,
                          is_self_adjoint=sa, is_psd=psd)
         self.factors = flat
+
+    def structure(self):
+        """The factors, in order."""
+        return tuple(_ident(f) for f in self.factors)
 
     def _matmat(self, X):
         for f in reversed(self.factors):
@@ -518,6 +603,10 @@ class ReshapedOperator(LinearOperator):
                          is_self_adjoint=base.is_self_adjoint and same, is_psd=base.is_psd and same)
         self.base = base
 
+    def structure(self):
+        """``(shape_in, shape_out, base)``."""
+        return (self.shape_in, self.shape_out, _ident(self.base))
+
     def _matmat(self, X):
         k = X.shape[0]
         return self.base._matmat(X.reshape(k, *self.base.shape_in)).reshape(k, *self.shape_out)
@@ -532,12 +621,17 @@ class KroneckerOperator(LinearOperator):
     axes and A to the leading axes, i.e. ``(A⊗B)[(i,j),(k,l)] = A[i,k] B[j,l]``."""
 
     def __init__(self, A: LinearOperator, B: LinearOperator):
+        check_compatible([A, B], "take the Kronecker product of")
         super().__init__(
             A.shape_in + B.shape_in, A.shape_out + B.shape_out, A.dtype, A.device,
             is_self_adjoint=A.is_self_adjoint and B.is_self_adjoint,
             is_psd=(A.is_psd and B.is_psd),
         )
         self.A, self.B = A, B
+
+    def structure(self):
+        """``(A, B)``."""
+        return (_ident(self.A), _ident(self.B))
 
     @staticmethod
     def _apply(A_mm, B_mm, X, a_in, b_in, a_out, b_out):
@@ -574,11 +668,16 @@ class BlockDiagonalOperator(LinearOperator):
             if b.shape_in != b0.shape_in or b.shape_out != b0.shape_out:
                 raise ShapeError(f"blocks must share shapes: {b0.shape_in}->{b0.shape_out} vs "
                                  f"{b.shape_in}->{b.shape_out}")
+        check_compatible(blocks, "stack into a block diagonal")
         n = len(blocks)
         super().__init__((n, *b0.shape_in), (n, *b0.shape_out), b0.dtype, b0.device,
                          is_self_adjoint=all(b.is_self_adjoint for b in blocks),
                          is_psd=all(b.is_psd for b in blocks))
         self.blocks = list(blocks)
+
+    def structure(self):
+        """The blocks, in order."""
+        return tuple(_ident(b) for b in self.blocks)
 
     def _matmat(self, X):
         return torch.stack([b._matmat(X[:, i]) for i, b in enumerate(self.blocks)], 1)
