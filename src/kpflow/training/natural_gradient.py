@@ -22,11 +22,14 @@ Alg. 3), warm-started from the previous step's basis (cold starts use it too).
 The same step in parameter space uses the state-space Fisher ``F = J* J`` (same nonzero spectrum):
 ``Δθ = −η (F_r + λ I)⁻¹ g`` with ``g = J* e``; the optimizer picks the form whose space is smaller.
 
-Building blocks (free functions, operators only): :func:`nystrom_eigh`, :func:`damped_lowrank_solve`,
-:class:`LevenbergMarquardtDamping`, :func:`clip_to_trust_region`. The optimizer
-:class:`LowRankNaturalGradient` applies them to ``J`` evaluated on the recording's autograd graph
-(:class:`UnrolledJacobian`; ``J*`` costs one backward pass, like SGD's gradient) or to the
-state-space operators ``P Jθ`` of :mod:`kpflow.kernels`. See docs/natural_gradient.md.
+The optimizer is the algorithm only; its building blocks live with their kin: the randomized
+eigensolvers (:func:`~kpflow.estimators.nystrom.nystrom_eigh`, :func:`~kpflow.estimators.nystrom.ritz_sketch`,
+:func:`~kpflow.estimators.nystrom.damped_lowrank_solve`) in :mod:`kpflow.estimators.nystrom`, and the Jacobian
+operators of the unrolled model (:class:`~kpflow.kernels.unrolled.UnrolledJacobian`, evaluated on the
+recording's autograd graph, where ``J*`` costs one backward pass like SGD's gradient) in
+:mod:`kpflow.kernels.unrolled`; the state-space operators ``P Jθ`` of :mod:`kpflow.kernels` are the
+alternative. Damping (:class:`LevenbergMarquardtDamping`) and the trust region
+(:func:`clip_to_trust_region`) are here. See docs/natural_gradient.md.
 """
 
 from __future__ import annotations
@@ -38,6 +41,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kpflow.estimators.nystrom import (
+    LowRankEig,
+    RitzSketch,
+    damped_lowrank_solve,
+    nystrom_eigh,
+    orthonormal_rows,
+    ritz_sketch,
+    ritz_update,
+)
+from kpflow.kernels.unrolled import (
+    AutotunedJacobian,
+    CountingOperator,
+    UnrolledJacobian,
+    kernel_jacobian,
+    output_error,
+    record_for_step,
+)
 from kpflow.operators import LinearOperator, ShapeError
 
 __all__ = [
@@ -55,144 +75,6 @@ __all__ = [
     "LowRankNaturalGradient",
     "lowrank_ng",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Randomized Nyström with warm-started subspace iteration
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class LowRankEig:
-    """``A ≈ U diag(Λ) U*``: ``eigenvalues`` [r] (descending, ≥ 0), orthonormal ``basis`` [r, *shape]."""
-
-    eigenvalues: torch.Tensor
-    basis: torch.Tensor
-
-    @property
-    def rank(self) -> int:
-        return int(self.eigenvalues.shape[0])
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.basis.shape[1:])
-
-    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
-        """``U* x`` for one tensor ``x`` of the basis shape -> [r]."""
-        return self.basis.reshape(self.rank, -1) @ x.reshape(-1)
-
-    def combine(self, c: torch.Tensor) -> torch.Tensor:
-        """``U c`` for coefficients ``c`` [r] -> one tensor of the basis shape."""
-        return (c @ self.basis.reshape(self.rank, -1)).reshape(self.shape)
-
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``U Λ U* x``."""
-        return self.combine(self.eigenvalues * self.coefficients(x))
-
-
-def _orthonormal_rows(X: torch.Tensor) -> torch.Tensor:
-    """Orthonormalize the k probes of ``X`` [k, *shape] (thin QR of the n×k matrix)."""
-    k = X.shape[0]
-    Q, _ = torch.linalg.qr(X.reshape(k, -1).T)
-    return Q.T.reshape(X.shape)
-
-
-def _check_psd_operator(A: LinearOperator) -> None:
-    if not isinstance(A, LinearOperator):
-        raise TypeError(f"expected a kpflow LinearOperator, got {type(A).__name__}")
-    if not A.is_square:
-        raise ShapeError(f"a PSD operator must be square, got {A.shape_in} -> {A.shape_out}")
-
-
-def nystrom_eigh(
-    A: LinearOperator,
-    rank: int,
-    *,
-    oversample: int = 0,
-    power_iters: int = 0,
-    init: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> LowRankEig:
-    """Top-``rank`` eigenpairs of a PSD operator by randomized Nyström with subspace iteration.
-
-    ``Â = (AΩ)(Ω* A Ω)⁺(AΩ)*`` for an orthonormal test matrix Ω of ``k = rank + oversample`` probes,
-    after ``power_iters`` steps ``Ω ← orth(AΩ)``; computed stably with a small shift ν (Tropp et al.
-    2017, Alg. 3; Halko et al. 2011, Alg. 4.3). ``init`` [m, *shape] (e.g. the previous basis) fills
-    the first ``min(m, k)`` probes — a warm start, so repeated calls are subspace iteration on a
-    slowly moving operator; Gaussian probes fill the rest. Costs ``(power_iters + 1) · k`` products
-    with ``A``. For an exact spectral gap ``λ_r > λ_{r+1}`` the basis converges to the top-r
-    eigenspace at the rate ``(λ_{r+1}/λ_r)^q`` in the number q of passes.
-    """
-    _check_psd_operator(A)
-    rank, oversample, power_iters = int(rank), int(oversample), int(power_iters)
-    n = A.size_in
-    if rank < 0 or oversample < 0 or power_iters < 0:
-        raise ValueError(
-            f"rank, oversample and power_iters must be >= 0, got {rank}, {oversample}, {power_iters}"
-        )
-    if rank > n:
-        raise ValueError(f"rank {rank} is larger than the dimension {n} of the operator's space {A.shape_in}")
-    shape, dtype, device = A.shape_in, A.dtype, A.device
-    if rank == 0:
-        return LowRankEig(torch.zeros(0, dtype=dtype, device=device),
-                          torch.zeros(0, *shape, dtype=dtype, device=device))
-    k = min(rank + oversample, n)
-    probes = []
-    if init is not None:
-        if tuple(init.shape[1:]) != tuple(shape):
-            raise ShapeError(f"init has probe shape {tuple(init.shape[1:])}, the operator acts on {shape}")
-        probes.append(init[:k].to(dtype=dtype, device=device))
-    m = sum(p.shape[0] for p in probes)
-    if m < k:
-        probes.append(torch.randn(k - m, *shape, dtype=dtype, device=device, generator=generator))
-    Omega = _orthonormal_rows(torch.cat(probes, 0))
-    for _ in range(power_iters):
-        Omega = _orthonormal_rows(A.matmat(Omega))
-    Y = A.matmat(Omega).reshape(k, n).T  # [n, k]
-    W = Omega.reshape(k, n).T  # [n, k]
-    ynorm = torch.linalg.matrix_norm(Y)
-    if not torch.isfinite(ynorm):
-        raise FloatingPointError("the operator returned non-finite values in the Nyström sketch")
-    eps = torch.finfo(dtype).eps
-    nu = max(float(ynorm) * eps * math.sqrt(n), torch.finfo(dtype).tiny ** 0.5)
-    Y_nu = Y + nu * W
-    C = W.T @ Y_nu
-    C = 0.5 * (C + C.T)
-    L, info = torch.linalg.cholesky_ex(C)
-    if int(info) != 0:  # loss of positivity in low precision: fall back to a symmetric eigensolve
-        evals, evecs = torch.linalg.eigh(C)
-        keep = evals > evals.max().clamp_min(0) * eps * k
-        B = Y_nu @ (evecs[:, keep] / evals[keep].sqrt())
-    else:
-        B = torch.linalg.solve_triangular(L, Y_nu.T, upper=False).T  # Y_ν L^{-T}
-    U, S, _ = torch.linalg.svd(B, full_matrices=False)
-    r = min(rank, U.shape[1])
-    lam = (S[:r] ** 2 - nu).clamp_min(0)
-    return LowRankEig(lam, U[:, :r].T.reshape(r, *shape).contiguous())
-
-
-def damped_lowrank_solve(eig: LowRankEig, damping: float, x: torch.Tensor, scale: float = 1.0,
-                         floor: float = 0.0) -> torch.Tensor:
-    """``(c U Λ U* + c·floor (I − U U*) + λ I)⁻¹ x = U (cΛ + λ)⁻¹ U* x + (x − U U* x)/(c·floor + λ)``.
-
-    With ``floor = 0`` this is the Woodbury inverse of the damped rank-r approximation
-    ``(c U Λ U* + λ I)⁻¹``. With ``floor = λ_r`` (the smallest kept eigenvalue, an upper bound of the
-    unseen spectrum) it is the randomized Nyström preconditioner of Frangella, Tropp & Udell (2023):
-    directions outside the basis get the curvature of the weakest kept one instead of none, which
-    keeps the step in the unexplored complement from growing like 1/λ. The complement is formed
-    before dividing (and dropped for a complete basis), so a small λ does not amplify rounding error.
-    """
-    damping = float(damping)
-    if not damping > 0:
-        raise ValueError(f"damping must be > 0 for the damped solve, got {damping}")
-    if eig.rank == 0:
-        return x / damping
-    c = eig.coefficients(x)
-    solved = eig.combine(c / (scale * eig.eigenvalues + damping))
-    if eig.rank == x.numel():  # a complete basis: the complement is zero, not rounding error / λ
-        return solved
-    return (x - eig.combine(c)) / (scale * float(floor) + damping) + solved
-
 
 # ---------------------------------------------------------------------------------------------
 # Damping and trust region
@@ -248,25 +130,6 @@ def clip_to_trust_region(step: torch.Tensor, radius: float | None) -> tuple[torc
 # ---------------------------------------------------------------------------------------------
 
 
-class CountingOperator(LinearOperator):
-    """Wraps ``J`` and counts its products: ``jvps`` probes through ``J``, ``vjps`` through ``J*``."""
-
-    def __init__(self, base: LinearOperator):
-        super().__init__(base.shape_in, base.shape_out, base.dtype, base.device,
-                         is_self_adjoint=base.is_self_adjoint, is_psd=base.is_psd)
-        self.base = base
-        self.jvps = 0
-        self.vjps = 0
-
-    def _matmat(self, X):
-        self.jvps += X.shape[0]
-        return self.base._matmat(X)
-
-    def _rmatmat(self, Y):
-        self.vjps += Y.shape[0]
-        return self.base._rmatmat(Y)
-
-
 # ---------------------------------------------------------------------------------------------
 # The optimizer
 # ---------------------------------------------------------------------------------------------
@@ -277,159 +140,6 @@ COMPLEMENTS = ("nystrom", "damping")
 UPDATES = ("krylov", "nystrom")
 SPACES = ("state", "output")
 
-
-def _kernel_jacobian(traj, param_names: Sequence[str]):
-    """``J = P Jθ`` from :mod:`kpflow.kernels`, and ``Jθ`` alone (to reuse the recorded ``P* e``)."""
-    from kpflow.kernels import param_jacobian, propagator
-
-    Jtheta = param_jacobian(traj, list(param_names))
-    return propagator(traj) @ Jtheta, Jtheta
-
-
-class UnrolledJacobian(LinearOperator):
-    """``J = dz/dθ`` by reverse-mode autodiff through the unrolled recurrence, on one retained graph.
-
-    The same operator as ``P Jθ`` of :mod:`kpflow.kernels`, evaluated the way a training step
-    evaluates its gradient: one forward pass builds the autograd graph; every ``J* y`` is then one
-    backward pass over it, and every ``J v`` one double-backward pass (``J v = ∂/∂u ⟨J* u, v⟩``, the
-    graph of ``u ↦ J* u`` being built once on first use). Several probes go through one vmapped
-    backward pass of the graph (``is_grads_batched``: the Python-level cost of a pass is paid once,
-    so k probes cost far less than k passes); models whose ops lack a batching rule fall back to a
-    loop over the probes. Flat parameter vectors follow ``names`` (the model's parameter order).
-    """
-
-    def __init__(self, model, params: dict, names: Sequence[str], inputs: torch.Tensor, z0: torch.Tensor):
-        fixed = {k: v.detach() for k, v in params.items()}
-        self.names = tuple(names)
-        self._leaves = [fixed[n].clone().requires_grad_(True) for n in self.names]
-        self._shapes = [tuple(t.shape) for t in self._leaves]
-        self._sizes = [t.numel() for t in self._leaves]
-        with torch.enable_grad():
-            self._out = model.unroll({**fixed, **dict(zip(self.names, self._leaves, strict=True))}, inputs, z0)
-        self.states = self._out.detach()
-        self.gradient = None  # J* e, when the recording computed it with e
-        self._dual = None  # (u, J* u) with the graph of the backward pass, for JVPs
-        self._batched = None  # whether vmapped (is_grads_batched) backward passes work for this model
-        super().__init__((sum(self._sizes),), tuple(self.states.shape), self.states.dtype, self.states.device)
-
-    def _vjp(self, y, create_graph=False):
-        grads = torch.autograd.grad(self._out, self._leaves, y, retain_graph=True, create_graph=create_graph,
-                                    allow_unused=True)
-        return torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
-                          for g, leaf in zip(grads, self._leaves, strict=True)])
-
-    def _vjp_batched(self, Y):
-        """``J* Y`` for all probes in one vmapped backward pass (``is_grads_batched``); None if unsupported."""
-        if self._batched is False or Y.shape[0] == 1:
-            return None
-        try:
-            grads = torch.autograd.grad(self._out, self._leaves, Y, retain_graph=True, allow_unused=True,
-                                        is_grads_batched=True)
-        except RuntimeError:  # an op without a batching rule: loop over the probes instead
-            self._batched = False
-            return None
-        self._batched = True
-        return torch.cat([(Y.new_zeros(Y.shape[0], leaf.numel()) if g is None else g.reshape(Y.shape[0], -1))
-                          for g, leaf in zip(grads, self._leaves, strict=True)], 1)
-
-    def _rmatmat(self, Y):
-        with torch.enable_grad():
-            out = self._vjp_batched(Y)
-            return (out if out is not None else torch.stack([self._vjp(y) for y in Y])).detach()
-
-    def _matmat(self, V):
-        with torch.enable_grad():
-            if self._dual is None:
-                u = torch.zeros_like(self.states, requires_grad=True)
-                self._dual = (u, self._vjp(u, create_graph=True))
-            u, g = self._dual
-            if not g.requires_grad:  # J* does not depend on u through a graph: J is zero
-                return torch.zeros(V.shape[0], *self.shape_out, dtype=self.dtype, device=self.device)
-            if self._batched is not False and V.shape[0] > 1:
-                try:
-                    return torch.autograd.grad(g, u, V, retain_graph=True, is_grads_batched=True)[0].detach()
-                except RuntimeError:
-                    self._batched = False
-            return torch.stack([torch.autograd.grad(g, u, v, retain_graph=True)[0] for v in V]).detach()
-
-
-class AutotunedJacobian(LinearOperator):
-    """``J`` with ``J*`` on the recording's autograd graph and ``J v`` from whichever is faster here:
-    the double-backward pass of :class:`UnrolledJacobian` or the forward-mode ``P Jθ`` of
-    :mod:`kpflow.kernels`. ``choice`` is a dict shared across steps: on the first two products both
-    are timed on the same probes (their results agree to rounding; the tests check both against
-    ``jacrev``; the first call of each is a warm-up) and the faster one is kept."""
-
-    def __init__(self, unrolled: UnrolledJacobian, traj, names: Sequence[str], choice: dict):
-        super().__init__(unrolled.shape_in, unrolled.shape_out, unrolled.dtype, unrolled.device)
-        self.unrolled, self.traj, self.names, self.choice = unrolled, traj, tuple(names), choice
-        self.gradient = unrolled.gradient
-
-    def _kernels(self):
-        from kpflow.kernels import param_jacobian, propagator
-
-        return propagator(self.traj) @ param_jacobian(self.traj, list(self.names))
-
-    def _matmat(self, V):
-        backend = self.choice.get("jvp")
-        if backend == "unrolled":
-            return self.unrolled._matmat(V)
-        if backend == "kernels":
-            return self._kernels()._matmat(V)
-        t0 = time.perf_counter()
-        out = self.unrolled._matmat(V)
-        t1 = time.perf_counter()
-        try:
-            self._kernels()._matmat(V)
-        except Exception:  # noqa: BLE001 - a model the kernels cannot linearise: keep autodiff
-            self.choice["jvp"] = "unrolled"
-            return out
-        t2 = time.perf_counter()
-        trials = self.choice.get("trials", 0) + 1  # the first call of each is a warm-up (lazy setup)
-        self.choice.update(trials=trials, seconds={"unrolled": t1 - t0, "kernels": t2 - t1})
-        if trials >= 2:
-            self.choice["jvp"] = "kernels" if (t2 - t1) < (t1 - t0) else "unrolled"
-        return out
-
-    def _rmatmat(self, Y):
-        return self.unrolled._rmatmat(Y)
-
-
-def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, loss="mse", z0=None):
-    """Record a batch for one optimizer step: a :class:`kpflow.kernels.Trajectory` (without the adjoint,
-    which the step does not need) and the :class:`UnrolledJacobian` whose forward pass produced it.
-    The gradient ``J* e`` comes from the same backward pass as ``e`` (as in SGD), so a step that
-    reuses its basis costs no product beyond it."""
-    from kpflow.kernels import Trajectory
-    from kpflow.kernels.trajectory import _loss_value
-
-    model.check_inputs(inputs, z0)
-    inputs = inputs.detach()
-    if z0 is None:
-        z0 = model.initial_state(inputs.shape[0], inputs.dtype, inputs.device)
-    params = {k: v.detach() for k, v in model.cell_params().items()}
-    J = UnrolledJacobian(model, params, names, inputs, z0.detach())
-    states = J.states.detach()
-    if not bool(torch.isfinite(states).all()):
-        raise FloatingPointError("the model's states became non-finite on this batch; lower the learning rate "
-                                 "or the damping's lower bound, or raise the trust_region clip")
-    rp = {k: v.detach() for k, v in model.readout_params().items()}
-    with torch.enable_grad():  # one backward pass gives e = ∂L/∂z, ∂L/∂y and the gradient J* e
-        y = model.output(J._out, rp)
-        value = _loss_value(y, targets, loss, mask)
-        e, e_y, *grads = torch.autograd.grad(value, [J._out, y, *J._leaves], retain_graph=True,
-                                             allow_unused=True)
-    J.gradient = torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
-                            for g, leaf in zip(grads, J._leaves, strict=True)])
-    with torch.no_grad():
-        outputs = model.output(states, rp)
-    traj = Trajectory(model=model, params=params, inputs=inputs, z0=z0.detach(), states=states, outputs=outputs,
-                      targets=targets, mask=mask, error=e.detach(), adjoint=None, loss=float(value.detach()),
-                      param_names=tuple(names))
-    traj.cache["unrolled_jacobian"] = J
-    traj.cache["loss"] = loss
-    traj.cache["output_error"] = e_y.detach()
-    return traj, J
 
 
 class LowRankNaturalGradient(torch.optim.Optimizer):
@@ -675,7 +385,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         if callable(self.jacobian):
             return CountingOperator(self.jacobian(traj, self.param_names)), None
         if self.jacobian == "kernels":
-            J, Jtheta = _kernel_jacobian(traj, self.param_names)
+            J, Jtheta = kernel_jacobian(traj, self.param_names)
             J = CountingOperator(J)
             if getattr(traj, "adjoint", None) is None:
                 return J, None
@@ -754,7 +464,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             from kpflow.kernels import readout_jacobian
 
             J = readout_jacobian(traj) @ counter
-            e = _output_error(traj).to(J.dtype)
+            e = output_error(traj).to(J.dtype)
         else:
             J, e = counter, traj.error.detach().to(counter.dtype)
         n_state = J.size_out
@@ -812,9 +522,9 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             eig = nystrom_eigh(op, rank, oversample=group["oversample"], power_iters=iters, init=warm,
                                generator=self._generator)
             # a state-space basis for cheap Ritz updates until the next refresh
-            self._state_basis = eig.basis if form == "state" else _orthonormal_rows(op.last_image)
+            self._state_basis = eig.basis if form == "state" else orthonormal_rows(op.last_image)
         elif rank > 0 and self.ritz_updates and same_batch and self._state_basis is not None:
-            eig, self._state_basis = _ritz_update(J, self._state_basis, rank, form)
+            eig, self._state_basis = ritz_update(J, self._state_basis, rank, form)
             updated = True
         elif rank == 0:
             eig = LowRankEig(torch.zeros(0, dtype=J.dtype, device=J.device),
@@ -867,53 +577,6 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         return torch.tensor(loss, dtype=torch.float64)
 
 
-@dataclass
-class RitzSketch:
-    """Rayleigh–Ritz pairs of ``Θ = J J*`` on an orthonormal state-space subspace ``Q`` (``m`` rows):
-    ``Q* Θ Q = (J* Q)(J* Q)* = Z diag(values) Z*``. ``state_basis = Z_r* Q`` (Ritz vectors, orthonormal),
-    ``adjoint_basis = J* state_basis = Z_r* (J* Q)`` and ``gradient = J* e`` (``e`` spans Q's first row)."""
-
-    values: torch.Tensor
-    state_basis: torch.Tensor
-    adjoint_basis: torch.Tensor
-    gradient: torch.Tensor
-
-    def eig(self, form: str) -> LowRankEig:
-        """The state form's ``Θ_S = U Λ U*`` or the parameter form's ``F_S = J* Q Q* J = V Λ V*`` with
-        ``V = J* U Λ^{-1/2}`` (orthonormal; the same nonzero spectrum, push-through identity)."""
-        if form == "state":
-            return LowRankEig(self.values, self.state_basis)
-        tiny = torch.finfo(self.values.dtype).tiny ** 0.5
-        V = self.adjoint_basis / self.values.clamp_min(tiny).sqrt().unsqueeze(1)
-        return LowRankEig(self.values, V.contiguous())
-
-
-def ritz_sketch(J: LinearOperator, error: torch.Tensor, sketch: Sequence[torch.Tensor], rank: int) -> RitzSketch:
-    """Rayleigh–Ritz of ``Θ = J J*`` on ``span(e, sketch)`` from one batched product with ``J*`` only.
-
-    ``Q R = [e, s_1, …]`` (thin QR), ``W = J* Q`` — the ``m = 1 + len(sketch)`` cotangents of one
-    backward pass, the first of which gives the gradient ``J* e = R₁₁ W₁`` — then the eigenpairs of
-    the ``m×m`` Gram ``W W* = Q* Θ Q`` (Rayleigh–Ritz, Parlett 1998 §11.4; a block-Krylov step when
-    the sketch holds the previous Ritz vectors and ``Θ``-images such as the state secant
-    ``z_k − z_{k−1} ≈ J Δθ``). Ritz values are lower bounds of the top eigenvalues of Θ (Cauchy
-    interlacing), exact when ``span(Q)`` contains the top-``rank`` eigenspace, and ``J* Q Q* J ⪯ F``.
-    """
-    rows = [error.reshape(-1)] + [v.reshape(-1).to(error.dtype) for v in sketch]
-    X = torch.stack(rows, 1)  # [n, m]
-    Q, R = torch.linalg.qr(X)  # Q: [n, min(n, m)]; e = R₁₁ Q₁
-    k = Q.shape[1]
-    Qr = Q.T.reshape(k, *error.shape)
-    W = J.rmatmat(Qr).reshape(k, -1)  # J* Q: one (batched) backward pass
-    gradient = R[0, 0] * W[0]
-    G = W @ W.T
-    values, Z = torch.linalg.eigh(0.5 * (G + G.T))
-    values, Z = values.flip(0).clamp_min(0), Z.flip(1)
-    r = min(int(rank), k)
-    Zr = Z[:, :r].T
-    state_basis = (Zr @ Q.T).reshape(r, *error.shape)
-    return RitzSketch(values[:r], state_basis.contiguous(), Zr @ W, gradient)
-
-
 def _state_direction(ritz: RitzSketch, e: torch.Tensor, damping: float, scale: float, floor: float):
     """``x = (cΘ_S + c·floor (I − UU*) + λI)⁻¹ e`` and ``J* x``, the latter from the sketch's ``J* U`` and
     ``J* e`` with no further product: ``J* x = (a − β U*e)·J*U + β J* e``, ``a = U*e / (cΛ + λ)``."""
@@ -936,38 +599,6 @@ class _FisherKeepingImage(LinearOperator):
     def _matmat(self, X):
         self.last_image = self.J._matmat(X)
         return self.J._rmatmat(self.last_image)
-
-
-def _ritz_update(J: LinearOperator, state_basis: torch.Tensor, rank: int, form: str):
-    """Rayleigh–Ritz of ``Θ = J J*`` on span(state_basis) with ``k`` VJPs only: ``W = J* U``,
-    ``U* Θ U = W W*`` = Z S Z*; returns the top-``rank`` pairs (state or parameter side) and the
-    rotated state basis. Keeps the curvature along the tracked directions current between refreshes."""
-    W = J.rmatmat(state_basis)  # [k, n_params]
-    k = W.shape[0]
-    G = W.reshape(k, -1) @ W.reshape(k, -1).T
-    S, Z = torch.linalg.eigh(0.5 * (G + G.T))
-    S, Z = S.flip(0).clamp_min(0), Z.flip(1)
-    rotated = (Z.T @ state_basis.reshape(k, -1)).reshape(state_basis.shape)
-    r = min(rank, k)
-    if form == "state":
-        return LowRankEig(S[:r], rotated[:r].contiguous()), rotated
-    tiny = torch.finfo(S.dtype).tiny ** 0.5
-    V = (Z.T @ W.reshape(k, -1))[:r] / S[:r].clamp_min(tiny).sqrt().unsqueeze(1)
-    return LowRankEig(S[:r], V.contiguous()), rotated
-
-
-def _output_error(traj) -> torch.Tensor:
-    """``∂L/∂y`` of the recorded loss (kept by ``record_for_step``, else recomputed from the outputs)."""
-    cached = traj.cache.get("output_error") if hasattr(traj, "cache") else None
-    if cached is not None:
-        return cached
-    from kpflow.kernels.trajectory import _loss_value
-
-    with torch.enable_grad():
-        y = traj.outputs.detach().clone().requires_grad_(True)
-        value = _loss_value(y, traj.targets, traj.cache.get("loss", "mse"), traj.mask)
-        (e_y,) = torch.autograd.grad(value, y)
-    return e_y
 
 
 def _is_batch(obj) -> bool:
@@ -1036,21 +667,9 @@ def _check_hyper(*, lr, rank, damping, refresh_every, power_iters, warmup_iters,
         bad("damping_bounds", damping_bounds, "(low, high) with 0 < low <= high")
 
 
-
 def lowrank_ng(model: torch.nn.Module, **options) -> LowRankNaturalGradient:
     """Factory of the optimizer registry: ``optimizer: {name: lowrank-ng, lr: 0.5, params: {rank: 2}}``."""
     return LowRankNaturalGradient(model, **options)
 
 
 lowrank_ng.optimizer_class = LowRankNaturalGradient
-
-
-def _register() -> None:
-    try:
-        from kpflow.training.optimizers import register_optimizer
-    except ImportError:  # the registry is optional for using the optimizer directly
-        return
-    register_optimizer("lowrank-ng", lowrank_ng)
-
-
-_register()

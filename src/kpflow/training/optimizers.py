@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 import torch
 
+from .natural_gradient import lowrank_ng
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 OPTIMIZERS: dict[str, OptimizerFactory] = {}
 
@@ -40,27 +42,7 @@ for _name in dir(torch.optim):
         register_optimizer(_name.lower(), _torch_factory(_cls))
 
 
-#: modules that register extra optimizers when imported (loaded on first lookup, skipped if absent)
-PLUGIN_MODULES = ["kpflow.training.natural_gradient"]
-_plugins_loaded = False
-
-
-def _load_plugins() -> None:
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    import importlib
-
-    for mod in PLUGIN_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ImportError:
-            pass
-
-
 def optimizer_names() -> list[str]:
-    _load_plugins()
     return sorted(OPTIMIZERS)
 
 
@@ -79,7 +61,6 @@ def optimizer_options(name: str) -> dict[str, object] | None:
 
 def _lookup(name: str) -> OptimizerFactory:
     key = str(name).lower()
-    _load_plugins()
     if key not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid optimizers: {', '.join(optimizer_names())}")
     return OPTIMIZERS[key]
@@ -103,6 +84,5 @@ def make_optimizer(name: str, model: torch.nn.Module, **options) -> torch.optim.
 def needs_closure(opt: torch.optim.Optimizer) -> bool:
     return bool(getattr(opt, "requires_closure", False)) or isinstance(opt, torch.optim.LBFGS)
 
-
-# kpflow's own optimizers register themselves on import (issue 7: "lowrank-ng").
-from . import natural_gradient as _natural_gradient  # noqa: E402,F401
+# kpflow's own optimizers (one-way import: natural_gradient does not know about this registry)
+register_optimizer("lowrank-ng", lowrank_ng)
