@@ -609,7 +609,7 @@ def test_krylov_low_rank_step_matches_dense_ritz_formula(form):
                                  jacobian=dense_J, form=form, refresh_every=1)
     z1 = closure().states
     opt.step(closure)
-    U_prev = opt._state_basis.reshape(r, -1)
+    U_prev = opt._st["state_basis"].reshape(r, -1)
     traj = closure()
     Jm = dense_jacobian(model, inputs, names)
     e = traj.error.reshape(-1)

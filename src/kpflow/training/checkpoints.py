@@ -67,6 +67,17 @@ def _split_optimizer_state(optimizer: torch.optim.Optimizer | None):
     return tensors, meta
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies of the tensors that share memory with an earlier one (safetensors refuses shared storage, e.g.
+    an optimizer state that keeps the same basis under two names, or tied weights)."""
+    seen, out = set(), {}
+    for key, t in tensors.items():
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        out[key] = t.clone() if ptr is not None and ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
 def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, **meta) -> CheckpointInfo:
     """Write checkpoint ``step`` of ``model`` (and ``optimizer``) with extra JSON ``meta`` (loss, seed, config)."""
@@ -76,6 +87,7 @@ def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module,
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _split_optimizer_state(optimizer)
     tensors.update(opt_tensors)
+    tensors = _unshared(tensors)
     tensor_path, sidecar_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
     tmp = temporary_beside(tensor_path)
     try:

@@ -34,11 +34,13 @@ alternative. Damping (:class:`LevenbergMarquardtDamping`) and the trust region
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kpflow.estimators.nystrom import (
@@ -282,7 +284,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             )
         defaults = dict(lr=float(lr), rank=int(rank), damping=float(damping), trust_region=trust_region,
                         refresh_every=int(refresh_every), power_iters=int(power_iters),
-                        warmup_iters=int(warmup_iters), oversample=int(oversample))
+                        warmup_iters=int(warmup_iters), oversample=int(oversample), seed=int(seed))
         super().__init__([cell[n] for n in names], defaults)
         self.model = model
         self.param_names = names
@@ -303,11 +305,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
                              "jacobian(traj, param_names) -> LinearOperator")
         self.jacobian = jacobian
         p0 = cell[names[0]]
-        self._generator = torch.Generator(device=p0.device).manual_seed(int(seed))
-        self._batch = None
-        self._jvp_choice: dict = {}
-        self._state_basis: torch.Tensor | None = None  # state-space side of the basis (not checkpointed)
-        self._last_inputs: torch.Tensor | None = None
+        self._batch = None  # the batch handed over by set_batch for the next step only
+        self._jvp_choice: dict = {}  # the timing trial of jacobian="auto"; its outcome is kept in the state
         self.ritz_updates = bool(ritz_updates)
         self.update = update
         if not (isinstance(stale_rho, (int, float)) and stale_rho <= 1):
@@ -318,10 +317,10 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             raise ValueError(f"stale_curvature={stale_curvature!r} is invalid; it must be a number >= 1 (the ratio "
                              "of the measured to the modelled ‖J Δθ‖² above which the basis is updated; inf: never)")
         self.stale_curvature = float(stale_curvature)
-        self._prev_residual: torch.Tensor | None = None  # last recording's states (outputs), for the secant
-        # all state lives under the first parameter, as tensors and JSON scalars (checkpoint friendly)
-        self.state[p0].update(steps=0, damping=float(damping), eig_values=None, eig_basis=None, eig_form=None,
-                              pending_loss=None, pending_predicted=None, pending_quad=None, jvps=0, vjps=0, seconds=0.0)
+        # all state lives under the first parameter, as tensors and JSON scalars, so that state_dict holds
+        # everything a resumed run needs (checkpoint friendly); the sketch's random stream is derived from
+        # (seed, step) (param_groups hold the seed), so there is no generator state to save
+        self.state[p0].update(_initial_state(float(damping)))
         self.last_stats: dict = {}
 
     # ------------------------------------------------------------------ helpers
@@ -367,13 +366,36 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
 
     def _same_batch(self, traj, J) -> bool:
         """Whether this step's trials are the previous step's (then a state-space basis still applies)."""
+        st = self._st
         inputs = getattr(traj, "inputs", None)
-        prev, self._last_inputs = self._last_inputs, inputs
+        prev = st["last_inputs"]
+        st["last_inputs"] = None if inputs is None else inputs.detach()
         if inputs is None or prev is None or prev.shape != inputs.shape:
             return False
-        if self._state_basis is None or tuple(self._state_basis.shape[1:]) != tuple(J.shape_out):
+        basis = st["state_basis"]
+        if basis is None or tuple(basis.shape[1:]) != tuple(J.shape_out):
             return False
-        return prev is inputs or bool(torch.equal(prev, inputs))
+        return prev is inputs or bool(torch.equal(prev, inputs.to(prev.dtype)))
+
+    def _sketch_generator(self, device) -> torch.Generator:
+        """The random stream of this step's sketch: a function of (seed, step), so resuming needs no state."""
+        seed = np.random.SeedSequence([self.param_groups[0]["seed"], self._st["steps"]]).generate_state(1)[0]
+        return torch.Generator(device=device).manual_seed(int(seed))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, keeping the non-tensor values of the saved state as they
+        are: torch's loader casts every iterable value element by element, which turns a saved string (the
+        basis's form) into a generator object."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            for key, value in saved.items():
+                if not isinstance(value, torch.Tensor):
+                    self.state[params[int(index)]][key] = copy.deepcopy(value)
+        st = self._st
+        for key, value in _initial_state(st.get("damping", self.param_groups[0]["damping"])).items():
+            st.setdefault(key, value)  # a checkpoint from before a key existed starts that key afresh
+        self._jvp_choice = {} if st["jvp_backend"] is None else {"jvp": st["jvp_backend"]}
 
     def _choose_form(self, n_state: int) -> str:
         if self.form != "auto":
@@ -490,13 +512,15 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         residual = (traj.outputs if self.space == "output" else traj.states).detach().to(J.dtype)
         same_batch = self._same_batch(traj, J)
         secant = None
-        if same_batch and self._prev_residual is not None and self._prev_residual.shape == residual.shape:
-            secant = residual - self._prev_residual
-        self._prev_residual = residual
+        prev_residual = st["prev_residual"]
+        if same_batch and prev_residual is not None and prev_residual.shape == residual.shape:
+            secant = residual - prev_residual.to(residual.dtype)
+        st["prev_residual"] = residual
+        basis = None if st["state_basis"] is None else st["state_basis"].to(J.dtype)
         # the Krylov/Ritz update needs the previous basis and the secant (same batch as the last step);
         # otherwise (cold start, a new batch) the step falls back to a Nyström sketch
         krylov = (self.update == "krylov" and rank > 0 and not stale and secant is not None
-                  and self._state_basis is not None and tuple(self._state_basis.shape[1:]) == tuple(J.shape_out))
+                  and basis is not None and tuple(basis.shape[1:]) == tuple(J.shape_out))
         updated = False
         ritz = None
         if krylov:  # Nyström only for a cold start; Ritz steps track the basis every refresh_every steps
@@ -510,21 +534,21 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             q = float(secant.pow(2).sum()) / st["pending_quad"]
         stale_now = (rho is not None and rho < self.stale_rho) or (q is not None and q > self.stale_curvature)
         if krylov and (periodic or stale_now):
-            sketch = [*self._state_basis, secant]
+            sketch = [*basis, secant]
             ritz = ritz_sketch(J, e, sketch, rank)
             eig, grad = ritz.eig(form), ritz.gradient
-            self._state_basis = ritz.state_basis
+            basis = ritz.state_basis
             updated = True
         elif refresh:
             op = (J @ J.T) if form == "state" else _FisherKeepingImage(J)
             warm = None if stale else eig.basis
             iters = group["warmup_iters"] if warm is None else group["power_iters"]
             eig = nystrom_eigh(op, rank, oversample=group["oversample"], power_iters=iters, init=warm,
-                               generator=self._generator)
+                               generator=self._sketch_generator(J.device))
             # a state-space basis for cheap Ritz updates until the next refresh
-            self._state_basis = eig.basis if form == "state" else orthonormal_rows(op.last_image)
-        elif rank > 0 and self.ritz_updates and same_batch and self._state_basis is not None:
-            eig, self._state_basis = ritz_update(J, self._state_basis, rank, form)
+            basis = eig.basis if form == "state" else orthonormal_rows(op.last_image)
+        elif rank > 0 and self.ritz_updates and same_batch and basis is not None:
+            eig, basis = ritz_update(J, basis, rank, form)
             updated = True
         elif rank == 0:
             eig = LowRankEig(torch.zeros(0, dtype=J.dtype, device=J.device),
@@ -558,7 +582,8 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
         keep = rank > 0
         st.update(eig_values=eig.eigenvalues.detach() if keep else None,
                   eig_basis=eig.basis.detach() if keep else None, eig_form=form if keep else None,
-                  steps=st["steps"] + 1, pending_loss=loss, pending_predicted=predicted, pending_quad=quad)
+                  steps=st["steps"] + 1, pending_loss=loss, pending_predicted=predicted, pending_quad=quad,
+                  state_basis=None if basis is None else basis.detach(), jvp_backend=self._jvp_choice.get("jvp"))
         st["jvps"] += counter.jvps
         st["vjps"] += counter.vjps
         seconds = time.perf_counter() - t0
@@ -575,6 +600,16 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             seconds=seconds,
         )
         return torch.tensor(loss, dtype=torch.float64)
+
+
+def _initial_state(damping: float) -> dict:
+    """The optimizer's whole state before the first step (tensors, numbers, strings and None only):
+    the damping λ, the low-rank model ``(Λ, U)`` and its form, the state-space side of the basis, the
+    previous step's residual and inputs (the secant and the same-batch test), the previous step's loss and
+    predicted change (the reduction ratio ρ), the chosen JVP backend of ``jacobian="auto"`` and counters."""
+    return dict(steps=0, damping=float(damping), eig_values=None, eig_basis=None, eig_form=None, state_basis=None,
+                prev_residual=None, last_inputs=None, pending_loss=None, pending_predicted=None, pending_quad=None,
+                jvp_backend=None, jvps=0, vjps=0, seconds=0.0)
 
 
 def _state_direction(ritz: RitzSketch, e: torch.Tensor, damping: float, scale: float, floor: float):
