@@ -81,6 +81,13 @@ DEVICE = typer.Option(None, "--device", help="cpu, cuda, cuda:N or mps.")
 THREADS = typer.Option(1, "--threads", help="torch CPU threads (0: torch's default). The default models are small: "
                        "one thread avoids oversubscription on shared machines.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+SCHEDULER = typer.Option(None, "--scheduler", help="Where the runs go: local (worker processes here; the default "
+                         "with more than one core), tcp://host:port (an existing Dask cluster), slurm (from "
+                         "--cluster-config) or serial (one after another in this process).")
+WORKERS = typer.Option(None, "--workers", help="Worker processes (local: default one per core; slurm: total; "
+                       "tcp://: wait for this many).")
+CLUSTER = typer.Option(None, "--cluster-config", help="YAML/TOML file with a 'slurm' section (queue, cores, memory, "
+                       "walltime, ...) for --scheduler slurm; see docs/scale_out.md.")
 
 
 def run_command(
@@ -127,14 +134,19 @@ def sweep_command(
     steps: int = STEPS, checkpoint_every: int = EVERY, batch_size: int = BATCH, out: str = OUT,
     name: str = NAME, lr: float = LR, eval_batch: int = EVAL, probes: int = PROBES, device: str = DEVICE,
     threads: int = THREADS, fresh: bool = typer.Option(False, "--fresh", help="Re-run existing runs from scratch."),
-    quiet: bool = QUIET,
+    scheduler: str = SCHEDULER, workers: int = WORKERS, cluster_config: Path = CLUSTER, quiet: bool = QUIET,
 ):
-    """Sweep the initial recurrent weight scale g (and seeds): one run per (g, seed), then sweep.csv, figures
-    of effective rank against g and report.html in <out>/<name>_sweep.
+    """Sweep the initial recurrent weight scale g (and seeds): one run per (g, seed), each a task on Dask
+    workers, then sweep.csv, figures of effective rank against g (mean over seeds, 95% confidence bands) and
+    report.html in <out>/<name>_sweep. Re-running skips finished runs (a killed sweep resumes).
 
-    Example:
+    Examples:
 
-      kpflow sweep flipflop --gs 0.5,1,2,4 --seeds 0,1 --steps 300
+      kpflow sweep flipflop --gs 0.5,1,2,4 --seeds 0,1 --steps 300            # local worker processes
+
+      kpflow sweep flipflop --gs 0.5,1,2 --seeds 0,1,2 --scheduler tcp://10.0.0.5:8786
+
+      kpflow sweep flipflop --scheduler slurm --cluster-config cluster.yaml --workers 16
     """
     try:
         g_list = [float(x) for x in gs.split(",") if x.strip()]
@@ -146,10 +158,15 @@ def sweep_command(
     cfg, study = _config(target, _overrides(steps, checkpoint_every, batch_size, out, name, None, None, lr,
                                             eval_batch, probes, device))
     _threads(threads)
+    from .distributed import check_scheduler, check_workers
     from .pipeline import run_sweep
 
     try:
-        path = run_sweep(cfg, g_list, seed_list, study=study, progress=not quiet, fresh=fresh)
+        if scheduler is not None:
+            check_scheduler(scheduler)
+        check_workers(workers)
+        path = run_sweep(cfg, g_list, seed_list, study=study, progress=not quiet, fresh=fresh, scheduler=scheduler,
+                         workers=workers, cluster_config=cluster_config, threads=threads)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     typer.echo(f"sweep report: {path}")

@@ -6,6 +6,7 @@ import csv
 import io
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -73,8 +74,9 @@ def run_study(cfg: RunConfig, study: str | None = None, **options) -> Path:
 
 # ------------------------------------------------------------------------------------------------ sweeps
 def sweep_configs(base: RunConfig, gs, seeds) -> list[RunConfig]:
-    """One config per (g, seed), named ``g<g>_s<seed>`` inside ``<out>/<name>_sweep``."""
-    out = str(Path(base.out) / f"{base.name}_sweep")
+    """One config per (g, seed), named ``g<g>_s<seed>`` inside ``<out>/<name>_sweep`` (an absolute path, so
+    workers on other machines or in other folders write to the same place)."""
+    out = str((Path(base.out) / f"{base.name}_sweep").resolve())
     cfgs = []
     for g in gs:
         for s in seeds:
@@ -85,24 +87,77 @@ def sweep_configs(base: RunConfig, gs, seeds) -> list[RunConfig]:
     return cfgs
 
 
+def study_task(cfg: RunConfig, study: str | None = None, *, fresh: bool = False):
+    """The run of ``cfg`` (with ``study``'s runner) as a ``RunTask`` for ``experiments.distributed.run_tasks``;
+    its fingerprint is the config without the device (a run may resume on another device)."""
+    from .distributed import RunTask, config_fingerprint
+
+    return RunTask(key=cfg.name, run_dir=cfg.run_dir,
+                   fingerprint=config_fingerprint(cfg.model_dump(mode="json", exclude={"device"}), study),
+                   fn=_run_study_task, args=(cfg.model_dump(mode="json"), study, fresh))
+
+
+def _run_study_task(cfg_data: dict, study: str | None, fresh: bool) -> str:
+    """Worker side of ``study_task``: train, analyze and report one run; returns its folder."""
+    return str(run_study(validate_config(cfg_data), study, progress=False, analyze=True, report=True, fresh=fresh))
+
+
 def run_sweep(base: RunConfig, gs, seeds, *, study: str | None = None, progress: bool = True,
-              fresh: bool = False) -> Path:
-    """Run every (g, seed) and write ``sweep.csv`` (metrics with g and seed columns), figures and
-    ``report.html`` in ``<out>/<name>_sweep``."""
+              fresh: bool = False, scheduler: str | None = None, workers: int | None = None,
+              cluster_config: str | Path | None = None, threads: int = 1) -> Path:
+    """Run every (g, seed) as one task (``experiments.distributed.run_tasks``: serially, on local worker
+    processes, an existing Dask cluster or SLURM; finished runs are skipped) and write ``sweep.csv``
+    (metrics with g and seed columns), figures and ``report.html`` in ``<out>/<name>_sweep``."""
+    import torch
+
+    from .distributed import run_tasks
+
     cfgs = sweep_configs(base, gs, seeds)
     sweep_dir = Path(cfgs[0].out)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(sweep_dir / "sweep_config.yaml", dump_config(base, "yaml"))
-    for cfg in cfgs:
-        if progress:
-            print(f"[sweep] g={cfg.model.g:g} seed={cfg.seed} -> {cfg.run_dir}", flush=True)
-        run_study(cfg, study, progress=progress, analyze=True, report=True, fresh=fresh)
+    gpus = torch.cuda.device_count() if base.device == "cuda" else 0
+    run_tasks([study_task(c, study, fresh=fresh) for c in cfgs], scheduler=scheduler, workers=workers,
+              cluster_config=cluster_config, gpus=gpus, threads=threads, fresh=fresh, progress=progress,
+              desc="sweep")
     return write_sweep_report(sweep_dir, cfgs, base)
+
+
+class SeedBand(NamedTuple):
+    """Mean over seeds, its standard error s/√n, the half-width of its confidence interval and n."""
+
+    mean: float
+    stderr: float
+    half_width: float
+    n: int
+
+
+def seed_band(values, level: float = 0.95) -> SeedBand:
+    """Mean over seeds with the Student-t confidence interval at ``level``: half-width
+    ``t_{(1+level)/2, n-1} · s/√n`` (0 with one seed, where no spread is known; nan with none)."""
+    from scipy.stats import t as student_t
+
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=float)
+    if v.size == 0:
+        return SeedBand(float("nan"), float("nan"), float("nan"), 0)
+    if v.size == 1:
+        return SeedBand(float(v[0]), 0.0, 0.0, 1)
+    se = float(v.std(ddof=1) / np.sqrt(v.size))
+    return SeedBand(float(v.mean()), se, float(student_t.ppf((1 + level) / 2, v.size - 1) * se), int(v.size))
+
+
+def _band(ax, x, mean, half, label, color=None, ls="-"):
+    mean, half = np.asarray(mean, dtype=float), np.asarray(half, dtype=float)
+    line, = ax.plot(x, mean, ls=ls, marker="o", ms=3, lw=1.4, color=color, label=label)
+    lo, hi = mean - np.nan_to_num(half), mean + np.nan_to_num(half)
+    positive = mean[np.isfinite(mean) & (mean > 0)]
+    floor = positive.min() / 10 if positive.size else 1e-12
+    ax.fill_between(x, np.maximum(lo, floor), hi, color=line.get_color(), alpha=0.2, lw=0)
 
 
 def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) -> Path:
     from kpflow.report import write_report
-    from kpflow.report.figures import _errorbar, _plt, _save
+    from kpflow.report.figures import _plt, _save
     from kpflow.tracking.analyze import read_metrics_csv
 
     rows = []
@@ -117,6 +172,13 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
     atomic_write_text(sweep_dir / "sweep.csv", buf.getvalue())
 
     gs = sorted({c.model.g for c in cfgs})
+    n_seeds = len({c.seed for c in cfgs})
+    band_note = (f"mean over {n_seeds} seeds, band: 95% Student-t confidence interval of the mean" if n_seeds > 1
+                 else "one seed: no confidence band (pass several --seeds)")
+
+    def per_run(c, key):
+        return sorted((r for r in rows if r["run"] == c.name and r["metric"] == key), key=lambda r: r["step"])
+
     plt = _plt()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     summary_rows = []
@@ -124,37 +186,35 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
     for ax, (key, label) in zip(axes, (("K_erank", "K"), ("PPstar_erank", "P P*"), ("NTK_erank", "NTK")),
                                 strict=True):
         for when, ls in (("initial", "--"), ("final", "-")):
-            means, spreads = [], []
+            bands = []
             for g in gs:
-                vals = []
-                for c in cfgs:
-                    if c.model.g != g:
-                        continue
-                    rs = sorted((r for r in rows if r["run"] == c.name and r["metric"] == key and r["g"] == g),
-                                key=lambda r: r["step"])
-                    if rs:
-                        vals.append(rs[0]["value"] if when == "initial" else rs[-1]["value"])
-                means.append(float(np.mean(vals)) if vals else np.nan)
-                spreads.append(float(np.std(vals, ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0)
-                summary_rows.append({"run": f"{when}", "step": 0, "metric": f"{key}_{when}@g={g:g}",
-                                     "value": means[-1], "stderr": spreads[-1], "method": "mean over seeds"})
-            _errorbar(ax, (np.array(gs), np.array(means), np.array(spreads)), when, ls=ls)
+                vals = [rs[0 if when == "initial" else -1]["value"] for c in cfgs if c.model.g == g
+                        for rs in [per_run(c, key)] if rs]
+                bands.append(seed_band(vals))
+                summary_rows.append({"run": when, "step": 0, "metric": f"{key}_{when}@g={g:g}",
+                                     "value": bands[-1].mean, "stderr": bands[-1].stderr,
+                                     "method": f"mean over {bands[-1].n} seed(s)"})
+            _band(ax, np.array(gs), [b.mean for b in bands], [b.half_width for b in bands], when, ls=ls)
         ax.set(xlabel="initial recurrent weight scale g", yscale="log", title=f"effective rank of {label}")
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, title=band_note if key == "K_erank" else None, title_fontsize=7)
     figs = [_save(fig, sweep_dir / "figures", "sweep_effective_ranks")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     cmap = plt.get_cmap("viridis")
     for ax, key in zip(axes, ("PPstar_erank", "K_erank"), strict=True):
         for i, g in enumerate(gs):
+            by_step: dict[int, list[float]] = {}
             for c in cfgs:
-                if c.model.g != g:
-                    continue
-                rs = sorted((r for r in rows if r["run"] == c.name and r["metric"] == key), key=lambda r: r["step"])
-                ax.plot([r["step"] for r in rs], [r["value"] for r in rs], color=cmap(i / max(1, len(gs) - 1)),
-                        label=f"g={g:g}" if c.seed == cfgs[0].seed else None)
+                if c.model.g == g:
+                    for r in per_run(c, key):
+                        by_step.setdefault(r["step"], []).append(r["value"])
+            steps = sorted(by_step)
+            bands = [seed_band(by_step[st]) for st in steps]
+            _band(ax, np.array(steps), [b.mean for b in bands], [b.half_width for b in bands], f"g={g:g}",
+                  color=cmap(i / max(1, len(gs) - 1)))
         ax.set(yscale="log", xlabel="GD step", title=key)
         ax.legend(fontsize=7)
     figs.append(_save(fig, sweep_dir / "figures", "sweep_trajectories"))
+    notes.append(f"Each point is the {band_note}.")
     for g in gs:
         p0 = [r for r in summary_rows if r["metric"] == f"PPstar_erank_initial@g={g:g}"][0]["value"]
         p1 = [r for r in summary_rows if r["metric"] == f"PPstar_erank_final@g={g:g}"][0]["value"]

@@ -36,8 +36,10 @@ CAPTIONS = {
     "interference": "Task-by-task interference: cosine between the state change of task i driven by task j's "
                     "error, −P_i K_ij P_j* e_j, and the one driven by task i's own error.",
     "sweep_effective_ranks": "Effective ranks at initialisation and at the end of training against the initial "
-                             "recurrent weight scale g (mean over seeds, error bars: spread over seeds).",
-    "sweep_trajectories": "Effective rank of P P* and of K over training for each g.",
+                             "recurrent weight scale g (mean over seeds; band: 95% Student-t confidence interval "
+                             "of that mean, none with a single seed).",
+    "sweep_trajectories": "Effective rank of P P* and of K over training for each g (mean over seeds with its 95% "
+                          "confidence band).",
 }
 
 
