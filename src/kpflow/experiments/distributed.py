@@ -345,13 +345,9 @@ def is_finished(task: RunTask) -> bool:
     return isinstance(record, dict) and record.get("fingerprint") == task.fingerprint
 
 
-def execute_task(task: RunTask, threads: int = 1) -> dict:
-    """Run one task here (on a worker, or in this process for ``serial``) with ``threads`` torch threads (0: leave
-    torch's setting), then write its ``done.json`` atomically. Returns that record."""
-    if threads > 0:
-        import torch
-
-        torch.set_num_threads(threads)
+def execute_task(task: RunTask) -> dict:
+    """Run one task here (on a worker, or in this process for ``serial``), then write its ``done.json``
+    atomically. Returns that record."""
     start = time.time()
     t0 = time.perf_counter()
     result = task.fn(*task.args)
@@ -361,6 +357,15 @@ def execute_task(task: RunTask, threads: int = 1) -> dict:
     Path(task.run_dir).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(task.run_dir) / DONE_FILE, json.dumps(record, indent=1))
     return record
+
+
+def _call(fn: Callable[..., Any], args: tuple, threads: int):
+    """``fn(*args)`` with ``threads`` torch threads in this process (0: leave torch's setting)."""
+    if threads > 0:
+        import torch
+
+        torch.set_num_threads(threads)
+    return fn(*args)
 
 
 def _error_text(err: BaseException) -> str:
@@ -377,88 +382,86 @@ def _running(client, pending_keys: set, threads_total: int) -> int:
     return min(busy, threads_total)
 
 
-def run_tasks(tasks: Sequence[RunTask], *, client=None, scheduler: str | None = None, workers: int | None = None,
-              cluster_config: str | Path | None = None, gpus: int = 0, threads: int = 1, fresh: bool = False,
-              progress: bool = True, desc: str = "runs") -> TaskReport:
-    """Run every task not finished yet, each as one Dask task, and wait for all of them.
+def map_tasks(fn: Callable[..., Any], calls: Sequence[tuple], keys: Sequence[str], *, client=None,
+              scheduler: str | None = None, workers: int | None = None, cluster_config: str | Path | None = None,
+              gpus: int = 0, threads: int = 1, progress: bool = True, desc: str = "tasks", unit: str = "task",
+              done_before: int = 0) -> tuple[dict[str, Any], dict[str, str], BaseException | None]:
+    """``fn(*calls[i])`` for every i, each one Dask task, on the scheduler asked for; waits for all of them.
 
-    A task counts as finished when its ``done.json`` carries its fingerprint (``fresh=True`` ignores and removes
-    those markers). The progress bar counts finished runs (those skipped included) and shows how many are
-    running. Tasks that raise do not stop the others; at the end ``RunFailures`` lists them.
+    ``fn`` must be importable by the workers (a module-level function). The progress bar counts finished tasks
+    (``done_before`` of them done earlier) and shows how many are running. A task that raises does not stop the
+    others; its error text is returned. A task whose worker process dies is re-run on a live worker (up to
+    ``ALLOWED_FAILURES`` times on clusters this module starts).
 
     Args:
-        tasks: the runs (unique keys).
-        client: an existing ``distributed.Client`` to use (then ``scheduler``/``workers`` are not used).
+        fn: the function to map.
+        calls: the argument tuples, one per task.
+        keys: unique names of the tasks (progress, errors, Dask task keys).
+        client: an existing ``distributed.Client`` (then ``scheduler``/``workers``/``cluster_config`` are unused).
         scheduler, workers, cluster_config, gpus: as for ``open_client``; ``scheduler=None`` means
-            ``default_scheduler(number of tasks to run)``, and a local cluster never gets more workers than
-            there are tasks to run.
+            ``default_scheduler(len(calls))``; a local cluster never gets more workers than there are tasks.
         threads: torch threads inside each task (0: torch's default).
-        fresh: re-run finished tasks too.
-        progress: show the progress bar.
-        desc: its label.
+        progress, desc, unit: the progress bar, its label and unit.
+        done_before: tasks counted as finished already (shown in the bar).
 
     Returns:
-        ``TaskReport`` with the keys run and skipped and the records of the runs.
+        ``(results, failures, first_error)``: ``results[key]`` what ``fn`` returned, ``failures[key]`` the error
+        text of each task that raised or lost its worker too often, ``first_error`` the first such exception.
 
     Raises:
-        ValueError: duplicate keys. SchedulerError: as ``open_client``. RunFailures: some runs failed.
+        ValueError: duplicate keys or ``len(keys) != len(calls)``. SchedulerError: as ``open_client``.
     """
     from tqdm.auto import tqdm
 
-    keys = [t.key for t in tasks]
+    keys = [str(k) for k in keys]
+    if len(keys) != len(calls):
+        raise ValueError(f"one key per call: {len(keys)} keys for {len(calls)} calls")
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
-        raise ValueError(f"run keys must be unique; repeated: {', '.join(dupes)}")
-    if fresh:
-        for t in tasks:
-            (Path(t.run_dir) / DONE_FILE).unlink(missing_ok=True)
-    todo = [t for t in tasks if not is_finished(t)]
-    report = TaskReport(skipped=[t.key for t in tasks if is_finished(t)])
-    bar = tqdm(total=len(tasks), initial=len(report.skipped), desc=desc, unit="run", disable=not progress,
-               dynamic_ncols=True)
+        raise ValueError(f"task keys must be unique; repeated: {', '.join(dupes)}")
+    results: dict[str, Any] = {}
     failures: dict[str, str] = {}
-    first_error: BaseException | None = None
+    first_error: list[BaseException] = []
+    if not calls:
+        return results, failures, None
+    bar = tqdm(total=done_before + len(calls), initial=done_before, desc=desc, unit=unit, disable=not progress,
+               dynamic_ncols=True)
 
-    def finish(task: RunTask, get):
-        nonlocal first_error
+    def finish(key: str, get):
         try:
-            report.records[task.key] = get()
-            report.ran.append(task.key)
-        except Exception as err:  # noqa: BLE001 - collected and raised together below
-            failures[task.key] = _error_text(err)
-            first_error = first_error or err
+            results[key] = get()
+        except Exception as err:  # noqa: BLE001 - collected and returned together
+            failures[key] = _error_text(err)
+            first_error.append(err)
         bar.update(1)
 
     try:
-        if not todo:
-            return report
         if client is not None:
-            report.scheduler = str(client.scheduler_info().get("address", "client"))
-            _run_on(client, todo, threads, bar, finish, len(report.skipped))
+            _map_on(client, fn, calls, keys, threads, bar, finish)
         else:
-            kind = check_scheduler(scheduler) if scheduler is not None else default_scheduler(len(todo))
-            report.scheduler = kind
+            kind = check_scheduler(scheduler) if scheduler is not None else default_scheduler(len(calls))
             n = check_workers(workers)
             if kind == "local":
-                n = min(n or available_cores(), len(todo))
+                n = min(n or available_cores(), len(calls))
             with open_client(kind, n, cluster_config=cluster_config, gpus=gpus) as c:
+                if progress:
+                    where = "this process" if c is None else f"{kind} ({len(c.nthreads())} worker(s))"
+                    bar.write(f"{desc}: {len(calls)} {unit}(s) to do on {where}")
                 if c is None:
-                    for t in todo:
-                        bar.set_postfix_str(f"running: {t.key}; skipped (finished before): {len(report.skipped)}")
-                        finish(t, lambda t=t: execute_task(t, threads))
+                    for key, args in zip(keys, calls, strict=True):
+                        bar.set_postfix_str(f"running: {key}")
+                        finish(key, lambda args=args: _call(fn, args, threads))
                 else:
-                    _run_on(c, todo, threads, bar, finish, len(report.skipped))
+                    _map_on(c, fn, calls, keys, threads, bar, finish)
     finally:
         bar.close()
-    if failures:
-        raise RunFailures(failures, len(report.ran) + len(report.skipped)) from first_error
-    return report
+    return results, failures, (first_error[0] if first_error else None)
 
 
-def _run_on(client, todo: list[RunTask], threads: int, bar, finish, n_skipped: int, poll: float = 0.25) -> None:
+def _map_on(client, fn, calls, keys, threads: int, bar, finish, poll: float = 0.25) -> None:
     tag = uuid.uuid4().hex[:8]
-    futures = {client.submit(execute_task, t, threads, key=f"kpflow-run-{t.key}-{tag}", pure=False): t
-               for t in todo}
+    futures = {client.submit(_call, fn, args, threads, key=f"kpflow-{key}-{tag}", pure=False): key
+               for key, args in zip(keys, calls, strict=True)}
     threads_total = max(1, sum(client.nthreads().values()))
     pending = list(futures)
     shown = ""
@@ -467,8 +470,7 @@ def _run_on(client, todo: list[RunTask], threads: int, bar, finish, n_skipped: i
         for f in done:
             finish(futures[f], f.result)
         pending = [f for f in pending if f not in done]
-        running = _running(client, {f.key for f in pending}, threads_total) if pending else 0
-        status = f"running: {running}; skipped (finished before): {n_skipped}"
+        status = f"running: {_running(client, {f.key for f in pending}, threads_total) if pending else 0}"
         if status != shown:
             bar.set_postfix_str(status)
             shown = status
@@ -476,8 +478,53 @@ def _run_on(client, todo: list[RunTask], threads: int, bar, finish, n_skipped: i
             time.sleep(poll)
 
 
+def run_tasks(tasks: Sequence[RunTask], *, client=None, scheduler: str | None = None, workers: int | None = None,
+              cluster_config: str | Path | None = None, gpus: int = 0, threads: int = 1, fresh: bool = False,
+              progress: bool = True, desc: str = "runs") -> TaskReport:
+    """Run every task not finished yet (``map_tasks`` of ``execute_task``) and wait for all of them.
+
+    A task counts as finished when its ``done.json`` carries its fingerprint; those are skipped, so a killed
+    sweep resumes where it stopped. ``fresh=True`` removes the markers and runs everything. Tasks that raise do
+    not stop the others; at the end ``RunFailures`` lists them (the finished ones keep their markers).
+
+    Args:
+        tasks: the runs (unique keys).
+        client, scheduler, workers, cluster_config, gpus, threads: as for ``map_tasks``.
+        fresh: re-run finished tasks too.
+        progress, desc: the progress bar and its label.
+
+    Returns:
+        ``TaskReport`` with the keys run and skipped and the ``done.json`` records of the runs.
+
+    Raises:
+        ValueError: duplicate keys. SchedulerError: as ``open_client``. RunFailures: some runs failed.
+    """
+    keys = [t.key for t in tasks]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"run keys must be unique; repeated: {', '.join(dupes)}")
+    if fresh:
+        for t in tasks:
+            (Path(t.run_dir) / DONE_FILE).unlink(missing_ok=True)
+    todo = [t for t in tasks if not is_finished(t)]
+    report = TaskReport(skipped=[t.key for t in tasks if t not in todo])
+    if todo:
+        report.scheduler = ("client" if client is not None else
+                            check_scheduler(scheduler) if scheduler is not None else default_scheduler(len(todo)))
+    records, failures, first_error = map_tasks(
+        execute_task, [(t,) for t in todo], [t.key for t in todo], client=client, scheduler=report.scheduler
+        if client is None and todo else None, workers=workers, cluster_config=cluster_config, gpus=gpus,
+        threads=threads, progress=progress, unit="run", done_before=len(report.skipped),
+        desc=f"{desc} ({len(report.skipped)} finished before)" if report.skipped else desc)
+    report.ran = [t.key for t in todo if t.key in records]
+    report.records = {k: records[k] for k in report.ran}
+    if failures:
+        raise RunFailures(failures, len(report.ran) + len(report.skipped)) from first_error
+    return report
+
+
 __all__ = ["ALLOWED_FAILURES", "DONE_FILE", "SCHEDULERS", "RunFailures", "RunTask", "SchedulerError",
            "SlurmSettings", "TaskReport", "available_cores", "check_scheduler", "config_fingerprint",
            "default_scheduler", "execute_task", "gpu_worker_env", "is_finished", "load_slurm_settings",
-           "local_cluster", "open_client", "run_tasks", "slurm_cluster", "slurm_job_script"]
+           "local_cluster", "map_tasks", "open_client", "run_tasks", "slurm_cluster", "slurm_job_script"]
 

@@ -12,7 +12,13 @@ def reproduce_command(
     only: str = typer.Option(None, "--only", help="Comma-separated claim ids (default: all; see --list)."),
     seeds: int = typer.Option(None, "--seeds", help="Seeds per claim (default: each claim's own, ≥ 5 where it fits)."),
     out: Path = typer.Option(Path("runs/claims"), "--out", help="Folder of the task results and the report."),
-    jobs: int = typer.Option(1, "--jobs", help="Worker processes (one torch thread each); finished tasks are skipped."),
+    jobs: int = typer.Option(None, "--jobs", help="Short for --scheduler local --workers N (1: serial)."),
+    scheduler: str = typer.Option(None, "--scheduler", help="Where the tasks run: local (worker processes here, "
+                                  "one torch thread each; the default with more than one core), tcp://host:port "
+                                  "(an existing Dask cluster), slurm (from --cluster-config) or serial."),
+    workers: int = typer.Option(None, "--workers", help="Worker processes (local: default one per core)."),
+    cluster_config: Path = typer.Option(None, "--cluster-config", help="File with a 'slurm' section for "
+                                        "--scheduler slurm (docs/scale_out.md)."),
     list_claims: bool = typer.Option(False, "--list", help="List the claim ids and exit."),
     no_report: bool = typer.Option(False, "--no-report", help="Skip the HTML report."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
@@ -47,13 +53,27 @@ def reproduce_command(
     if seeds is not None and seeds < 1:
         typer.echo(f"error: --seeds must be at least 1, got {seeds}", err=True)
         raise typer.Exit(2)
-    if jobs < 1:
+    if jobs is not None and jobs < 1:
         typer.echo(f"error: --jobs must be at least 1, got {jobs}", err=True)
         raise typer.Exit(2)
+    from kpflow.experiments.distributed import SchedulerError, check_scheduler, check_workers
+
+    try:
+        if scheduler is not None:
+            check_scheduler(scheduler)
+        check_workers(workers)
+    except SchedulerError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     import torch
 
     torch.set_num_threads(1)
-    results = reproduce(ids, seeds, quick=quick, out=out, jobs=jobs, progress=not quiet, report=not no_report)
+    try:
+        results = reproduce(ids, seeds, quick=quick, out=out, jobs=jobs, scheduler=scheduler, workers=workers,
+                            cluster_config=cluster_config, progress=not quiet, report=not no_report)
+    except SchedulerError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
     for cid, r in results.items():
         typer.echo(claim_line(cid, r["verdict"]))
         for err in r["errors"]:

@@ -3,8 +3,8 @@
 ``tasks = plan(claims, seeds, quick)`` lists the work; ``run_task(task, out)`` measures one piece and
 writes ``<out>/tasks/<claim>/<size>/seed_<k>.json`` atomically (skipping it when the file is already
 there, so an interrupted ``reproduce`` resumes); ``evaluate`` turns the finished files of a claim
-into its :class:`~kpflow.experiments.claims.registry.Verdict`. Both are plain functions of plain data,
-so a process pool or a Dask cluster can map ``run_task`` over ``plan(...)``.
+into its :class:`~kpflow.experiments.claims.registry.Verdict`. Both are plain functions of plain data;
+``run_plan`` maps ``run_task`` over ``plan(...)`` with ``experiments.distributed.map_tasks`` (Dask).
 """
 
 from __future__ import annotations
@@ -121,42 +121,31 @@ def evaluate(claim_id: str, records: Sequence[dict]) -> Verdict:
     return get_claim(claim_id).verdict([r["measurement"] for r in records])
 
 
-def run_plan(tasks: Sequence[ClaimTask], out: str | Path, *, jobs: int = 1, progress: bool = True):
-    """Run every task (skipping finished ones), in ``jobs`` processes; returns ``(records, errors)`` keyed
-    by claim id (``errors[id]`` holds the traceback of each failed task)."""
+def run_plan(tasks: Sequence[ClaimTask], out: str | Path, *, jobs: int | None = None, scheduler: str | None = None,
+             workers: int | None = None, cluster_config: str | Path | None = None, progress: bool = True):
+    """Run every task (skipping finished ones), each a task of ``experiments.distributed.map_tasks``:
+    ``scheduler`` ``local`` (worker processes, the default with more than one core), ``tcp://host:port``,
+    ``slurm`` or ``serial``; ``workers`` worker processes. ``jobs=N`` is short for ``scheduler="local",
+    workers=N`` (``jobs=1``: serial). Returns ``(records, errors)`` keyed by claim id (``errors[id]`` holds the
+    traceback of each failed task)."""
+    from kpflow.experiments.distributed import map_tasks
+
+    if jobs is not None and scheduler is None:
+        scheduler, workers = ("serial", None) if jobs <= 1 else ("local", jobs)
     out = str(out)
     records: dict[str, list[dict]] = {t.claim: [] for t in tasks}
     errors: dict[str, list[str]] = {t.claim: [] for t in tasks}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(tasks), desc="claims", unit="task", dynamic_ncols=True)
-
-    def done(task, rec, err):
+    results, failures, _ = map_tasks(_run_safely, [(t, out) for t in tasks],
+                                     [f"{t.claim}-{t.size}-seed{t.seed}" for t in tasks], scheduler=scheduler,
+                                     workers=workers, cluster_config=cluster_config, progress=progress,
+                                     desc="claims", unit="task")
+    for t in tasks:
+        key = f"{t.claim}-{t.size}-seed{t.seed}"
+        task, rec, err = results.get(key, (t, None, failures.get(key)))
         if rec is not None:
-            records[task.claim].append(rec)
+            records[t.claim].append(rec)
         else:
-            errors[task.claim].append(err)
-        if bar is not None:
-            bar.set_postfix_str(f"{task.claim} seed {task.seed}", refresh=False)
-            bar.update()
-
-    if jobs <= 1:
-        for t in tasks:
-            if bar is not None:
-                bar.set_postfix_str(f"{t.claim} seed {t.seed}")
-            done(*_run_safely(t, out))
-    else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-
-        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(_run_safely, t, out) for t in tasks]
-            for f in as_completed(futures):
-                done(*f.result())
-    if bar is not None:
-        bar.close()
+            errors[t.claim].append(err)
     for recs in records.values():
         recs.sort(key=lambda r: r["task"]["seed"])
     return records, errors
@@ -171,10 +160,12 @@ def claim_line(claim_id: str, v: Verdict) -> str:
 
 
 def reproduce(claims: Sequence[str] | None = None, seeds: int | Sequence[int] | None = None, *, quick: bool = False,
-              out: str | Path = "runs/claims", jobs: int = 1, progress: bool = True,
+              out: str | Path = "runs/claims", jobs: int | None = None, scheduler: str | None = None,
+              workers: int | None = None, cluster_config: str | Path | None = None, progress: bool = True,
               report: bool = True) -> dict:
     """Run (or resume) the claim studies, evaluate every verdict and write ``<out>/claims.json`` and
-    ``<out>/report.html``.
+    ``<out>/report.html``. ``jobs``/``scheduler``/``workers``/``cluster_config``: where the tasks run
+    (``run_plan``).
 
     Returns:
         ``{claim_id: {"verdict": Verdict, "records": [...], "errors": [...]}}`` in the issue's order.
@@ -182,7 +173,8 @@ def reproduce(claims: Sequence[str] | None = None, seeds: int | Sequence[int] | 
     out = Path(out)
     tasks = plan(claims, seeds, quick)
     t0 = time.perf_counter()
-    records, errors = run_plan(tasks, out, jobs=jobs, progress=progress)
+    records, errors = run_plan(tasks, out, jobs=jobs, scheduler=scheduler, workers=workers,
+                               cluster_config=cluster_config, progress=progress)
     results = {}
     for cid in dict.fromkeys(t.claim for t in tasks):
         try:
