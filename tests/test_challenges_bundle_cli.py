@@ -89,13 +89,14 @@ def test_cli_list_make_run_score_leaderboard_bundle(tmp_path, monkeypatch):
     assert [line.split()[0] for line in listed.output.strip().splitlines()] == ["gw", "butterfly", "sealevel"]
     made = runner.invoke(app, ["challenge", "make", "gw", "--out", "c/gw", "--scale", "0.01"])
     assert made.exit_code == 0, made.output
-    ran = runner.invoke(app, ["challenge", "run", "gw", "c/gw/starting_kit", "--dir", "c/gw", "--timeout", "120"])
+    ran = runner.invoke(app, ["challenge", "run", "gw", "c/gw/starting_kit", "--dir", "c/gw", "--timeout", "120",
+                              "--trusted"])
     assert ran.exit_code == 0, ran.output
     lines = dict(line.split("=") for line in ran.output.strip().splitlines())
     assert set(lines) == {"TNR", "TNR_bbh", "TNR_sglf", "ROC_AUC"} and 0 <= float(lines["TNR"]) <= 1
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "model.py").write_text("raise SystemExit(3)\n")
-    failed = runner.invoke(app, ["challenge", "run", "gw", "bad", "--dir", "c/gw"])
+    failed = runner.invoke(app, ["challenge", "run", "gw", "bad", "--dir", "c/gw", "--trusted"])
     assert failed.exit_code == 1 and "FAILED" in failed.output
     board = runner.invoke(app, ["challenge", "leaderboard", "gw", "--dir", "c/gw"])
     assert board.exit_code == 0 and "starting_kit" in board.output and "FAILED" in board.output
@@ -108,3 +109,23 @@ def test_cli_list_make_run_score_leaderboard_bundle(tmp_path, monkeypatch):
     assert bundled.exit_code == 0 and "structural check passed" in bundled.output
     unknown = runner.invoke(app, ["challenge", "make", "protein"])
     assert unknown.exit_code == 2 and "valid names" in unknown.output
+
+
+@pytest.mark.parametrize("command", ["run", "score", "leaderboard", "bundle"])
+def test_a_misspelt_challenge_name_lists_the_valid_names(tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    args = {"run": ["gww", "sub"], "score": ["gww", "p.csv"], "leaderboard": ["gww"], "bundle": ["gww"]}[command]
+    result = CliRunner().invoke(app, ["challenge", command, *args])
+    assert result.exit_code == 2
+    assert "unknown challenge 'gww'; valid names: gw, butterfly, sealevel" in result.output
+    assert "challenge make" not in result.output
+
+
+def test_make_into_an_existing_folder_names_the_overwrite_option(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "keep.txt").write_text("x")
+    result = CliRunner().invoke(app, ["challenge", "make", "gw", "--out", "c", "--scale", "0.01"])
+    assert result.exit_code == 2
+    assert "c exists and is not empty; pass --overwrite to replace it" in result.output
+    assert "overwrite=True" not in result.output and (tmp_path / "c" / "keep.txt").is_file()

@@ -22,12 +22,13 @@ def test_three_challenges_are_listed_and_unknown_names_are_clear():
 
 @pytest.mark.parametrize("name", list(SMALL))
 def test_make_is_deterministic_and_seed_dependent(name, tmp_path):
-    a = make_challenge(name, tmp_path / "a", seed=7, scale=SMALL[name])
-    b = make_challenge(name, tmp_path / "b", seed=7, scale=SMALL[name])
-    c = make_challenge(name, tmp_path / "c", seed=8, scale=SMALL[name])
+    a = make_challenge(name, tmp_path / "a", seed=7, scale=SMALL[name], hidden_seed=11)
+    b = make_challenge(name, tmp_path / "b", seed=7, scale=SMALL[name], hidden_seed=11)
+    c = make_challenge(name, tmp_path / "c", seed=8, scale=SMALL[name], hidden_seed=11)
     assert a["checksums"] == b["checksums"]
     assert a["checksums"] == data_checksums(tmp_path / "a")  # manifest matches the files on disk
-    assert a["checksums"] != c["checksums"]
+    train = {k: v for k, v in a["checksums"].items() if k.startswith("train/")}
+    assert train != {k: v for k, v in c["checksums"].items() if k.startswith("train/")}
     manifest = json.loads((tmp_path / "a" / "challenge.json").read_text())
     assert manifest["score_keys"] == get_challenge(name).score_keys
     for phase in ("val", "test"):
@@ -42,6 +43,27 @@ def test_make_is_deterministic_and_seed_dependent(name, tmp_path):
         assert manifest["checksums"][item["contentUrl"]] == item["sha256"]
     with pytest.raises(FileExistsError, match="overwrite"):
         make_challenge(name, tmp_path / "a", seed=7, scale=SMALL[name])
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_hidden_splits_come_from_a_secret_seed_kept_only_with_the_reference_data(name, tmp_path):
+    """The public seed rebuilds the training split exactly, never the hidden inputs or labels."""
+    from kpflow.challenges.common import HIDDEN_SEED_FILE
+
+    a = make_challenge(name, tmp_path / "a", seed=7, scale=SMALL[name])
+    b = make_challenge(name, tmp_path / "b", seed=7, scale=SMALL[name])  # same public seed, fresh secret
+    for prefix, same in (("train/", True), ("input_data/", False), ("reference_data/", False)):
+        part_a = {k: v for k, v in a["checksums"].items() if k.startswith(prefix)}
+        part_b = {k: v for k, v in b["checksums"].items() if k.startswith(prefix)}
+        assert part_a and (part_a == part_b) == same, prefix
+    secret = json.loads((tmp_path / "a" / HIDDEN_SEED_FILE).read_text())["hidden_seed"]
+    assert int(secret).bit_length() > 64  # 128 random bits (fails with probability 2^-64)
+    public = [p for p in (tmp_path / "a").rglob("*") if p.is_file() and "reference_data" not in p.parts]
+    for path in public:  # card, manifest, Croissant, inputs, training data, starting kit
+        assert secret.encode() not in path.read_bytes(), path
+    assert HIDDEN_SEED_FILE not in a["checksums"]
+    c = make_challenge(name, tmp_path / "c", seed=7, scale=SMALL[name], hidden_seed=int(secret))
+    assert c["checksums"] == a["checksums"]  # the organiser rebuilds everything from the stored secret
 
 
 @pytest.mark.parametrize("name", ["butterfly", "sealevel"])
@@ -190,7 +212,7 @@ def test_butterfly_splits_follow_the_challenge_design(tmp_path):
 # ----------------------------------------------------------------------------- sea level
 def test_netcdf_round_trip_keeps_values_to_the_quantisation_step(tmp_path):
     rng = np.random.default_rng(0)
-    fields, _ = sealevel.sla_fields(rng, 3)
+    fields, _, _ = sealevel.sla_fields(rng, 3)
     path = tmp_path / "x.nc"
     path.write_bytes(sealevel.netcdf_bytes(fields, np.array([1.0, 2.0, 3.0])))
     sla, times = sealevel.read_sla(path)
@@ -202,21 +224,42 @@ def test_netcdf_round_trip_keeps_values_to_the_quantisation_step(tmp_path):
 
 
 def test_sealevel_labels_are_the_station_threshold_rule(tmp_path):
-    manifest = make_challenge("sealevel", tmp_path / "s", seed=5, scale=SMALL["sealevel"])
-    rngs = child_rngs(5, ["field", "gauge"])
-    total = sum(manifest["counts"].values())
-    fields, _ = sealevel.sla_fields(rngs["field"], total)
-    series = sealevel.station_series(rngs["gauge"], fields)
+    manifest = make_challenge("sealevel", tmp_path / "s", seed=5, scale=SMALL["sealevel"], hidden_seed=6)
+    public, hidden = child_rngs(5, ["field", "gauge"]), child_rngs(6, ["field", "gauge"])
     n = manifest["counts"]["train"]
+    total = sum(manifest["counts"].values())
+    train, _, state = sealevel.sla_fields(public["field"], n)
+    rest, _, _ = sealevel.sla_fields(hidden["field"], total - n, start=n, state=state)
+    fields = np.concatenate([train, rest])
+    series = np.concatenate([sealevel.station_series(public["gauge"], train),
+                             sealevel.station_series(hidden["gauge"], rest)])
     expected = series > series[:n].mean(0) + sealevel.THRESHOLD_SIGMAS * series[:n].std(0)
     with open(tmp_path / "s" / "train" / "labels.csv") as handle:
         rows = list(csv.DictReader(handle))
     got = np.array([[int(r[s]) for s in sealevel.STATIONS] for r in rows])
     assert np.array_equal(got, expected[:n])
+    with open(tmp_path / "s" / "reference_data" / "val" / "labels.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    got = np.array([[int(r[s]) for s in sealevel.STATIONS] for r in rows])
+    assert np.array_equal(got, expected[n:n + manifest["counts"]["val"]])
     maps = sorted((tmp_path / "s" / "input_data" / "val" / "maps").glob("*.nc"))
     assert len(maps) == manifest["counts"]["val"]
     sla, _ = sealevel.read_sla(maps[0])
     assert np.nanmax(np.abs(sla[0] - fields[n])) <= sealevel.SCALE_FACTOR / 2 + 1e-7
+
+
+def test_sealevel_field_continues_across_the_public_hidden_boundary():
+    """The hidden years continue the AR(1) state of the last training day (a one-day step, not a
+    restart), and the normalisation keeps the state at unit variance."""
+    ocean = ~sealevel.land_mask()
+    _, a, state = sealevel.sla_fields(np.random.default_rng(0), 60)
+    _, b, end = sealevel.sla_fields(np.random.default_rng(1), 60, start=60, state=state)
+    _, restart, _ = sealevel.sla_fields(np.random.default_rng(1), 60, start=60)
+    step = np.std(b[0][ocean] - a[-1][ocean])
+    # one step of x' = 0.9 x + √0.19 ε changes the 6 cm field by 6 cm · √(0.01 + 0.19) ≈ 2.7 cm; a restart
+    # from 0 changes it by ≈ √(6² + 2.6²) cm ≈ 6.5 cm
+    assert step < 0.045 < np.std(restart[0][ocean] - a[-1][ocean])
+    assert 0.6 < np.std(end) < 1.4  # unit stationary variance (one spatially correlated snapshot)
 
 
 # ----------------------------------------------------------------------------- loaders of the original files

@@ -1,7 +1,13 @@
-"""Running submissions: good ones score, bad ones become clear failed entries, the leaderboard survives."""
+"""Running submissions: good ones score, bad ones become clear failed entries, the leaderboard survives.
+
+These runs pass ``trusted=True``: isolated where bubblewrap works (as in CI), and run plainly where it
+does not, so that the runner's other behaviour is tested everywhere. The attacks on the isolation
+boundary are in ``test_challenges_isolation.py``.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import textwrap
 import zipfile
@@ -10,7 +16,10 @@ import numpy as np
 import pytest
 
 from kpflow.challenges import make_challenge
-from kpflow.challenges.runner import format_leaderboard, ranked, read_leaderboard, run_submission
+from kpflow.challenges import runner as runner_module
+from kpflow.challenges.runner import format_leaderboard, ranked, read_leaderboard
+
+run_submission = functools.partial(runner_module.run_submission, trusted=True)
 
 GOOD = """
 import numpy as np
@@ -73,8 +82,6 @@ BAD = {
     "nan": (_predict_body("return np.full(len(X), np.nan)"), r"non-finite values"),
     "strings": (_predict_body("return ['a'] * len(X)"), r"not numeric"),
     "memory": (_predict_body("return np.ones(3 * 2**30 // 8) [:len(X)]"), r"MemoryError|memory limit"),
-    "write_outside": (_predict_body("open('/tmp/kpflow_escape.txt', 'w').write('x')\nreturn np.zeros(len(X))"),
-                      r"write to /tmp/kpflow_escape.txt outside the output folder"),
     "no_model_class": ("class Other:\n    pass\n", r"does not define a class named Model"),
 }
 
@@ -92,37 +99,6 @@ def test_misbehaving_submissions_are_contained_and_reported(gw_dir, tmp_path, ki
     assert re.search(message, entry["error"]), entry["error"]
 
 
-def _cheat(gw_dir, catch: bool):
-    target = gw_dir / "reference_data" / "val" / "labels.csv"
-    read = f"labels = open({str(target)!r}).read()"
-    if catch:
-        read = f"try:\n    {read}\nexcept OSError:\n    pass"
-    return _predict_body(read + "\nreturn np.zeros(len(X))")
-
-
-@pytest.mark.parametrize("catch", [False, True])
-def test_reading_the_reference_folder_is_refused_and_reported(gw_dir, tmp_path, catch):
-    folder = _submission(tmp_path, f"cheat{catch}", _cheat(gw_dir, catch))
-    entry = run_submission(gw_dir, folder, phase="val", timeout_s=120, record=False)
-    assert entry["status"] == "failed"
-    assert "forbidden" in entry["error"] and "reference" in entry["error"], entry["error"]
-
-
-@pytest.mark.parametrize("how", ["subprocess.run(['cat', {target!r}], capture_output=True)",
-                                 "os.system('cat ' + {target!r})"])
-def test_starting_another_program_is_refused(gw_dir, tmp_path, how):
-    target = str(gw_dir / "reference_data" / "val" / "labels.csv")
-    body = "import os\nimport subprocess\n" + how.format(target=target) + "\nreturn np.zeros(len(X))"
-    entry = run_submission(gw_dir, _submission(tmp_path, "spawner", _predict_body(body)), phase="val", record=False)
-    assert entry["status"] == "failed" and "starting another program" in entry["error"], entry["error"]
-
-
-def test_listing_the_challenge_folder_is_refused(gw_dir, tmp_path):
-    code = _predict_body(f"import os\nos.listdir({str(gw_dir)!r})\nreturn np.zeros(len(X))")
-    entry = run_submission(gw_dir, _submission(tmp_path, "lister", code), phase="val", record=False)
-    assert entry["status"] == "failed" and "listing of forbidden folder" in entry["error"]
-
-
 def test_missing_model_py_and_unreadable_submission(gw_dir, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -130,6 +106,15 @@ def test_missing_model_py_and_unreadable_submission(gw_dir, tmp_path):
     assert entry["status"] == "failed" and "no model.py" in entry["error"]
     entry = run_submission(gw_dir, tmp_path / "does_not_exist", phase="val", record=False)
     assert entry["status"] == "failed" and "neither a folder nor a zip" in entry["error"]
+
+
+def test_submission_names_are_cleaned_for_the_leaderboard_and_the_run_folder(gw_dir, tmp_path):
+    entry = run_submission(gw_dir, _submission(tmp_path, "good", GOOD), phase="val",
+                           name="evil\nTNR=1.0\x1b[2J/../x")
+    assert entry["submission"] == "evil TNR=1.0/../x"
+    assert "/" not in entry["run_folder"].split("/", 1)[1] and (gw_dir / entry["run_folder"]).is_dir()
+    table = format_leaderboard([entry], ["TNR"])
+    assert len(table.splitlines()) == 2
 
 
 def test_leaderboard_records_failures_without_breaking(gw_dir, tmp_path):

@@ -199,13 +199,22 @@ def _specimens(rng, kind: str, n: int):
     return out
 
 
-def generate(out: Path, seed: int, scale: float) -> dict:
-    """Write the butterfly challenge under ``out`` (see module docstring)."""
+def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
+    """Write the butterfly challenge under ``out`` (see module docstring).
+
+    The public ``seed`` draws the training split (images and file names); the hidden val/test splits
+    come from ``hidden_seed``, kept with the reference data. Hidden file names never repeat training names.
+    """
     out = Path(out)
-    rngs = child_rngs(seed, ["names", "train", "val", "test"])
+    public, hidden = child_rngs(seed, ["names", "train"]), child_rngs(hidden_seed, ["names", "val", "test"])
+    rngs = {"train": public["train"], "val": hidden["val"], "test": hidden["test"]}
     counts = {s: {k: scaled(v, scale, minimum=6) for k, v in c.items()} for s, c in DEFAULT_COUNTS.items()}
     total = sum(sum(c.values()) for c in counts.values())
-    names = [f"CAM{n:06d}_d.png" for n in rngs["names"].choice(900000, size=total, replace=False) + 10000]
+    n_train = sum(counts["train"].values())
+    train_ids = public["names"].choice(900000, size=n_train, replace=False)
+    hidden_ids = hidden["names"].choice(np.setdiff1d(np.arange(900000), train_ids), size=total - n_train,
+                                        replace=False)
+    names = [f"CAM{n:06d}_d.png" for n in np.r_[train_ids, hidden_ids] + 10000]
     cursor = 0
     splits = {}
     bar = tqdm(total=total, desc="draw butterflies", disable=None, leave=False)

@@ -32,6 +32,16 @@ def _fail(message: str):
     raise typer.Exit(2)
 
 
+def _spec(name: str):
+    """The challenge's spec, or exit listing the valid names (before any folder is looked at)."""
+    from kpflow.challenges import get_challenge
+
+    try:
+        return get_challenge(name)
+    except KeyError as err:
+        _fail(str(err).strip("'\""))
+
+
 @challenge_app.command("list")
 def list_command():
     """Name, title and primary metric of each challenge."""
@@ -52,11 +62,14 @@ def make_command(
     """Generate a challenge folder: data, dataset card, Croissant metadata, checksums, starting kit."""
     from kpflow.challenges import make_challenge
 
+    _spec(name)
     folder = _default_dir(name, out)
     try:
         manifest = make_challenge(name, folder, seed=seed, scale=scale, overwrite=overwrite)
-    except (KeyError, FileExistsError, ValueError) as err:
-        _fail(str(err).strip("'\""))
+    except FileExistsError:
+        _fail(f"{folder} exists and is not empty; pass --overwrite to replace it")
+    except ValueError as err:
+        _fail(str(err))
     typer.echo(f"made {name} in {folder} ({manifest['seconds']} s, {len(manifest['checksums'])} files, "
                f"Croissant: {manifest['croissant']})")
     for split, info in manifest["splits"].items():
@@ -71,22 +84,33 @@ def run_command(
     phase: str = typer.Option("val", help="val (Development) or test (Final)."),
     label: str = typer.Option(None, "--name", help="Leaderboard name of the submission."),
     timeout: float = typer.Option(600.0, help="Wall-clock limit of the submission, seconds."),
-    memory_gb: float = typer.Option(8.0, help="Address-space limit of the submission, GiB."),
+    memory_gb: float = typer.Option(8.0, help="Memory limit of the submission, GiB."),
+    trusted: bool = typer.Option(False, "--trusted", help=(
+        "Only where no isolation (bubblewrap) is available: run the code WITHOUT isolation instead of "
+        "refusing. Say this only for code you trust.")),
 ):
-    """Run a code submission in a sandbox on the hidden inputs, score it, add it to the leaderboard."""
+    """Run a code submission in an isolated sandbox on the hidden inputs, score it, add it to the leaderboard.
+
+    The submission runs in Linux namespaces (bubblewrap) that show only its code, the phase's inputs
+    and the Python environment; scores are computed afterwards by a separate trusted scoring program.
+    """
+    from kpflow.challenges.isolation import IsolationUnavailable, clean_text
     from kpflow.challenges.runner import run_submission
 
+    spec = _spec(name)
     folder = _default_dir(name, folder)
     try:
         entry = run_submission(folder, submission, phase=phase, name=label, timeout_s=timeout,
-                               memory_gb=memory_gb)
-    except (FileNotFoundError, ValueError) as err:
+                               memory_gb=memory_gb, trusted=trusted)
+    except (FileNotFoundError, ValueError, IsolationUnavailable) as err:
         _fail(str(err))
+    if entry["isolation"].startswith("NONE"):
+        typer.echo(f"WARNING: {entry['isolation']}", err=True)
     if entry["status"] != "ok":
-        typer.echo(f"FAILED: {entry['error']}")
+        typer.echo(f"FAILED: {clean_text(entry['error'], 1000, keep='head')}")
         raise typer.Exit(1)
-    for key, value in entry["scores"].items():
-        typer.echo(f"{key}={value:.6f}")
+    for key in spec.score_keys:  # printed from the scores, so a submission's output cannot add rows
+        typer.echo(f"{key}={float(entry['scores'][key]):.6f}")
 
 
 @challenge_app.command("score")
@@ -100,6 +124,7 @@ def score_command(
     from kpflow.challenges.runner import score_predictions
     from kpflow.challenges.scoring import ScoringError
 
+    _spec(name)
     try:
         scores = score_predictions(_default_dir(name, folder), predictions, phase=phase)
     except (ScoringError, FileNotFoundError, ValueError) as err:
@@ -114,10 +139,9 @@ def leaderboard_command(
     phase: str = typer.Option(None, help="Only this phase (val or test)."),
 ):
     """Print the local leaderboard: successful entries ranked by the primary metric, failed ones last."""
-    from kpflow.challenges import get_challenge
     from kpflow.challenges.runner import format_leaderboard, ranked, read_leaderboard
 
-    spec = get_challenge(name)
+    spec = _spec(name)
     entries = ranked(read_leaderboard(_default_dir(name, folder)), spec.primary, phase)
     typer.echo(format_leaderboard(entries, spec.score_keys[:4]) if entries else "no entries yet")
 
@@ -131,6 +155,7 @@ def bundle_command(
     """Export a Codabench-compatible bundle and check its structure."""
     from kpflow.challenges.bundle import check_bundle, export_bundle
 
+    _spec(name)
     folder = _default_dir(name, folder)
     target = Path(out) if out is not None else Path("bundles") / name
     try:

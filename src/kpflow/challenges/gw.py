@@ -233,10 +233,14 @@ def _npy_bytes(array) -> bytes:
     return buffer.getvalue()
 
 
-def generate(out: Path, seed: int, scale: float) -> dict:
-    """Write the gravitational-wave challenge data under ``out`` (see module docstring)."""
+def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
+    """Write the gravitational-wave challenge data under ``out`` (see module docstring).
+
+    The public ``seed`` draws the training split only; the hidden val/test splits come from
+    ``hidden_seed``, which is kept with the reference data.
+    """
     out = Path(out)
-    rngs = child_rngs(seed, ["train", "val", "test"])
+    rngs = {"train": child_rngs(seed, ["train", "val", "test"])["train"], **child_rngs(hidden_seed, ["val", "test"])}
     counts = {s: {k: scaled(v, scale) for k, v in c.items()} for s, c in DEFAULT_COUNTS.items()}
     rng = rngs["train"]
     background, _ = background_windows(rng, counts["train"]["background"])

@@ -4,21 +4,17 @@ This file is *standalone* (standard library, numpy, and Pillow / scipy for the i
 challenges) so it is copied verbatim into a Codabench bundle as ``ingestion_program/ingestion.py``.
 Codabench-style call::
 
-    python3 ingestion.py INPUT_DIR OUTPUT_DIR PROGRAM_DIR SUBMISSION_DIR --challenge NAME \
-        [--deny PATH ...] [--allow-write PATH ...]
+    python3 ingestion.py INPUT_DIR OUTPUT_DIR PROGRAM_DIR SUBMISSION_DIR --challenge NAME
 
 The submission folder holds ``model.py`` defining ``class Model`` with ``load()`` and ``predict(...)``.
-The program writes ``OUTPUT_DIR/predictions.csv`` and ``OUTPUT_DIR/status.json``.
+The program writes ``OUTPUT_DIR/predictions.csv`` and ``OUTPUT_DIR/status.json`` (in place: kpflow's
+runner binds exactly these two files writable into its sandbox).
 
-Containment inside the process, when ``--deny`` / ``--allow-write`` are given (kpflow's runner gives
-them and adds a wall-clock timeout, a memory limit, a fresh sandbox folder and a minimal
-environment; on Codabench the container does this job): a Python audit hook (PEP 578) refuses to open or list
-anything under a ``--deny`` root (the challenge folder holding the reference labels) and refuses
-writes, renames and deletions outside the ``--allow-write`` roots (the output and scratch folders).
-Attempts are recorded and make the run fail even if the submission catches the error. The hook sees
-file access through Python (``open``, ``os.open``, ``numpy.load``, ...); code in C extensions that
-calls the C library directly is not seen, which is why the reference labels are also never copied
-into the sandbox and their path is never passed to the submission.
+This program contains no security mechanism: it runs in the same process as the submission, so
+everything it writes is as untrusted as the submission itself. The isolation comes from outside —
+kpflow's runner starts it inside a bubblewrap sandbox (``kpflow.challenges.isolation``), Codabench
+inside its compute worker's container — and the trusted side re-validates the predictions when it
+scores them.
 """
 
 from __future__ import annotations
@@ -34,69 +30,10 @@ import traceback
 
 PREDICTIONS_FILE = "predictions.csv"
 STATUS_FILE = "status.json"
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
 
 class SubmissionError(RuntimeError):
-    """The submission misbehaved (bad output, forbidden access); the message says how."""
-
-
-# ----------------------------------------------------------------------------- containment
-class FileGuard:
-    """Audit hook that denies reads under ``deny`` roots and writes outside ``allow_write`` roots."""
-
-    def __init__(self, deny, allow_write):
-        self.deny = [os.path.realpath(p) for p in deny]
-        self.allow_write = [os.path.realpath(p) for p in allow_write] + ["/dev/null"]
-        self.violations: list[str] = []
-        self.active = False
-
-    @staticmethod
-    def _under(path, roots):
-        return any(path == r or path.startswith(r.rstrip(os.sep) + os.sep) for r in roots)
-
-    def _resolve(self, path):
-        if isinstance(path, bytes):
-            path = os.fsdecode(path)
-        if not isinstance(path, (str, os.PathLike)):
-            return None
-        return os.path.realpath(os.fspath(path))
-
-    def _refuse(self, message):
-        self.violations.append(message)
-        raise PermissionError(f"kpflow sandbox: {message}")
-
-    #: Audit events that start another program, which would run outside this hook.
-    SPAWN_EVENTS = ("subprocess.Popen", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.startfile",
-                    "pty.spawn")
-
-    def __call__(self, event, args):
-        if not self.active:
-            return
-        if event in self.SPAWN_EVENTS:
-            self._refuse(f"starting another program ({event}) is not allowed in a submission")
-        if event == "open":
-            path = self._resolve(args[0])
-            if path is None:
-                return
-            mode, flags = args[1], args[2] if len(args) > 2 else 0
-            writes = (isinstance(mode, str) and any(c in mode for c in "wax+")) or (
-                mode is None and isinstance(flags, int) and flags & _WRITE_FLAGS)
-            if self._under(path, self.deny):
-                self._refuse(f"read of forbidden path {path} (the reference data is off limits)")
-            if writes and not self._under(path, self.allow_write):
-                self._refuse(f"write to {path} outside the output folder")
-        elif event in ("os.listdir", "os.scandir"):
-            path = self._resolve(args[0] if args and args[0] is not None else ".")
-            if path is not None and self._under(path, self.deny):
-                self._refuse(f"listing of forbidden folder {path}")
-        elif event in ("os.remove", "os.rmdir", "os.mkdir", "os.rename", "os.chmod", "os.truncate",
-                       "shutil.rmtree", "os.symlink", "os.link"):
-            paths = [a for a in args[:2] if isinstance(a, (str, bytes, os.PathLike))]
-            for raw in paths:
-                path = self._resolve(raw)
-                if path is not None and not self._under(path, self.allow_write):
-                    self._refuse(f"{event} on {path} outside the output folder")
+    """The submission misbehaved (bad output); the message says how."""
 
 
 # ----------------------------------------------------------------------------- submission
@@ -134,12 +71,10 @@ def _as_float_list(values, expected: int, what: str) -> list[float]:
 
 
 def _write_csv(path, header, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as handle:
+    with open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def ingest_gw(model, input_dir, output_dir):
@@ -209,61 +144,42 @@ INGESTERS = {"gw": ingest_gw, "butterfly": ingest_butterfly, "sealevel": ingest_
 
 def _parse(argv):
     args = list(argv)
-    options = {"--challenge": [], "--deny": [], "--allow-write": []}
-    positional = []
-    while args:
-        a = args.pop(0)
-        if a in options:
-            if not args:
-                raise SystemExit(f"{a} needs a value")
-            options[a].append(args.pop(0))
-        else:
-            positional.append(a)
-    if len(positional) != 4 or len(options["--challenge"]) != 1:
-        raise SystemExit("usage: ingestion.py INPUT_DIR OUTPUT_DIR PROGRAM_DIR SUBMISSION_DIR --challenge NAME "
-                         "[--deny PATH] [--allow-write PATH]")
-    return positional, options["--challenge"][0], options["--deny"], options["--allow-write"]
+    challenge = None
+    if "--challenge" in args:
+        i = args.index("--challenge")
+        if i + 1 >= len(args):
+            raise SystemExit("--challenge needs a value")
+        challenge = args[i + 1]
+        del args[i:i + 2]
+    if len(args) != 4 or challenge is None:
+        raise SystemExit("usage: ingestion.py INPUT_DIR OUTPUT_DIR PROGRAM_DIR SUBMISSION_DIR --challenge NAME")
+    return args, challenge
 
 
 def main(argv=None) -> int:
-    (input_dir, output_dir, _program_dir, submission_dir), challenge, deny, allow = _parse(
-        sys.argv[1:] if argv is None else argv)
+    (input_dir, output_dir, _program_dir, submission_dir), challenge = _parse(sys.argv[1:] if argv is None else argv)
     if challenge not in INGESTERS:
         raise SystemExit(f"unknown challenge {challenge!r}; valid: {sorted(INGESTERS)}")
     os.makedirs(output_dir, exist_ok=True)
-    status_path = os.path.join(output_dir, STATUS_FILE)
-    guard = FileGuard(deny, [output_dir, *allow])
-    if deny or allow:  # kpflow's sandbox; on Codabench the container isolates the submission instead
-        sys.addaudithook(guard)
     sys.dont_write_bytecode = True
     start = time.time()
     status = {"ok": False, "challenge": challenge}
     try:
-        guard.active = True
         os.chdir(submission_dir)
         model = load_model_class(submission_dir)
         model.load()
         status["n_predictions"] = INGESTERS[challenge](model, input_dir, output_dir)
-        status["ok"] = not guard.violations
-        if guard.violations:
-            status["error"] = "forbidden file access: " + "; ".join(guard.violations[:3])
+        status["ok"] = True
     except MemoryError:
         status["error"] = "MemoryError: the submission exceeded its memory limit"
     except SubmissionError as err:
         status["error"] = f"malformed submission: {err}"
     except BaseException as err:  # the submission's own crash, reported with its last frames
-        trace = traceback.format_exc(limit=-3)
-        prefix = "forbidden file access: " + "; ".join(guard.violations[:3]) + ". " if guard.violations else ""
-        status["error"] = f"{prefix}submission crashed: {type(err).__name__}: {err}"
-        status["traceback"] = trace[-2000:]
-    finally:
-        guard.active = False
+        status["error"] = f"submission crashed: {type(err).__name__}: {err}"
+        status["traceback"] = traceback.format_exc(limit=-3)[-2000:]
     status["seconds"] = round(time.time() - start, 3)
-    status["violations"] = guard.violations
-    tmp = status_path + ".tmp"
-    with open(tmp, "w") as handle:
+    with open(os.path.join(output_dir, STATUS_FILE), "w") as handle:
         json.dump(status, handle, indent=2)
-    os.replace(tmp, status_path)
     return 0 if status["ok"] else 1
 
 

@@ -1,8 +1,22 @@
-"""Run a code submission against a made challenge: sandbox, ingestion subprocess, scoring, leaderboard.
+"""Run a code submission against a made challenge: isolated ingestion, separate trusted scoring, leaderboard.
 
-Every failure mode of a submission — crash, hang, memory blow-up, forbidden file access, malformed
-output — becomes a *failed* leaderboard entry with a clear message; the leaderboard file itself is
-only ever replaced atomically, under a lock.
+The three steps, as on Codabench:
+
+1. **Ingestion** (untrusted): ``ingestion.py`` and the submission run together inside an OS-level
+   sandbox (:mod:`kpflow.challenges.isolation`: bubblewrap namespaces, rlimits, cgroups). The sandbox
+   sees the submission's code, the phase's inputs and the Python environment, all read-only, plus a
+   size-capped scratch tmpfs; it can write exactly two pre-created files, ``predictions.csv`` and
+   ``status.json``. No reference data, no challenge folder, no other process, no network.
+2. **Scoring** (trusted): the parent reads the predictions file without following links and with a
+   size cap, copies it into a fresh folder, and runs the scoring program as a separate process, which
+   validates ids and values and writes ``scores.json``.
+3. **Recording** (trusted): only this parent writes the run folder and the leaderboard (under a lock,
+   atomically); entries carry the submission's sha256. Everything the submission produced (status,
+   logs) is treated as data: cut, stripped of control characters, never interpreted.
+
+Every failure mode — crash, hang, memory blow-up, runaway log, malformed output — becomes a *failed*
+leaderboard entry with a clear message. Where no isolation is available, the runner refuses to run
+a submission unless it is declared trusted (``trusted=True``, ``--trusted``), and says so.
 """
 
 from __future__ import annotations
@@ -12,8 +26,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
-import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -22,37 +37,72 @@ import zipfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from kpflow.challenges import ingestion, scoring
-from kpflow.challenges.common import PHASES, atomic_write_json, check_challenge_folder
+from kpflow.challenges import ingestion, isolation, scoring
+from kpflow.challenges.common import (
+    PHASES,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+    check_challenge_folder,
+)
 
 LEADERBOARD = "leaderboard.json"
 DEFAULT_TIMEOUT_S = 600.0
 DEFAULT_MEMORY_GB = 8.0
+MAX_SUBMISSION_BYTES = 4 * 2 ** 30
+MAX_STATUS_BYTES = 1 << 20
+SANDBOX_INPUT, SANDBOX_OUTPUT = "/app/input_data", "/app/output"
+SANDBOX_PROGRAM, SANDBOX_SUBMISSION = "/app/program", "/app/ingested_program"
 
 
 # ----------------------------------------------------------------------------- submission files
+def _refuse_links(folder: Path) -> None:
+    for root, dirs, files in os.walk(folder):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise ValueError(f"submission contains a symbolic link {path.relative_to(folder)}; "
+                                 "a submission must hold plain files and folders only")
+            if name in files and not stat.S_ISREG(path.lstat().st_mode):
+                raise ValueError(f"submission contains {path.relative_to(folder)}, which is not a regular file")
+
+
 def submission_digest(folder: Path) -> str:
     """sha256 over the submission's files (relative paths and contents), for identification."""
+    folder = Path(folder)
     digest = hashlib.sha256()
-    for path in sorted(Path(folder).rglob("*")):
-        if path.is_file() and "__pycache__" not in path.parts:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink() and "__pycache__" not in path.parts:
             digest.update(path.relative_to(folder).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
 def unpack_submission(submission: Path, into: Path) -> Path:
-    """Copy a submission folder, or safely extract a zip, to ``into``; return the folder with model.py."""
+    """Copy a submission folder, or safely extract a zip, to ``into``; return the folder with model.py.
+
+    Raises:
+        FileNotFoundError: ``submission`` is neither a folder nor a zip file.
+        ValueError: it holds a symbolic link or special file, a zip member escapes the folder or is a
+            link, or it unpacks to more than ``MAX_SUBMISSION_BYTES``.
+    """
     submission = Path(submission)
     if submission.is_dir():
+        _refuse_links(submission)
         shutil.copytree(submission, into, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     elif submission.is_file() and zipfile.is_zipfile(submission):
         into.mkdir(parents=True)
         with zipfile.ZipFile(submission) as archive:
-            for member in archive.namelist():
-                target = (into / member).resolve()
+            members = archive.infolist()
+            for member in members:
+                target = (into / member.filename).resolve()
                 if not str(target).startswith(str(into.resolve()) + os.sep) and target != into.resolve():
-                    raise ValueError(f"zip member {member!r} escapes the submission folder")
+                    raise ValueError(f"zip member {member.filename!r} escapes the submission folder")
+                if stat.S_ISLNK(member.external_attr >> 16):
+                    raise ValueError(f"zip member {member.filename!r} is a symbolic link; only plain files are allowed")
+            total = sum(m.file_size for m in members)
+            if total > MAX_SUBMISSION_BYTES:
+                raise ValueError(f"the zip unpacks to {total} bytes; the limit is {MAX_SUBMISSION_BYTES}")
             archive.extractall(into)
     else:
         raise FileNotFoundError(f"submission {submission} is neither a folder nor a zip file")
@@ -102,115 +152,233 @@ def ranked(entries: list[dict], primary: str, phase: str | None = None) -> list[
 
 
 def format_leaderboard(entries: list[dict], keys: list[str]) -> str:
-    """A plain-text table of ranked entries."""
+    """A plain-text table of ranked entries (every cell one line, control characters removed)."""
+    one = isolation.clean_text
     header = ["rank", "submission", "phase", "status", *keys]
     rows = []
     for k, e in enumerate(entries, 1):
         scores = e.get("scores") or {}
-        cells = [f"{scores[key]:.4f}" if key in scores else "-" for key in keys]
-        rows.append([str(k) if e.get("status") == "ok" else "-", e["submission"], e["phase"],
-                     e["status"] if e["status"] == "ok" else "FAILED: " + e.get("error", "")[:70], *cells])
+        cells = [f"{float(scores[key]):.4f}" if key in scores else "-" for key in keys]
+        status = "ok" if e.get("status") == "ok" else "FAILED: " + one(str(e.get("error", "")), 70, keep="head")
+        rows.append([str(k) if e.get("status") == "ok" else "-", one(str(e.get("submission", "")), 40),
+                     one(str(e.get("phase", "")), 10), status, *cells])
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in [header, *rows])
 
 
 # ----------------------------------------------------------------------------- running
-def _limits(memory_bytes: int):
-    def apply():
-        import resource
-
-        resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    return apply
+def _environment(home: str, threads: int, pythonpath: str, path: str) -> dict[str, str]:
+    return {"PATH": path, "HOME": home, "TMPDIR": home, "MPLCONFIGDIR": home, "XDG_CACHE_HOME": home,
+            "LANG": "C.UTF-8", "PYTHONPATH": pythonpath, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1",
+            **{k: str(threads) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}}
 
 
-def _environment(scratch: Path, threads: int) -> dict[str, str]:
-    keep = {k: os.environ[k] for k in ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV") if k in os.environ}
-    return {**keep, "HOME": str(scratch), "TMPDIR": str(scratch), "MPLCONFIGDIR": str(scratch),
-            "XDG_CACHE_HOME": str(scratch), "PYTHONDONTWRITEBYTECODE": "1", "PYTHONNOUSERSITE": "1",
-            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+def _check_not_exposed(challenge_dir: Path) -> None:
+    """The challenge folder must not lie inside (or contain) a folder the sandbox sees."""
+    for mount in [Path("/usr"), *isolation.python_mounts()]:
+        if mount == challenge_dir or mount in challenge_dir.parents or challenge_dir in mount.parents:
+            raise ValueError(f"the challenge folder {challenge_dir} overlaps {mount}, which the sandbox shows "
+                             "read-only to the submission; move the challenge folder elsewhere")
 
 
-def _tail(path: Path, n: int = 2000) -> str:
-    return path.read_text(errors="replace")[-n:] if path.is_file() else ""
+def _signal_hint(code: int) -> str:
+    return {-9: " (memory or CPU-time limit exceeded?)", -24: " (CPU-time limit exceeded)",
+            -25: " (file-size limit exceeded)"}.get(code, "")
+
+
+def _ingest(challenge: str, challenge_dir: Path, phase: str, code: Path, output: Path, scratch: Path,
+            limits: isolation.Limits, isolated: bool) -> isolation.Outcome:
+    """Run the ingestion program on ``code`` — inside the sandbox when ``isolated``."""
+    root = str(isolation.kpflow_root())
+    if isolated:
+        mounts = [isolation.Mount(challenge_dir / "input_data" / phase, SANDBOX_INPUT),
+                  isolation.Mount(code, SANDBOX_SUBMISSION),
+                  isolation.Mount(Path(ingestion.__file__), f"{SANDBOX_PROGRAM}/ingestion.py"),
+                  isolation.Mount(output, SANDBOX_OUTPUT)]
+        mounts += [isolation.Mount(output / f, f"{SANDBOX_OUTPUT}/{f}", writable=True)
+                   for f in (ingestion.PREDICTIONS_FILE, ingestion.STATUS_FILE)]
+        command = [sys.executable, f"{SANDBOX_PROGRAM}/ingestion.py", SANDBOX_INPUT, SANDBOX_OUTPUT, SANDBOX_PROGRAM,
+                   SANDBOX_SUBMISSION, "--challenge", challenge]
+        env = _environment(isolation.SCRATCH, limits.threads, root, "/usr/local/bin:/usr/bin:/bin")
+        return isolation.run_isolated(command, mounts, env, isolation.SCRATCH, limits)
+    command = [sys.executable, ingestion.__file__, str(challenge_dir / "input_data" / phase), str(output),
+               str(Path(ingestion.__file__).parent), str(code), "--challenge", challenge]
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = _environment(str(scratch), limits.threads, pythonpath, os.environ.get("PATH", "/usr/bin:/bin"))
+    return isolation.run_unisolated(command, env, str(scratch), limits)
+
+
+def _score(challenge: str, predictions: bytes, reference: Path, work: Path) -> dict:
+    """Trusted scoring in a separate process: ``scoring.py`` on a copy of the predictions."""
+    res, ref, out = work / "input" / "res", work / "input" / "ref", work / "output"
+    res.mkdir(parents=True)
+    shutil.copytree(reference, ref)
+    atomic_write_bytes(res / scoring.PREDICTIONS_FILE, predictions)
+    try:
+        command = [sys.executable, scoring.__file__, str(work / "input"), str(out), "--challenge", challenge]
+        run = subprocess.run(command, capture_output=True, timeout=600, stdin=subprocess.DEVNULL, env={
+                                 **{k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "PYTHONPATH")},
+                                 "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        raise scoring.ScoringError("the scoring program timed out after 600 s") from None
+    if run.returncode != 0:
+        message = isolation.clean_text(run.stderr, 1000, keep="head").removeprefix("scoring failed: ")
+        raise scoring.ScoringError(message or f"the scoring program exited with code {run.returncode}")
+    scores = json.loads((out / "scores.json").read_text())
+    return {k: float(v) for k, v in scores.items()}
+
+
+def _isolation_decision(trusted: bool) -> tuple[bool, str | None]:
+    """(isolated?, reason isolation is unavailable); raises if unavailable and not trusted."""
+    reason = isolation.unavailable_reason()
+    if reason is None:
+        return True, None
+    if not trusted:
+        raise isolation.IsolationUnavailable(
+            f"refusing to run the submission: no isolation is available ({reason}). Install bubblewrap "
+            "(apt-get install bubblewrap) and allow user namespaces, or, only for code you trust, pass "
+            "trusted=True (`kpflow challenge run --trusted`) to run it without isolation.")
+    return False, reason
 
 
 def run_submission(challenge_dir: Path, submission: Path, phase: str = "val", name: str | None = None,
                    timeout_s: float = DEFAULT_TIMEOUT_S, memory_gb: float = DEFAULT_MEMORY_GB,
-                   threads: int = 2, record: bool = True) -> dict:
-    """Ingest ``submission`` on ``phase`` inputs in a sandboxed subprocess, score it, record the entry.
+                   threads: int = 2, record: bool = True, trusted: bool = False,
+                   limits: isolation.Limits | None = None) -> dict:
+    """Ingest ``submission`` on ``phase`` inputs in an isolated sandbox, score it, record the entry.
 
-    Returns the leaderboard entry: ``status`` 'ok' with ``scores``, or 'failed' with ``error``.
+    Args:
+        challenge_dir: a folder made by ``make_challenge``.
+        submission: a folder or zip holding ``model.py`` (``class Model`` with ``load``/``predict``).
+        phase: 'val' (Development) or 'test' (Final).
+        name: leaderboard name (default: the submission's file name).
+        timeout_s, memory_gb, threads: wall-clock limit, memory limit, threads asked of the submission.
+        record: write a run folder and a leaderboard entry.
+        trusted: where no isolation is available, run the code without it instead of refusing. With
+            isolation available the submission is isolated regardless.
+        limits: every resource cap at once (overrides ``timeout_s``, ``memory_gb`` and ``threads``).
+
+    Returns:
+        The leaderboard entry: ``status`` 'ok' with ``scores``, or 'failed' with ``error``; ``isolation``
+        says how the code was run.
+
+    Raises:
+        IsolationUnavailable: no isolation here and ``trusted`` is False.
+        FileNotFoundError, ValueError: not a challenge folder, a wrong phase, or a challenge folder that the
+            sandbox would expose.
     """
     challenge_dir = Path(challenge_dir).resolve()
     manifest = check_challenge_folder(challenge_dir)
     challenge = manifest["name"]
     if phase not in PHASES:
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    limits = limits or isolation.Limits(wall_s=float(timeout_s), memory_bytes=int(memory_gb * 2 ** 30),
+                                        threads=int(threads))
+    isolated, unavailable = _isolation_decision(trusted)
+    if isolated:
+        _check_not_exposed(challenge_dir)
     submission = Path(submission)
-    entry = {"submission": name or submission.stem, "phase": phase, "challenge": challenge,
+    label = isolation.clean_text(name or submission.stem, 80)
+    entry = {"submission": label, "phase": phase, "challenge": challenge,
              "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-             "status": "failed", "scores": None}
+             "status": "failed", "scores": None,
+             "isolation": ("bubblewrap: " + ", ".join(isolation.NAMESPACES) + " namespaces" if isolated else
+                           f"NONE: run without isolation because it was declared trusted ({unavailable})")}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="kpflow-sandbox-") as tmp:
         sandbox = Path(tmp)
-        inputs, output, scratch = sandbox / "input", sandbox / "output", sandbox / "scratch"
-        shutil.copytree(challenge_dir / "input_data" / phase, inputs)
+        output, scratch = sandbox / "output", sandbox / "scratch"
         output.mkdir()
         scratch.mkdir()
+        for f in (ingestion.PREDICTIONS_FILE, ingestion.STATUS_FILE):
+            (output / f).touch()
         try:
             code = unpack_submission(submission, sandbox / "submission")
             entry["submission_sha256"] = submission_digest(code)
         except (OSError, ValueError, zipfile.BadZipFile) as err:
-            entry["error"] = f"unreadable submission: {err}"
+            entry["error"] = isolation.clean_text(f"unreadable submission: {err}", 1000)
             return _finish(challenge_dir, entry, start, record)
-        command = [sys.executable, ingestion.__file__, str(inputs), str(output), str(Path(ingestion.__file__).parent),
-                   str(code), "--challenge", challenge, "--deny", str(challenge_dir), "--allow-write", str(scratch)]
-        stdout, stderr = sandbox / "stdout.txt", sandbox / "stderr.txt"
-        with open(stdout, "w") as out_handle, open(stderr, "w") as err_handle:
-            process = subprocess.Popen(command, cwd=str(scratch), env=_environment(scratch, threads),
-                                       stdout=out_handle, stderr=err_handle, stdin=subprocess.DEVNULL,
-                                       preexec_fn=_limits(int(memory_gb * 2 ** 30)), start_new_session=True)
-            try:
-                returncode = process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-                returncode = None
-        entry["log_tail"] = _tail(stderr, 1500)
-        status_path = output / ingestion.STATUS_FILE
-        status = json.loads(status_path.read_text()) if status_path.is_file() else None
-        if returncode is None:
-            entry["error"] = f"timed out after {timeout_s:g} s (the submission hung or was too slow)"
-        elif status is None:
-            how = (f"killed by signal {-returncode}" if returncode < 0 else f"exited with code {returncode}")
-            hint = " (memory limit exceeded?)" if returncode in (-9, 137) else ""
-            entry["error"] = f"ingestion {how}{hint} without a status report; stderr: {_tail(stderr, 300)!r}"
-        elif not status.get("ok"):
-            entry["error"] = status.get("error", "ingestion failed")
-        else:
-            try:
-                entry["scores"] = scoring.score_folder(challenge, str(output),
-                                                       str(challenge_dir / "reference_data" / phase))
-                entry["status"] = "ok"
-            except scoring.ScoringError as err:
-                entry["error"] = f"malformed predictions: {err}"
+        outcome = _ingest(challenge, challenge_dir, phase, code, output, scratch, limits, isolated)
+        entry["log_tail"] = isolation.clean_text(outcome.stderr, 1500, newlines=True)
+        status, predictions = _read_outputs(output)
+        entry["error"] = _ingestion_error(outcome, status, limits)
+        if entry["error"] is None:
+            if predictions is None:
+                entry["error"] = (f"malformed predictions: {ingestion.PREDICTIONS_FILE} is not a readable "
+                                  f"regular file of at most {scoring.MAX_FILE_BYTES} bytes")
+            else:
+                try:
+                    entry["scores"] = _score(challenge, predictions, challenge_dir / "reference_data" / phase,
+                                             sandbox / "scoring")
+                    entry["status"] = "ok"
+                    del entry["error"]
+                except scoring.ScoringError as err:
+                    entry["error"] = isolation.clean_text(f"malformed predictions: {err}", 1000, keep="head")
         if record:
-            (challenge_dir / "runs").mkdir(exist_ok=True)
-            stamp = entry["timestamp"].replace(":", "").replace("+0000", "Z")
-            prefix = f"{stamp}-{entry['submission']}-{phase}-"
-            run_dir = Path(tempfile.mkdtemp(dir=challenge_dir / "runs", prefix=prefix))
-            for f in (output / ingestion.PREDICTIONS_FILE, stdout, stderr, status_path):
-                if f.is_file():
-                    shutil.copy2(f, run_dir / f.name)
-            entry["run_folder"] = str(run_dir.relative_to(challenge_dir))
+            entry["run_folder"] = _write_run_folder(challenge_dir, entry, outcome, status, predictions)
     return _finish(challenge_dir, entry, start, record)
+
+
+def _read_outputs(output: Path) -> tuple[dict | None, bytes | None]:
+    """The status report (a dict, or None) and the predictions bytes (None if unreadable or too large)."""
+    try:
+        status = json.loads(isolation.read_regular_file(output / ingestion.STATUS_FILE, MAX_STATUS_BYTES))
+        status = status if isinstance(status, dict) else None
+    except (OSError, ValueError):
+        status = None
+    try:
+        predictions = isolation.read_regular_file(output / ingestion.PREDICTIONS_FILE, scoring.MAX_FILE_BYTES)
+    except (OSError, ValueError):
+        predictions = None
+    return status, predictions
+
+
+def _ingestion_error(outcome: isolation.Outcome, status: dict | None, limits: isolation.Limits) -> str | None:
+    """Why the ingestion failed (one clean line), or None if it reported success and exited cleanly."""
+    if outcome.stopped == "time":
+        return (f"timed out after {limits.wall_s:g} s (the submission hung or was too slow); every process "
+                "of the sandbox was killed")
+    if outcome.stopped == "log":
+        return (f"wrote more than {limits.log_bytes / 2 ** 20:g} MiB to stdout/stderr (the log limit); the run "
+                "was stopped")
+    code = outcome.returncode
+    if status is None:
+        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return isolation.clean_text(f"ingestion {how}{_signal_hint(code or 0)} without a status report; "
+                                    f"stderr: {isolation.clean_text(outcome.stderr, 300)!r}", 1000)
+    if status.get("ok") is not True:
+        return isolation.clean_text(str(status.get("error") or "ingestion failed"), 1000, keep="head")
+    if code != 0:
+        how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
+        return f"ingestion reported success but {how}{_signal_hint(code or 0)}"
+    return None
+
+
+def _write_run_folder(challenge_dir: Path, entry: dict, outcome: isolation.Outcome, status: dict | None,
+                      predictions: bytes | None) -> str:
+    """The parent's record of a run: predictions copy, cleaned log tails, status, sandbox facts."""
+    runs = challenge_dir / "runs"
+    runs.mkdir(exist_ok=True)
+    stamp = entry["timestamp"].replace(":", "").replace("+0000", "Z")
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", entry["submission"])[:60] or "submission"
+    run_dir = Path(tempfile.mkdtemp(dir=runs, prefix=f"{stamp}-{safe}-{entry['phase']}-"))
+    if predictions is not None:
+        atomic_write_bytes(run_dir / ingestion.PREDICTIONS_FILE, predictions)
+    for name, data in (("stdout.txt", outcome.stdout), ("stderr.txt", outcome.stderr)):
+        atomic_write_text(run_dir / name, isolation.clean_text(data, isolation.TAIL_BYTES, newlines=True))
+    if status is not None:
+        atomic_write_json(run_dir / ingestion.STATUS_FILE,
+                          {k: isolation.clean_text(str(v), 4000, newlines=True) for k, v in status.items()})
+    atomic_write_json(run_dir / "sandbox.json", {"isolation": entry["isolation"], "limits": outcome.limits,
+                                                 "returncode": outcome.returncode, "stopped": outcome.stopped,
+                                                 "log_bytes": outcome.log_bytes, "seconds": outcome.seconds})
+    return str(run_dir.relative_to(challenge_dir))
 
 
 def _finish(challenge_dir, entry, start, record):
     entry["seconds"] = round(time.perf_counter() - start, 2)
     if entry["status"] == "ok" and "run_folder" in entry:
-        scoring.write_json_atomic(str(challenge_dir / entry["run_folder"] / "scores.json"), entry["scores"])
+        atomic_write_json(challenge_dir / entry["run_folder"] / "scores.json", entry["scores"])
     if record:
         record_entry(challenge_dir, entry)
     return entry

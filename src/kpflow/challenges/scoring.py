@@ -31,6 +31,7 @@ from collections.abc import Sequence
 import numpy as np
 
 PREDICTIONS_FILE = "predictions.csv"
+MAX_FILE_BYTES = 256 * 2 ** 20  # a predictions or reference file larger than this is refused
 
 
 class ScoringError(ValueError):
@@ -123,20 +124,56 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- files
+def read_text_file(path: str, what: str, max_bytes: int = MAX_FILE_BYTES) -> str:
+    """UTF-8 text of the regular file ``path``: never read through a symbolic link (``O_NOFOLLOW``),
+    never a FIFO or device, at most ``max_bytes``; otherwise a ScoringError naming the problem."""
+    import stat
+
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ScoringError(f"{what} file not found: {path}") from None
+    except OSError as err:
+        raise ScoringError(f"{what} file {path} cannot be opened ({err.strerror}); it must be a regular file, "
+                           "not a symbolic link") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ScoringError(f"{what} file {path} is not a regular file")
+        if info.st_size > max_bytes:
+            raise ScoringError(f"{what} file {path} has {info.st_size} bytes; at most {max_bytes} are accepted")
+        chunks, size = [], 0
+        while size <= max_bytes:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        data = b"".join(chunks)
+        if size > max_bytes:
+            raise ScoringError(f"{what} file {path} has more than {max_bytes} bytes")
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ScoringError(f"{what} file {path} is not UTF-8 text ({err})") from None
+
+
 def read_csv_table(path: str, required: Sequence[str], what: str) -> list[dict]:
-    """Rows of a header'd CSV file, checking the file exists and has the ``required`` columns."""
-    if not os.path.isfile(path):
-        raise ScoringError(f"{what} file not found: {path}")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [c for c in required if c not in header]
-        if missing:
-            raise ScoringError(
-                f"{what} file {path} lacks column(s) {missing}; its header is {header}, "
-                f"expected a header line containing {list(required)}"
-            )
-        return list(reader)
+    """Rows of a header'd CSV file, checking the file (see ``read_text_file``) and its ``required`` columns."""
+    import io
+
+    reader = csv.DictReader(io.StringIO(read_text_file(path, what), newline=""))
+    header = reader.fieldnames or []
+    missing = [c for c in required if c not in header]
+    if missing:
+        raise ScoringError(
+            f"{what} file {path} lacks column(s) {missing}; its header is {header[:20]}, "
+            f"expected a header line containing {list(required)}"
+        )
+    return list(reader)
 
 
 def align_by_id(pred_rows: list[dict], ref_rows: list[dict], key: str) -> list[tuple[dict, dict]]:

@@ -77,25 +77,26 @@ def station_cells(mask: np.ndarray | None = None) -> dict[str, tuple[int, int]]:
     return out
 
 
-def sla_fields(rng: np.random.Generator, days: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(days, N_LAT, N_LON)`` float32 SLA (metres, NaN on land) and the surge-free part."""
+def sla_fields(rng: np.random.Generator, days: int, start: int = 0,
+               state: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(days, N_LAT, N_LON)`` float32 SLA (metres, NaN on land), its surge-free part, and the final
+    AR(1) state, for days ``start, ..., start + days - 1`` after ``START``; pass the returned state as
+    ``state`` to continue the same series."""
     from scipy.ndimage import gaussian_filter
 
     mask = land_mask()
     rho, sigma_cells = 0.9, 6.0
+    norm = np.sqrt(4 * np.pi) * sigma_cells  # white noise smoothed by a 2-D Gaussian of σ cells has std 1/(√(4π) σ)
     field = np.empty((days, N_LAT, N_LON), np.float32)
-    state = np.zeros((N_LAT, N_LON))
-    norm = None
+    state = np.zeros((N_LAT, N_LON)) if state is None else np.array(state, dtype=np.float64)
     for lo in range(0, days, 256):
         m = min(256, days - lo)
         noise = gaussian_filter(rng.standard_normal((m, N_LAT, N_LON)), sigma=(0, sigma_cells, sigma_cells),
                                 mode="reflect")
-        if norm is None:
-            norm = 1.0 / noise.std()
         for k in range(m):
             state = rho * state + np.sqrt(1 - rho ** 2) * noise[k] * norm
             field[lo + k] = 0.06 * state
-    t = np.arange(days)
+    t = start + np.arange(days)
     doy = np.array([(START + dt.timedelta(days=int(d))).timetuple().tm_yday for d in t])
     amplitude = 0.04 + 0.06 * (LAT - LAT[0]) / (LAT[-1] - LAT[0])
     seasonal = np.sin(2 * np.pi * (doy - 80) / 365.25)[:, None, None] * amplitude[None, :, None]
@@ -116,7 +117,7 @@ def sla_fields(rng: np.random.Generator, days: int) -> tuple[np.ndarray, np.ndar
     out[:, mask] = np.nan
     smooth = smooth.astype(np.float32)
     smooth[:, mask] = np.nan
-    return out, smooth
+    return out, smooth, state
 
 
 def station_series(rng, fields: np.ndarray) -> np.ndarray:
@@ -175,14 +176,22 @@ def read_sla(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return sla, times
 
 
-def generate(out: Path, seed: int, scale: float) -> dict:
-    """Write the sea-level challenge under ``out`` (see module docstring)."""
+def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
+    """Write the sea-level challenge under ``out`` (see module docstring).
+
+    The public ``seed`` draws the training years; the hidden val/test years continue the same AR(1)
+    field from its last training state with noise, surges and gauge noise drawn from ``hidden_seed``,
+    which is kept with the reference data.
+    """
     out = Path(out)
-    rngs = child_rngs(seed, ["field", "gauge"])
+    public, hidden = child_rngs(seed, ["field", "gauge"]), child_rngs(hidden_seed, ["field", "gauge"])
     days = {k: scaled(v, scale, minimum=30) for k, v in DEFAULT_DAYS.items()}
     total = sum(days.values())
-    fields, _ = sla_fields(rngs["field"], total)
-    series = station_series(rngs["gauge"], fields)
+    train_fields, _, state = sla_fields(public["field"], days["train"])
+    hidden_fields, _, _ = sla_fields(hidden["field"], total - days["train"], start=days["train"], state=state)
+    fields = np.concatenate([train_fields, hidden_fields])
+    series = np.concatenate([station_series(public["gauge"], train_fields),
+                             station_series(hidden["gauge"], hidden_fields)])
     n_train = days["train"]
     threshold = series[:n_train].mean(0) + THRESHOLD_SIGMAS * series[:n_train].std(0)
     labels = (series > threshold).astype(int)
