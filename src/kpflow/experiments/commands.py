@@ -115,13 +115,16 @@ def run_command(
             _fail(err)
         return
     _threads(threads)
-    from .pipeline import run_study
+    from .pipeline import resume_hint, run_study
 
     try:
         run_dir = run_study(cfg, study, progress=not quiet, analyze=not no_analyze, report=not no_report,
                             fresh=fresh, stop_after=stop_after)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         _fail(err)
+    except KeyboardInterrupt:
+        typer.echo(f"\n{resume_hint(cfg)}", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"run folder: {run_dir}")
     if (run_dir / "report.html").is_file():
         typer.echo(f"report: {run_dir / 'report.html'}")
@@ -167,8 +170,12 @@ def sweep_command(
         check_workers(workers)
         path = run_sweep(cfg, g_list, seed_list, study=study, progress=not quiet, fresh=fresh, scheduler=scheduler,
                          workers=workers, cluster_config=cluster_config, threads=threads)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, OSError, RuntimeError) as err:
         _fail(err)
+    except KeyboardInterrupt:
+        typer.echo("\ninterrupted: run the same sweep command again to resume (finished runs are skipped, the "
+                   "others resume from their last complete checkpoint)", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"sweep report: {path}")
 
 

@@ -1,40 +1,167 @@
-"""The standard study pipeline (train → analyze → report) and sweeps over g and seeds."""
+"""The standard study pipeline (train → analyze → report) and sweeps over g and seeds.
+
+A run folder ``<out>/<name>`` holds one run: its ``config.yaml``, checkpoints, metrics and report. Re-running
+the same command resumes from the last complete checkpoint; asking for more ``train.steps`` (every other key
+unchanged) extends a finished run; any other difference is refused with the differing keys named. While a
+run trains, it holds the folder's lock (``.lock``, an ``flock`` released by the kernel when the process ends,
+so a lock left by a killed run is taken over safely); a second run into the same folder is refused.
+"""
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
+import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from kpflow.training.checkpoints import atomic_write_text, list_checkpoints
-from kpflow.training.config import RunConfig, dump_config, load_config, validate_config
+from kpflow.training.config import RunConfig, config_differences, dump_config, load_config, validate_config
+
+#: the lock file in every run folder (kept between runs; its content names the last holder)
+LOCK_NAME = ".lock"
+#: keys that may differ between a run folder's config.yaml and a new call: what is measured, where it runs,
+#: and the folder's own location
+MAY_CHANGE = ("track", "device", "out", "name")
+
+
+class RunFolderError(RuntimeError):
+    """A run folder cannot be used: it is not a folder, not writable, or in use by another run."""
+
+
+def make_run_dir(run_dir: str | Path) -> Path:
+    """Create ``run_dir`` (and its parents); a path that is a file, or a parent that is not writable, is
+    reported as a ``RunFolderError`` naming the path and what to do instead of a raw ``OSError``."""
+    run_dir = Path(run_dir)
+    for parent in (run_dir, *run_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RunFolderError(f"cannot create the run folder {run_dir}: {parent} is a file, not a folder; "
+                                 "choose another --out (the parent folder of runs) or --name")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunFolderError(f"cannot create the run folder {run_dir}: {_reason(err)}; choose another --out "
+                             "(a writable folder)") from None
+    if not os.access(run_dir, os.W_OK | os.X_OK):
+        raise RunFolderError(f"the run folder {run_dir} is not writable; choose another --out or fix its "
+                             "permissions")
+    return run_dir
+
+
+def _reason(err: OSError) -> str:
+    text = {errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
+            errno.ENOSPC: "no space left on device", errno.ENOTDIR: "a part of the path is a file"}
+    return text.get(err.errno, err.strerror or str(err))
+
+
+@contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock of a run folder (created if needed) for the ``with`` block.
+
+    The lock is an ``flock`` on ``<run_dir>/.lock``: the kernel releases it when the holder exits, however
+    it exits, so a lock file left by a killed run is taken over at once; a folder locked by a live process
+    raises ``RunFolderError`` naming that process. (On platforms without ``fcntl`` no lock is taken.)
+
+    Raises:
+        RunFolderError: the folder is in use by another run, or cannot be created or written.
+    """
+    run_dir = make_run_dir(run_dir)
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield run_dir
+        return
+    try:
+        handle = open(run_dir / LOCK_NAME, "a+")
+    except OSError as err:
+        raise RunFolderError(f"cannot write the lock file of {run_dir}: {_reason(err)}; choose another --out") \
+            from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise RunFolderError(f"{run_dir} is in use by another run ({owner}); wait for it to finish, or "
+                                 "choose another --name / --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"kpflow pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield run_dir
+        finally:
+            handle.seek(0)
+            handle.truncate()  # the lock is released when the file is closed
+
+
+def _show(value) -> str:
+    return "(unset)" if value is None else repr(value)
 
 
 def prepare_run_dir(cfg: RunConfig, fresh: bool = False) -> Path:
-    """Create ``<out>/<name>`` and write its config.yaml. An existing run with a *different* config is refused
-    (so checkpoints are never mixed; only the tracking settings and the device may change between calls);
-    ``fresh`` deletes the folder first."""
-    run_dir = cfg.run_dir
-    if fresh and run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    """Create ``<out>/<name>`` and write its config.yaml.
+
+    An existing run is continued when its config differs only in what may change between calls (the
+    tracking settings, the device, the folder's location) and in ``train.steps`` not below the last
+    complete checkpoint (more steps extend a finished run). Anything else is refused with the differing
+    keys named (``key: old → new``), so checkpoints of two configurations are never mixed. ``fresh``
+    deletes the folder's content first (its lock file excepted).
+
+    Raises:
+        ValueError: the folder holds a run with another configuration, or more steps than asked for.
+        RunFolderError: the folder cannot be created or written.
+    """
+    run_dir = make_run_dir(cfg.run_dir)
+    if fresh:
+        for child in run_dir.iterdir():
+            if child.name != LOCK_NAME:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     path = run_dir / "config.yaml"
     if path.is_file():
         old = load_config(path)
-        if old.model_dump(exclude={"track", "device"}) != cfg.model_dump(exclude={"track", "device"}):
-            raise ValueError(f"{run_dir} already holds a run with a different configuration; choose another "
-                             f"--name / --out, or pass --fresh to delete it")
-    atomic_write_text(path, dump_config(cfg, "yaml"))
+        diffs = config_differences(old, cfg, exclude=MAY_CHANGE)
+        steps = diffs.pop("train.steps", None)
+        if diffs:
+            listed = "; ".join(f"{k}: {_show(a)} → {_show(b)}" for k, (a, b) in diffs.items())
+            raise ValueError(f"{run_dir} already holds a run with a different configuration ({listed}). Only "
+                             "train.steps may change (more --steps extend the run); choose another --name / "
+                             "--out, or pass --fresh to delete it")
+        done = last_complete_step(run_dir)
+        if steps is not None and done is not None and steps[1] < done:
+            raise ValueError(f"{run_dir} has already trained to step {done}; train.steps {steps[0]} → {steps[1]} "
+                             f"would shorten it. Ask for --steps {done} or more to extend it, choose another "
+                             "--name / --out, or pass --fresh to start again")
+    try:
+        atomic_write_text(path, dump_config(cfg, "yaml"))
+    except OSError as err:
+        raise RunFolderError(f"cannot write {path}: {_reason(err)}; choose another --out") from None
     return run_dir
+
+
+def resume_hint(cfg: RunConfig) -> str:
+    """What to tell a user who interrupted ``cfg``'s run: where it stands and how to resume it."""
+    done = last_complete_step(cfg.run_dir) if cfg.run_dir.is_dir() else None
+    if done is None:
+        return (f"interrupted before the first checkpoint of {cfg.run_dir}; the same command starts the run "
+                "again from the beginning")
+    return (f"interrupted: the last complete checkpoint of {cfg.run_dir} is step {done} of {cfg.train.steps}; "
+            "run the same command again to resume from it")
 
 
 def run_pipeline(cfg: RunConfig, *, progress: bool = True, analyze: bool = True, report: bool = True,
                  fresh: bool = False, stop_after: int | None = None) -> Path:
-    """Train with checkpoints (resuming if the run exists), measure every checkpoint, write the report."""
+    """Train with checkpoints (resuming or extending the run if it exists), measure every checkpoint, write
+    the report; the run folder's lock is held throughout (see ``run_lock``)."""
     import torch
 
     from kpflow.tracking.analyze import build_from_config
@@ -46,18 +173,19 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, analyze: bool = True,
         task, model = build_from_config(cfg)
     except ValueError as err:
         raise ValueError(f"invalid task.params / model settings in the config: {err}") from None
-    run_dir = prepare_run_dir(cfg, fresh)
-    result = train(model, task, cfg, out_dir=run_dir, progress=progress, stop_after=stop_after)
-    if stop_after is not None and result.final_step < cfg.train.steps and not result.stopped_early:
-        return run_dir
-    if analyze:
-        from kpflow.tracking.analyze import analyze_run
+    with run_lock(cfg.run_dir):
+        run_dir = prepare_run_dir(cfg, fresh)
+        result = train(model, task, cfg, out_dir=run_dir, progress=progress, stop_after=stop_after)
+        if stop_after is not None and result.final_step < cfg.train.steps and not result.stopped_early:
+            return run_dir
+        if analyze:
+            from kpflow.tracking.analyze import analyze_run
 
-        analyze_run(run_dir, progress=progress)
-        if report:
-            from kpflow.report import report_run
+            analyze_run(run_dir, progress=progress)
+            if report:
+                from kpflow.report import report_run
 
-            report_run(run_dir)
+                report_run(run_dir)
     return run_dir
 
 

@@ -2,15 +2,20 @@
 
 A checkpoint ``step_000100`` is two files in the checkpoint folder: ``step_000100.safetensors`` (model
 tensors under ``model.*``, optimizer state tensors under ``optim.<param index>.<key>``) and
-``step_000100.json`` (step, loss, seed, config, optimizer hyper-parameters and the SHA-256 of the tensor
-file). The tensor file is written first and the sidecar last, each to a temporary file renamed into
-place, so a checkpoint is *complete* exactly when its sidecar exists and the tensor file's hash matches.
-Anything else — missing file, bad JSON, hash mismatch, unreadable safetensors — is reported by file
-name and never loaded. Nothing here unpickles.
+``step_000100.json`` (step, loss, seed, config, optimizer hyper-parameters, the SHA-256 of the tensor
+file and ``record_sha256``, the SHA-256 of the sidecar's own content in canonical JSON without that key).
+The tensor file is written first and the sidecar last, each to a temporary file renamed into place, so
+a checkpoint is *complete* exactly when its sidecar exists and both hashes match. Anything else —
+missing file, bad JSON, an edited sidecar, hash mismatch, unreadable safetensors — is reported by file
+name and never loaded. A write that fails (full disk, permissions) raises ``CheckpointWriteError`` and
+leaves no part of that checkpoint behind. Files get the usual mode (0o666 less the umask). Nothing here
+unpickles.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
@@ -21,14 +26,20 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from kpflow.files import atomic_write_bytes, atomic_write_text, sha256_file, temporary_beside  # noqa: F401
+from kpflow.files import atomic_write_bytes, atomic_write_text, file_mode, sha256_file, temporary_beside  # noqa: F401
 
-FORMAT = "kpflow-checkpoint-1"
+FORMAT = "kpflow-checkpoint-2"
+#: readable too: version 1 sidecars carry no ``record_sha256`` (written before the sidecar was checksummed)
+LEGACY_FORMATS = ("kpflow-checkpoint-1",)
 _NAME = re.compile(r"step_(\d{6,})\.json$")
 
 
 class CorruptCheckpointError(RuntimeError):
     """A checkpoint file is incomplete or damaged; the message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (e.g. no space left on device); nothing of it was left behind."""
 
 
 class CorruptCheckpointWarning(UserWarning):
@@ -78,30 +89,65 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def record_digest(record: dict) -> str:
+    """SHA-256 of a sidecar record in canonical JSON (sorted keys, no spaces), ``record_sha256`` excluded."""
+    body = {k: v for k, v in record.items() if k != "record_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _write_error(path: Path, err: BaseException) -> CheckpointWriteError:
+    text = str(err)
+    full = getattr(err, "errno", None) == errno.ENOSPC or "No space left" in text or "code: 28" in text
+    if full:
+        return CheckpointWriteError(errno.ENOSPC, f"no space left on device while writing checkpoint {path}; "
+                                    "free some space or choose another --out, then run the same command to "
+                                    "resume from the last complete checkpoint")
+    code = getattr(err, "errno", None) or errno.EIO
+    return CheckpointWriteError(code, f"could not write checkpoint {path}: {text}")
+
+
 def save_checkpoint(folder: str | Path, step: int, model: torch.nn.Module,
                     optimizer: torch.optim.Optimizer | None = None, **meta) -> CheckpointInfo:
     """Write checkpoint ``step`` of ``model`` (and ``optimizer``) with extra JSON ``meta`` (loss, seed, config)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _write_error(folder, err) from err
     stem = checkpoint_stem(step)
     tensors = {f"model.{k}": v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     opt_tensors, opt_meta = _split_optimizer_state(optimizer)
     tensors.update(opt_tensors)
     tensors = _unshared(tensors)
     tensor_path, sidecar_path = folder / f"{stem}.safetensors", folder / f"{stem}.json"
-    tmp = temporary_beside(tensor_path)
+    tmp = None
     try:
+        tmp = temporary_beside(tensor_path)
         save_file(tensors, tmp, metadata={"format": FORMAT, "step": str(int(step))})
+        os.chmod(tmp, file_mode())  # the safetensors writer re-creates the file with mode 0o600
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         digest = sha256_file(Path(tmp))
         os.replace(tmp, tensor_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except Exception as err:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise _write_error(tensor_path, err) from err
+    except BaseException:  # interrupted: no partial file under any name
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
     record = {"format": FORMAT, "step": int(step), "tensors": tensor_path.name, "sha256": digest,
               "optimizer": opt_meta, **meta}
-    atomic_write_text(sidecar_path, json.dumps(record, indent=1, default=str))
+    record = json.loads(json.dumps(record, default=str))  # exactly what the sidecar will hold
+    record["record_sha256"] = record_digest(record)
+    try:
+        atomic_write_text(sidecar_path, json.dumps(record, indent=1))
+    except BaseException as err:  # without its sidecar the tensor file is not a checkpoint: remove it
+        tensor_path.unlink(missing_ok=True)
+        if isinstance(err, Exception):
+            raise _write_error(sidecar_path, err) from err
+        raise
     return CheckpointInfo(int(step), tensor_path, sidecar_path, record)
 
 
@@ -112,8 +158,11 @@ def verify_checkpoint(sidecar: str | Path) -> CheckpointInfo:
         meta = json.loads(sidecar.read_text())
     except (OSError, ValueError) as err:
         raise CorruptCheckpointError(f"checkpoint sidecar {sidecar} is unreadable or not valid JSON ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "sha256" not in meta:
+    if not isinstance(meta, dict) or meta.get("format") not in (FORMAT, *LEGACY_FORMATS) or "sha256" not in meta:
         raise CorruptCheckpointError(f"checkpoint sidecar {sidecar} is not a {FORMAT} record")
+    if meta["format"] == FORMAT and meta.get("record_sha256") != record_digest(meta):
+        raise CorruptCheckpointError(f"checkpoint sidecar {sidecar} was modified after it was written (its content "
+                                     "does not match its record_sha256)")
     tensors = sidecar.with_name(str(meta.get("tensors", "")))
     if not tensors.is_file():
         raise CorruptCheckpointError(f"checkpoint tensor file {tensors} is missing")

@@ -1,7 +1,8 @@
 """Run configuration: a validated schema read from YAML or TOML, with defaults printable on request.
 
 Every invalid value is reported as ``key = value: what is allowed`` (``ConfigError``), and unknown
-task / model / optimizer names list the valid ones.
+task / model / optimizer names list the valid ones. The schema's defaults are the default study (GRU-64
+on 3-bit flip-flop, ``kpflow run --print-defaults``): an empty config file means exactly that study.
 """
 
 from __future__ import annotations
@@ -106,9 +107,9 @@ class OptimizerConfig(_Section):
 class TrainConfig(_Section):
     """Training loop settings."""
 
-    steps: int = Field(1000, ge=0, description="optimizer steps")
+    steps: int = Field(600, ge=0, description="optimizer steps (a finished run is extended by asking for more)")
     batch_size: int = Field(64, ge=1)
-    checkpoint_every: int = Field(100, ge=1, description="write a checkpoint every k steps (and at 0 and the end)")
+    checkpoint_every: int = Field(60, ge=1, description="write a checkpoint every k steps (and at 0 and the end)")
     loss: Literal["auto", "mse", "ce"] = "auto"
     early_stop_loss: float | None = Field(None, ge=0.0,
                                           description="stop when the mean loss since the last checkpoint is below")
@@ -118,9 +119,9 @@ class TrainConfig(_Section):
 class TrackConfig(_Section):
     """What to measure at each checkpoint, on a fixed evaluation batch."""
 
-    eval_batch: int = Field(12, ge=1, description="trials in the fixed evaluation batch")
+    eval_batch: int = Field(8, ge=1, description="trials in the fixed evaluation batch")
     eval_seed: int = Field(1234, ge=0)
-    probes: int = Field(24, ge=4, description="random probes per randomized estimate")
+    probes: int = Field(16, ge=4, description="random probes per randomized estimate")
     every: int = Field(1, ge=1, description="analyse every n-th checkpoint (the first and last always)")
     param_names: list[str] | None = Field(None, description="cell parameters K is built from (default: all)")
     axes: bool = Field(True, description="also measure temporal / spatial / trial effective ranks")
@@ -195,6 +196,25 @@ def validate_config(data: dict | RunConfig | None = None, **overrides) -> RunCon
         return RunConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(_format_errors(err)) from None
+
+
+def config_differences(old: RunConfig, new: RunConfig, exclude: tuple[str, ...] = ()) -> dict[str, tuple]:
+    """``{dotted key: (old value, new value)}`` for every leaf where two configs differ, skipping the
+    top-level sections or keys in ``exclude``."""
+
+    def leaves(data, prefix=""):
+        out = {}
+        for k, v in data.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and v:
+                out.update(leaves(v, key + "."))
+            else:
+                out[key] = v
+        return out
+
+    a = leaves(old.model_dump(mode="json", exclude=set(exclude)))
+    b = leaves(new.model_dump(mode="json", exclude=set(exclude)))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in a or k not in b or a[k] != b[k]}
 
 
 def load_config(path: str | Path, **overrides) -> RunConfig:

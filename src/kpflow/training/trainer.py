@@ -4,6 +4,8 @@ Determinism: the weights come from ``seed`` and the batch of step ``s`` is drawn
 ``(seed, s)``, so a run needs no random-generator state to resume — restarting from checkpoint ``s``
 reproduces exactly the trajectory of an uninterrupted run (on the same device and library versions).
 Checkpoints are written at step 0 (the initialisation), every ``checkpoint_every`` steps and at the end.
+A finished run resumed with more ``steps`` continues from its last checkpoint; the new steps draw the same
+batches, so its weights equal those of a run asked for the larger number of steps from the start.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def train(model: torch.nn.Module, task: Task, config: RunConfig | TrainConfig | 
         optimizer: override the configured optimizer: a registered name, a factory ``f(model)`` or an instance.
         seed: batch seed (default: the RunConfig's seed, else 0).
         out_dir: folder for checkpoints (``<out_dir>/checkpoints``); None keeps nothing on disk.
-        resume: continue from the last complete checkpoint in ``out_dir`` (damaged ones are reported and skipped).
+        resume: continue from the last complete checkpoint in ``out_dir`` (damaged ones are reported and skipped),
+            also when that run finished with fewer ``steps`` than asked for now.
         on_step: called as ``on_step(step, loss, model)`` after every optimizer step.
         stop_after: stop (as if interrupted) once this step's checkpoint is written; for tests and time limits.
     """
@@ -112,9 +115,10 @@ def train(model: torch.nn.Module, task: Task, config: RunConfig | TrainConfig | 
             for c in found:
                 for i, v in enumerate(c.meta.get("losses") or []):
                     result.losses[c.step - len(c.meta["losses"]) + 1 + i] = v
-            if last.meta.get("final"):
-                result.stopped_early, result.final_step = bool(last.meta.get("stopped_early")), last.step
-                return result
+            stopped_early = bool(last.meta.get("stopped_early"))
+            if last.meta.get("final") and (stopped_early or last.step >= train_cfg.steps):
+                result.stopped_early, result.final_step = stopped_early, last.step
+                return result  # finished; a finished run asked for more steps continues from here instead
     if start == 0 and (ckpt_dir is None or not result.checkpoints):
         checkpoint(0, [])
 
