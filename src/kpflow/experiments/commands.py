@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
+from typer.core import TyperCommand
 
 RUN_HELP = """Train a built-in study or a config file, measure K, P P* and the NTK at every checkpoint,
 and write runs/<name>/ with checkpoints, metrics.csv, figures and report.html.
@@ -242,15 +243,22 @@ def _rerun_bifurcation_study(run: Path, progress: bool) -> Path:
         _fail(err)
 
 
+class _RunCommand(TyperCommand):
+    """``kpflow run``: its help lists the built-in studies, found (by importing their modules) only when the
+    help is shown, so ``kpflow --help`` stays fast."""
+
+    def format_help(self, ctx, formatter):
+        from .registry import get_study, study_names
+
+        studies = "\n\n".join(f"  {n}: {get_study(n).description}" for n in study_names())
+        self.help = RUN_HELP + "\nBuilt-in studies:\n\n" + studies
+        return super().format_help(ctx, formatter)
+
+
 def register_commands(app: typer.Typer) -> None:
     """Add run / sweep / analyze / report to the kpflow app."""
-    from .registry import get_study, study_names
-
-    studies = "\n\n".join(f"  {n}: {get_study(n).description}" for n in study_names())
-    app.command("run", help=RUN_HELP + "\nBuilt-in studies:\n\n" + studies)(run_command)
+    app.command("run", cls=_RunCommand, help=RUN_HELP,
+                short_help="Train a study or config file, measure every checkpoint, write the report.")(run_command)
     app.command("sweep")(sweep_command)
     app.command("analyze")(analyze_command)
     app.command("report")(report_command)
-    from .claims.command import reproduce_command
-
-    app.command("reproduce")(reproduce_command)

@@ -10,38 +10,32 @@ result = train(model, task, cfg, out_dir="runs/mine")      # checkpoints in runs
 ```
 """
 
-from .checkpoints import (
-    CheckpointInfo,
-    CorruptCheckpointError,
-    CorruptCheckpointWarning,
-    atomic_write_bytes,
-    atomic_write_text,
-    list_checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    verify_checkpoint,
-)
-from .config import (
-    ConfigError,
-    ModelConfig,
-    OptimizerConfig,
-    RunConfig,
-    TaskConfig,
-    TrackConfig,
-    TrainConfig,
-    dump_config,
-    load_config,
-    validate_config,
-)
-from .models import build_model, model_names, recurrent_weight_names, register_model, scale_recurrent_weight
-from .optimizers import OPTIMIZERS, make_optimizer, optimizer_names, optimizer_options, register_optimizer
-from .trainer import TrainResult, step_seed, train
+import importlib
 
-__all__ = [
-    "CheckpointInfo", "CorruptCheckpointError", "CorruptCheckpointWarning", "atomic_write_bytes",
-    "atomic_write_text", "list_checkpoints", "load_checkpoint", "save_checkpoint", "verify_checkpoint",
-    "ConfigError", "ModelConfig", "OptimizerConfig", "RunConfig", "TaskConfig", "TrackConfig", "TrainConfig",
-    "dump_config", "load_config", "validate_config", "build_model", "model_names", "recurrent_weight_names",
-    "register_model", "scale_recurrent_weight", "OPTIMIZERS", "make_optimizer", "optimizer_names",
-    "optimizer_options", "register_optimizer", "TrainResult", "step_seed", "train",
-]
+#: public name -> the submodule that defines it (imported on first use, so ``import kpflow.training`` and
+#: ``kpflow --help`` do not import torch)
+_EXPORTS = {
+    **dict.fromkeys(["CheckpointInfo", "CheckpointWriteError", "CorruptCheckpointError", "CorruptCheckpointWarning",
+                     "atomic_write_bytes", "atomic_write_text", "list_checkpoints", "load_checkpoint",
+                     "save_checkpoint", "verify_checkpoint"], "checkpoints"),
+    **dict.fromkeys(["ConfigError", "ModelConfig", "OptimizerConfig", "RunConfig", "TaskConfig", "TrackConfig",
+                     "TrainConfig", "config_differences", "dump_config", "load_config", "validate_config"], "config"),
+    **dict.fromkeys(["build_model", "model_names", "recurrent_weight_names", "register_model",
+                     "scale_recurrent_weight"], "models"),
+    **dict.fromkeys(["OPTIMIZERS", "make_optimizer", "optimizer_names", "optimizer_options", "register_optimizer"],
+                    "optimizers"),
+    **dict.fromkeys(["TrainResult", "step_seed", "train"], "trainer"),
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
