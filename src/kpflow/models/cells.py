@@ -86,6 +86,22 @@ class AffineRecurrentModel(RecurrentModel):
     def step(self, params: Params, z_prev: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
         return self.post(self.slots(params, z_prev, x_t), z_prev, x_t)
 
+    def run_sites(self, params: Params, inputs: torch.Tensor, sites, z0: torch.Tensor | None = None) -> None:
+        """The unroll written against ``kpflow.models.sites.Sites``: at every step t each slot ``a_s`` is a
+        weight site (``sites.affine(s, {W: u_W}, at=t)``) and the new state is the visible state ``"z"``.
+        This makes the recurrence an instance of the general joint-state formulation (see ``as_site_model``).
+        """
+        z = self.initial_state(inputs.shape[0], inputs.dtype, inputs.device) if z0 is None else z0
+        groups: dict[str, dict[str, str | None]] = {}
+        for name, (slot, site) in self.affine_terms.items():
+            groups.setdefault(slot, {})[name] = site
+        for t in range(inputs.shape[1]):
+            x = inputs[:, t]
+            u = self.site_variables(z, x)
+            slots = {slot: sites.affine(slot, {n: (None if site is None else u[site]) for n, site in terms.items()},
+                                        at=t) for slot, terms in groups.items()}
+            z = sites.state("z", self.post(slots, z, x), at=t)
+
 
 def _normal_(p: torch.Tensor, std: float) -> None:
     with torch.no_grad():

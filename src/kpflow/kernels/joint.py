@@ -1,0 +1,679 @@
+"""Operators of the global implicit constraint ``Φ(h, θ, x) = h − f(h, x; θ) = 0`` over the joint state.
+
+For a site model (``kpflow.models.sites``: MLP, transformer, a user's ``nn.Module`` through
+``ModuleAdapter``, or a recurrence through ``RecurrentSites``) the joint state ``h`` ``[B, T, Hj]``
+holds every weight's output and every visible state. On it (papers.md §2.2):
+
+* ``Jθ = ∂f/∂θ`` (``SiteParamJacobian``): ``δW ↦ δW u`` on the weight's own slot, nothing elsewhere;
+* ``K = Jθ Jθ* = ⊕_slots (G_s ⊗ I_R) (+ Σ_r d_r d_rᵀ ⊗ e_r e_rᵀ for elementwise weights)`` with
+  ``G_s = U_s U_sᵀ`` the Gram matrix of the slot's site variables over positions (``SiteKroneckerCore``):
+  exact matvecs (Gram or factored contraction, whichever costs less), exact ``tr K``, ``‖K‖_F``,
+  effective rank and rank bound, no probes;
+* ``P = (∂Φ/∂h)⁻¹`` (``JointPropagator``): the JVP of the forward pass with the perturbation injected
+  at every joint variable — forward substitution through the computation, no inverse; ``P*`` the VJP;
+* ``P⁻¹ = I − ∂f/∂h`` (``InverseJointPropagator``): the JVP of the forward pass with every variable's
+  parents pinned to their recorded values;
+* ``C``: the selection of the visible states; ``Θ = C P K P* C*`` the NTK of the visible states,
+  ``dh_vis/dθ = C P Jθ``, and the gradient ``∇θL = Jθ* P* C* e`` with ``e = ∂L/∂h_vis``.
+
+``kpflow.kernels.propagator(traj)`` for a site trajectory is ``C P`` (joint -> visible), so that
+``P @ K @ P.T`` is the NTK on the visible states and every existing estimator, tracking metric and
+report takes it unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch.func import jvp, vjp, vmap
+
+from kpflow.models.sites import JointLayout, SiteModel, Sites, Use
+from kpflow.operators import LinearOperator
+
+from .trajectory import NonFiniteStateError, _loss_value
+
+#: ceiling on positions per slot for the exact Gram statistics (N² entries per slot)
+GRAM_LIMIT = 2**26
+
+PATHS = ("auto", "fold", "vmap")
+
+
+@dataclass
+class SiteTrajectory:
+    """A recorded forward pass of a site model: the joint state and everything the operators need.
+
+    Attributes:
+        model: the ``SiteModel``.
+        params: snapshot (copies) of the model's parameters; readout: snapshot of the readout's.
+        inputs: what the model ran on.
+        layout: the ``JointLayout`` (slots, their widths and offsets; which are visible).
+        joint: ``[B, T, Hj]``; states: the visible states ``[B, T, Hv]``; outputs: the readout.
+        uses: every weight application (``kpflow.models.sites.Use``) with its site variable.
+        targets, mask, error (``∂L/∂states``), adjoint (``P* C* e`` on the joint state), loss.
+        param_names: the parameters the operators differentiate by default.
+    """
+
+    model: SiteModel
+    params: dict[str, torch.Tensor]
+    readout: dict[str, torch.Tensor]
+    inputs: torch.Tensor
+    layout: JointLayout
+    joint: torch.Tensor
+    states: torch.Tensor
+    outputs: torch.Tensor
+    uses: list[Use]
+    targets: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    error: torch.Tensor | None = None
+    adjoint: torch.Tensor | None = None
+    loss: float | None = None
+    param_names: tuple[str, ...] = ()
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(B, T, Hv)`` of the visible states."""
+        return tuple(self.states.shape)
+
+    @property
+    def joint_shape(self) -> tuple[int, int, int]:
+        """``(B, T, Hj)`` of the joint state."""
+        return tuple(self.joint.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.joint.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.joint.device
+
+    def readout_params(self) -> dict[str, torch.Tensor]:
+        """The readout's parameters at recording time."""
+        return dict(self.readout)
+
+    def recorded(self) -> dict:
+        return {"joint": self.joint, "uses": self.uses}
+
+
+def is_site_trajectory(traj) -> bool:
+    """True for a recorded site model (the general joint-state path)."""
+    return isinstance(traj, SiteTrajectory)
+
+
+def _resolve(model: SiteModel, names) -> tuple[str, ...]:
+    own = list(model.cell_params())
+    if names is None:
+        return tuple(own)
+    names = (names,) if isinstance(names, str) else tuple(names)
+    unknown = [n for n in names if n not in own]
+    if unknown:
+        raise ValueError(f"unknown parameter name(s) {unknown} for {type(model).__name__}; choose from {own}")
+    if not names:
+        raise ValueError(f"param_names is empty; choose at least one of {own}")
+    return tuple(n for n in own if n in names)
+
+
+def _first_nonfinite(joint: torch.Tensor, layout: JointLayout) -> str | None:
+    for s in layout.slots.values():
+        block = joint[..., s.offset:s.offset + s.width]
+        bad = ~torch.isfinite(block).all(-1)  # [B, T]
+        if bool(bad.any()):
+            t = int(bad.any(0).nonzero()[0])
+            b = int(bad[:, t].nonzero()[0])
+            return (f"the activations became non-finite first in {s.name!r} (a {s.kind} slot) at position t={t} "
+                    f"(the token, time step or layer index) of sequence/trial b={b}")
+    return None
+
+
+def record_sites(model: SiteModel, inputs, *, targets: torch.Tensor | None = None, loss="mse",
+                 mask: torch.Tensor | None = None, param_names: Sequence[str] | str | None = None,
+                 params: Mapping[str, torch.Tensor] | None = None) -> SiteTrajectory:
+    """Run a site model once and keep its joint state, site variables, error and adjoint (a snapshot).
+
+    Args:
+        model: a ``kpflow.models.sites.SiteModel`` (``DeepMLP``, ``Transformer``, ``ModuleAdapter``,
+            ``RecurrentSites``).
+        inputs: what ``model`` takes (checked by ``model.check_inputs``).
+        targets, loss, mask: as in ``kpflow.kernels.record``; ``mask`` has the outputs' shape or, for
+            per-token outputs ``[B, T, O]``, ``[B, T]``.
+        param_names: the parameters the operators differentiate by default (None = all but the readout).
+        params: overrides of the model's parameters (shapes checked).
+
+    Returns:
+        The ``SiteTrajectory``.
+
+    Raises:
+        ValueError: inputs or masks of the wrong shape, dtype or device, unknown parameters, a parameter
+            that never enters through a weight site.
+        NonFiniteStateError: NaN/Inf activations (named by slot, position and trial) or loss.
+    """
+    model.check_inputs(inputs)
+    if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
+        idx = tuple(int(i) for i in torch.nonzero(~torch.isfinite(inputs))[0])
+        raise ValueError(f"inputs contain NaN/Inf (first at index {idx}); the model cannot be run on them")
+    live = {k: v.detach().clone() for k, v in model.cell_params().items()}
+    if params is not None:
+        model.check_params(params)
+        live |= {k: v.detach().clone() for k, v in params.items()}
+    if not live:
+        raise ValueError(f"{type(model).__name__} has no parameters outside its readout: nothing to differentiate")
+    p0 = next(iter(live.values()))
+    if inputs.is_floating_point() and (inputs.dtype != p0.dtype or inputs.device != p0.device):
+        raise ValueError(f"inputs are {inputs.dtype} on {inputs.device} but the model's parameters are "
+                         f"{p0.dtype} on {p0.device}; convert one of them (e.g. inputs.to(model_dtype))")
+    names = _resolve(model, param_names)
+    inputs = inputs.detach()
+    B, T = model.positions(inputs)
+    sites = Sites(live, B, T, "record")
+    with torch.no_grad():
+        model.run_sites(live, inputs, sites)
+    layout = sites.recorded_layout()
+    if not layout.visible:
+        raise ValueError(f"{type(model).__name__}'s forward pass marks no visible state (sites.state)")
+    joint = sites.joint()
+    msg = _first_nonfinite(joint, layout)
+    if msg is not None:
+        raise NonFiniteStateError(msg + "; lower the weights' scale or the input size")
+    used = {u.weight for u in sites.uses}
+    unseen = [n for n in names if n not in used]
+    if unseen:
+        raise ValueError(f"parameter(s) {unseen} never enter the forward pass through a weight site; the joint-state "
+                         "operators see parameters only as W u (affine/lookup/scale). Exclude them with param_names")
+    readout = {k: v.detach().clone() for k, v in model.readout_params().items()}
+    states = sites.visible()
+    with torch.no_grad():
+        outputs = model.output(states, readout)
+    traj = SiteTrajectory(model=model, params=live, readout=readout, inputs=inputs, layout=layout, joint=joint,
+                          states=states, outputs=outputs, uses=sites.uses, targets=targets, mask=mask,
+                          param_names=names)
+    if targets is not None:
+        if mask is not None:
+            ok = {tuple(outputs.shape)} | ({tuple(outputs.shape[:-1])} if outputs.dim() == 3 else set())
+            if tuple(mask.shape) not in ok:
+                raise ValueError(f"mask must have the outputs' shape {list(outputs.shape)}"
+                                 + (f" or [B, T] = {list(outputs.shape[:-1])}" if outputs.dim() == 3 else "")
+                                 + f", got {tuple(mask.shape)}")
+        with torch.enable_grad():
+            z = states.clone().requires_grad_(True)
+            value = _loss_value(model.output(z, readout), targets, loss, mask)
+            if value.dim() != 0:
+                raise ValueError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
+            (e,) = torch.autograd.grad(value, z)
+        traj.error, traj.loss = e.detach(), float(value.detach())
+        if not math.isfinite(traj.loss):
+            raise NonFiniteStateError(f"the loss is {traj.loss} although the activations are finite; check targets")
+        traj.adjoint = site_propagator(traj).adjoint_apply(traj.error)
+    return traj
+
+
+# ----------------------------------------------------------------------------- helpers on the joint tensor
+def _block(Y: torch.Tensor, layout: JointLayout, use: Use) -> torch.Tensor:
+    """Rows of ``Y`` ``[k, B, T, Hj]`` that ``use`` writes: ``[k, n, R]``."""
+    s = layout.slots[use.slot]
+    blk = Y[..., s.offset:s.offset + s.width]
+    k = Y.shape[0]
+    return blk.reshape(k, -1, s.width) if use.at is None else blk[:, :, use.at]
+
+
+def _add_block(out: torch.Tensor, Z: torch.Tensor, layout: JointLayout, use: Use) -> None:
+    s = layout.slots[use.slot]
+    k, B, T = out.shape[:3]
+    if use.at is None:
+        out[..., s.offset:s.offset + s.width] += Z.reshape(k, B, T, s.width)
+    else:
+        out[:, :, use.at, s.offset:s.offset + s.width] += Z
+
+
+def _use_jvp(use: Use, v: torch.Tensor, n: int) -> torch.Tensor:
+    """``δW ↦`` the use's output ``[k, n, R]`` for tangents ``v`` ``[k, *shape]``."""
+    if use.form == "rc":
+        return torch.einsum("nc,krc->knr", use.u, v)
+    if use.form == "cr":
+        return torch.einsum("nc,kcr->knr", use.u, v)
+    if use.form == "r":
+        return v.unsqueeze(1).expand(-1, n, -1)
+    return use.u.unsqueeze(0) * v.unsqueeze(1)  # diag
+
+
+def _use_vjp(use: Use, Z: torch.Tensor) -> torch.Tensor:
+    """Adjoint of ``_use_jvp``: ``[k, n, R]`` -> ``[k, *shape]``."""
+    if use.form == "rc":
+        return torch.einsum("knr,nc->krc", Z, use.u)
+    if use.form == "cr":
+        return torch.einsum("nc,knr->kcr", use.u, Z)
+    if use.form == "r":
+        return Z.sum(1)
+    return (Z * use.u.unsqueeze(0)).sum(1)
+
+
+def _rows(use: Use, B: int, T: int, device) -> torch.Tensor:
+    """Flat positions ``b·T + t`` that a use writes (b-major)."""
+    if use.at is None:
+        return torch.arange(B * T, device=device)
+    return torch.arange(B, device=device) * T + int(use.at)
+
+
+class _SiteOperator(LinearOperator):
+    def __init__(self, traj: SiteTrajectory, shape_in, shape_out, **flags):
+        super().__init__(shape_in, shape_out, traj.dtype, traj.device, **flags)
+        self.traj = traj
+
+
+# ----------------------------------------------------------------------------- Jθ
+class SiteParamJacobian(_SiteOperator):
+    """``Jθ = ∂f/∂θ`` on the joint state: parameters (flat, in ``layout`` order) -> ``[B, T, Hj]``.
+
+    ``backend="kronecker"`` applies ``δW ↦ δW u`` at every recorded use (one matmul per use);
+    ``"autodiff"`` differentiates the forward pass with every weight applied to its recorded site
+    variable (an independent reference). ``"auto"`` is ``"kronecker"``.
+
+    Args:
+        traj: the site trajectory; param_names: a subset (None: the trajectory's).
+        backend: ``"auto"``, ``"kronecker"`` or ``"autodiff"``.
+
+    Raises:
+        ValueError: an unknown backend or parameter.
+    """
+
+    def __init__(self, traj: SiteTrajectory, param_names=None, backend: str = "auto"):
+        if backend not in ("auto", "kronecker", "autodiff"):
+            raise ValueError(f"backend must be 'auto', 'kronecker' or 'autodiff', got {backend!r}")
+        from .state_space import ParamLayout
+
+        names = _resolve(traj.model, traj.param_names if param_names is None else param_names)
+        self.layout = ParamLayout(traj.params, names)
+        super().__init__(traj, (self.layout.numel,), traj.joint_shape)
+        self.param_names = names
+        self.backend = "kronecker" if backend == "auto" else backend
+
+    def _matmat(self, V):
+        traj, k = self.traj, V.shape[0]
+        tang = self.layout.unflatten(V)
+        if self.backend == "autodiff":
+            return vmap(lambda t: jvp(self._frozen_run, (self._primal(),), (t,))[1])(tang)
+        B, T, _ = traj.joint_shape
+        out = torch.zeros(k, *traj.joint_shape, dtype=V.dtype, device=V.device)
+        for use in traj.uses:
+            if use.weight in tang:
+                n = B if use.at is not None else B * T
+                _add_block(out, _use_jvp(use, tang[use.weight], n), traj.layout, use)
+        return out
+
+    def _rmatmat(self, Y):
+        traj = self.traj
+        if self.backend == "autodiff":
+            _, pullback = vjp(self._frozen_run, self._primal())
+            return self.layout.flatten(vmap(lambda y: pullback(y)[0])(Y), batch_dims=1)
+        grads: dict[str, torch.Tensor] = {}
+        for use in traj.uses:
+            if use.weight in self.layout.shapes:
+                g = _use_vjp(use, _block(Y, traj.layout, use))
+                grads[use.weight] = g if use.weight not in grads else grads[use.weight] + g
+        return self.layout.flatten({n: grads[n].reshape(Y.shape[0], *self.layout.shapes[n]) for n in self.param_names},
+                                   batch_dims=1)
+
+    def _primal(self):
+        return {n: self.traj.params[n] for n in self.param_names}
+
+    def _frozen_run(self, sub):
+        traj = self.traj
+        params = {**traj.params, **sub}
+        B, T, _ = traj.joint_shape
+        sites = Sites(params, B, T, "frozen", layout=traj.layout, recorded=traj.recorded())
+        traj.model.run_sites(params, traj.inputs, sites)
+        return sites.joint()
+
+    def apply_dict(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``Jθ v`` for a parameter perturbation given as a dict (missing names count as 0)."""
+        full = {n: params[n] if n in params else torch.zeros(self.layout.shapes[n], dtype=self.dtype,
+                                                               device=self.device) for n in self.layout.names}
+        return self.apply(self.layout.flatten(full))
+
+    def adjoint_dict(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``Jθ* y`` as a parameter dict."""
+        return self.layout.unflatten(self.adjoint_apply(y))
+
+
+# ----------------------------------------------------------------------------- P, P⁻¹, C
+class JointPropagator(_SiteOperator):
+    """``P = (∂Φ/∂h)⁻¹``: ``P q`` is the JVP of the forward pass with ``q`` injected at every joint variable
+    (``h_i = f_i(h_<i) + q_i``); ``P* y`` the VJP. With ``visible=True`` the output is restricted to the
+    visible states, i.e. the operator is ``C P`` (joint -> visible).
+
+    Args:
+        traj: the site trajectory.
+        visible: return ``C P`` instead of ``P``.
+        path: ``"fold"`` (probes folded into the batch axis: the model is run on k copies of its
+            inputs), ``"vmap"`` (probes vmapped) or ``"auto"`` (fold when the model's trials are
+            independent, ``model.batch_independent``). The path used is ``self.path``.
+
+    Raises:
+        ValueError: an unknown path, or ``"fold"`` for a model whose trials interact.
+    """
+
+    def __init__(self, traj: SiteTrajectory, visible: bool = False, path: str = "auto"):
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        independent = bool(getattr(traj.model, "batch_independent", False))
+        if path == "fold" and not independent:
+            raise ValueError(f"{type(traj.model).__name__} does not declare batch_independent=True; its trials may "
+                             "interact, so probes cannot be folded into the batch (use path='vmap')")
+        self.path = ("fold" if independent else "vmap") if path == "auto" else path
+        self.visible = bool(visible)
+        shape_out = traj.shape if visible else traj.joint_shape
+        super().__init__(traj, traj.joint_shape, shape_out)
+        self._pullbacks: dict[int, object] = {}
+
+    def _run(self, inject: torch.Tensor, copies: int = 1) -> torch.Tensor:
+        traj = self.traj
+        B, T, _ = traj.joint_shape
+        inputs = traj.inputs if copies == 1 else traj.inputs.repeat(copies, *([1] * (traj.inputs.dim() - 1)))
+        sites = Sites(traj.params, copies * B, T, "inject", layout=traj.layout, recorded=traj.recorded(),
+                      inject=inject)
+        traj.model.run_sites(traj.params, inputs, sites)
+        return sites.visible() if self.visible else sites.joint()
+
+    def _zeros(self, copies=1):
+        B, T, Hj = self.traj.joint_shape
+        return torch.zeros(copies * B, T, Hj, dtype=self.dtype, device=self.device)
+
+    def _matmat(self, Q):
+        k = Q.shape[0]
+        if self.path == "fold":
+            out = jvp(lambda q: self._run(q, k), (self._zeros(k),), (Q.reshape(k * Q.shape[1], *Q.shape[2:]),))[1]
+            return out.reshape(k, *self.shape_out)
+        zero = self._zeros()
+        return vmap(lambda q: jvp(self._run, (zero,), (q,))[1])(Q)
+
+    def _pullback(self, copies):
+        pb = self._pullbacks.get(copies)
+        if pb is None:
+            _, pb = vjp(lambda q: self._run(q, copies), self._zeros(copies))
+            self._pullbacks = {copies: pb}  # keep one graph alive at a time
+        return pb
+
+    def _rmatmat(self, Y):
+        k = Y.shape[0]
+        if self.path == "fold":
+            out = self._pullback(k)(Y.reshape(k * Y.shape[1], *Y.shape[2:]))[0]
+            return out.reshape(k, *self.shape_in)
+        pb = self._pullback(1)
+        return vmap(lambda y: pb(y)[0])(Y)
+
+
+class InverseJointPropagator(_SiteOperator):
+    """``P⁻¹ = ∂Φ/∂h = I − ∂f/∂h`` on the joint state: ``(∂f/∂h) v`` is the JVP of the forward pass in which
+    every joint variable is pinned to its recorded value plus ``v`` (so each ``f_i`` sees ``v`` only through
+    its direct parents). Its adjoint is the matching VJP."""
+
+    def __init__(self, traj: SiteTrajectory):
+        super().__init__(traj, traj.joint_shape, traj.joint_shape)
+
+    def _local(self, v):
+        traj = self.traj
+        B, T, _ = traj.joint_shape
+        sites = Sites(traj.params, B, T, "local", layout=traj.layout, recorded=traj.recorded(), inject=v)
+        traj.model.run_sites(traj.params, traj.inputs, sites)
+        return sites.joint()
+
+    def _matmat(self, Q):
+        zero = torch.zeros_like(self.traj.joint)
+        return Q - vmap(lambda q: jvp(self._local, (zero,), (q,))[1])(Q)
+
+    def _rmatmat(self, Y):
+        _, pb = vjp(self._local, torch.zeros_like(self.traj.joint))
+        return Y - vmap(lambda y: pb(y)[0])(Y)
+
+
+class VisibleSelection(_SiteOperator):
+    """``C``: the visible states out of the joint state (``[B, T, Hj] -> [B, T, Hv]``); ``C*`` scatters back."""
+
+    def __init__(self, traj: SiteTrajectory):
+        super().__init__(traj, traj.joint_shape, traj.shape)
+        self.index = traj.layout.visible_index(traj.device)
+
+    def _matmat(self, X):
+        return X.index_select(-1, self.index)
+
+    def _rmatmat(self, Y):
+        out = torch.zeros(Y.shape[0], *self.shape_in, dtype=Y.dtype, device=Y.device)
+        out[..., self.index] = Y
+        return out
+
+
+class SiteReadoutJacobian(_SiteOperator):
+    """``C_out = ∂y/∂h_vis`` of the readout: visible states -> outputs."""
+
+    def __init__(self, traj: SiteTrajectory):
+        super().__init__(traj, traj.shape, tuple(traj.outputs.shape))
+
+    def _f(self, z):
+        return self.traj.model.output(z, self.traj.readout)
+
+    def _matmat(self, X):
+        return vmap(lambda v: jvp(self._f, (self.traj.states,), (v,))[1])(X)
+
+    def _rmatmat(self, Y):
+        _, pb = vjp(self._f, self.traj.states)
+        return vmap(lambda y: pb(y)[0])(Y)
+
+
+# ----------------------------------------------------------------------------- the Kronecker core
+class SiteKroneckerCore:
+    """``K = Jθ Jθ*`` of a site trajectory from its site variables (see module docstring).
+
+    Attributes:
+        param_names: the weights included.
+        slots: ``{slot: [weights writing it]}``; slot_widths: ``{slot: R_s}``.
+        contraction: ``{weight: "gram" | "factored"}`` — how ``apply`` contracts each weight: the Gram form
+            ``G_W Z`` costs ``n_W² R`` per probe, the factored form ``U (Uᵀ Z)`` ``2 n_W C R``; ``"auto"``
+            takes the cheaper (Gram iff ``n_W < 2 C``).
+
+    Args:
+        traj: the site trajectory; param_names: a subset (None: the trajectory's).
+        contraction: ``"auto"``, ``"gram"`` or ``"factored"`` (elementwise weights and biases are always factored).
+
+    Raises:
+        ValueError: an unknown contraction or parameter.
+    """
+
+    def __init__(self, traj: SiteTrajectory, param_names=None, contraction: str = "auto"):
+        if contraction not in ("auto", "gram", "factored"):
+            raise ValueError(f"contraction must be 'auto', 'gram' or 'factored', got {contraction!r}")
+        self.traj = traj
+        self.param_names = _resolve(traj.model, traj.param_names if param_names is None else param_names)
+        self.uses: dict[str, list[Use]] = {}
+        for u in traj.uses:
+            if u.weight in self.param_names:
+                self.uses.setdefault(u.weight, []).append(u)
+        self.slots: dict[str, list[str]] = {}
+        for w, us in self.uses.items():
+            for u in us:
+                if w not in self.slots.setdefault(u.slot, []):
+                    self.slots[u.slot].append(w)
+        self.slot_widths = {s: traj.layout.slots[s].width for s in self.slots}
+        self.contraction: dict[str, str] = {}
+        self._grams: dict[str, torch.Tensor] = {}
+        for w, us in self.uses.items():
+            dense = us[0].form in ("rc", "cr")
+            n, C = sum(u.u.shape[0] for u in us) if dense else 0, us[0].u.shape[1] if dense else 0
+            if not dense or contraction == "factored":
+                self.contraction[w] = "factored"
+            elif contraction == "gram":
+                self.contraction[w] = "gram"
+            else:
+                self.contraction[w] = "gram" if n < 2 * C else "factored"
+        self._slot_stats = None
+
+    # ------------------------------------------------------------------ K
+    def _gram(self, w: str) -> torch.Tensor:
+        if w not in self._grams:
+            U = torch.cat([u.u for u in self.uses[w]], 0)
+            self._grams[w] = U @ U.T
+        return self._grams[w]
+
+    def apply(self, Y: torch.Tensor) -> torch.Tensor:
+        """``K Y`` for ``Y`` ``[k, B, T, Hj]``."""
+        traj = self.traj
+        B, T, _ = traj.joint_shape
+        layout = traj.layout
+        out = torch.zeros_like(Y)
+        for w, us in self.uses.items():
+            if self.contraction[w] == "gram":
+                Z = torch.cat([_block(Y, layout, u) for u in us], 1)  # [k, n_W, R]
+                GZ = torch.einsum("nm,kmr->knr", self._gram(w), Z)
+                off = 0
+                for u in us:
+                    n = u.u.shape[0]
+                    _add_block(out, GZ[:, off:off + n], layout, u)
+                    off += n
+                continue
+            M = None
+            for u in us:
+                g = _use_vjp(u, _block(Y, layout, u))
+                M = g if M is None else M + g
+            for u in us:
+                n = B if u.at is not None else B * T
+                _add_block(out, _use_jvp(u, M, n), layout, u)
+        return out
+
+    def operator(self) -> LinearOperator:
+        """``K`` as a PSD ``LinearOperator`` on the joint state ``[B, T, Hj]``."""
+        return SiteKroneckerKernel(self)
+
+    # ------------------------------------------------------------------ exact scalars
+    def _stats(self):
+        """Per slot: ``(G_s [N, N], [D_W [N, R] of the elementwise weights], R_s, Ũ_s)`` over the N = B·T positions."""
+        if self._slot_stats is not None:
+            return self._slot_stats
+        traj = self.traj
+        B, T, _ = traj.joint_shape
+        N = B * T
+        if N * N > GRAM_LIMIT:
+            raise MemoryError(f"exact K statistics need {N}×{N} Gram matrices per slot (limit {GRAM_LIMIT:,} entries); "
+                              "use the randomized estimators in kpflow.estimators")
+        owner: dict[str, str] = {}
+        for w, us in self.uses.items():
+            for u in us:
+                if owner.setdefault(w, u.slot) != u.slot:
+                    raise ValueError(f"weight {w!r} writes two slots ({owner[w]!r}, {u.slot!r}); the exact statistics "
+                                     "assume each weight writes one slot (use the randomized estimators)")
+        stats = {}
+        for s, ws in self.slots.items():
+            R = self.slot_widths[s]
+            cols, diag = [], []
+            for w in ws:
+                us = self.uses[w]
+                if us[0].form == "diag":
+                    D = torch.zeros(N, R, dtype=traj.dtype, device=traj.device)
+                    for u in us:
+                        D.index_add_(0, _rows(u, B, T, traj.device), u.u)
+                    diag.append(D)
+                    continue
+                C = 1 if us[0].form == "r" else us[0].u.shape[1]
+                Uf = torch.zeros(N, C, dtype=traj.dtype, device=traj.device)
+                for u in us:
+                    uu = torch.ones(_rows(u, B, T, traj.device).numel(), 1, dtype=traj.dtype, device=traj.device) \
+                        if u.form == "r" else u.u
+                    Uf.index_add_(0, _rows(u, B, T, traj.device), uu)
+                cols.append(Uf)
+            Ut = torch.cat(cols, 1) if cols else torch.zeros(N, 0, dtype=traj.dtype, device=traj.device)
+            stats[s] = (Ut @ Ut.T, diag, R, Ut)
+        self._slot_stats = stats
+        return stats
+
+    def slot_grams(self) -> dict[str, torch.Tensor]:
+        """``{slot: G_s = Ũ_s Ũ_sᵀ}`` ``[B·T, B·T]`` (dense weights and biases of the slot)."""
+        return {s: v[0] for s, v in self._stats().items()}
+
+    def trace(self) -> float:
+        """Exact ``tr K = Σ_s R_s tr G_s + Σ_{elementwise W} ‖d_W‖²``."""
+        total = 0.0
+        for G, diag, R, _ in self._stats().values():
+            total += R * float(torch.diagonal(G).sum()) + sum(float((D ** 2).sum()) for D in diag)
+        return total
+
+    def frobenius_norm(self) -> float:
+        """Exact ``‖K‖_F``: per slot ``R‖G‖² + 2 Σ_W ⟨G, d_W d_Wᵀ⟩ + Σ_r ‖Σ_W d_{W,r} d_{W,r}ᵀ‖²``."""
+        total = 0.0
+        for G, diag, R, _ in self._stats().values():
+            total += R * float((G ** 2).sum())
+            for D in diag:
+                total += 2 * float(((D.T @ G) * D.T).sum())
+            if diag:
+                Ds = torch.stack(diag)  # [nW, N, R]
+                cross = torch.einsum("anr,bnr->abr", Ds, Ds)
+                total += float((cross ** 2).sum())
+        return math.sqrt(max(total, 0.0))
+
+    def effective_rank(self) -> float:
+        """Exact participation ratio ``tr(K)² / ‖K‖_F²``."""
+        fro = self.frobenius_norm()
+        return self.trace() ** 2 / fro ** 2 if fro > 0 else 0.0
+
+    def temporal_gram(self) -> torch.Tensor:
+        """The exact position ("temporal"/token) view of ``K``: ``Σ_s (R_s G_s + Σ_W d_W d_Wᵀ)`` ``[B·T, B·T]``,
+        equal to ``kpflow.operators.view(K, "temporal")`` as a matrix."""
+        out = None
+        for G, diag, R, _ in self._stats().values():
+            term = R * G + sum((D @ D.T for D in diag), torch.zeros_like(G))
+            out = term if out is None else out + term
+        return out
+
+    def rank_bound(self, rtol: float | None = None) -> int:
+        """``rank K ≤ min(Σ_s rank(Ũ_s) R_s + Σ_{elementwise W} #W, #parameters, dim of the joint state)``."""
+        bound = 0
+        for s, (_, diag, R, Ut) in self._stats().items():
+            bound += (int(torch.linalg.matrix_rank(Ut, rtol=rtol)) if Ut.shape[1] else 0) * R + len(diag) * R
+        n_params = sum(self.traj.params[n].numel() for n in self.param_names)
+        return min(bound, n_params, math.prod(self.traj.joint_shape))
+
+
+class SiteKroneckerKernel(LinearOperator):
+    """``K`` of a site trajectory applied through its Kronecker core (PSD)."""
+
+    def __init__(self, core: SiteKroneckerCore):
+        shape = core.traj.joint_shape
+        super().__init__(shape, shape, core.traj.dtype, core.traj.device, is_psd=True)
+        self.core = core
+
+    def _matmat(self, X):
+        return self.core.apply(X)
+
+    def _rmatmat(self, Y):
+        return self.core.apply(Y)
+
+
+# ----------------------------------------------------------------------------- constructors
+def site_kronecker_core(traj: SiteTrajectory, param_names=None, contraction: str = "auto") -> SiteKroneckerCore:
+    """The exact Kronecker core of ``K`` (cached on the trajectory per parameter subset and contraction)."""
+    key = ("site_core", _resolve(traj.model, traj.param_names if param_names is None else param_names), contraction)
+    core = traj.cache.get(key)
+    if core is None:
+        core = traj.cache[key] = SiteKroneckerCore(traj, param_names, contraction)
+    return core
+
+
+def site_propagator(traj: SiteTrajectory, path: str = "auto") -> JointPropagator:
+    """``C P``: joint perturbations -> visible states (``.T`` is ``P* C*``)."""
+    return JointPropagator(traj, visible=True, path=path)
+
+
+def joint_propagator(traj: SiteTrajectory, path: str = "auto") -> JointPropagator:
+    """``P = (∂Φ/∂h)⁻¹`` on the joint state."""
+    return JointPropagator(traj, visible=False, path=path)
+
+
+def site_parameter_operator(traj: SiteTrajectory, param_names=None, backend: str = "auto") -> LinearOperator:
+    """``K`` on the joint state: through the Kronecker core (``"auto"``/``"kronecker"``) or as ``Jθ Jθ*`` by
+    autodiff (``"autodiff"``)."""
+    if backend == "autodiff":
+        J = SiteParamJacobian(traj, param_names, "autodiff")
+        return J @ J.T
+    if backend not in ("auto", "kronecker"):
+        raise ValueError(f"backend must be 'auto', 'kronecker' or 'autodiff', got {backend!r}")
+    return site_kronecker_core(traj, param_names).operator()

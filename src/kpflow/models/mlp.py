@@ -1,0 +1,127 @@
+"""A deep MLP as a site model: depth plays the role of time."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import Params
+from .sites import SiteModel, Sites
+
+_ACT = {"relu": torch.relu, "tanh": torch.tanh, "gelu": F.gelu, "identity": lambda v: v}
+
+
+class DeepMLP(SiteModel):
+    """``a_0 = W_0 x + b_0``, ``a_l = W_l z_{l-1} + b_l``, ``z_l = φ(a_l)`` for l < depth, readout ``y = C z_L + d``.
+
+    Depth is the position axis ``T``: layer l writes the pre-activation slot ``"a"`` and the visible
+    state ``"z"`` at position l, so the states are ``[B, depth, width]`` and the readout's output is
+    ``[B, O]``. Parameters ``layers.l.weight`` (``[width, I]`` for l = 0, else ``[width, width]``),
+    ``layers.l.bias`` ``[width]``; weights start ``N(0, gain²/fan_in)``, biases at 0.
+
+    Args:
+        input_dim, width, depth, output_dim: sizes (depth >= 1).
+        nonlinearity: ``"relu"``, ``"tanh"``, ``"gelu"`` or ``"identity"``.
+        bias: include the biases.
+        gain: scale of the initial weights.
+        dtype, device: of the parameters.
+
+    Raises:
+        ValueError: a size below 1 or an unknown nonlinearity.
+    """
+
+    def __init__(self, input_dim: int, width: int, depth: int, output_dim: int = 1, nonlinearity: str = "relu",
+                 bias: bool = True, gain: float = 1.0, dtype=None, device=None):
+        super().__init__()
+        if min(int(input_dim), int(width), int(depth), int(output_dim)) < 1:
+            raise ValueError(f"input_dim, width, depth and output_dim must be >= 1, got {input_dim}, {width}, "
+                             f"{depth}, {output_dim}")
+        if nonlinearity not in _ACT:
+            raise ValueError(f"unknown nonlinearity {nonlinearity!r}; choose one of {sorted(_ACT)}")
+        self.input_dim, self.width, self.depth, self.output_dim = int(input_dim), int(width), int(depth), int(output_dim)
+        self.nonlinearity, self.phi, self.bias = nonlinearity, _ACT[nonlinearity], bool(bias)
+        self.layers = nn.ModuleList(
+            nn.Linear(self.input_dim if i == 0 else self.width, self.width, bias=bias, dtype=dtype, device=device)
+            for i in range(self.depth))
+        self.readout = nn.Linear(self.width, self.output_dim, dtype=dtype, device=device)
+        with torch.no_grad():
+            for lin in self.layers:
+                lin.weight.normal_(0.0, gain / math.sqrt(lin.in_features))
+                if bias:
+                    lin.bias.zero_()
+
+    @property
+    def state_dim(self) -> int:
+        return self.width
+
+    def check_inputs(self, inputs) -> None:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.shape[1] != self.input_dim:
+            shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
+            raise ValueError(f"DeepMLP inputs must be [B, {self.input_dim}], got {shape}")
+        if inputs.shape[0] < 1:
+            raise ValueError("the batch is empty (B = 0)")
+
+    def positions(self, inputs) -> tuple[int, int]:
+        return int(inputs.shape[0]), self.depth
+
+    def run_sites(self, params: Params, inputs: torch.Tensor, sites: Sites) -> None:
+        z = inputs
+        for i in range(self.depth):
+            a = sites.linear("a", f"layers.{i}.weight", z, f"layers.{i}.bias" if self.bias else None, at=i)
+            z = sites.state("z", self.phi(a), at=i)
+
+    def output(self, states: torch.Tensor, readout_params: Params | None = None) -> torch.Tensor:
+        p = self.readout_params() if readout_params is None else readout_params
+        return states[:, -1] @ p["weight"].T + p["bias"]
+
+    def to_torch(self) -> nn.Sequential:
+        """An ``nn.Sequential`` of ``nn.Linear`` and activation layers (and the readout) with copies of the
+        parameters."""
+        act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "identity": nn.Identity}[self.nonlinearity]
+        mods: list[nn.Module] = []
+        for lin in self.layers:
+            new = nn.Linear(lin.in_features, lin.out_features, bias=self.bias, dtype=lin.weight.dtype,
+                            device=lin.weight.device)
+            new.load_state_dict(lin.state_dict())
+            mods += [new, act()]
+        ro = nn.Linear(self.width, self.output_dim, dtype=self.readout.weight.dtype, device=self.readout.weight.device)
+        ro.load_state_dict(self.readout.state_dict())
+        return nn.Sequential(*mods, ro)
+
+    @classmethod
+    def from_torch(cls, seq: nn.Sequential) -> DeepMLP:
+        """A ``DeepMLP`` from ``nn.Sequential(Linear, act, ..., Linear, act, Linear)`` (the last Linear is the
+        readout; all hidden layers of one width and one activation among ReLU/Tanh/GELU/Identity).
+
+        Raises:
+            TypeError, ValueError: a layer sequence of another form.
+        """
+        names = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.GELU: "gelu", nn.Identity: "identity"}
+        mods = list(seq)
+        if len(mods) < 3 or len(mods) % 2 == 0 or not all(isinstance(m, nn.Linear) for m in mods[::2]):
+            raise ValueError("from_torch expects nn.Sequential(Linear, act, Linear, act, ..., Linear)")
+        acts = {type(m) for m in mods[1::2]}
+        if len(acts) != 1 or next(iter(acts)) not in names:
+            raise ValueError(f"all activations must be one of {[c.__name__ for c in names]}, got {acts}")
+        if isinstance(mods[1], nn.GELU) and mods[1].approximate != "none":
+            raise ValueError("only the exact GELU (approximate='none') is supported")
+        lins = mods[::2]
+        width = lins[0].out_features
+        if any(m.out_features != width for m in lins[:-1]) or any(m.in_features != width for m in lins[1:]):
+            raise ValueError("all hidden layers must have one width")
+        has_bias = lins[0].bias is not None
+        w = lins[0].weight
+        model = cls(lins[0].in_features, width, len(lins) - 1, lins[-1].out_features, names[next(iter(acts))],
+                    bias=has_bias, dtype=w.dtype, device=w.device)
+        with torch.no_grad():
+            for mine, theirs in zip(model.layers, lins[:-1]):
+                mine.load_state_dict(theirs.state_dict())
+            model.readout.weight.copy_(lins[-1].weight)
+            if lins[-1].bias is not None:
+                model.readout.bias.copy_(lins[-1].bias)
+            else:
+                model.readout.bias.zero_()
+        return model
