@@ -1,6 +1,19 @@
 """State-space operators of a recorded run: Jθ, K, A, S, P, P⁻¹, J = P Jθ, Θ = P K P*, C Θ C*, the
-state-space Fisher, and the exact Kronecker core of K for weight-based cells."""
+state-space Fisher, and the exact Kronecker core of K for weight-based cells — for recurrences in their
+Schur-complement form on the states, for every site model (MLP, transformer, adapted nn.Module) on the
+joint state of the global implicit constraint (``kpflow.kernels.joint``)."""
 
+from .joint import (
+    InverseJointPropagator,
+    JointPropagator,
+    SiteKroneckerCore,
+    SiteParamJacobian,
+    SiteTrajectory,
+    VisibleSelection,
+    joint_propagator,
+    record_sites,
+    site_kronecker_core,
+)
 from .kronecker import KroneckerCore, KroneckerKernel, kronecker_core, supports_kronecker
 from .state_space import (
     InversePropagator,
@@ -33,4 +46,6 @@ __all__ = [
     "dense_step_jacobians", "kronecker_core", "supports_kronecker",
     "ParamJacobian", "ParamLayout", "StepJacobians", "StepJacobianCache", "TimeShift", "Propagator",
     "InversePropagator", "ReadoutJacobian", "KroneckerCore", "KroneckerKernel",
+    "SiteTrajectory", "record_sites", "SiteParamJacobian", "JointPropagator", "InverseJointPropagator",
+    "VisibleSelection", "SiteKroneckerCore", "site_kronecker_core", "joint_propagator",
 ]

@@ -39,8 +39,11 @@ FROBENIUS_LIMIT = 2**27
 
 
 def supports_kronecker(model) -> bool:
-    """True for cells with the affine-slot structure (VanillaRNN, LeakyRNN, GRU, LSTM)."""
-    return isinstance(model, AffineRecurrentModel)
+    """True for models whose weights the library sees as sites: the affine-slot cells (VanillaRNN, LeakyRNN,
+    GRU, LSTM) and every site model (DeepMLP, Transformer, ModuleAdapter)."""
+    from kpflow.models.sites import SiteModel
+
+    return isinstance(model, (AffineRecurrentModel, SiteModel))
 
 
 class KroneckerCore:
@@ -315,7 +318,12 @@ class KroneckerKernel(LinearOperator):
 
 
 def kronecker_core(traj: Trajectory, param_names=None) -> KroneckerCore:
-    """The exact Kronecker core of ``K`` for a weight-based cell (cached on the trajectory)."""
+    """The exact Kronecker core of ``K`` for a weight-based cell (cached on the trajectory); for a site
+    trajectory the joint-state core ``kpflow.kernels.joint.SiteKroneckerCore``."""
+    from .joint import is_site_trajectory, site_kronecker_core
+
+    if is_site_trajectory(traj):
+        return site_kronecker_core(traj, param_names)
     key = ("kronecker_core", resolve_param_names(traj.model, traj.param_names if param_names is None
                                                  else param_names))
     core = traj.cache.get(key)

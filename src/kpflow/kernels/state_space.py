@@ -422,10 +422,28 @@ class ReadoutJacobian(_TrajectoryOperator):
 
 
 # ----------------------------------------------------------------------------- public constructors
+def _is_site(traj) -> bool:
+    """True for a recorded site model (``kpflow.kernels.joint``): the constructors below then build the
+    joint-state operators of the general formulation."""
+    from .joint import is_site_trajectory
+
+    return is_site_trajectory(traj)
+
+
+def _refuse_site(traj, what: str) -> None:
+    if _is_site(traj):
+        raise TypeError(f"{what} belongs to recurrences z_t = F(z_(t-1), x_t); a site model's state has no time "
+                        "shift. Use inverse_propagator(traj) (∂Φ/∂h on the joint state) or propagator(traj)")
+
+
 def param_jacobian(traj: Trajectory, param_names=None, chunk_size: int | None = None,
                    method: str = "auto") -> ParamJacobian:
     """``Jθ`` (parameters, flat vector -> ``[B, T, H]``); ``param_names`` selects a subset;
     ``method="autodiff"`` forces JVP/VJP of the step (else the Kronecker structure when available)."""
+    if _is_site(traj):
+        from .joint import SiteParamJacobian
+
+        return SiteParamJacobian(traj, param_names, "autodiff" if method == "autodiff" else "auto")
     return ParamJacobian(traj, param_names, chunk_size, method)
 
 
@@ -433,6 +451,10 @@ def parameter_operator(traj: Trajectory, param_names=None, method: str = "autodi
                        chunk_size: int | None = None) -> LinearOperator:
     """``K = Jθ Jθ*`` on ``[B, T, H]`` (PSD). ``method="kronecker"`` uses the exact Kronecker core
     (weight-based cells only); ``"auto"`` picks it when the cell supports it."""
+    if _is_site(traj):  # K on the joint state, through its Kronecker core unless method="autodiff"
+        from .joint import site_parameter_operator
+
+        return site_parameter_operator(traj, param_names, "autodiff" if method == "autodiff" else "kronecker")
     if method not in ("autodiff", "kronecker", "auto"):
         raise ValueError(f"method must be 'autodiff', 'kronecker' or 'auto', got {method!r}")
     if method != "autodiff":
@@ -447,28 +469,42 @@ def parameter_operator(traj: Trajectory, param_names=None, method: str = "autodi
 def step_jacobians(traj: Trajectory, cache="auto", memory_budget: int | None = None,
                    chunk_size: int | None = None) -> StepJacobians:
     """``A`` (block diagonal per-site step Jacobians) on ``[B, T, H]``."""
+    _refuse_site(traj, "step_jacobians (A)")
     return StepJacobians(traj, cache, memory_budget, chunk_size)
 
 
 def time_shift(traj: Trajectory) -> TimeShift:
     """``S`` on ``[B, T, H]``: ``(S z)_t = z_{t-1}``."""
+    _refuse_site(traj, "time_shift (S)")
     return TimeShift(traj.shape, traj.dtype, traj.device)
 
 
 def propagator(traj: Trajectory, cache="auto", memory_budget: int | None = None,
                chunk_size: int | None = None) -> Propagator:
     """``P = (I − A S)^{-1}``; ``propagator(traj).T`` is ``P*`` (backprop through time)."""
+    if _is_site(traj):  # C P: joint perturbations -> visible states, so that P @ K @ P.T is the visible NTK
+        from .joint import site_propagator
+
+        return site_propagator(traj)
     return Propagator(traj, cache, memory_budget, chunk_size)
 
 
 def inverse_propagator(traj: Trajectory, cache="auto", memory_budget: int | None = None,
                        chunk_size: int | None = None) -> InversePropagator:
     """``P^{-1} = I − A S``."""
+    if _is_site(traj):  # ∂Φ/∂h on the joint state
+        from .joint import InverseJointPropagator
+
+        return InverseJointPropagator(traj)
     return InversePropagator(traj, cache, memory_budget, chunk_size)
 
 
 def readout_jacobian(traj: Trajectory, chunk_size: int | None = None) -> ReadoutJacobian:
     """``C``: state perturbations ``[B, T, H]`` -> output perturbations ``[B, T, O]``."""
+    if _is_site(traj):
+        from .joint import SiteReadoutJacobian
+
+        return SiteReadoutJacobian(traj)
     return ReadoutJacobian(traj, chunk_size)
 
 

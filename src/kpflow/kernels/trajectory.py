@@ -182,9 +182,20 @@ def record(
             fit the model (also a readout of another dtype than the cell), an unknown loss or parameter.
         NonFiniteStateError: the states (or the loss) become NaN/Inf.
     """
+    from kpflow.models.sites import SiteModel
+
+    if isinstance(model, SiteModel):  # the general joint-state path (MLP, transformer, ModuleAdapter)
+        if z0 is not None:
+            raise ValueError(f"{type(model).__name__} is a site model: it has no z0 (give the initial state to "
+                             "RecurrentSites instead)")
+        from .joint import record_sites
+
+        return record_sites(model, inputs, targets=targets, loss=loss, mask=mask, param_names=param_names,
+                            params=params)
     if not isinstance(model, RecurrentModel):
-        raise TypeError(f"record needs a kpflow RecurrentModel, got {type(model).__name__}; wrap an nn.Module "
-                        "cell with kpflow.models.CellAdapter")
+        raise TypeError(f"record needs a kpflow RecurrentModel or SiteModel, got {type(model).__name__}; wrap an "
+                        "nn.Module cell with kpflow.models.CellAdapter, any other nn.Module with "
+                        "kpflow.models.ModuleAdapter")
     model.check_inputs(inputs, z0)
     for name, t in (("inputs", inputs), ("z0", z0)):
         if t is not None and not bool(torch.isfinite(t).all()):

@@ -1,4 +1,5 @@
-"""Adapter: a user's own ``nn.Module`` cell ``cell(x_t, h_prev) -> h_t`` as a kpflow model."""
+"""Adapters: a user's recurrent cell (``CellAdapter``) or any ``nn.Module`` built from ``nn.Linear`` layers
+(``ModuleAdapter``) as a kpflow model."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .base import Params, RecurrentModel
+from .sites import SiteModel, Sites
 
 
 class CellAdapter(RecurrentModel):
@@ -46,3 +48,164 @@ class CellAdapter(RecurrentModel):
             raise ValueError(f"the wrapped cell returned shape {tuple(out.shape)}, expected the state shape "
                              f"{tuple(z_prev.shape)}")
         return out
+
+
+class ModuleAdapter(SiteModel):
+    """A user's ``nn.Module`` built from ``nn.Linear`` layers and parameter-free operations, as a site model.
+
+    Every ``nn.Linear`` call is intercepted (a forward hook, with the parameters swapped in through
+    ``torch.func.functional_call``) and becomes a weight site named after the module (``fc1``,
+    ``blocks.0.proj``): its input is the site variable, its output a slot of the joint state. A
+    Linear applied to ``[B, C]`` writes position 0, one applied to ``[B, T, C]`` all T positions. The
+    visible states are the outputs of the submodules named in ``visible`` and, last, the module's
+    output (``[B, O]`` or ``[B, T, O]``); the readout is the identity on that output, so the NTK of the
+    visible block ``output`` is the output NTK.
+
+    Refused, with an error that says why (the joint-state operators would silently be wrong):
+    parameters outside ``nn.Linear`` (a LayerNorm's weight, an embedding: they are not ``W u`` sites
+    the adapter can see — freeze them with ``requires_grad_(False)`` or use a built-in model); a
+    parameter shared by two modules, or one Linear called twice in a forward pass (weight sharing);
+    buffers or parameters mutated in place by the forward pass (BatchNorm in train mode); dropout in
+    train mode, or any other randomness (two forward passes that differ); a module with no
+    ``nn.Linear`` that its forward pass calls.
+
+    Args:
+        module: the network; its ``forward(inputs)`` returns one tensor.
+        visible: names of submodules whose outputs are visible states too (``[B, C]`` or ``[B, T, C]``).
+        batch_independent: declare that the trials (first axis) do not interact, so that probes may be
+            folded into the batch (faster); False by default.
+
+    Raises:
+        TypeError, ValueError: see above.
+    """
+
+    def __init__(self, module: nn.Module, visible: tuple[str, ...] | list[str] = (), batch_independent: bool = False):
+        super().__init__()
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"ModuleAdapter wraps an nn.Module, got {type(module).__name__}")
+        self.module = module
+        self.visible = tuple(visible)
+        self.batch_independent = bool(batch_independent)
+        mods = dict(module.named_modules())
+        unknown = [v for v in self.visible if v not in mods]
+        if unknown:
+            raise ValueError(f"visible submodule(s) {unknown} not found; the module has {sorted(k for k in mods if k)}")
+        self._linears = {n: m for n, m in mods.items() if isinstance(m, nn.Linear)}
+        if not self._linears:
+            raise ValueError(f"{type(module).__name__} has no nn.Linear layer: the adapter sees weights only as the "
+                             "nn.Linear sites of the forward pass, so there is no visible weight site")
+        seen: dict[int, str] = {}
+        for name, p in module.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                raise ValueError(f"parameter {name!r} is the same tensor as {seen[id(p)]!r} (weight sharing across "
+                                 "modules); the adapter gives every nn.Linear its own site and cannot split a shared "
+                                 "weight's K between them")
+            seen[id(p)] = name
+        in_linear = {f"{n}.{k}" for n, m in self._linears.items() for k, _ in m.named_parameters(recurse=False)}
+        outside = [n for n, p in module.named_parameters() if p.requires_grad and n not in in_linear]
+        if outside:
+            raise ValueError(f"parameter(s) {outside} live outside nn.Linear layers; the adapter sees weights only as "
+                             "nn.Linear sites (W u). Freeze them (requires_grad_(False)) or use a built-in model "
+                             "(kpflow.models.Transformer, DeepMLP)")
+        self._frozen = {n for n, p in module.named_parameters() if not p.requires_grad}
+        self._shapes: dict[tuple, tuple[int, int]] = {}
+
+    # ------------------------------------------------------------------ checks
+    def _check_training_mode(self):
+        bad = [n or type(self.module).__name__ for n, m in self.module.named_modules()
+               if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0]
+        if bad:
+            raise ValueError(f"dropout in train mode ({bad}): the operators linearise one deterministic network; call "
+                             "module.eval() (or set p=0)")
+
+    def cell_params(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.named_parameters() if k[len("module."):] not in self._frozen}
+
+    def readout_params(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def _call(self, params, inputs, sites_hook):
+        names = {k[len("module."):]: v for k, v in params.items()}
+        handles = [m.register_forward_hook(sites_hook(n)) for n, m in self.module.named_modules()
+                   if n in self._linears or n in self.visible]
+        try:
+            out = functional_call(self.module, names, (inputs,))
+        finally:
+            for h in handles:
+                h.remove()
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"the module returned {type(out).__name__}; it must return one tensor")
+        return out
+
+    def positions(self, inputs) -> tuple[int, int]:
+        key = (tuple(inputs.shape), inputs.dtype)
+        if key not in self._shapes:
+            self._check_training_mode()
+            lengths = set()
+
+            def hook_for(name):
+                def hook(mod, args, out):
+                    u = args[0] if name in self._linears else out
+                    if u.dim() == 3:
+                        lengths.add(int(u.shape[1]))
+                    elif u.dim() != 2:
+                        raise ValueError(f"{name!r} sees a tensor of shape {tuple(u.shape)}; the adapter needs "
+                                         "[B, C] or [B, T, C] at every nn.Linear and visible submodule")
+                    if int(u.shape[0]) != int(inputs.shape[0]):
+                        raise ValueError(f"{name!r} sees a leading axis of {u.shape[0]} but the batch has "
+                                         f"{inputs.shape[0]} trials; the adapter needs the batch first everywhere")
+                return hook
+
+            before = {n: b._version for n, b in self.module.named_buffers()}
+            pbefore = {n: p._version for n, p in self.module.named_parameters()}
+            with torch.no_grad():
+                out1 = self._call(dict(self.named_parameters()), inputs, hook_for)
+                out2 = self._call(dict(self.named_parameters()), inputs, lambda n: (lambda *a: None))
+            changed = [n for n, b in self.module.named_buffers() if b._version != before[n]]
+            changed += [n for n, p in self.module.named_parameters() if p._version != pbefore[n]]
+            if changed:
+                raise ValueError(f"the forward pass changes {changed} in place (e.g. BatchNorm running statistics in "
+                                 "train mode); the operators need a pure function of the parameters: call "
+                                 "module.eval() or remove the in-place update")
+            if out1.shape != out2.shape or not torch.equal(out1, out2):
+                raise ValueError("two forward passes on the same inputs differ: the module is random (dropout in "
+                                 "train mode, noise); the operators linearise one deterministic network")
+            if out1.dim() == 3:
+                lengths.add(int(out1.shape[1]))
+            if len(lengths) > 1:
+                raise ValueError(f"the module's sites see sequences of different lengths {sorted(lengths)}; the "
+                                 "position space must be one [B, T]")
+            self._shapes[key] = (int(inputs.shape[0]), lengths.pop() if lengths else 1)
+        return self._shapes[key]
+
+    def run_sites(self, params, inputs, sites) -> None:
+        called: set[str] = set()
+
+        def hook_for(name):
+            def hook(mod, args, out):
+                if name in self._linears:
+                    if name in called:
+                        raise ValueError(f"nn.Linear {name!r} is called twice in one forward pass (weight sharing "
+                                         "across uses); the adapter gives every nn.Linear one site")
+                    called.add(name)
+                    u = args[0]
+                    at = 0 if u.dim() == 2 else None
+                    w, b = f"module.{name}.weight", f"module.{name}.bias"
+                    if w not in sites.params:  # a frozen Linear: a constant map, not a weight site
+                        return out
+                    return sites.linear(name, w, u, b if mod.bias is not None and b in sites.params else None, at)
+                return sites.state(name, out, 0 if out.dim() == 2 else None)
+            return hook
+
+        fixed = {k: v for k, v in self.named_parameters()}
+        out = self._call({**fixed, **params}, inputs, hook_for)
+        if not called:
+            raise ValueError("the forward pass calls none of the module's nn.Linear layers: no visible weight site")
+        self._output_width, self._output_rank = int(out.shape[-1]), out.dim()
+        sites.state("output", out, 0 if out.dim() == 2 else None)
+
+    def output(self, states: torch.Tensor, readout_params=None) -> torch.Tensor:
+        """The module's output: the last visible block (``[B, O]`` for a per-trial output)."""
+        width = self._output_width
+        out = states[..., -width:]
+        return out[:, 0] if self._output_rank == 2 else out
