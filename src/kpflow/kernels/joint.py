@@ -627,7 +627,7 @@ class SiteKroneckerCore:
     def rank_bound(self, rtol: float | None = None) -> int:
         """``rank K ≤ min(Σ_s rank(Ũ_s) R_s + Σ_{elementwise W} #W, #parameters, dim of the joint state)``."""
         bound = 0
-        for s, (_, diag, R, Ut) in self._stats().items():
+        for _, diag, R, Ut in self._stats().values():
             bound += (int(torch.linalg.matrix_rank(Ut, rtol=rtol)) if Ut.shape[1] else 0) * R + len(diag) * R
         n_params = sum(self.traj.params[n].numel() for n in self.param_names)
         return min(bound, n_params, math.prod(self.traj.joint_shape))

@@ -8,7 +8,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .base import Params, RecurrentModel
-from .sites import SiteModel, Sites
+from .sites import SiteModel
 
 
 class CellAdapter(RecurrentModel):

@@ -41,7 +41,8 @@ class DeepMLP(SiteModel):
                              f"{depth}, {output_dim}")
         if nonlinearity not in _ACT:
             raise ValueError(f"unknown nonlinearity {nonlinearity!r}; choose one of {sorted(_ACT)}")
-        self.input_dim, self.width, self.depth, self.output_dim = int(input_dim), int(width), int(depth), int(output_dim)
+        self.input_dim, self.width = int(input_dim), int(width)
+        self.depth, self.output_dim = int(depth), int(output_dim)
         self.nonlinearity, self.phi, self.bias = nonlinearity, _ACT[nonlinearity], bool(bias)
         self.layers = nn.ModuleList(
             nn.Linear(self.input_dim if i == 0 else self.width, self.width, bias=bias, dtype=dtype, device=device)
@@ -117,7 +118,7 @@ class DeepMLP(SiteModel):
         model = cls(lins[0].in_features, width, len(lins) - 1, lins[-1].out_features, names[next(iter(acts))],
                     bias=has_bias, dtype=w.dtype, device=w.device)
         with torch.no_grad():
-            for mine, theirs in zip(model.layers, lins[:-1]):
+            for mine, theirs in zip(model.layers, lins[:-1], strict=False):
                 mine.load_state_dict(theirs.state_dict())
             model.readout.weight.copy_(lins[-1].weight)
             if lins[-1].bias is not None:

@@ -11,9 +11,9 @@ Per block l (torch's ``nn.TransformerEncoderLayer`` layout, dropout 0, ``batch_f
 Weight sites (slots of the joint state, every token a position): ``embed`` (input projection or
 token embedding, plus the learned positional embedding — both write the same pre-activation),
 ``block{l}.qkv`` (site variable: the block input, or LN1 of it), ``block{l}.o`` (the concatenated head outputs),
-``block{l}.ff1``, ``block{l}.ff2``, and with LayerNorm ``block{l}.norm1``/``block{l}.norm2`` (elementwise weights on the normalised
-activations). The visible states are the residual stream before the first block (``h0``) and after
-every block (``block{l}.h``): ``[B, T, (L + 1) · D]``. The readout is linear on the last block's output.
+``block{l}.ff1``, ``block{l}.ff2``, and with LayerNorm ``block{l}.norm1``/``block{l}.norm2``
+(elementwise weights on the normalised activations). The visible states are the residual stream
+before the first block (``h0``) and after every block (``block{l}.h``): ``[B, T, (L + 1) · D]``. The readout is linear on the last block's output.
 """
 
 from __future__ import annotations
@@ -203,7 +203,8 @@ class Transformer(SiteModel):
         """
         if isinstance(module, TorchTransformer):
             c = module.config
-            model = cls(**c)
+            w = module.readout.weight
+            model = cls(**c, dtype=w.dtype, device=w.device)
             model.load_state_dict(module.state_dict())
             return model
         layers = list(module.layers) if isinstance(module, nn.TransformerEncoder) else list(module)
@@ -226,7 +227,7 @@ class Transformer(SiteModel):
         model = cls(input_dim, attn.embed_dim, attn.num_heads, len(layers), first.linear1.out_features, output_dim,
                     max_len, causal=causal, norm_first=first.norm_first, activation=act,
                     bias=attn.in_proj_bias is not None, dtype=w.dtype, device=w.device)
-        for mine, theirs in zip(model.blocks, layers):
+        for mine, theirs in zip(model.blocks, layers, strict=False):
             mine.load_state_dict(theirs.state_dict())
         return model
 
