@@ -13,7 +13,8 @@ token embedding, plus the learned positional embedding — both write the same p
 ``block{l}.qkv`` (site variable: the block input, or LN1 of it), ``block{l}.o`` (the concatenated head outputs),
 ``block{l}.ff1``, ``block{l}.ff2``, and with LayerNorm ``block{l}.norm1``/``block{l}.norm2``
 (elementwise weights on the normalised activations). The visible states are the residual stream
-before the first block (``h0``) and after every block (``block{l}.h``): ``[B, T, (L + 1) · D]``. The readout is linear on the last block's output.
+before the first block (``h0``) and after every block (``block{l}.h``): ``[B, T, (L + 1) · D]``.
+The readout is linear on the last block's output.
 """
 
 from __future__ import annotations
