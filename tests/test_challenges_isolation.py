@@ -445,6 +445,19 @@ def test_privilege_escalation_and_new_namespaces_are_refused(gw_dir, tmp_path):
     """))
 
 
+@needs_isolation
+def test_cpu_time_is_capped_and_no_descriptor_of_the_parent_leaks(gw_dir, tmp_path):
+    limits = isolation.Limits(wall_s=60, cpu_s=1, threads=1)
+    entry = _hostile(gw_dir, tmp_path, """
+        print("FDS", sorted(os.listdir("/proc/self/fd")), file=sys.stderr, flush=True)
+        while True:  # burn CPU until the kernel stops it
+            pass
+    """, limits=limits)
+    assert entry["status"] == "failed" and "killed by signal 9" in entry["error"], entry["error"]
+    assert entry["seconds"] < 30  # the CPU limit, not the wall clock, ended it
+    assert "FDS ['0', '1', '2', '3']" in entry["log_tail"]  # stdio and listdir's own descriptor only
+
+
 def _pids_capped() -> bool:
     group = isolation.Cgroup(8, 2 ** 30)
     try:
