@@ -250,7 +250,16 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
 
 def load_original(csv_path: Path, image_folder: Path) -> list[tuple[str, int, str]]:
     """Read an organisers' CSV (``filename``, ``hybrid_stat``, ``subspecies``; e.g.
-    ``butterfly_anomaly_train.csv``) with already downloaded images into (path, hybrid, subspecies)."""
+    ``butterfly_anomaly_train.csv``) with downloaded images into (path, hybrid, subspecies).
+
+    Images are found flat in ``image_folder`` or in the documented download layout of
+    ``cautious-robot -s hybrid_stat``: one subfolder per ``hybrid_stat`` value (``hybrid/``,
+    ``non-hybrid/``).
+
+    Raises:
+        ValueError: the CSV lacks a required column.
+        FileNotFoundError: a listed image is in neither place.
+    """
     import csv
 
     csv_path, image_folder = Path(csv_path), Path(image_folder)
@@ -261,10 +270,13 @@ def load_original(csv_path: Path, image_folder: Path) -> list[tuple[str, int, st
         raise ValueError(f"{csv_path} must have columns {sorted(need)}")
     out = []
     for row in rows:
-        path = image_folder / row["filename"]
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} listed in {csv_path} is missing")
-        hybrid = 1 if str(row["hybrid_stat"]).strip().lower() in ("1", "hybrid") else 0
+        status = str(row["hybrid_stat"]).strip()
+        candidates = [image_folder / row["filename"], image_folder / status / row["filename"]]
+        path = next((p for p in candidates if p.is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"image {row['filename']} listed in {csv_path} is missing; looked for "
+                                    f"{', '.join(str(p) for p in candidates)}")
+        hybrid = 1 if status.lower() in ("1", "hybrid") else 0
         out.append((str(path), hybrid, row["subspecies"]))
     return out
 

@@ -105,19 +105,71 @@ def ingest_butterfly(model, input_dir, output_dir):
     return len(rows)
 
 
-def _read_sla(path):
-    import numpy as np
-    from scipy.io import netcdf_file
+_HDF5_MAGIC, _NETCDF3_MAGIC = b"\x89HDF\r\n\x1a\n", b"CDF"
+_TIME_UNITS = {"day": 1.0, "days": 1.0, "hour": 1 / 24, "hours": 1 / 24, "minute": 1 / 1440, "minutes": 1 / 1440,
+               "second": 1 / 86400, "seconds": 1 / 86400}
 
-    with netcdf_file(path, "r", mmap=False, maskandscale=False) as handle:
-        var = handle.variables["sla"]
-        raw = np.array(var.data)
-        sla = raw.astype(np.float32) * np.float32(getattr(var, "scale_factor", 1.0))
-        fill = getattr(var, "_FillValue", None)
-        if fill is not None:
-            sla[raw == fill] = np.nan
-        times = np.array(handle.variables["time"].data, dtype=np.float64)
-    return sla, times
+
+def _days_since_1950(values, units: str):
+    """CF time values with ``units`` ('<unit> since <date>[ time]') as days since 1950-01-01."""
+    import datetime as dt
+
+    import numpy as np
+
+    try:
+        unit, origin = str(units).split(" since ", 1)
+        scale = _TIME_UNITS[unit.strip().lower()]
+        origin_date = dt.date.fromisoformat(origin.strip()[:10])
+    except (ValueError, KeyError):
+        raise ValueError(f"time units {units!r} are not '<days|hours|minutes|seconds> since YYYY-MM-DD'") from None
+    return np.asarray(values, dtype=np.float64) * scale + (origin_date - dt.date(1950, 1, 1)).days
+
+
+def _decode(raw, attrs):
+    """CF decoding of a packed variable: ``_FillValue``/``missing_value`` → NaN, then ``raw·scale + offset``."""
+    import numpy as np
+
+    raw = np.asarray(raw)
+    out = raw.astype(np.float64)
+    for key in ("_FillValue", "missing_value"):
+        if key in attrs:
+            out[raw == np.asarray(attrs[key]).reshape(-1)[0]] = np.nan
+    if np.ma.isMaskedArray(raw):
+        out[np.ma.getmaskarray(raw)] = np.nan
+    out = out * float(np.asarray(attrs.get("scale_factor", 1.0)).reshape(-1)[0])
+    out = out + float(np.asarray(attrs.get("add_offset", 0.0)).reshape(-1)[0])
+    return out.astype(np.float32)
+
+
+def read_sla(path):
+    """(``sla`` (time, lat, lon) float32 metres, NaN where missing; ``time`` in days since 1950-01-01)
+    from a NetCDF3 file (scipy) or a NetCDF4/HDF5 file such as the organisers' DUACS maps (h5netcdf,
+    ``pip install h5netcdf``), with CF decoding (fill values, ``scale_factor``, ``add_offset``, time units)."""
+    with open(path, "rb") as handle:
+        magic = handle.read(8)
+    if magic.startswith(_NETCDF3_MAGIC):
+        from scipy.io import netcdf_file
+
+        with netcdf_file(path, "r", mmap=False, maskandscale=False) as handle:
+            sla = handle.variables["sla"]
+            time = handle.variables["time"]
+            attrs = {k: v for k, v in sla._attributes.items()}
+            units = time._attributes.get("units", b"days since 1950-01-01")
+            return _decode(sla.data, attrs), _days_since_1950(time.data, units.decode() if isinstance(
+                units, bytes) else units)
+    if magic == _HDF5_MAGIC:
+        try:
+            import h5netcdf
+        except ImportError:
+            raise ImportError(f"{path} is NetCDF4/HDF5; reading it needs h5netcdf (pip install h5netcdf)") from None
+        with h5netcdf.File(path, "r") as handle:
+            if "sla" not in handle.variables or "time" not in handle.variables:
+                raise ValueError(f"{path} lacks the variables 'sla' and 'time' (it has {sorted(handle.variables)})")
+            sla, time = handle.variables["sla"], handle.variables["time"]
+            units = time.attrs.get("units", "days since 1950-01-01")
+            return _decode(sla[...], dict(sla.attrs)), _days_since_1950(time[...], units.decode() if isinstance(
+                units, bytes) else units)
+    raise ValueError(f"{path} is neither NetCDF3 nor NetCDF4/HDF5 (it starts with {magic!r})")
 
 
 def ingest_sealevel(model, input_dir, output_dir):
@@ -128,7 +180,7 @@ def ingest_sealevel(model, input_dir, output_dir):
     folder = os.path.join(input_dir, "maps")
     rows = []
     for name in sorted(n for n in os.listdir(folder) if n.endswith(".nc")):
-        sla, times = _read_sla(os.path.join(folder, name))
+        sla, times = read_sla(os.path.join(folder, name))
         for k in range(sla.shape[0]):
             day = (dt.date(1950, 1, 1) + dt.timedelta(days=float(times[k]))).isoformat()
             flags = _as_float_list(model.predict(sla[k].copy()), len(stations), f"predict(sla of {day})")

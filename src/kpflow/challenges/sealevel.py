@@ -161,19 +161,11 @@ def netcdf_bytes(sla: np.ndarray, days_since_epoch: np.ndarray) -> bytes:
 
 
 def read_sla(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """(``sla`` (time, lat, lon) float32 metres with NaN on land, ``time`` days since 1950-01-01)."""
-    from scipy.io import netcdf_file
+    """(``sla`` (time, lat, lon) float32 metres with NaN on land, ``time`` days since 1950-01-01), from
+    this kit's NetCDF3 files or the organisers' NetCDF4 maps (see ``ingestion.read_sla``)."""
+    from kpflow.challenges.ingestion import read_sla as read
 
-    with netcdf_file(str(path), "r", mmap=False, maskandscale=False) as handle:
-        var = handle.variables["sla"]
-        raw = np.array(var.data)
-        scale = float(getattr(var, "scale_factor", 1.0))
-        fill = getattr(var, "_FillValue", None)
-        sla = raw.astype(np.float32) * np.float32(scale)
-        if fill is not None:
-            sla[raw == fill] = np.nan
-        times = np.array(handle.variables["time"].data, dtype=np.float64)
-    return sla, times
+    return read(str(path))
 
 
 def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
@@ -222,28 +214,41 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
 
 
 def load_original(maps_folder: Path, station_csvs: list[Path]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Read the organisers' per-day NetCDF files and ``<Station>_..._training_data.csv`` label files
-    (``t, anomaly``) into (dates, maps (days, lat, lon), labels (days, stations))."""
+    """Read the organisers' daily maps and station label files into (dates, maps, labels).
+
+    ``maps_folder`` holds one NetCDF file per day (the organisers' NetCDF4/HDF5 DUACS maps, or this
+    kit's NetCDF3 files); each ``<Station>_..._training_data.csv`` has columns ``t, anomaly, ...`` and
+    its own set of days. As the organisers do, only days present at *every* station (and in the maps)
+    are kept, in date order, so the rows of ``maps`` (days, lat, lon) and ``labels`` (days, stations)
+    align; nothing is filled in.
+
+    Raises:
+        FileNotFoundError: no ``.nc`` files, or a station file is missing.
+        ValueError: a station file lacks the ``t`` or ``anomaly`` column, or no day is common to all.
+    """
     import csv
 
     maps_folder = Path(maps_folder)
     files = sorted(maps_folder.glob("*.nc"))
     if not files:
         raise FileNotFoundError(f"no .nc files in {maps_folder}")
-    maps, dates = [], []
+    by_day: dict[str, np.ndarray] = {}
     for f in files:
         sla, times = read_sla(f)
-        maps.append(sla)
-        dates += [(EPOCH + dt.timedelta(days=float(t))).isoformat() for t in times]
-    labels = np.zeros((len(dates), len(station_csvs)), int)
-    index = {d: k for k, d in enumerate(dates)}
-    for j, path in enumerate(station_csvs):
+        for k, t in enumerate(times):
+            by_day[(EPOCH + dt.timedelta(days=float(t))).isoformat()] = sla[k]
+    stations = []
+    for path in station_csvs:
         with open(path, newline="") as handle:
-            for row in csv.DictReader(handle):
-                day = row["t"][:10]
-                if day in index:
-                    labels[index[day], j] = int(float(row["anomaly"]))
-    return dates, np.concatenate(maps), labels
+            reader = csv.DictReader(handle)
+            if not {"t", "anomaly"} <= set(reader.fieldnames or []):
+                raise ValueError(f"{path} must have columns 't' and 'anomaly'; its header is {reader.fieldnames}")
+            stations.append({row["t"].strip()[:10]: int(float(row["anomaly"])) for row in reader})
+    common = sorted(set(by_day).intersection(*stations))
+    if not common:
+        raise ValueError(f"no day is present in the maps of {maps_folder} and in every station file")
+    labels = np.array([[station[d] for station in stations] for d in common], dtype=int)
+    return common, np.stack([by_day[d] for d in common]), labels
 
 
 SPEC = ChallengeSpec(
