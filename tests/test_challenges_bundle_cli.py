@@ -34,6 +34,11 @@ def test_exported_bundle_passes_the_structural_check(bundle):
     keys = [c["key"] for c in comp["leaderboards"][0]["columns"]]
     assert keys[0] == "final_grade"
     assert bundle.with_suffix(".zip").is_file()
+    assert (bundle / comp["image"]).read_bytes().startswith(b"\x89PNG")
+    assert comp["phases"][1]["auto_migrate_to_this_phase"] is True and "auto_migrate_to_this_phase" not in comp[
+        "phases"][0]
+    assert all((bundle / p["starting_kit"] / "model.py").is_file() for p in comp["phases"])
+    assert comp["docker_image"]
 
 
 def _broken_copy(bundle, tmp_path, edit):
@@ -55,10 +60,37 @@ def _broken_copy(bundle, tmp_path, edit):
     (lambda c, d: c["leaderboards"][0]["columns"].pop(), "differ from leaderboard column keys"),
     (lambda c, d: c["leaderboards"][0]["columns"][1].__setitem__("key", "final_grade"), "not unique"),
     (lambda c, d: (d / "pages" / "data.md").unlink(), "missing file 'pages/data.md'"),
+    (lambda c, d: c.pop("image"), "An image for this competition could not be found in the yaml"),
+    (lambda c, d: (d / "logo.png").unlink(), "Unable to find image: logo.png"),
+    (lambda c, d: c.pop("docker_image"), "no docker_image named"),
+    (lambda c, d: c["phases"][1].pop("auto_migrate_to_this_phase"), "lacks 'auto_migrate_to_this_phase: true'"),
+    (lambda c, d: c["phases"][0].__setitem__("auto_migrate_to_this_phase", True), "cannot be set on the first"),
+    (lambda c, d: c["phases"][0].pop("starting_kit"), "attaches no starting_kit"),
+    (lambda c, d: c["phases"][0].pop("end"), "must have an end time because it has a phase after it"),
+    (lambda c, d: c["phases"][1].__setitem__("start", c["phases"][0]["end"]), "must start after the previous"),
+    (lambda c, d: c["phases"][0].__setitem__("start", "1-1-2025"), "is not a 'YYYY-MM-DD HH:MM:SS' date-time"),
+    (lambda c, d: c["phases"][0].__setitem__("tasks", []), "at least one task"),
+    (lambda c, d: (d / "pages" / "terms.md").write_text(""), "'pages/terms.md' is empty"),
 ])
 def test_structural_check_names_each_problem(bundle, tmp_path, edit, message):
     problems = check_bundle(_broken_copy(bundle, tmp_path, edit))
     assert any(message in p for p in problems), problems
+
+
+def test_the_previous_exporters_bundle_is_rejected_by_the_codabench_rules(bundle, tmp_path):
+    """The competition.yaml this kit wrote before (no logo, M-D-YYYY dates, no auto-migration, no
+    starting kit per phase) passed the old check; Codabench's unpacker rejects it, and so does this one."""
+    def as_before(comp, folder):
+        comp.pop("image")
+        for phase, (start, end) in zip(comp["phases"], [("1-1-2025", "12-31-2025"), ("1-1-2026", "1-31-2026")],
+                                       strict=True):
+            phase.pop("starting_kit")
+            phase.pop("auto_migrate_to_this_phase", None)
+            phase.update(start=start, end=end, solutions=[])
+    problems = check_bundle(_broken_copy(bundle, tmp_path, as_before))
+    for message in ("An image for this competition could not be found", "is not a 'YYYY-MM-DD HH:MM:SS'",
+                    "lacks 'auto_migrate_to_this_phase: true'", "attaches no starting_kit"):
+        assert any(message in p for p in problems), (message, problems)
 
 
 def test_bundle_programs_run_standalone_like_codabench(bundle, tmp_path):

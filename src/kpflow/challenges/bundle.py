@@ -15,6 +15,7 @@ Bundle layout (the Codabench "Iris" example, as used by the HDR challenges)::
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import shutil
 import subprocess
 import sys
@@ -25,11 +26,31 @@ from pathlib import Path
 import yaml
 
 from kpflow.challenges import ingestion, scoring
-from kpflow.challenges.common import PHASE_NAMES, PHASES, atomic_write_text, check_challenge_folder
+from kpflow.challenges.common import PHASE_NAMES, PHASES, atomic_write_bytes, atomic_write_text, check_challenge_folder
 from kpflow.challenges.registry import get_challenge
 
 DOCKER_IMAGE = "ghcr.io/a3d3-institute/hdr-image:latest"
 PAGES = ("overview", "data", "evaluation", "starting_kit", "terms")
+LOGO = "logo.png"
+PHASE_TIME_FORMATS = ("%Y-%m-%d %H:%M:%S", "%Y-%m-%d")
+
+
+def logo_png(name: str, size: int = 128) -> bytes:
+    """A deterministic PNG logo for challenge ``name`` (a hue from its name over a radial gradient)."""
+    import hashlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    hue = int(hashlib.sha256(name.encode()).hexdigest()[:2], 16) / 255.0
+    grid = np.linspace(-1, 1, size)
+    r = np.hypot(*np.meshgrid(grid, grid))
+    base = np.array([0.5 + 0.5 * np.cos(2 * np.pi * (hue + k / 3)) for k in range(3)])
+    image = (np.clip(1.1 - r, 0, 1)[..., None] * base[None, None, :] * 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(image, "RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 class BundleError(ValueError):
@@ -76,16 +97,17 @@ def competition_yaml(spec, manifest: dict) -> dict:
              for k, p in enumerate(PHASES)]
     phases = [
         {"index": 0, "name": "Development", "description": "Scored on the validation inputs, with feedback.",
-         "start": "1-1-2025", "end": "12-31-2025", "max_submissions_per_day": 5, "max_submissions": 100,
-         "execution_time_limit": 3600, "tasks": [0], "solutions": []},
-        {"index": 1, "name": "Final", "description": "Last development submission re-run on the test inputs.",
-         "start": "1-1-2026", "end": "1-31-2026", "max_submissions_per_day": 1, "max_submissions": 1,
-         "execution_time_limit": 3600, "tasks": [1], "solutions": []},
+         "start": "2025-01-01 00:00:00", "end": "2025-12-31 00:00:00", "max_submissions_per_day": 5,
+         "max_submissions": 100, "execution_time_limit": 3600, "starting_kit": "starting_kit", "tasks": [0]},
+        {"index": 1, "name": "Final", "description": "Every successful development submission re-run on the test "
+         "inputs.", "start": "2026-01-01 00:00:00", "end": "2026-01-31 00:00:00", "max_submissions_per_day": 1,
+         "max_submissions": 1, "execution_time_limit": 3600, "auto_migrate_to_this_phase": True,
+         "starting_kit": "starting_kit", "tasks": [1]},
     ]
     columns = [{"title": c.title, "key": c.key, "index": k, "sorting": c.sorting, "computation": None,
                 "computation_indexes": None} for k, c in enumerate(spec.columns)]
     return {
-        "version": 2, "title": spec.title, "description": spec.summary,
+        "version": 2, "title": spec.title, "description": spec.summary, "image": LOGO,
         "registration_auto_approve": True, "docker_image": DOCKER_IMAGE, "enable_detailed_results": False,
         "terms": "pages/terms.md",
         "pages": [{"title": p.replace("_", " ").title(), "file": f"pages/{p}.md"} for p in PAGES],
@@ -144,6 +166,7 @@ def export_bundle(challenge_dir: Path, out: Path, make_zip: bool = True) -> Path
     for mode in ("correct", "wrong", "constant"):
         reference_predictions(spec.name, out / "reference_data_val", out / "test_scoring_program" / f"all_{mode}",
                               mode)
+    atomic_write_bytes(out / LOGO, logo_png(spec.name))
     for extra in ("croissant.json", "DATASET_CARD.md", "challenge.json"):
         shutil.copy2(challenge_dir / extra, out / extra)
     atomic_write_text(out / "run.sh", _RUN_SH.format(name=spec.name))
@@ -172,13 +195,34 @@ cat "$WORK/output/scores.json"
 
 
 # ----------------------------------------------------------------------------- structural check
-def check_bundle(bundle: Path, run_scoring: bool = True) -> list[str]:
-    """Problems Codabench would reject (empty list = structurally valid).
+def _phase_time(value) -> dt.datetime | None:
+    if isinstance(value, dt.datetime):
+        return value
+    if isinstance(value, dt.date):
+        return dt.datetime(value.year, value.month, value.day)
+    for fmt in PHASE_TIME_FORMATS:
+        try:
+            return dt.datetime.strptime(str(value), fmt)
+        except ValueError:
+            pass
+    return None
 
-    Checks competition.yaml (version 2, title, pages that exist, tasks whose four folders exist,
-    phases whose tasks exist, leaderboard columns with unique keys/indices and asc/desc sorting), both
-    programs' metadata.yaml commands, and — with ``run_scoring`` — runs the scoring program on the
-    all-correct fixture and compares its scores.json keys with the leaderboard column keys.
+
+def check_bundle(bundle: Path, run_scoring: bool = True) -> list[str]:
+    """Problems Codabench's v2 unpacker would reject, plus this kit's rules (empty list = valid).
+
+    Codabench v2 rules (its competition-YAML reference and unpacker): ``version: 2``; ``title``; an
+    ``image`` (the logo) and a ``terms`` page that exist; pages that exist and are not empty; tasks with
+    an ``index`` (unique), a ``name`` and a ``scoring_program``, whose data folders exist; phases with a
+    ``name``, a ``start`` and at least one existing task, dates as ``YYYY-MM-DD HH:MM:SS``, an ``end``
+    on every phase but the last, each starting after the previous one ends, and no
+    ``auto_migrate_to_this_phase`` on the first phase; leaderboards with a ``title``, a ``key`` and
+    columns with a ``title``, a unique ``key`` and ``index`` and ``asc``/``desc`` sorting. Kit rules:
+    a named ``docker_image`` (the default image lacks the scientific stack); the final phase sets
+    ``auto_migrate_to_this_phase`` (so development submissions are re-run on the test data); every
+    phase attaches an existing ``starting_kit``; both programs have a ``metadata.yaml`` command; and —
+    with ``run_scoring`` — the scoring program, run on the all-correct fixture, writes exactly the
+    leaderboard keys.
     """
     bundle = Path(bundle)
     problems: list[str] = []
@@ -193,38 +237,82 @@ def check_bundle(bundle: Path, run_scoring: bool = True) -> list[str]:
         return ["competition.yaml must be a mapping"]
     if comp.get("version") != 2:
         problems.append(f"version must be 2 (a Codabench bundle), got {comp.get('version')!r}")
-    for key in ("title", "docker_image", "pages", "tasks", "phases", "leaderboards"):
+    for key in ("title", "pages", "tasks", "phases", "leaderboards"):
         if key not in comp:
             problems.append(f"competition.yaml lacks '{key}'")
+    if "image" not in comp:
+        problems.append("An image for this competition could not be found in the yaml (add 'image: logo.png')")
+    elif not (bundle / str(comp["image"])).is_file():
+        problems.append(f"Unable to find image: {comp['image']}")
+    if not comp.get("terms") or not (bundle / str(comp["terms"])).is_file():
+        problems.append("A file containing the terms of this competition has not been supplied ('terms')")
+    if not comp.get("docker_image"):
+        problems.append("no docker_image named; Codabench's default image (codalab/codalab-legacy:py3) lacks "
+                        "the scientific stack the programs need")
     for page in comp.get("pages") or []:
-        if not (bundle / str(page.get("file", ""))).is_file():
+        page_path = bundle / str(page.get("file", ""))
+        if not page_path.is_file():
             problems.append(f"page {page.get('title')!r} points to missing file {page.get('file')!r}")
+        elif not page_path.read_text().strip():
+            problems.append(f"page {page.get('file')!r} is empty, it must contain content")
     task_indices = set()
     for task in comp.get("tasks") or []:
         idx = task.get("index")
         if not isinstance(idx, int) or idx in task_indices:
             problems.append(f"task index {idx!r} is missing, not an integer or duplicated")
         task_indices.add(idx)
+        if "key" in task:
+            continue
+        if not task.get("name"):
+            problems.append(f"task {idx} lacks a 'name'")
         for folder in ("input_data", "reference_data", "ingestion_program", "scoring_program"):
-            if not task.get(folder) or not (bundle / str(task[folder])).is_dir():
+            if not task.get(folder) or not (bundle / str(task[folder])).exists():
                 problems.append(f"task {idx}: {folder} {task.get(folder)!r} is not a folder in the bundle")
-    for phase in comp.get("phases") or []:
-        for key in ("index", "name", "start", "tasks"):
+    phases = sorted(comp.get("phases") or [], key=lambda p: p.get("index") or 0)
+    previous_end = None
+    for k, phase in enumerate(phases):
+        label = phase.get("name", phase.get("index"))
+        for key in ("name", "start", "tasks"):
             if key not in phase:
-                problems.append(f"phase {phase.get('name')!r} lacks '{key}'")
+                problems.append(f"phase {label!r} lacks '{key}'")
+        if not phase.get("tasks"):
+            problems.append(f"phase {label!r}: Phases must contain at least one task to be valid")
         for t in phase.get("tasks") or []:
             if t not in task_indices:
-                problems.append(f"phase {phase.get('name')!r} refers to unknown task {t!r}")
+                problems.append(f"phase {label!r} refers to unknown task {t!r}")
+        start, end = _phase_time(phase.get("start")), _phase_time(phase.get("end")) if "end" in phase else None
+        if "start" in phase and start is None:
+            problems.append(f"phase {label!r}: start {phase['start']!r} is not a 'YYYY-MM-DD HH:MM:SS' date-time")
+        if "end" in phase and end is None:
+            problems.append(f"phase {label!r}: end {phase['end']!r} is not a 'YYYY-MM-DD HH:MM:SS' date-time")
+        if k < len(phases) - 1 and "end" not in phase:
+            problems.append(f"Phase: {label} must have an end time because it has a phase after it")
+        if previous_end is not None and start is not None and start <= previous_end:
+            problems.append(f"phase {label!r} must start after the previous phase has ended")
+        previous_end = end
+        if k == 0 and phase.get("auto_migrate_to_this_phase"):
+            problems.append(f"phase {label!r}: auto_migrate_to_this_phase cannot be set on the first phase")
+        if k == len(phases) - 1 and k > 0 and not phase.get("auto_migrate_to_this_phase"):
+            problems.append(f"final phase {label!r} lacks 'auto_migrate_to_this_phase: true', so development "
+                            "submissions would not be re-run on the test data")
+        kit = phase.get("starting_kit")
+        if not kit:
+            problems.append(f"phase {label!r} attaches no starting_kit")
+        elif not (bundle / str(kit)).is_dir():
+            problems.append(f"phase {label!r}: starting_kit {kit!r} is not a folder in the bundle")
+        limit = phase.get("execution_time_limit")
+        if limit is not None and not (isinstance(limit, int) and limit > 0):
+            problems.append(f"phase {label!r}: execution_time_limit must be a positive number of seconds")
     column_keys: list[str] = []
     for board in comp.get("leaderboards") or []:
-        for key in ("index", "title", "key", "columns"):
+        for key in ("title", "key", "columns"):
             if key not in board:
                 problems.append(f"leaderboard {board.get('title')!r} lacks '{key}'")
         indices = [c.get("index") for c in board.get("columns") or []]
-        if len(set(indices)) != len(indices):
-            problems.append(f"leaderboard {board.get('title')!r} has duplicated column indices {indices}")
+        if len(set(indices)) != len(indices) or any(not isinstance(i, int) for i in indices):
+            problems.append(f"leaderboard {board.get('title')!r} has missing or duplicated column indices {indices}")
         for column in board.get("columns") or []:
-            if column.get("sorting") not in ("asc", "desc"):
+            if column.get("sorting", "desc") not in ("asc", "desc"):
                 problems.append(f"column {column.get('key')!r}: sorting must be 'asc' or 'desc'")
             if not column.get("key") or not column.get("title"):
                 problems.append(f"column {column!r} lacks a key or a title")
