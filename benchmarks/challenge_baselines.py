@@ -42,6 +42,11 @@ def _challenge(name: str, workdir: Path, seed: int, scale: float) -> tuple[Path,
     return folder, time.perf_counter() - start
 
 
+def _slug(key: str) -> str:
+    """A score key as one `key=value` token ('Final Grade' -> 'Final_Grade')."""
+    return key.replace(" ", "_").replace("-", "_")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes and short training (< 1 minute)")
@@ -68,12 +73,12 @@ def main(argv=None) -> int:
             entry = run_submission(folder, path, phase=args.phase, name=baseline, timeout_s=1800)
             if entry["status"] != "ok":
                 print(f"{name}/{baseline} FAILED: {entry['error']}", file=sys.stderr)
-                results[f"{name}_{baseline}_{spec.primary}"] = float("nan")
+                results[f"{name}_{baseline}_{_slug(spec.primary)}"] = float("nan")
                 continue
             scores = entry["scores"]
             rows.append((name, baseline, scores, entry["seconds"]))
             for key in spec.score_keys[:4]:
-                results[f"{name}_{baseline}_{key}"] = round(float(scores[key]), 4)
+                results[f"{name}_{baseline}_{_slug(key)}"] = round(float(scores[key]), 4)
             results[f"{name}_{baseline}_seconds"] = entry["seconds"]
     print(f"\nphase={args.phase} seed={args.seed} quick={args.quick}")
     print(f"{'challenge':10s} {'baseline':22s} {'primary':>8s}  other scores")

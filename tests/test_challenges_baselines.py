@@ -111,4 +111,4 @@ def test_sealevel_kpflow_baseline_runs_as_a_submission(tmp_path):
     for name in ("station_threshold", "kpflow_gru"):
         entry = run_submission(folder, subs[name], phase="val", record=False, timeout_s=300, trusted=True)
         assert entry["status"] == "ok", entry.get("error")
-        assert 0.0 <= entry["scores"]["final_grade"] <= 1.0
+        assert 0.0 <= entry["scores"]["Final Grade"] <= 1.0

@@ -32,7 +32,7 @@ def test_exported_bundle_passes_the_structural_check(bundle):
     comp = yaml.safe_load((bundle / "competition.yaml").read_text())
     assert comp["version"] == 2 and [p["name"] for p in comp["phases"]] == ["Development", "Final"]
     keys = [c["key"] for c in comp["leaderboards"][0]["columns"]]
-    assert keys[0] == "final_grade"
+    assert keys[0] == "Final Grade"
     assert bundle.with_suffix(".zip").is_file()
     assert (bundle / comp["image"]).read_bytes().startswith(b"\x89PNG")
     assert comp["phases"][1]["auto_migrate_to_this_phase"] is True and "auto_migrate_to_this_phase" not in comp[
@@ -58,7 +58,7 @@ def _broken_copy(bundle, tmp_path, edit):
     (lambda c, d: c["phases"][1].__setitem__("tasks", [7]), "unknown task 7"),
     (lambda c, d: c["leaderboards"][0]["columns"][0].__setitem__("sorting", "up"), "sorting must be"),
     (lambda c, d: c["leaderboards"][0]["columns"].pop(), "differ from leaderboard column keys"),
-    (lambda c, d: c["leaderboards"][0]["columns"][1].__setitem__("key", "final_grade"), "not unique"),
+    (lambda c, d: c["leaderboards"][0]["columns"][1].__setitem__("key", "Final Grade"), "not unique"),
     (lambda c, d: (d / "pages" / "data.md").unlink(), "missing file 'pages/data.md'"),
     (lambda c, d: c.pop("image"), "An image for this competition could not be found in the yaml"),
     (lambda c, d: (d / "logo.png").unlink(), "Unable to find image: logo.png"),

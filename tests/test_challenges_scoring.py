@@ -103,7 +103,7 @@ def sealevel_ref(tmp_path):
 
 
 REFS = {"gw": "gw_ref", "butterfly": "butterfly_ref", "sealevel": "sealevel_ref"}
-PRIMARY = {"gw": "TNR", "butterfly": "challenge_score", "sealevel": "final_grade"}
+PRIMARY = {"gw": "TNR", "butterfly": "challenge_score", "sealevel": "Final Grade"}
 
 
 def _score(name, root):
@@ -119,8 +119,8 @@ def test_all_correct_scores_one_and_all_wrong_scores_zero(name, request):
     reference_predictions(name, root / "ref", root / "res", "wrong")
     wrong = _score(name, root)
     if name == "sealevel":  # every station-day flipped: per-station F1 = 0, but most days still "any"
-        assert wrong["F1_station_mean"] == 0.0
-        assert wrong["final_grade"] == pytest.approx(0.3 * wrong["F1_day"])
+        assert wrong["F1-Score with location"] == 0.0
+        assert wrong["Final Grade"] == pytest.approx(0.3 * wrong["F1-Score"])
     else:
         assert wrong[PRIMARY[name]] == pytest.approx(0.0)
 
@@ -164,8 +164,8 @@ def test_sealevel_grade_combines_day_and_station_f1(sealevel_ref):
     scores = _score("sealevel", sealevel_ref)
     per_station = [scoring.f1(predicted[:, j], truth[:, j]) for j in range(12)]
     day = scoring.f1(predicted.any(1), truth.any(1))
-    assert scores["F1_station_mean"] == pytest.approx(np.mean(per_station))
-    assert scores["final_grade"] == pytest.approx(0.3 * day + 0.7 * np.mean(per_station))
+    assert scores["F1-Score with location"] == pytest.approx(np.mean(per_station))
+    assert scores["Final Grade"] == pytest.approx(0.3 * day + 0.7 * np.mean(per_station))
 
 
 # ----------------------------------------------------------------------------- malformed predictions

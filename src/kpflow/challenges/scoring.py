@@ -16,7 +16,9 @@ Metrics (same definitions as the organisers' scoring programs of the 2024-25 NSF
   predicted score ``t`` such that calling ``score > t`` a hybrid keeps recall of non-hybrids
   >= 0.95. ``challenge_score`` is the harmonic mean of the recalls of signal hybrids, non-signal
   hybrids and mimic hybrids; average precision (PR-AUC) alongside.
-* ``sealevel``: ``final_grade = 0.3 * F1(any station anomalous that day) + 0.7 * mean_s F1_s``.
+* ``sealevel``: ``Final Grade = 0.3 * F1-Score + 0.7 * F1-Score with location``, where ``F1-Score`` is the F1
+  of 'any station anomalous that day' and ``F1-Score with location`` the mean per-station F1 (the
+  organisers' keys).
 """
 
 from __future__ import annotations
@@ -289,8 +291,8 @@ def score_sealevel(pred_path: str, ref_path: str) -> dict[str, float]:
     truth = np.array([[int(r[s]) for s in stations] for _, r in pairs])
     f1_day = f1(predicted.any(1), truth.any(1))
     per_station = [f1(predicted[:, j], truth[:, j]) for j in range(len(stations))]
-    out = {"final_grade": 0.3 * f1_day + 0.7 * float(np.mean(per_station)),
-           "F1_day": f1_day, "F1_station_mean": float(np.mean(per_station)),
+    out = {"Final Grade": 0.3 * f1_day + 0.7 * float(np.mean(per_station)),
+           "F1-Score": f1_day, "F1-Score with location": float(np.mean(per_station)),
            "precision_day": float((predicted.any(1) & truth.any(1)).sum() / max(predicted.any(1).sum(), 1)),
            "recall_day": recall(predicted.any(1), truth.any(1))}
     return out

@@ -260,9 +260,9 @@ SPEC = ChallengeSpec(
     original="NSF HDR iHARP challenge 'Detecting Sea Level Rise Anomalies' (Codabench 3223)",
     license="CC-BY-4.0",
     citation="arXiv:2503.02112",
-    columns=(ScoreColumn("final_grade", "0.3 F1(day) + 0.7 mean station F1"),
-             ScoreColumn("F1_day", "F1 of 'any station anomalous'"),
-             ScoreColumn("F1_station_mean", "Mean per-station F1"),
+    columns=(ScoreColumn("Final Grade", "0.3 F1(day) + 0.7 mean station F1"),
+             ScoreColumn("F1-Score", "F1 of 'any station anomalous'"),
+             ScoreColumn("F1-Score with location", "Mean per-station F1"),
              ScoreColumn("precision_day", "Precision (day)"),
              ScoreColumn("recall_day", "Recall (day)")),
     reference_file="labels.csv",
@@ -271,7 +271,7 @@ SPEC = ChallengeSpec(
                        "`Model.predict(sla_day)` with a (100, 160) float32 array in metres (NaN on land); it "
                        "returns 12 flags in the order of `stations.csv`."),
     predict_signature="predict(sla_day: np.ndarray[100, 160]) -> 12 flags (0/1)",
-    metric_description=("`final_grade` = 0.3 x F1 of 'any station anomalous that day' + 0.7 x the mean over "
+    metric_description=("`Final Grade` = 0.3 x F1 of 'any station anomalous that day' + 0.7 x the mean over "
                         "stations of the per-station F1 (the organisers' scoring)."),
     generation=__doc__.split("\n\n", 2)[2].split("Files:", 1)[0].strip(),
     real_data_note=("Real data: `kpflow.challenges.sealevel.load_original(maps, station_csvs)` reads the "
