@@ -134,3 +134,49 @@ def test_butterfly_loader_reads_the_cautious_robot_download_layout(tmp_path):
     (images / "hybrid" / rows[0][0]).unlink()
     with pytest.raises(FileNotFoundError, match="CAM016049_d.JPG"):
         butterfly.load_original(table, images)
+
+
+ORGANISER_SEALEVEL = '''
+import numpy as np
+import pandas as pd
+
+STATIONS = {stations!r}
+
+
+class Model:
+    """The organisers' life cycle: Model() then predict(); no load()."""
+
+    def __init__(self):
+        self.days = 0
+
+    def predict(self, X):
+        assert X.shape == (1, 100, 160), X.shape
+        self.days += 1
+        flag = int(np.nanmean(X) >= 0)
+        return pd.DataFrame([[flag] * len(STATIONS)], columns=STATIONS)
+'''
+
+
+def test_an_organiser_style_sealevel_submission_runs_unchanged(tmp_path):
+    """Model() without load(), a (1, 100, 160) input, a one-row DataFrame with 'Atlantic_City'-style
+    columns (here in another order than stations.csv): scores as the kit's own mean-SLA rule."""
+    pytest.importorskip("pandas")
+    from kpflow.challenges import make_challenge
+    from kpflow.challenges.runner import run_submission
+
+    folder = tmp_path / "sealevel"
+    make_challenge("sealevel", folder, seed=2, scale=0.03, hidden_seed=3)
+    names = [s.replace(" ", "_") for s in sealevel.STATIONS][::-1]
+    sub = tmp_path / "organiser"
+    sub.mkdir()
+    (sub / "model.py").write_text(ORGANISER_SEALEVEL.format(stations=names))
+    theirs = run_submission(folder, sub, record=False, trusted=True, timeout_s=300)
+    ours = run_submission(folder, folder / "starting_kit", record=False, trusted=True, timeout_s=300)
+    assert theirs["status"] == "ok", theirs.get("error")
+    assert theirs["scores"] == ours["scores"]
+    assert set(theirs["scores"]) >= {"Final Grade", "F1-Score", "F1-Score with location"}
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    (wrong / "model.py").write_text(ORGANISER_SEALEVEL.format(stations=["Nowhere"] * 12))
+    failed = run_submission(folder, wrong, record=False, trusted=True, timeout_s=300)
+    assert failed["status"] == "failed" and "missing stations" in failed["error"], failed.get("error")

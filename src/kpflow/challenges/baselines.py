@@ -311,7 +311,7 @@ _BF_PCA_BODY = '''        from kpflow.challenges.baselines import image_features
 _SL_THRESHOLD_BODY = '''        from kpflow.challenges.baselines import local_sla
 
         cells = [tuple(c) for c in self.w["cells"]]
-        values = local_sla(np.asarray(sla_day)[None], cells)[0]
+        values = local_sla(np.asarray(sla_day).reshape(1, *np.shape(sla_day)[-2:]), cells)[0]
         return [int(v >= t) for v, t in zip(values, self.w["thresholds"])]'''
 
 _SL_GRU_MODEL_PY = '''"""kpflow baseline: GRU over the last days of station-local SLA, per-station thresholds."""
@@ -573,7 +573,8 @@ class StationGRUScorer:
 
     def flags(self, sla_day) -> list[int]:
         torch = _torch()
-        value = (local_sla(np.asarray(sla_day)[None], self.cells)[0] - self.mean) / self.std
+        day = np.asarray(sla_day).reshape(1, *np.shape(sla_day)[-2:])  # (1, lat, lon) or (lat, lon)
+        value = (local_sla(day, self.cells)[0] - self.mean) / self.std
         self.history = (self.history or [value] * (HISTORY - 1))[-(HISTORY - 1):] + [value]
         x = torch.as_tensor(np.stack(self.history)[None], dtype=torch.float32)
         with torch.no_grad():

@@ -49,10 +49,37 @@ def load_model_class(submission_dir: str):
     if not hasattr(module, "Model"):
         raise SubmissionError("model.py does not define a class named Model")
     model = module.Model()
-    for method in ("load", "predict"):
-        if not callable(getattr(model, method, None)):
-            raise SubmissionError(f"Model has no {method}() method")
+    if not callable(getattr(model, "predict", None)):
+        raise SubmissionError("Model has no predict() method")
     return model
+
+
+def start_model(model) -> None:
+    """The organisers' life cycles: ``Model()`` then ``load()`` where the class has one (gw, butterfly);
+    the sea-level example defines no ``load`` and is used right after ``Model()``."""
+    load = getattr(model, "load", None)
+    if load is not None:
+        if not callable(load):
+            raise SubmissionError("Model.load exists but is not a method")
+        load()
+
+
+def _station_flags(output, stations: list[str], what: str) -> list[float]:
+    """12 flags from ``output``: a sequence or array of shape (12,) or (1, 12), or a table (e.g. a pandas
+    DataFrame) whose columns name the stations, with spaces or underscores ('Atlantic_City')."""
+    columns = getattr(output, "columns", None)
+    if columns is not None:
+        names = [str(c).replace("_", " ") for c in columns]
+        missing = [s for s in stations if s not in names]
+        if missing:
+            raise SubmissionError(f"{what} returned columns {list(columns)[:14]}; missing stations {missing[:4]}")
+        import numpy as np
+
+        values = np.asarray(output, dtype=np.float64).reshape(-1, len(names))
+        if values.shape[0] != 1:
+            raise SubmissionError(f"{what} returned {values.shape[0]} rows; expected 1")
+        output = [values[0, names.index(s)] for s in stations]
+    return _as_float_list(output, len(stations), what)
 
 
 def _as_float_list(values, expected: int, what: str) -> list[float]:
@@ -183,7 +210,8 @@ def ingest_sealevel(model, input_dir, output_dir):
         sla, times = read_sla(os.path.join(folder, name))
         for k in range(sla.shape[0]):
             day = (dt.date(1950, 1, 1) + dt.timedelta(days=float(times[k]))).isoformat()
-            flags = _as_float_list(model.predict(sla[k].copy()), len(stations), f"predict(sla of {day})")
+            what = f"predict(sla of {day})"
+            flags = _station_flags(model.predict(sla[k:k + 1].astype("float64")), stations, what)
             if any(f not in (0.0, 1.0) for f in flags):
                 raise SubmissionError(f"predict(sla of {day}) returned {flags}; flags must be 0 or 1")
             rows.append((day, *(int(f) for f in flags)))
@@ -219,7 +247,7 @@ def main(argv=None) -> int:
     try:
         os.chdir(submission_dir)
         model = load_model_class(submission_dir)
-        model.load()
+        start_model(model)
         status["n_predictions"] = INGESTERS[challenge](model, input_dir, output_dir)
         status["ok"] = True
     except MemoryError:

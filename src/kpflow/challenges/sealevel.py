@@ -266,11 +266,14 @@ SPEC = ChallengeSpec(
              ScoreColumn("precision_day", "Precision (day)"),
              ScoreColumn("recall_day", "Recall (day)")),
     reference_file="labels.csv",
-    input_description=("`input_data/<phase>/maps/YYYYMMDD.nc` (NetCDF3, `sla` int16 scaled, NaN/fill on land) "
-                       "and `stations.csv`. The ingestion program reads the days in sorted order and calls "
-                       "`Model.predict(sla_day)` with a (100, 160) float32 array in metres (NaN on land); it "
-                       "returns 12 flags in the order of `stations.csv`."),
-    predict_signature="predict(sla_day: np.ndarray[100, 160]) -> 12 flags (0/1)",
+    input_description=("`input_data/<phase>/maps/YYYYMMDD.nc` (NetCDF3, `sla` int16 scaled, NaN/fill on land; "
+                       "the organisers' NetCDF4 maps are read too) and `stations.csv`. The ingestion program "
+                       "creates `Model()` (calling `load()` only if the class has one), reads the days in "
+                       "sorted order and calls `Model.predict(sla_day)` with a (1, 100, 160) float64 array in "
+                       "metres (NaN on land), as the organisers' ingestion does; it returns 12 flags in the "
+                       "order of `stations.csv`, as a sequence, a (1, 12) array or a one-row table whose "
+                       "columns name the stations ('Atlantic_City' or 'Atlantic City')."),
+    predict_signature="predict(sla_day: np.ndarray[1, 100, 160]) -> 12 flags (0/1)",
     metric_description=("`Final Grade` = 0.3 x F1 of 'any station anomalous that day' + 0.7 x the mean over "
                         "stations of the per-station F1 (the organisers' scoring)."),
     generation=__doc__.split("\n\n", 2)[2].split("Files:", 1)[0].strip(),

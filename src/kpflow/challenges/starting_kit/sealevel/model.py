@@ -13,7 +13,8 @@ class Model:
         """Load weights here (paths relative to this file). None needed."""
 
     def predict(self, sla_day):
-        """sla_day: (100, 160) float32 sea-level anomaly in metres, NaN on land.
-        Returns 12 flags (0/1) in the order of stations.csv."""
+        """sla_day: (1, 100, 160) sea-level anomaly in metres, NaN on land (as the organisers' ingestion
+        gives it). Returns 12 flags (0/1) in the order of stations.csv (or a 1-row table whose columns
+        name the stations)."""
         flag = int(np.nanmean(sla_day) >= 0)
         return [flag] * N_STATIONS
