@@ -1,22 +1,31 @@
 """Top spectrum, spectral density and "modes for 95 % of the variance" of operators applied matrix-free.
 
-* ``top_eigenpairs``: Lanczos (scipy ``eigsh`` through the scipy bridge; Lehoucq et al., ARPACK) or a
-  randomized block subspace iteration with Rayleigh–Ritz in torch (Halko, Martinsson & Tropp 2011),
-  which stays on the operator's device.
-* ``top_singular_triplets``: ``svds`` or randomized SVD (Halko et al. 2011) for any operator.
-* ``spectral_density``: stochastic Lanczos quadrature (Golub & Meurant; Ubaru, Chen & Saad 2017).
+* ``top_eigenpairs``: thick-restart Lanczos (Wu & Simon 2000, with full reorthogonalisation) or a
+  randomized block subspace iteration with Rayleigh–Ritz (Halko, Martinsson & Tropp 2011; Saad 2011,
+  §5.1), both in torch on the operator's device, both stopping on a residual test.
+* ``top_singular_triplets``: Lanczos on the Jordan–Wielandt operator [[0, A], [A*, 0]] or randomized
+  subspace iteration on A*A with Rayleigh–Ritz (Halko et al. 2011), same stopping rule.
+* ``spectral_density``: stochastic Lanczos quadrature (Golub & Meurant 2010; Ubaru, Chen & Saad 2017),
+  with an error bar that includes the quadrature error.
 * ``modes_for_variance``: the smallest k with λ₁ + … + λ_k ≥ fraction · tr(A) (the papers' measure).
+
+**Stopping rule.** A Ritz pair (θ, v), ‖v‖ = 1, is *converged* when its residual r = Av − θv satisfies
+‖r‖ ≤ tol·|θ| (ARPACK's test), or ‖r‖ ≤ ε·√n·‖A‖ (the rounding level of a matvec in the operator's
+dtype, for eigenvalues at zero). For a self-adjoint A some eigenvalue λ satisfies |λ − θ| ≤ ‖r‖, so a
+converged θ is within relative error tol of an eigenvalue; it is usually far closer (|λ − θ| ≤ ‖r‖²/gap,
+Kato–Temple). Both methods stop when all k wanted pairs are converged or after ``max_iters``
+iterations; in the latter case the result says which pairs are not converged and a
+``ConvergenceWarning`` is issued.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-
-from kpflow.operators import to_scipy
 
 from .probes import DEFAULT_CHUNK, ProbeSource, apply_chunked, check_chunk, operator, square_operator
 from .result import Estimate
@@ -25,156 +34,525 @@ from .trace import trace
 #: Largest dimension for which ``modes_for_variance`` uses a dense eigendecomposition.
 DENSE_EIG_LIMIT = 2048
 
+#: The spectrum ends ``top_eigenpairs`` can target.
+WHICH = ("largest", "smallest", "largest_magnitude")
+
+#: Default iteration cap: restart cycles (Lanczos) or subspace iterations (randomized).
+DEFAULT_MAX_ITERS = 100
+
+
+class ConvergenceWarning(UserWarning):
+    """An iterative eigensolver hit its iteration cap before every wanted pair met the tolerance."""
+
 
 @dataclass
 class EigenResult:
-    """Eigenpairs (or singular triplets) with their residual norms ‖A v − λ v‖."""
+    """Eigenpairs (or singular triplets) with their residual norms and convergence record.
 
-    values: torch.Tensor                   # [k], descending
-    vectors: torch.Tensor                  # [k, *shape_in] (right singular vectors for SVD)
-    residuals: torch.Tensor                # [k]
+    Attributes:
+        values: [k] float64; ordered by ``which`` (largest first, smallest first, or largest |λ|
+            first); singular values descending.
+        vectors: [k, *shape_in] unit eigenvectors (right singular vectors for SVD).
+        residuals: [k] ‖A v − λ v‖ (SVD: ‖A v − σ u‖), recomputed with explicit matvecs at the end.
+        converged: [k] bool, the stopping rule of the module docstring per pair (SVD: on both
+            residuals ‖A v − σ u‖ and ‖A* u − σ v‖).
+        method: ``lanczos`` or ``randomized``.
+        iterations: restart cycles (Lanczos) or subspace iterations (randomized) that ran.
+        n_matvecs: operator applications spent, the final residual check included (SVD: A and A*
+            applications together).
+        tol: the relative residual tolerance used.
+        left_vectors: [k, *shape_out] left singular vectors for singular triplets.
+        info: ``which``, the shift used by the randomized method, the Lanczos basis size, ...
+    """
+
+    values: torch.Tensor
+    vectors: torch.Tensor
+    residuals: torch.Tensor
+    converged: torch.Tensor
     method: str
+    iterations: int
     n_matvecs: int
-    left_vectors: torch.Tensor | None = None  # [k, *shape_out] for singular triplets
+    tol: float
+    left_vectors: torch.Tensor | None = None
     info: dict = field(default_factory=dict)
 
+    @property
+    def all_converged(self) -> bool:
+        """True when every returned pair met the tolerance."""
+        return bool(self.converged.all())
 
+
+# ------------------------------------------------------------------------------------ shared pieces
 def _flat_rows(A, V, chunk, what):
     k = V.shape[0]
     return apply_chunked(A.matmat, V.to(A.dtype).reshape(k, *A.shape_in), chunk, what).reshape(k, -1).double()
 
 
-def top_eigenpairs(A, k: int = 6, *, method: str = "randomized", which: str = "largest",
-                   oversample: int = 10, power_iters: int = 3, seed=None, chunk_size: int = DEFAULT_CHUNK,
-                   tol: float = 0.0) -> EigenResult:
-    """Top-``k`` eigenpairs of a self-adjoint operator (``which``: ``largest`` algebraic or
-    ``largest_magnitude``). ``method``: ``lanczos`` (scipy eigsh) or ``randomized`` (torch)."""
+def _flat_rows_adjoint(A, V, chunk, what):
+    k = V.shape[0]
+    return apply_chunked(A.rmatmat, V.to(A.dtype).reshape(k, *A.shape_out), chunk, what).reshape(k, -1).double()
+
+
+def _default_tol(dtype: torch.dtype) -> float:
+    """1e-6, or √ε of the operator's dtype when that is larger (float32: 3.5e-4)."""
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+    return max(1e-6, math.sqrt(eps))
+
+
+def _check_solver_args(k, dim, tol, max_iters, dtype, what):
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < dim:
+        raise ValueError(f"{what}: k must be an integer between 1 and {dim - 1} (the dimension - 1), got {k!r}")
+    tol = _default_tol(dtype) if tol is None else float(tol)
+    if not 0 < tol < 1:
+        raise ValueError(f"{what}: tol is a relative residual tolerance in (0, 1) (e.g. 1e-6), got {tol}")
+    max_iters = DEFAULT_MAX_ITERS if max_iters is None else max_iters
+    if isinstance(max_iters, bool) or not isinstance(max_iters, int) or max_iters < 1:
+        raise ValueError(f"{what}: max_iters must be a positive integer, got {max_iters!r}")
+    return tol, max_iters
+
+
+def _power_iters_shim(power_iters, max_iters, what):
+    if power_iters is None:
+        return max_iters
+    warnings.warn(f"{what}: power_iters is deprecated; the iteration now stops on the residual test "
+                  "(tol=...) with max_iters as its cap. power_iters=q is read as max_iters=q + 1.",
+                  DeprecationWarning, stacklevel=3)
+    return int(power_iters) + 1
+
+
+def _order(theta: torch.Tensor, which: str) -> torch.Tensor:
+    key = {"largest": -theta, "smallest": theta, "largest_magnitude": -theta.abs()}[which]
+    return torch.argsort(key, stable=True)
+
+
+def _floor(dtype: torch.dtype, n: int, anorm: float) -> float:
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+    return 10 * eps * math.sqrt(n) * anorm
+
+
+def _orth_against(V: torch.Tensor, X: torch.Tensor, fresh: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Rows of X made orthonormal to the rows of V and to each other: classical Gram–Schmidt applied
+    twice ("twice is enough", Giraud et al. 2005). A row that vanishes (V spans an invariant subspace
+    containing it) is replaced by a fresh random direction, so the basis keeps growing."""
+    basis, out = V, []
+    for x in X:
+        for _attempt in range(4):
+            x0 = x.norm()
+            for _ in range(2):
+                if basis.shape[0]:
+                    x = x - (basis @ x) @ basis
+            if x.norm() > 1e-12 * x0 and x.norm() > 0:
+                break
+            x = fresh()
+        else:  # pragma: no cover - needs four random vectors inside span(V)
+            raise RuntimeError("could not extend the Krylov basis (is the dimension exhausted?)")
+        x = x / x.norm()
+        basis = torch.cat([basis, x[None]])
+        out.append(x)
+    return torch.stack(out)
+
+
+# -------------------------------------------------------------------------------------------- drivers
+@dataclass
+class _Ritz:
+    values: torch.Tensor   # [k]
+    vectors: torch.Tensor  # [k, N] float64
+    iterations: int
+    matvecs: int
+    anorm: float
+    info: dict
+
+
+def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1, basis_size=None) -> _Ritz:
+    """Block thick-restart Lanczos with full reorthogonalisation (Wu & Simon 2000; Stewart's
+    Krylov–Schur; block form as in Zhou & Saad 2008).
+
+    The basis V (rows, orthonormal) and W = A V are kept together, so Rayleigh–Ritz T = V Wᵀ and the
+    residuals W s − θ V s need no extra matvecs. The next block is always the part of A·(last block)
+    orthogonal to V; at a restart the best ``keep`` Ritz vectors stay, which preserves the block Krylov
+    relation A Y = Y Θ + R E with R in the span of that next block.
+
+    A Krylov space of block size b holds at most b copies of a repeated eigenvalue, so a converged set
+    can silently miss copies. Every time all k pairs pass the test, one fresh random direction is added
+    to the block and the basis is refilled from the k converged vectors alone (a deflated Krylov space
+    of the new direction, of degree about m − k); the result is accepted only when the k wanted values
+    survive that confirmation cycle unchanged (within the tolerance). A missing copy separated from
+    the claimed k-th value by a relative gap g is found when the confirmation's Chebyshev factor
+    T_{m−k}(1 + 2g) beats the fresh vector's small component along it; an exact multiplicity r costs
+    about r confirmation cycles.
+    """
+    m = min(N, basis_size or max(2 * k + 1, k + 20, k + 2 * block))
+    keep = max(k, (m + k) // 2)
+    fresh = lambda: src.gaussian(1).reshape(N).double().to(device)  # noqa: E731
+    V = torch.zeros(0, N, dtype=torch.float64, device=device)
+    W = torch.zeros_like(V)
+    x = _orth_against(V, src.gaussian(block).reshape(block, N).double().to(device), fresh)
+    matvecs, cycles, anorm, claimed, confirmations = 0, 0, 0.0, None, 0
+    while True:
+        while V.shape[0] + x.shape[0] <= m:
+            ax = mv(x)
+            matvecs += x.shape[0]
+            V, W = torch.cat([V, x]), torch.cat([W, ax])
+            room = N - V.shape[0]
+            if room == 0:
+                break
+            x = _orth_against(V, ax[:room], fresh)
+        T = V @ W.T
+        theta, S = torch.linalg.eigh((T + T.T) / 2)
+        order = _order(theta, which)
+        S = S[:, order]
+        theta = theta[order]
+        anorm = max(anorm, float(theta.abs().max()))
+        Sk = S[:, :k]
+        res = (Sk.T @ W - theta[:k, None] * (Sk.T @ V)).norm(dim=1)
+        limit = torch.clamp(tol * theta[:k].abs(), min=_floor(dtype, N, anorm))
+        confirm = bool((res <= limit).all())
+        if confirm and claimed is not None and bool(((theta[:k] - claimed).abs() <= limit).all()):
+            break
+        if cycles >= max_iters or V.shape[0] >= N:
+            break
+        cycles += 1
+        if confirm:
+            claimed, confirmations = theta[:k].clone(), confirmations + 1
+        grow = 1 if confirm and x.shape[0] + 1 <= m - k and V.shape[0] + x.shape[0] < N else 0
+        kept = k if confirm else min(keep, m - x.shape[0] - grow)  # a confirmation refills the whole basis
+        V, W = S[:, :kept].T @ V, S[:, :kept].T @ W  # x stays orthogonal to the new, smaller span
+        if grow:
+            x = torch.cat([x, _orth_against(torch.cat([V, x]), fresh()[None], fresh)])
+    return _Ritz(theta[:k], Sk.T @ V, cycles, matvecs, anorm,
+                 {"block_size": x.shape[0], "basis_size": m, "confirmation_cycles": confirmations})
+
+
+def _subspace(mv, N, k, which, tol, max_iters, p, src, device, dtype) -> _Ritz:
+    """Block subspace iteration on B = ±A + σI with Rayleigh–Ritz on A at every step.
+
+    ``largest_magnitude``: σ = 0. ``largest`` (``smallest``): σ = max(0, −θ_min) (σ = θ_max) over the
+    Ritz values seen so far, which makes B positive semi-definite on everything seen and turns the wanted
+    end into B's largest-magnitude end; σ only grows, and the test is trusted only once σ has settled.
+    """
+    sign = -1.0 if which == "smallest" else 1.0
+    Q = torch.linalg.qr(src.gaussian(p).reshape(p, N).double().to(device).T).Q.T
+    sigma, settled, matvecs, anorm = 0.0, True, 0, 0.0
+    for it in range(1, max_iters + 1):
+        Y = mv(Q)
+        matvecs += p
+        T = Q @ Y.T
+        theta, S = torch.linalg.eigh((T + T.T) / 2)
+        order = _order(theta, which)
+        S, theta = S[:, order], theta[order]
+        anorm = max(anorm, float(theta.abs().max()))
+        Sk = S[:, :k]
+        res = (Sk.T @ Y - theta[:k, None] * (Sk.T @ Q)).norm(dim=1)
+        done = bool((res <= torch.clamp(tol * theta[:k].abs(), min=_floor(dtype, N, anorm))).all())
+        if (done and settled) or it == max_iters or p >= N:
+            break
+        if which != "largest_magnitude":
+            new = max(sigma, float((-sign * theta).max()))
+            settled = new - sigma <= 1e-3 * anorm
+            sigma = new
+        Q = torch.linalg.qr((sign * Y + sigma * Q).T).Q.T
+    return _Ritz(theta[:k], Sk.T @ Q, it, matvecs, anorm, {"block_size": p, "shift": sign * sigma})
+
+
+def _warn_unconverged(what, conv, res, values, tol, method, iterations, matvecs):
+    if bool(conv.all()):
+        return
+    bad = (~conv).nonzero().flatten().tolist()
+    rel = (res / values.abs().clamp(min=1e-300)).max().item()
+    warnings.warn(
+        f"{what}: {len(bad)} of {conv.numel()} pairs (indices {bad[:8]}{'...' if len(bad) > 8 else ''}) "
+        f"did not reach the relative residual tol={tol:g} after {iterations} iterations of method={method!r} "
+        f"({matvecs} matvecs; worst relative residual {rel:.2g}). Raise max_iters, use method='lanczos', or "
+        "read result.converged before trusting those values.", ConvergenceWarning, stacklevel=3)
+
+
+def top_eigenpairs(A, k: int = 6, *, method: str = "lanczos", which: str = "largest", tol: float | None = None,
+                   max_iters: int | None = None, oversample: int = 10, seed=None,
+                   chunk_size: int = DEFAULT_CHUNK, power_iters: int | None = None) -> EigenResult:
+    """``k`` eigenpairs at one end of the spectrum of a self-adjoint operator, to a residual tolerance.
+
+    ``which``: ``largest`` (algebraic), ``smallest`` (algebraic) or ``largest_magnitude``; every
+    method delivers every ``which``. The iteration stops when all ``k`` pairs pass the residual test
+    of the module docstring (‖Av − θv‖ ≤ tol·|θ|, Ritz values then within relative ``tol`` of
+    eigenvalues) or after ``max_iters`` iterations, with a ``ConvergenceWarning`` naming the pairs
+    that did not pass.
+
+    Methods:
+        ``lanczos`` (default): thick-restart Lanczos with full reorthogonalisation, one matvec per
+        step, basis of max(2k+1, k+20) vectors; an iteration is a restart cycle (≤ the basis size
+        minus the kept vectors in matvecs). Converges in far fewer matvecs than subspace iteration on
+        clustered or slowly decaying spectra. Single-vector Krylov: an eigenvalue of exact
+        multiplicity r is found once per restart-induced direction, so exact multiplicities beyond 1
+        may be missed (use ``randomized`` with ``k + oversample`` above the multiplicity).
+        ``randomized``: block subspace iteration with ``k + oversample`` vectors and Rayleigh–Ritz at
+        every step, shifted for the algebraic ends (see ``_subspace``); ``k + oversample`` matvecs per
+        iteration, batched. Convergence rate |λ_{p+1} + σ|/|λ_i + σ| per iteration: good for fast
+        decay, poor for flat spectra (it then stops at ``max_iters`` and warns).
+
+    Args:
+        A: self-adjoint operator (kpflow ``LinearOperator`` flagged self-adjoint, matrix, ...).
+        k: number of eigenpairs, 1 ≤ k < dimension.
+        method: ``lanczos`` or ``randomized``.
+        which: ``largest``, ``smallest`` or ``largest_magnitude``.
+        tol: relative residual tolerance; default 1e-6 (√ε for dtypes coarser than float64).
+        max_iters: iteration cap (restart cycles or subspace iterations); default 100.
+        oversample: extra block vectors of the randomized method.
+        seed: int or ``torch.Generator`` for the start vectors (reproducible on any device).
+        chunk_size: probes per batched operator call.
+        power_iters: deprecated; read as ``max_iters = power_iters + 1``.
+
+    Returns:
+        ``EigenResult``: values ordered by ``which``, vectors, residuals, converged flags, method,
+        iterations, matvecs and the tolerance.
+
+    Raises:
+        ValueError: A not flagged self-adjoint, unknown ``method``/``which``, k out of range, or
+            tol/max_iters invalid.
+    """
     A = square_operator(A, "top_eigenpairs")
     if not A.is_self_adjoint:
         raise ValueError(f"top_eigenpairs needs a self-adjoint operator; {A!r} is not flagged self-adjoint. "
                          "Use top_singular_triplets, or symmetric_part(A).")
-    if which not in ("largest", "largest_magnitude"):
-        raise ValueError(f"which must be 'largest' or 'largest_magnitude', got {which!r}")
-    n = A.size_in
-    if not 1 <= k < n:
-        raise ValueError(f"k must be between 1 and the dimension - 1 = {n - 1}, got {k}")
-    chunk = check_chunk(chunk_size)
-    if method == "lanczos":
-        from scipy.sparse.linalg import eigsh
-
-        L = to_scipy(A)
-        counter = _count(L)
-        vals, vecs = eigsh(counter, k=k, which="LA" if which == "largest" else "LM", tol=tol)
-        order = np.argsort(-vals if which == "largest" else -np.abs(vals))
-        vals = torch.as_tensor(vals[order].copy(), dtype=torch.float64)
-        V = torch.as_tensor(vecs[:, order].T.copy(), dtype=torch.float64, device=A.device)
-        used = counter.calls
-    elif method == "randomized":
-        src = ProbeSource(seed, A.shape_in, A.dtype, A.device, "gaussian")
-        p = min(n, k + oversample)
-        Q = torch.linalg.qr(_flat_rows(A, src.gaussian(p).reshape(p, -1), chunk, "top_eigenpairs").T).Q
-        used = p
-        for _ in range(power_iters):
-            Q = torch.linalg.qr(_flat_rows(A, Q.T, chunk, "top_eigenpairs").T).Q
-            used += p
-        AQ = _flat_rows(A, Q.T, chunk, "top_eigenpairs").T
-        used += p
-        T = Q.T @ AQ
-        w, S = torch.linalg.eigh((T + T.T) / 2)
-        order = torch.argsort(-w if which == "largest" else -w.abs())[:k]
-        vals, V = w[order].cpu(), (Q @ S[:, order]).T
-    else:
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH} (algebraic ends or largest magnitude), got {which!r}")
+    if method not in ("lanczos", "randomized"):
         raise ValueError(f"method must be 'lanczos' or 'randomized', got {method!r}")
-    AV = _flat_rows(A, V, chunk, "top_eigenpairs (residuals)")
-    res = (AV - vals.to(AV.device)[:, None] * V.to(AV.device)).norm(dim=1).cpu()
-    return EigenResult(vals, V.reshape(k, *A.shape_in).to(A.dtype), res, method, used + k)
-
-
-class _count:
-    """Wrap a scipy LinearOperator counting matvecs."""
-
-    def __init__(self, L):
-        self.L, self.calls = L, 0
-        self.shape, self.dtype = L.shape, L.dtype
-
-    def matvec(self, x):
-        self.calls += 1 if x.ndim == 1 else x.shape[1]
-        return self.L.matvec(x)
-
-    def rmatvec(self, x):
-        self.calls += 1 if x.ndim == 1 else x.shape[1]
-        return self.L.rmatvec(x)
-
-    def matmat(self, X):
-        self.calls += X.shape[1]
-        return self.L.matmat(X)
-
-    def __getattr__(self, name):
-        return getattr(self.L, name)
-
-
-def top_singular_triplets(A, k: int = 6, *, method: str = "randomized", oversample: int = 10,
-                          power_iters: int = 3, seed=None, chunk_size: int = DEFAULT_CHUNK) -> EigenResult:
-    """Top-``k`` singular triplets A vᵢ = σᵢ uᵢ of any operator (``lanczos``: scipy svds; ``randomized``:
-    Halko et al. randomized SVD with power iterations, in torch)."""
-    A = operator(A, "top_singular_triplets")
-    d = min(A.size_in, A.size_out)
-    if not 1 <= k < d:
-        raise ValueError(f"k must be between 1 and min(dims) - 1 = {d - 1}, got {k}")
+    max_iters = _power_iters_shim(power_iters, max_iters, "top_eigenpairs")
+    n = A.size_in
+    tol, max_iters = _check_solver_args(k, n, tol, max_iters, A.dtype, "top_eigenpairs")
     chunk = check_chunk(chunk_size)
+    src = ProbeSource(seed, (n,), torch.float64, A.device, "gaussian")
+
+    def mv(X):
+        return _flat_rows(A, X, chunk, "top_eigenpairs")
+
+    if method == "lanczos":
+        r = _lanczos(mv, n, k, which, tol, max_iters, src, A.device, A.dtype)
+    else:
+        r = _subspace(mv, n, k, which, tol, max_iters, min(n, k + max(0, int(oversample))), src, A.device,
+                      A.dtype)
+    V = r.vectors / r.vectors.norm(dim=1, keepdim=True)
+    vals = r.values
+    res = (mv(V) - vals[:, None] * V).norm(dim=1)
+    conv = res <= torch.clamp(tol * vals.abs(), min=_floor(A.dtype, n, r.anorm))
+    used = r.matvecs + k
+    vals, res, conv = vals.cpu(), res.cpu(), conv.cpu()
+    _warn_unconverged("top_eigenpairs", conv, res, vals, tol, method, r.iterations, used)
+    return EigenResult(vals, V.reshape(k, *A.shape_in).to(A.dtype), res, conv, method, r.iterations, used, tol,
+                       info={"which": which, "seed": src.seed, "norm_estimate": r.anorm, **r.info})
+
+
+def top_singular_triplets(A, k: int = 6, *, method: str = "lanczos", tol: float | None = None,
+                          max_iters: int | None = None, oversample: int = 10, seed=None,
+                          chunk_size: int = DEFAULT_CHUNK, power_iters: int | None = None) -> EigenResult:
+    """Top-``k`` singular triplets A vᵢ = σᵢ uᵢ, A* uᵢ = σᵢ vᵢ of any operator, to a residual tolerance.
+
+    ``lanczos``: the largest algebraic eigenpairs of the Jordan–Wielandt operator H = [[0, A], [A*, 0]]
+    (eigenvalues ±σᵢ, eigenvectors [uᵢ; vᵢ]/√2) by ``top_eigenpairs``' Lanczos; each step costs one A
+    and one A* application. ``randomized``: subspace iteration on A*A with Rayleigh–Ritz (Halko et al.
+    2011, Alg. 4.4 + 5.1), ``2(k + oversample)`` applications per iteration. A triplet is converged when
+    √(‖Av − σu‖² + ‖A*u − σv‖²) ≤ tol·σ·√2 (the residual of H's eigenpair) or below the rounding level.
+
+    Args:
+        A: any operator (kpflow ``LinearOperator``, matrix, scipy ``LinearOperator``).
+        k: number of triplets, 1 ≤ k < min(dimensions).
+        method: ``lanczos`` or ``randomized``.
+        tol: relative residual tolerance; default as in ``top_eigenpairs``.
+        max_iters: iteration cap; default 100.
+        oversample: extra block vectors of the randomized method.
+        seed: int or ``torch.Generator``.
+        chunk_size: probes per batched operator call.
+        power_iters: deprecated; read as ``max_iters = power_iters + 1``.
+
+    Returns:
+        ``EigenResult`` with singular values (descending), right ``vectors``, ``left_vectors``,
+        residuals ‖A v − σ u‖ and converged flags.
+
+    Raises:
+        ValueError: unknown method, k out of range, or tol/max_iters invalid.
+    """
+    A = operator(A, "top_singular_triplets")
+    if method not in ("lanczos", "randomized"):
+        raise ValueError(f"method must be 'lanczos' or 'randomized', got {method!r}")
+    max_iters = _power_iters_shim(power_iters, max_iters, "top_singular_triplets")
+    n_in, n_out = A.size_in, A.size_out
+    tol, max_iters = _check_solver_args(k, min(n_in, n_out), tol, max_iters, A.dtype, "top_singular_triplets")
+    chunk = check_chunk(chunk_size)
+
+    def fwd(X):
+        return _flat_rows(A, X, chunk, "top_singular_triplets")
 
     def adj(Y):
-        kk = Y.shape[0]
-        return apply_chunked(A.rmatmat, Y.to(A.dtype).reshape(kk, *A.shape_out), chunk,
-                             "top_singular_triplets (adjoint)").reshape(kk, -1).double()
+        return _flat_rows_adjoint(A, Y, chunk, "top_singular_triplets (adjoint)")
 
     if method == "lanczos":
-        from scipy.sparse.linalg import svds
+        N = n_out + n_in
+        src = ProbeSource(seed, (N,), torch.float64, A.device, "gaussian")
 
-        L = _count(to_scipy(A))
-        U, s, Vt = svds(L, k=k)
-        order = np.argsort(-s)
-        s = torch.as_tensor(s[order].copy())
-        Um = torch.as_tensor(U[:, order].T.copy(), device=A.device)
-        Vm = torch.as_tensor(Vt[order].copy(), device=A.device)
-        used = L.calls
-    elif method == "randomized":
-        src = ProbeSource(seed, A.shape_in, A.dtype, A.device, "gaussian")
-        p = min(d, k + oversample)
-        Q = torch.linalg.qr(_flat_rows(A, src.gaussian(p).reshape(p, -1), chunk, "top_singular_triplets").T).Q
-        used = p
-        for _ in range(power_iters):
-            W = torch.linalg.qr(adj(Q.T).T).Q
-            Q = torch.linalg.qr(_flat_rows(A, W.T, chunk, "top_singular_triplets").T).Q
-            used += 2 * p
-        Bt = adj(Q.T).T  # Aᵀ Q = Bᵀ, B = Qᵀ A  [size_in, p]
-        used += p
-        Ub, s, Vt = torch.linalg.svd(Bt.T, full_matrices=False)
-        s, Um, Vm = s[:k].cpu(), (Q @ Ub[:, :k]).T, Vt[:k]
+        def mv(X):
+            return torch.cat([fwd(X[:, n_out:]), adj(X[:, :n_out])], 1)
+
+        r = _lanczos(mv, N, k, "largest", tol, max_iters, src, A.device, A.dtype)
+        U, Vm = r.vectors[:, :n_out], r.vectors[:, n_out:]
+        used, info = 2 * r.matvecs, dict(r.info)
     else:
-        raise ValueError(f"method must be 'lanczos' or 'randomized', got {method!r}")
-    AV = _flat_rows(A, Vm, chunk, "top_singular_triplets (residuals)")
-    res = (AV - s.to(AV.device)[:, None] * Um.to(AV.device)).norm(dim=1).cpu()
-    return EigenResult(s, Vm.reshape(k, *A.shape_in).to(A.dtype), res, method, used + k,
-                       left_vectors=Um.reshape(k, *A.shape_out).to(A.dtype))
+        src = ProbeSource(seed, (n_in,), torch.float64, A.device, "gaussian")
+        p = min(n_in, n_out, k + max(0, int(oversample)))
+        Vm = torch.linalg.qr(src.gaussian(p).reshape(p, n_in).double().to(A.device).T).Q.T
+        Y, used, iterations = fwd(Vm), p, 0
+        while iterations < max_iters:
+            iterations += 1
+            Q = torch.linalg.qr(Y.T).Q.T                                   # orth(A V)
+            Ub, s, Vm = torch.linalg.svd(adj(Q), full_matrices=False)     # Qᵀ A = Ub S Vm
+            U = Ub.T @ Q                       # Ritz triplets: A* u = s v holds exactly on span(Q)
+            Y = fwd(Vm)                        # A V: this step's residuals and the next step's sketch
+            used += 2 * p
+            res = (Y[:k] - s[:k, None] * U[:k]).norm(dim=1)
+            floor = _floor(A.dtype, n_in + n_out, float(s[0]))
+            if bool((res <= torch.clamp(tol * s[:k], min=floor)).all()) or p >= min(n_in, n_out):
+                break
+        r = _Ritz(s[:k], Vm[:k], iterations, used, float(s[0]), {"block_size": p})
+        U, Vm, info = U[:k], Vm[:k], dict(r.info)
+    U = U / U.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    Vm = Vm / Vm.norm(dim=1, keepdim=True).clamp(min=1e-300)
+    s = r.values
+    AV, AtU = fwd(Vm), adj(U)
+    used += 2 * k
+    res = (AV - s[:, None] * U).norm(dim=1)
+    res_h = torch.sqrt(res**2 + (AtU - s[:, None] * Vm).norm(dim=1) ** 2)
+    conv = res_h <= torch.clamp(math.sqrt(2) * tol * s.abs(), min=_floor(A.dtype, n_in + n_out, r.anorm))
+    s, res, conv = s.cpu(), res.cpu(), conv.cpu()
+    _warn_unconverged("top_singular_triplets", conv, res, s, tol, method, r.iterations, used)
+    return EigenResult(s, Vm.reshape(k, *A.shape_in).to(A.dtype), res, conv, method, r.iterations, used, tol,
+                       left_vectors=U.reshape(k, *A.shape_out).to(A.dtype), info={"seed": src.seed, **info})
 
 
+# ---------------------------------------------------------------------------- stochastic Lanczos quadrature
 @dataclass
 class SpectralDensity:
-    """Stochastic Lanczos quadrature: nodes θ and weights τ² per probe; Σ τ² f(θ) ≈ (1/n) tr f(A)."""
+    """Stochastic Lanczos quadrature: per probe, the Lanczos tridiagonal T and its Gauss rule.
 
-    nodes: torch.Tensor     # [num_probes, steps]
-    weights: torch.Tensor   # [num_probes, steps], each row sums to 1
+    With v̂ = v/‖v‖ a Rademacher probe, the probe's spectral measure μ = Σⱼ (v̂ᵀuⱼ)² δ_{λⱼ} has
+    ∫ f dμ = v̂ᵀ f(A) v̂ and E[n ∫ f dμ] = tr f(A). Its ``steps``-point Gauss rule (nodes θ = eig(T),
+    weights τ² = squared first components of T's eigenvectors) is exact for polynomials of degree
+    < 2·steps (Golub & Meurant 2010).
+
+    Attributes:
+        nodes: [num_probes, steps] Gauss nodes (rows padded with weight 0 when a probe's Krylov space
+            became invariant early, in which case its rule is exact).
+        weights: [num_probes, steps], each row sums to 1.
+        alphas, betas: [num_probes, steps] Lanczos coefficients (betas[:, j] couples steps j and j+1;
+            the last one feeds the Gauss–Radau rules of ``cdf``).
+        lengths: [num_probes] Lanczos steps per probe.
+        dim: n. n_matvecs: operator applications spent. seed: the probes' seed.
+    """
+
+    nodes: torch.Tensor
+    weights: torch.Tensor
     dim: int
     n_matvecs: int
     seed: int | None
+    alphas: torch.Tensor | None = None
+    betas: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+
+    def _per_probe(self, f, depth: int | None = None) -> torch.Tensor:
+        out = []
+        for i in range(self.nodes.shape[0]):
+            L = int(self.lengths[i])
+            d = L if depth is None else min(depth, L)
+            if d == L:
+                th, w = self.nodes[i, :L], self.weights[i, :L]
+            else:
+                a, b = self.alphas[i, :d], self.betas[i, : d - 1]
+                th, S = torch.linalg.eigh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
+                w = S[0] ** 2
+            out.append((w * f(th)).sum())
+        return torch.stack(out)
 
     def integrate(self, f) -> Estimate:
-        """tr f(A) ≈ n · mean over probes of Σ τ² f(θ), with its standard error over probes."""
-        per = self.dim * (self.weights * f(self.nodes)).sum(1)
+        """tr f(A) ≈ n · mean over probes of Σ τ² f(θ), with an error bar that includes quadrature error.
+
+        ``stderr = √(s² + q²)``: s is the standard error over probes (Hutchinson), q = n · mean over
+        probes of |Q_m(f) − Q_⌈m/2⌉(f)|, the change of each probe's Gauss rule between half and full
+        depth. Gauss error decays geometrically in m for f analytic near the spectrum, so q then
+        over-covers (q = 0 for polynomials of degree < m, e.g. tr A, tr A²); for non-smooth f it decays
+        like the node spacing, O(1/m), and q ≈ the error at depth m. For step functions (spectral CDFs,
+        eigenvalue counts) use ``cdf``, whose bracket is rigorous.
+
+        Reliable: tr A, tr A², ‖A‖_F², tr exp(tA), log det(A + δI) with δ not ≪ the spectral spread,
+        smoothed densities. Unreliable (q says so): f singular or steep inside the spectrum, e.g.
+        log det or tr A⁻¹ with a (near-)null space, CDF at points inside a dense cluster.
+
+        Args:
+            f: elementwise function of a float64 tensor.
+
+        Returns:
+            ``Estimate`` (method ``slq``) with ``info``: ``probe_stderr``, ``quadrature_error``.
+        """
+        per = self.dim * self._per_probe(f)
+        half = self.dim * self._per_probe(f, max(1, math.ceil(self.nodes.shape[1] / 2)))
         m = per.numel()
-        se = float(per.std(unbiased=True) / math.sqrt(m)) if m > 1 else math.nan
-        return Estimate(float(per.mean()), se, self.n_matvecs, "slq", self.seed)
+        s = float(per.std(unbiased=True) / math.sqrt(m)) if m > 1 else math.nan
+        q = float((per - half).abs().mean())
+        return Estimate(float(per.mean()), math.hypot(s, q), self.n_matvecs, "slq", self.seed,
+                        info={"probe_stderr": s, "quadrature_error": q})
+
+    def cdf(self, t: float) -> Estimate:
+        """Fraction of eigenvalues ≤ t, (1/n)·#{λ ≤ t}, with a rigorous quadrature bracket.
+
+        Per probe, the Gauss–Radau rule with a node prescribed at t (T extended by one row whose
+        diagonal makes t an eigenvalue; Golub 1973) brackets the probe's CDF by the
+        Chebyshev–Markov–Stieltjes inequalities: Σ_{ξᵢ<t} wᵢ ≤ μ((−∞, t)) ≤ μ((−∞, t]) ≤ Σ_{ξᵢ≤t} wᵢ.
+        The bracket is tight when t lies in a gap of the spectrum and has the width of the local
+        quadrature weight inside a dense part. The value is the mean bracket midpoint; its
+        ``stderr = √(s² + h²)`` with s the standard error over probes and h the mean bracket
+        half-width (a bound on the quadrature bias, entered at full size, which over-covers).
+
+        Near-zero clusters (NTK null spaces): the measure's mass at 0 is not resolved by any finite
+        rule at t → 0⁺, because moments cannot tell 0 from 10⁻¹²; evaluate at a threshold inside the
+        gap above the cluster (e.g. t = 10⁻⁸·λ_max for a numerically exact null space) and the
+        bracket then certifies the null fraction.
+
+        Args:
+            t: the point (float).
+
+        Returns:
+            ``Estimate`` (method ``slq-radau``) with ``info``: ``lower``, ``upper`` (bracket of the
+            probe mean), ``probe_stderr``, ``quadrature_halfwidth``, ``t``.
+        """
+        t = float(t)
+        lo, hi = [], []
+        for i in range(self.nodes.shape[0]):
+            L = int(self.lengths[i])
+            a, b, beta = self.alphas[i, :L], self.betas[i, : L - 1], self.betas[i, L - 1]
+            T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
+            if float(beta) == 0.0:  # invariant Krylov space: the Gauss rule is the measure itself
+                th, w = self.nodes[i, :L], self.weights[i, :L]
+                lo.append(w[th < t].sum())
+                hi.append(w[th <= t].sum())
+                continue
+            th, S = torch.linalg.eigh(T)
+            gap = th - t
+            gap = torch.where(gap.abs() < 1e-300, torch.full_like(gap, 1e-300), gap)
+            d = beta**2 * (S[-1] ** 2 / gap).sum()  # [(T − tI)⁻¹]_{LL} β² via T's eigenpairs
+            Tr = torch.zeros(L + 1, L + 1, dtype=T.dtype)
+            Tr[:L, :L] = T
+            Tr[L, L - 1] = Tr[L - 1, L] = beta
+            Tr[L, L] = t + d
+            xi, Z = torch.linalg.eigh(Tr)  # ascending; one node is t up to rounding
+            w = Z[0] ** 2
+            j = int(torch.argmin((xi - t).abs()))
+            lo.append(w[:j].sum())
+            hi.append(w[: j + 1].sum())
+        lo, hi = torch.stack(lo), torch.stack(hi)
+        mid = (lo + hi) / 2
+        m = mid.numel()
+        s = float(mid.std(unbiased=True) / math.sqrt(m)) if m > 1 else math.nan
+        h = float(((hi - lo) / 2).mean())
+        return Estimate(float(mid.mean()), math.hypot(s, h), self.n_matvecs, "slq-radau", self.seed,
+                        info={"lower": float(lo.mean()), "upper": float(hi.mean()), "probe_stderr": s,
+                              "quadrature_halfwidth": h, "t": t})
 
     def density(self, grid: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
         """Gaussian-smoothed spectral density on ``grid`` (integrates to ≈ 1)."""
@@ -187,67 +565,150 @@ class SpectralDensity:
         return (g * self.weights[None]).sum(-1).mean(-1)
 
 
-def spectral_density(A, num_probes: int = 10, lanczos_steps: int = 50, *, seed=None) -> SpectralDensity:
-    """Stochastic Lanczos quadrature of a self-adjoint operator: ``num_probes`` Rademacher starts, each
-    ``lanczos_steps`` Lanczos steps with full reorthogonalisation (torch, on A's device)."""
+def spectral_density(A, num_probes: int = 10, lanczos_steps: int = 50, *, seed=None,
+                     chunk_size: int = DEFAULT_CHUNK) -> SpectralDensity:
+    """Stochastic Lanczos quadrature of a self-adjoint operator (Ubaru, Chen & Saad 2017).
+
+    ``num_probes`` Rademacher starts run ``lanczos_steps`` Lanczos steps each, batched over probes,
+    with full reorthogonalisation (torch, on A's device). A probe whose Krylov space becomes invariant
+    (β below 10⁻¹² of the running ‖T‖) stops there; its Gauss rule is then exact.
+
+    Args:
+        A: self-adjoint operator.
+        num_probes: number of Rademacher probes (≥ 2 for a standard error).
+        lanczos_steps: Lanczos depth per probe (capped at the dimension).
+        seed: int or ``torch.Generator``.
+        chunk_size: probes per batched operator call.
+
+    Returns:
+        ``SpectralDensity`` (``integrate``, ``cdf``, ``density``).
+
+    Raises:
+        ValueError: A not flagged self-adjoint, or a non-positive probe count or depth.
+    """
     A = square_operator(A, "spectral_density")
     if not A.is_self_adjoint:
         raise ValueError(f"spectral_density needs a self-adjoint operator; {A!r} is not flagged self-adjoint")
+    for name, val in (("num_probes", num_probes), ("lanczos_steps", lanczos_steps)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < 1:
+            raise ValueError(f"spectral_density: {name} must be a positive integer, got {val!r}")
+    chunk = check_chunk(chunk_size)
     n = A.size_in
     steps = min(lanczos_steps, n)
     src = ProbeSource(seed, A.shape_in, A.dtype, A.device, "rademacher")
     V0 = src.draw(num_probes).reshape(num_probes, -1).double()
-    V0 = V0 / V0.norm(dim=1, keepdim=True)
+    q = V0 / V0.norm(dim=1, keepdim=True)
     b = num_probes
-    Qs = [V0]
-    alphas, betas = [], []
-    q_prev, beta = torch.zeros_like(V0), torch.zeros(b, dtype=torch.float64, device=V0.device)
-    q = V0
-    active_steps = steps
+    Qs = [q]
+    alphas = torch.zeros(b, steps, dtype=torch.float64)
+    betas = torch.zeros(b, steps, dtype=torch.float64)
+    lengths = torch.full((b,), steps, dtype=torch.int64)
+    active = torch.ones(b, dtype=torch.bool, device=q.device)
+    q_prev, beta = torch.zeros_like(q), torch.zeros(b, dtype=torch.float64, device=q.device)
+    scale = torch.zeros(b, dtype=torch.float64, device=q.device)
+    used = 0
     for j in range(steps):
-        w = _flat_rows(A, q, DEFAULT_CHUNK, "spectral_density")
+        idx = active.nonzero().flatten()
+        w = torch.zeros_like(q)
+        w[idx] = _flat_rows(A, q[idx], chunk, "spectral_density")
+        used += idx.numel()
         alpha = (w * q).sum(1)
         w = w - alpha[:, None] * q - beta[:, None] * q_prev
         Qst = torch.stack(Qs, 1)  # [b, j+1, n]
-        w = w - torch.einsum("bj,bjn->bn", torch.einsum("bjn,bn->bj", Qst, w), Qst)  # full reorth
-        alphas.append(alpha)
-        beta = w.norm(dim=1)
-        if j == steps - 1 or bool((beta < 1e-10 * alpha.abs().clamp(min=1e-300)).any()):
-            active_steps = j + 1
+        for _ in range(2):  # full reorthogonalisation, twice
+            w = w - torch.einsum("bj,bjn->bn", torch.einsum("bjn,bn->bj", Qst, w), Qst)
+        beta = w.norm(dim=1) * active
+        scale = torch.maximum(scale, torch.maximum(alpha.abs(), beta))
+        alphas[:, j] = alpha.cpu()
+        betas[:, j] = beta.cpu()
+        stop = active & (beta <= 1e-12 * scale)
+        lengths[stop.cpu()] = j + 1
+        betas[stop.cpu(), j] = 0.0
+        active = active & ~stop
+        beta = beta * active
+        if j == steps - 1 or not bool(active.any()):
+            lengths[active.cpu()] = j + 1
             break
-        betas.append(beta)
-        q_prev, q = q, w / beta[:, None]
+        q_prev, q = q, torch.where(active[:, None], w / beta.clamp(min=1e-300)[:, None], torch.zeros_like(w))
         Qs.append(q)
-    al = torch.stack(alphas, 1).cpu()
-    be = torch.stack(betas, 1).cpu() if betas else torch.zeros(b, 0, dtype=torch.float64)
-    nodes, weights = [], []
+    if n <= steps:
+        betas[:, -1] = 0.0  # the whole space was spanned: exact
+    nodes = torch.zeros(b, steps, dtype=torch.float64)
+    weights = torch.zeros(b, steps, dtype=torch.float64)
     for i in range(b):
-        T = torch.diag(al[i]) + torch.diag(be[i, : active_steps - 1], 1) + torch.diag(be[i, : active_steps - 1], -1)
-        th, S = torch.linalg.eigh(T)
-        nodes.append(th)
-        weights.append(S[0] ** 2)
-    return SpectralDensity(torch.stack(nodes), torch.stack(weights), n, b * active_steps, src.seed)
+        L = int(lengths[i])
+        a, be = alphas[i, :L], betas[i, : L - 1]
+        th, S = torch.linalg.eigh(torch.diag(a) + torch.diag(be, 1) + torch.diag(be, -1))
+        nodes[i, :L], weights[i, :L] = th, S[0] ** 2
+        nodes[i, L:] = th[-1]
+    return SpectralDensity(nodes, weights, n, used, src.seed, alphas, betas, lengths)
+
+
+# ------------------------------------------------------------------------------------ modes for variance
+def _psd_tolerance(dtype: torch.dtype, n: int, anorm: float) -> float:
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+    return 100 * eps * math.sqrt(n) * anorm
 
 
 def modes_for_variance(A, fraction: float = 0.95, *, num_matvecs: int = 200, max_modes: int | None = None,
                        method: str = "lanczos", seed=None) -> Estimate:
     """The number of leading eigenmodes that carry ``fraction`` of tr(A) for PSD A (papers' "modes for
-    95 % of the variance"). Dense eigendecomposition up to dimension 2048; above it, top eigenvalues
-    (doubling k) against a trace estimate; the standard error propagates the trace's uncertainty.
+    95 % of the variance"): the smallest k with λ₁ + … + λ_k ≥ fraction · tr(A), λ descending.
+
+    Only defined for positive semi-definite A (for indefinite A the partial sums are not monotone and
+    the count is meaningless). Dense eigendecomposition up to dimension ``DENSE_EIG_LIMIT``; above it,
+    top eigenvalues (doubling k) against a trace estimate, and the standard error propagates the
+    trace's uncertainty. Negative eigenvalues beyond rounding (100·ε·√n·‖A‖) are refused; the
+    matrix-free path proves indefiniteness with a negative Ritz value (Ritz values lie in
+    [λ_min, λ_max]) unless A is flagged ``is_psd``.
+
+    Args:
+        A: PSD operator (or matrix).
+        fraction: in (0, 1].
+        num_matvecs: budget of the trace estimate (matrix-free path).
+        max_modes: cap on k (matrix-free path).
+        method: eigensolver of the matrix-free path (see ``top_eigenpairs``).
+        seed: int or ``torch.Generator``.
+
+    Returns:
+        ``Estimate`` of k (exact with ``info['exact']`` on the dense path).
+
+    Raises:
+        ValueError: ``fraction`` outside (0, 1], or A has a negative eigenvalue beyond rounding.
     """
     A = square_operator(A, "modes_for_variance")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     n = A.size_in
+
+    def refuse(lam_min, anorm, how):
+        raise ValueError(
+            f"modes_for_variance needs a positive semi-definite operator; {A!r} has an eigenvalue {lam_min:.3g} "
+            f"({how}; ‖A‖ ≈ {anorm:.3g}), beyond rounding. Pass a PSD operator such as a Gram or NTK "
+            "operator (gram(J)), or A*A for the modes of A's singular values.")
+
     if n <= DENSE_EIG_LIMIT:
         M = A.to_matrix().double()
         lam = torch.linalg.eigvalsh((M + M.T) / 2).flip(0).cpu()
+        anorm = float(lam.abs().max())
+        if float(lam[-1]) < -_psd_tolerance(A.dtype, n, anorm):
+            refuse(float(lam[-1]), anorm, "dense eigendecomposition")
         k = int(torch.searchsorted(torch.cumsum(lam, 0), fraction * lam.sum()).item()) + 1
         return Estimate(float(min(k, n)), 0.0, n, "dense-eigh", None,
                         info={"exact": True, "eigenvalues": lam, "trace": float(lam.sum())})
+    used = 0
+    if not A.is_psd:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            low = top_eigenpairs(A, 1, method="lanczos", which="smallest", tol=1e-2, max_iters=5, seed=seed)
+        used += low.n_matvecs
+        anorm, lam_min = low.info["norm_estimate"], float(low.values[0])
+        if lam_min < -_psd_tolerance(A.dtype, n, anorm):
+            refuse(lam_min, anorm, "a Lanczos Ritz value, an upper bound on the smallest eigenvalue")
     tr = trace(A, num_matvecs, seed=seed)
     cap = n - 1 if max_modes is None else min(max_modes, n - 1)
-    k, used = min(16, cap), tr.n_probes
+    k = min(16, cap)
+    used += tr.n_probes
     while True:
         res = top_eigenpairs(A, k, method=method, seed=seed)
         used += res.n_matvecs
@@ -264,11 +725,11 @@ def modes_for_variance(A, fraction: float = 0.95, *, num_matvecs: int = 200, max
     value = count(tr.value)
     lo, hi = count(tr.value - tr.stderr), count(tr.value + tr.stderr)
     se = (hi - lo) / 2 if math.isfinite(hi) and math.isfinite(lo) else math.nan
-    info = {"eigenvalues": lam, "trace": tr, "fraction": fraction}
+    info = {"eigenvalues": lam, "trace": tr, "fraction": fraction, "eigen_converged": res.converged}
     if not math.isfinite(value):
         info["note"] = f"the top {k} modes carry less than {fraction:.0%} of the trace; raise max_modes"
     return Estimate(value, se, used, f"{method}+{tr.method}", tr.seed, info=info)
 
 
-__all__ = ["EigenResult", "SpectralDensity", "top_eigenpairs", "top_singular_triplets", "spectral_density",
-           "modes_for_variance"]
+__all__ = ["ConvergenceWarning", "EigenResult", "SpectralDensity", "WHICH", "top_eigenpairs",
+           "top_singular_triplets", "spectral_density", "modes_for_variance"]
