@@ -26,6 +26,7 @@ from .onesided import (
 from .probes import BudgetError, NonFiniteError
 from .result import Estimate
 from .spectrum import (
+    ConvergenceWarning,
     EigenResult,
     SpectralDensity,
     modes_for_variance,
@@ -42,6 +43,6 @@ __all__ = [
     "onesided_statistics", "onesided_trace",
     "axis_effective_rank", "axis_effective_ranks", "effective_rank", "frobenius_norm", "frobenius_norm_sq",
     "CenteringOperator", "alignment", "centered", "centered_alignment", "factor_alignment",
-    "EigenResult", "SpectralDensity", "modes_for_variance", "spectral_density", "top_eigenpairs",
+    "ConvergenceWarning", "EigenResult", "SpectralDensity", "modes_for_variance", "spectral_density", "top_eigenpairs",
     "top_singular_triplets",
 ]

@@ -456,29 +456,32 @@ class SpectralDensity:
     betas: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
 
+    def _groups(self, depth: int | None = None):
+        """(probe indices, rule length d, T [g, d, d], β after step d [g]) per distinct length."""
+        lengths = self.lengths if depth is None else torch.clamp(self.lengths, max=depth)
+        for d in lengths.unique().tolist():
+            idx = (lengths == d).nonzero().flatten()
+            a, b = self.alphas[idx, :d], self.betas[idx, : d - 1]
+            T = torch.diag_embed(a) + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
+            yield idx, d, T, self.betas[idx, d - 1]
+
     def _per_probe(self, f, depth: int | None = None) -> torch.Tensor:
-        out = []
-        for i in range(self.nodes.shape[0]):
-            L = int(self.lengths[i])
-            d = L if depth is None else min(depth, L)
-            if d == L:
-                th, w = self.nodes[i, :L], self.weights[i, :L]
-            else:
-                a, b = self.alphas[i, :d], self.betas[i, : d - 1]
-                th, S = torch.linalg.eigh(torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1))
-                w = S[0] ** 2
-            out.append((w * f(th)).sum())
-        return torch.stack(out)
+        out = torch.zeros(self.nodes.shape[0], dtype=torch.float64)
+        for idx, _, T, _ in self._groups(depth):
+            th, S = torch.linalg.eigh(T)
+            out[idx] = (S[:, 0] ** 2 * f(th)).sum(1)
+        return out
 
     def integrate(self, f) -> Estimate:
         """tr f(A) ≈ n · mean over probes of Σ τ² f(θ), with an error bar that includes quadrature error.
 
-        ``stderr = √(s² + q²)``: s is the standard error over probes (Hutchinson), q = n · mean over
-        probes of |Q_m(f) − Q_⌈m/2⌉(f)|, the change of each probe's Gauss rule between half and full
-        depth. Gauss error decays geometrically in m for f analytic near the spectrum, so q then
-        over-covers (q = 0 for polynomials of degree < m, e.g. tr A, tr A²); for non-smooth f it decays
-        like the node spacing, O(1/m), and q ≈ the error at depth m. For step functions (spectral CDFs,
-        eigenvalue counts) use ``cdf``, whose bracket is rigorous.
+        ``stderr = s + q``: s is the standard error over probes (Hutchinson), q = n · mean over probes
+        of max_{⌈m/2⌉ ≤ d < m} |Q_m(f) − Q_d(f)|, how far each probe's Gauss rule still moved over the
+        second half of its depth (an estimate of the quadrature bias, added linearly so that
+        value ± z·stderr ⊇ value ± (q + z·s)). Gauss error decays geometrically in m for f analytic
+        near the spectrum, so q then over-covers (q = 0 for polynomials of degree < m, e.g. tr A,
+        tr A²); for non-smooth f it decays like the node spacing, O(1/m). For step functions (spectral
+        CDFs, eigenvalue counts) use ``cdf``, whose bracket is rigorous.
 
         Reliable: tr A, tr A², ‖A‖_F², tr exp(tA), log det(A + δI) with δ not ≪ the spectral spread,
         smoothed densities. Unreliable (q says so): f singular or steep inside the spectrum, e.g.
@@ -491,11 +494,14 @@ class SpectralDensity:
             ``Estimate`` (method ``slq``) with ``info``: ``probe_stderr``, ``quadrature_error``.
         """
         per = self.dim * self._per_probe(f)
-        half = self.dim * self._per_probe(f, max(1, math.ceil(self.nodes.shape[1] / 2)))
+        steps = self.nodes.shape[1]
+        dev = torch.zeros_like(per)
+        for d in range(max(1, math.ceil(steps / 2)), steps):
+            dev = torch.maximum(dev, (per - self.dim * self._per_probe(f, d)).abs())
         m = per.numel()
         s = float(per.std(unbiased=True) / math.sqrt(m)) if m > 1 else math.nan
-        q = float((per - half).abs().mean())
-        return Estimate(float(per.mean()), math.hypot(s, q), self.n_matvecs, "slq", self.seed,
+        q = float(dev.mean())
+        return Estimate(float(per.mean()), s + q, self.n_matvecs, "slq", self.seed,
                         info={"probe_stderr": s, "quadrature_error": q})
 
     def cdf(self, t: float) -> Estimate:
@@ -506,8 +512,9 @@ class SpectralDensity:
         Chebyshev–Markov–Stieltjes inequalities: Σ_{ξᵢ<t} wᵢ ≤ μ((−∞, t)) ≤ μ((−∞, t]) ≤ Σ_{ξᵢ≤t} wᵢ.
         The bracket is tight when t lies in a gap of the spectrum and has the width of the local
         quadrature weight inside a dense part. The value is the mean bracket midpoint; its
-        ``stderr = √(s² + h²)`` with s the standard error over probes and h the mean bracket
-        half-width (a bound on the quadrature bias, entered at full size, which over-covers).
+        ``stderr = s + h`` with s the standard error over probes and h the mean bracket half-width
+        (a bound on the quadrature bias), so value ± z·stderr contains the bracket of the probe mean
+        widened by z·s on each side.
 
         Near-zero clusters (NTK null spaces): the measure's mass at 0 is not resolved by any finite
         rule at t → 0⁺, because moments cannot tell 0 from 10⁻¹²; evaluate at a threshold inside the
@@ -522,35 +529,32 @@ class SpectralDensity:
             probe mean), ``probe_stderr``, ``quadrature_halfwidth``, ``t``.
         """
         t = float(t)
-        lo, hi = [], []
-        for i in range(self.nodes.shape[0]):
-            L = int(self.lengths[i])
-            a, b, beta = self.alphas[i, :L], self.betas[i, : L - 1], self.betas[i, L - 1]
-            T = torch.diag(a) + torch.diag(b, 1) + torch.diag(b, -1)
-            if float(beta) == 0.0:  # invariant Krylov space: the Gauss rule is the measure itself
-                th, w = self.nodes[i, :L], self.weights[i, :L]
-                lo.append(w[th < t].sum())
-                hi.append(w[th <= t].sum())
-                continue
+        lo = torch.zeros(self.nodes.shape[0], dtype=torch.float64)
+        hi = torch.zeros_like(lo)
+        for idx, L, T, beta in self._groups():
             th, S = torch.linalg.eigh(T)
             gap = th - t
             gap = torch.where(gap.abs() < 1e-300, torch.full_like(gap, 1e-300), gap)
-            d = beta**2 * (S[-1] ** 2 / gap).sum()  # [(T − tI)⁻¹]_{LL} β² via T's eigenpairs
-            Tr = torch.zeros(L + 1, L + 1, dtype=T.dtype)
-            Tr[:L, :L] = T
-            Tr[L, L - 1] = Tr[L - 1, L] = beta
-            Tr[L, L] = t + d
+            d = beta**2 * (S[:, -1] ** 2 / gap).sum(1)  # β²·[(T − tI)⁻¹]_{LL} from T's eigenpairs
+            Tr = torch.zeros(idx.numel(), L + 1, L + 1, dtype=torch.float64)
+            Tr[:, :L, :L] = T
+            Tr[:, L, L - 1] = Tr[:, L - 1, L] = beta
+            Tr[:, L, L] = t + d
             xi, Z = torch.linalg.eigh(Tr)  # ascending; one node is t up to rounding
-            w = Z[0] ** 2
-            j = int(torch.argmin((xi - t).abs()))
-            lo.append(w[:j].sum())
-            hi.append(w[: j + 1].sum())
-        lo, hi = torch.stack(lo), torch.stack(hi)
+            w = Z[:, 0] ** 2
+            j = torch.argmin((xi - t).abs(), dim=1, keepdim=True)
+            below = torch.arange(L + 1)[None] < j
+            radau_lo, radau_hi = (w * below).sum(1), (w * (torch.arange(L + 1)[None] <= j)).sum(1)
+            # β = 0 (invariant Krylov space): the Gauss rule is the probe's measure itself
+            g = S[:, 0] ** 2
+            exact = beta == 0
+            lo[idx] = torch.where(exact, (g * (th < t)).sum(1), radau_lo)
+            hi[idx] = torch.where(exact, (g * (th <= t)).sum(1), radau_hi)
         mid = (lo + hi) / 2
         m = mid.numel()
         s = float(mid.std(unbiased=True) / math.sqrt(m)) if m > 1 else math.nan
         h = float(((hi - lo) / 2).mean())
-        return Estimate(float(mid.mean()), math.hypot(s, h), self.n_matvecs, "slq-radau", self.seed,
+        return Estimate(float(mid.mean()), s + h, self.n_matvecs, "slq-radau", self.seed,
                         info={"lower": float(lo.mean()), "upper": float(hi.mean()), "probe_stderr": s,
                               "quadrature_halfwidth": h, "t": t})
 
@@ -599,7 +603,8 @@ def spectral_density(A, num_probes: int = 10, lanczos_steps: int = 50, *, seed=N
     V0 = src.draw(num_probes).reshape(num_probes, -1).double()
     q = V0 / V0.norm(dim=1, keepdim=True)
     b = num_probes
-    Qs = [q]
+    Qs = torch.zeros(b, steps, q.shape[1], dtype=torch.float64, device=q.device)
+    Qs[:, 0] = q
     alphas = torch.zeros(b, steps, dtype=torch.float64)
     betas = torch.zeros(b, steps, dtype=torch.float64)
     lengths = torch.full((b,), steps, dtype=torch.int64)
@@ -614,9 +619,9 @@ def spectral_density(A, num_probes: int = 10, lanczos_steps: int = 50, *, seed=N
         used += idx.numel()
         alpha = (w * q).sum(1)
         w = w - alpha[:, None] * q - beta[:, None] * q_prev
-        Qst = torch.stack(Qs, 1)  # [b, j+1, n]
+        Qst = Qs[:, : j + 1]  # [b, j+1, n]
         for _ in range(2):  # full reorthogonalisation, twice
-            w = w - torch.einsum("bj,bjn->bn", torch.einsum("bjn,bn->bj", Qst, w), Qst)
+            w = w - (Qst.transpose(1, 2) @ (Qst @ w[:, :, None]))[:, :, 0]
         beta = w.norm(dim=1) * active
         scale = torch.maximum(scale, torch.maximum(alpha.abs(), beta))
         alphas[:, j] = alpha.cpu()
@@ -630,7 +635,7 @@ def spectral_density(A, num_probes: int = 10, lanczos_steps: int = 50, *, seed=N
             lengths[active.cpu()] = j + 1
             break
         q_prev, q = q, torch.where(active[:, None], w / beta.clamp(min=1e-300)[:, None], torch.zeros_like(w))
-        Qs.append(q)
+        Qs[:, j + 1] = q
     if n <= steps:
         betas[:, -1] = 0.0  # the whole space was spanned: exact
     nodes = torch.zeros(b, steps, dtype=torch.float64)
