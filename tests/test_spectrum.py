@@ -175,6 +175,8 @@ def test_bad_arguments_are_refused_with_what_is_valid():
         top_eigenpairs(A, 2, max_iters=0)
     with pytest.raises(ValueError, match="k must be an integer between 1 and 29"):
         top_eigenpairs(A, 30)
+    with pytest.raises(TypeError, match="is complex"):
+        top_eigenpairs(DenseOperator(torch.eye(5, dtype=torch.complex128), is_self_adjoint=True), 2)
     with pytest.warns(DeprecationWarning, match="power_iters is deprecated"):
         top_eigenpairs(A, 2, method="randomized", power_iters=40)
 
@@ -285,6 +287,7 @@ def test_slq_cdf_coverage_on_a_uniform_spectrum():
     assert torch.all(cov >= 0.9), cov
 
 
+@pytest.mark.slow
 def test_slq_cdf_coverage_on_a_gru_ntk_with_a_large_null_space():
     M = _gru_ntk()
     lam = torch.linalg.eigvalsh(M)

@@ -93,6 +93,14 @@ def _flat_rows_adjoint(A, V, chunk, what):
     return apply_chunked(A.rmatmat, V.to(A.dtype).reshape(k, *A.shape_out), chunk, what).reshape(k, -1).double()
 
 
+def _real(A, what):
+    if A.dtype.is_complex:
+        raise TypeError(f"{what}: {A!r} is complex; the spectrum estimators work in real arithmetic. Pass a real "
+                        "operator (for a Hermitian H = R + iS, the real symmetric [[R, -S], [S, R]] has H's spectrum "
+                        "with each eigenvalue twice).")
+    return A
+
+
 def _default_tol(dtype: torch.dtype) -> float:
     """1e-6, or √ε of the operator's dtype when that is larger (float32: 3.5e-4)."""
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
@@ -308,8 +316,9 @@ def top_eigenpairs(A, k: int = 6, *, method: str = "lanczos", which: str = "larg
     Raises:
         ValueError: A not flagged self-adjoint, unknown ``method``/``which``, k out of range, or
             tol/max_iters invalid.
+        TypeError: a complex operator.
     """
-    A = square_operator(A, "top_eigenpairs")
+    A = _real(square_operator(A, "top_eigenpairs"), "top_eigenpairs")
     if not A.is_self_adjoint:
         raise ValueError(f"top_eigenpairs needs a self-adjoint operator; {A!r} is not flagged self-adjoint. "
                          "Use top_singular_triplets, or symmetric_part(A).")
@@ -370,8 +379,9 @@ def top_singular_triplets(A, k: int = 6, *, method: str = "lanczos", tol: float 
 
     Raises:
         ValueError: unknown method, k out of range, or tol/max_iters invalid.
+        TypeError: a complex operator.
     """
-    A = operator(A, "top_singular_triplets")
+    A = _real(operator(A, "top_singular_triplets"), "top_singular_triplets")
     if method not in ("lanczos", "randomized"):
         raise ValueError(f"method must be 'lanczos' or 'randomized', got {method!r}")
     max_iters = _power_iters_shim(power_iters, max_iters, "top_singular_triplets")
@@ -590,7 +600,7 @@ def spectral_density(A, num_probes: int = 10, lanczos_steps: int = 50, *, seed=N
     Raises:
         ValueError: A not flagged self-adjoint, or a non-positive probe count or depth.
     """
-    A = square_operator(A, "spectral_density")
+    A = _real(square_operator(A, "spectral_density"), "spectral_density")
     if not A.is_self_adjoint:
         raise ValueError(f"spectral_density needs a self-adjoint operator; {A!r} is not flagged self-adjoint")
     for name, val in (("num_probes", num_probes), ("lanczos_steps", lanczos_steps)):
@@ -681,7 +691,7 @@ def modes_for_variance(A, fraction: float = 0.95, *, num_matvecs: int = 200, max
     Raises:
         ValueError: ``fraction`` outside (0, 1], or A has a negative eigenvalue beyond rounding.
     """
-    A = square_operator(A, "modes_for_variance")
+    A = _real(square_operator(A, "modes_for_variance"), "modes_for_variance")
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     n = A.size_in
