@@ -120,7 +120,7 @@ def test_alignment_error_bars():
     lamA, lamB = _spectrum("power"), _spectrum("lowrank_noise")
     A, B = _U * lamA @ _U.T, _U * lamB @ _U.T
     truth = float((A * B).sum() / (A.norm() * B.norm()))
-    ests = [alignment(DenseOperator(A), DenseOperator(B), 60, seed=s) for s in range(SEEDS)]
+    ests = [alignment(DenseOperator(A), DenseOperator(B), 120, seed=s) for s in range(SEEDS)]  # 60 probes
     values, stderrs = np.array([e.value for e in ests]), np.array([e.stderr for e in ests])
     # a ratio estimator: O(1/m) bias, far below its spread at this budget
     assert abs(values.mean() - truth) <= 3 * values.std() / np.sqrt(SEEDS) + 0.1 * values.std()

@@ -1,10 +1,11 @@
 """Randomized estimators with error bars for operators too large to form (DESIGN.md §2).
 
 Free functions of operators: each accepts a kpflow ``LinearOperator``, a torch/numpy matrix or a
-scipy ``LinearOperator`` (one-sided estimators take a factor J of A = J J*), a probe budget and a
-seed (int or ``torch.Generator``), applies probes in chunks of ``chunk_size``, and returns an
-``Estimate``: value, standard error, matvecs spent, method, seed and the running estimate by probe
-count (``float(est)`` gives the value). See docs/estimators.md.
+scipy ``LinearOperator`` (one-sided estimators take a factor J of A = J J*), a budget ``num_matvecs``
+of applications of that operator and a seed (int or ``torch.Generator``), runs the one sampling
+driver (``sample``: probes in blocks of ``chunk_size``, ``rtol`` stops, an optional ``executor``) and
+returns a typed ``Estimate``: value, standard error, matvecs and probes spent, method and why, seed
+and the running ``History`` (``float(est)`` gives the value). See docs/estimators.md.
 """
 
 from .alignment import CenteringOperator, alignment, centered, centered_alignment, factor_alignment
@@ -24,7 +25,8 @@ from .onesided import (
     onesided_trace,
 )
 from .probes import BudgetError, NonFiniteError
-from .result import Estimate
+from .result import Estimate, History
+from .sampling import PerProbe, Sampled, sample
 from .spectrum import (
     ConvergenceWarning,
     EigenResult,
@@ -37,7 +39,7 @@ from .spectrum import (
 from .trace import exact_trace, hutchinson_trace, hutchpp_trace, trace, xnystrace, xtrace
 
 __all__ = [
-    "BudgetError", "NonFiniteError", "Estimate",
+    "BudgetError", "NonFiniteError", "Estimate", "History", "PerProbe", "Sampled", "sample",
     "exact_trace", "hutchinson_trace", "hutchpp_trace", "trace", "xnystrace", "xtrace",
     "OneSidedStatistics", "exact_onesided_trace", "onesided_effective_rank", "onesided_frobenius_sq",
     "onesided_statistics", "onesided_trace",

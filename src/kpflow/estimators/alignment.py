@@ -31,9 +31,11 @@ from .probes import (
     flat_sqnorm,
     jackknife,
     operator,
+    renamed_budget,
     running_statistic,
 )
-from .result import Estimate, exact_estimate
+from .result import Estimate, History, exact_estimate
+from .sampling import Executor, PerProbe, sample
 
 
 def _cos_stat(mab, maa, mbb, n=None):
@@ -49,43 +51,64 @@ def _check_pair(A: LinearOperator, B: LinearOperator, what: str):
         )
 
 
-def alignment(A, B, num_probes: int = 100, *, distribution: str = "gaussian", seed=None,
-              chunk_size: int = DEFAULT_CHUNK) -> Estimate:
+def _cos_columns(cols) -> tuple[float, float]:
+    return jackknife(cols, _cos_stat)
+
+
+def alignment(A, B, num_matvecs: int = 200, *, distribution: str = "gaussian", seed=None,
+              chunk_size: int = DEFAULT_CHUNK, executor: Executor | None = None,
+              num_probes: int | None = None) -> Estimate:
     """cos(A, B) = tr(A*B)/(‖A‖_F‖B‖_F) from shared probes (one matvec of A and one of B each).
 
-    ``info`` carries the inner product and the two squared norms (same probes, so consistent).
+    Args:
+        A, B: operators of the same shapes.
+        num_matvecs: budget of applications of A and B together (two per probe), at least 6.
+        distribution: probe distribution.
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probes per batched application.
+        executor: runs probe blocks elsewhere.
+        num_probes: deprecated: the budget in probes (``num_matvecs = 2 · num_probes``).
+
+    Returns:
+        The ``Estimate`` (jackknife standard error); ``details`` carry the inner product and the two
+        squared norms from the same probes.
+
+    Raises:
+        ShapeError: A and B differ in shape.
+        BudgetError: fewer than three probes.
+        NonFiniteError: an operator returned NaN/Inf.
     """
     A, B = operator(A, "alignment (A)"), operator(B, "alignment (B)")
     _check_pair(A, B, "alignment")
-    m = check_budget(num_probes, 3, "alignment", "Three probes are the least that give a standard error.")
+    num_matvecs = renamed_budget(num_matvecs, num_probes, 2, "alignment")
+    m = check_budget(num_matvecs, 6, "alignment", "Three probes (two matvecs each) are the least that give a "
+                     "standard error.") // 2
     chunk = check_chunk(chunk_size)
     n = A.size_in
     if m >= n:
         return _exact_alignment(A, B, chunk)
     src = ProbeSource(seed, A.shape_in, A.dtype, A.device, distribution)
-    ab, aa, bb = [], [], []
-    done = 0
-    while done < m:
-        k = min(chunk, m - done)
-        V = src.draw(k)
-        a = check_finite(A.matmat(V), done, "alignment: A")
-        b = check_finite(B.matmat(V.to(B.dtype)), done, "alignment: B")
-        ab.append(flat_dot(a, b).cpu())
-        aa.append(flat_sqnorm(a).cpu())
-        bb.append(flat_sqnorm(b).cpu())
-        done += k
-    samples = [torch.cat(x).numpy() for x in (ab, aa, bb)]
-    return _ratio_result(samples, "alignment", src.seed, 2 * m, m, distribution)
+
+    def products(V):
+        a, b = A.matmat(V), B.matmat(V.to(B.dtype))
+        return torch.stack([flat_dot(a, b), flat_sqnorm(a), flat_sqnorm(b)], 1)
+
+    pairs = PerProbe(products, "alignment: A or B", _cos_columns)
+    sample(pairs, src, m, chunk_size=chunk, executor=executor)
+    return _ratio_result(pairs.columns(), "alignment", src.seed, 2, distribution)
 
 
-def _ratio_result(samples, method, seed, matvecs, m, distribution) -> Estimate:
+def _ratio_result(samples, method, seed, per_probe: int, distribution) -> Estimate:
+    m = samples[0].size
     val, se = jackknife(samples, _cos_stat)
     run = running_statistic(samples, _cos_stat)
     ns = np.arange(1, m + 1)
     means = [float(s.mean()) for s in samples]
-    info = {"inner": means[0], "frobenius_sq_A": means[1], "frobenius_sq_B": means[2],
-            "num_probes": m, "distribution": distribution, "matvec_unit": "applications of A and B"}
-    return Estimate(val, se, matvecs, method, seed, ns * (matvecs // m), run, np.full(m, np.nan), info)
+    details = {"inner": means[0], "frobenius_sq_A": means[1], "frobenius_sq_B": means[2],
+               "matvec_unit": "applications of A and B" if per_probe == 2 else "applications of J1* and J2*"}
+    return Estimate(val, se, per_probe * m, method, seed, num_probes=m,
+                    history=History(ns * per_probe, run, np.full(m, np.nan)), distribution=distribution,
+                    details=details)
 
 
 def _exact_alignment(A, B, chunk) -> Estimate:
@@ -119,7 +142,18 @@ class CenteringOperator(LinearOperator):
 
 
 def centered(A, axes=None) -> LinearOperator:
-    """C A C with C the centring projector over ``axes`` of A's (square) structured shape."""
+    """C A C with C the centring projector over ``axes`` of A's (square) structured shape.
+
+    Args:
+        A: square operator.
+        axes: the axes to centre over (None: all).
+
+    Returns:
+        The lazy operator ``C A C``.
+
+    Raises:
+        ShapeError: A is not square.
+    """
     A = operator(A, "centered")
     if not A.is_square:
         raise ShapeError(f"centring needs a square operator, got {A.shape_in} -> {A.shape_out}")
@@ -127,49 +161,92 @@ def centered(A, axes=None) -> LinearOperator:
     return C @ A @ C
 
 
-def centered_alignment(A, B, num_probes: int = 100, *, axes=None, **kwargs) -> Estimate:
+def centered_alignment(A, B, num_matvecs: int = 200, *, axes=None, **kwargs) -> Estimate:
     """Centred alignment cos(CAC, CBC), C = I − (mean over ``axes``) (kernel-alignment centring;
-    Cortes, Mohri & Rostamizadeh 2012). ``axes=None`` centres over all entries."""
+    Cortes, Mohri & Rostamizadeh 2012). ``axes=None`` centres over all entries.
+
+    Args:
+        A, B: square operators of the same shape.
+        num_matvecs: budget of applications of A and B together.
+        axes: the axes to centre over (None: all).
+        **kwargs: as for ``alignment``.
+
+    Returns:
+        The ``Estimate`` (``details['centered_axes']``).
+
+    Raises:
+        ShapeError: the shapes differ or are not square.
+    """
     A, B = operator(A, "centered_alignment (A)"), operator(B, "centered_alignment (B)")
     _check_pair(A, B, "centered_alignment")
-    est = alignment(centered(A, axes), centered(B, axes), num_probes, **kwargs)
+    est = alignment(centered(A, axes), centered(B, axes), num_matvecs, **kwargs)
     est.method = "centered-" + est.method
-    est.info["centered_axes"] = axes
+    est.details["centered_axes"] = axes
     return est
 
 
-def factor_alignment(J1, J2, num_probes: int = 100, *, distribution: str = "gaussian", seed=None,
-                     chunk_size: int = DEFAULT_CHUNK, max_dense: int | None = None) -> Estimate:
+def factor_alignment(J1, J2, num_matvecs: int = 400, *, distribution: str = "gaussian", seed=None,
+                     chunk_size: int = DEFAULT_CHUNK, max_dense: int | None = None,
+                     executor: Executor | None = None, num_probes: int | None = None) -> Estimate:
     """cos(J₁J₁*, J₂J₂*) from VJPs only (adjoint-only; Hazelden 2025 ``op_alignment_adj_only``).
 
     J₁, J₂ must share their output space (e.g. the state space); their input spaces (parameters)
-    may differ. Each probe pair costs 4 VJPs. Exact (from the basis) when ``num_probes`` reaches the
-    output dimension and the two Jacobians fit in ``max_dense`` entries.
+    may differ. Each probe pair (x, y) costs 4 VJPs. Exact (from the basis) when the budget covers
+    the output dimension and the two Jacobians fit in ``max_dense`` entries.
+
+    Args:
+        J1, J2: factors with one output shape.
+        num_matvecs: budget of applications of J1* and J2* (four per probe pair), at least 12.
+        distribution: probe distribution.
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probe pairs per batched application.
+        max_dense: entry limit of the exact path (default ``DENSE_LIMIT``).
+        executor: runs probe blocks elsewhere.
+        num_probes: deprecated: the budget in probe pairs (``num_matvecs = 4 · num_probes``).
+
+    Returns:
+        The ``Estimate`` (jackknife standard error).
+
+    Raises:
+        ShapeError: the output shapes differ.
+        BudgetError: fewer than three probe pairs.
+        NonFiniteError: a factor returned NaN/Inf.
     """
     J1, J2 = operator(J1, "factor_alignment (J1)"), operator(J2, "factor_alignment (J2)")
     if J1.shape_out != J2.shape_out:
         raise ShapeError(f"factor_alignment: J1 and J2 must have the same output shape, got {J1.shape_out} "
                          f"and {J2.shape_out}")
-    m = check_budget(num_probes, 3, "factor_alignment")
+    num_matvecs = renamed_budget(num_matvecs, num_probes, 4, "factor_alignment")
+    m = check_budget(num_matvecs, 12, "factor_alignment", "Three probe pairs (four VJPs each) are the least.") // 4
     chunk = check_chunk(chunk_size)
     n = J1.size_out
     limit = base.DENSE_LIMIT if max_dense is None else int(max_dense)
     if m >= n and n * max(J1.size_in, J2.size_in, n) <= limit:
         return _exact_factor_alignment(J1, J2, chunk)
-    src = ProbeSource(seed, J1.shape_out, J1.dtype, J1.device, distribution)
-    a_s, b_s = [], []
-    done = 0
-    while done < m:
-        k = min(chunk, m - done)
-        X, Y = src.draw(k), src.draw(k)
-        XY = torch.cat([X, Y])
-        P1 = check_finite(J1.rmatmat(XY), done, "factor_alignment: J1*")
-        P2 = check_finite(J2.rmatmat(XY.to(J2.dtype)), done, "factor_alignment: J2*")
-        a_s.append(flat_dot(P1[:k], P1[k:]).cpu())
-        b_s.append(flat_dot(P2[:k], P2[k:]).cpu())
-        done += k
-    a, b = torch.cat(a_s).numpy(), torch.cat(b_s).numpy()
-    return _ratio_result([a * b, a * a, b * b], "factor-alignment", src.seed, 4 * m, m, distribution)
+    # probe pair j is (v_2j, v_2j+1) of the source, so pairs are drawn by index like single probes
+    src = _PairSource(ProbeSource(seed, J1.shape_out, J1.dtype, J1.device, distribution))
+
+    def products(XY):
+        k = XY.shape[0]
+        XY = torch.cat([XY[:, 0], XY[:, 1]])
+        P1, P2 = J1.rmatmat(XY), J2.rmatmat(XY.to(J2.dtype))
+        a, b = flat_dot(P1[:k], P1[k:]), flat_dot(P2[:k], P2[k:])
+        return torch.stack([a * b, a * a, b * b], 1)
+
+    pairs = PerProbe(products, "factor_alignment: J1* or J2*", _cos_columns)
+    sample(pairs, src, m, chunk_size=chunk, executor=executor)
+    return _ratio_result(pairs.columns(), "factor-alignment", src.seed, 4, distribution)
+
+
+class _PairSource:
+    """Pairs of probes ``(v_2j, v_2j+1)`` of a ``ProbeSource``, drawn by pair index."""
+
+    def __init__(self, source: ProbeSource):
+        self.source, self.seed = source, source.seed
+
+    def block(self, start: int, k: int) -> torch.Tensor:
+        V = self.source.block(2 * start, 2 * k)
+        return V.reshape(k, 2, *V.shape[1:])
 
 
 def _exact_factor_alignment(J1, J2, chunk) -> Estimate:

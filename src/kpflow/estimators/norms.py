@@ -19,7 +19,7 @@ from kpflow.operators.reductions import VIEW_AXES, compression
 
 from .onesided import onesided_statistics
 from .probes import DEFAULT_CHUNK, check_budget, operator, spawn_seeds, square_operator
-from .result import Estimate
+from .result import Estimate, History
 from .trace import trace
 
 FRO_METHODS = ("auto", "hutchinson", "hutchpp", "xtrace", "xnystrace", "exact")
@@ -32,10 +32,24 @@ def _gram_smaller_side(A):
 
 def frobenius_norm_sq(A, num_matvecs: int = 100, *, method: str = "auto", seed=None,
                       chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None) -> Estimate:
-    """‖A‖_F² = tr(A*A) for any (also non-square) operator. ``num_matvecs`` counts applications of A
-    or A* (a Gram probe costs two).
+    """‖A‖_F² = tr(A*A) for any (also non-square) operator.
 
     ``auto``: exact when the budget covers the smaller side, else XNysTrace on the Gram operator.
+
+    Args:
+        A: any operator.
+        num_matvecs: budget of applications of A or A* (a Gram probe costs two).
+        method: one of ``FRO_METHODS`` (``hutchinson``: one-sided on A; the others: trace of the Gram).
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probes per batched application.
+        rtol: relative standard error to stop at.
+
+    Returns:
+        The ``Estimate`` (negative estimates are kept, with a warning and ``details['negative']``).
+
+    Raises:
+        ValueError: an unknown method.
+        BudgetError: a budget below 3 matvecs.
     """
     if method not in FRO_METHODS:
         raise ValueError(f"unknown Frobenius method {method!r}; valid methods: {FRO_METHODS}")
@@ -54,61 +68,83 @@ def frobenius_norm_sq(A, num_matvecs: int = 100, *, method: str = "auto", seed=N
         budget = max(m, d) if method == "exact" else m
         stats = onesided_statistics(A, budget, distribution="gaussian", seed=seed, chunk_size=chunk_size,
                                     rtol=rtol if method == "hutchinson" else None, max_dense=0)
-        tr = stats.trace  # tr(A A*) = ‖A‖_F²
-        est = Estimate(tr.value, tr.stderr, tr.n_probes, "exact" if tr.exact else "hutchinson", tr.seed,
-                       tr.running_n, tr.running_value, tr.running_stderr,
-                       {k: v for k, v in tr.info.items() if k not in ("frobenius_sq", "effective_rank")})
+        est = stats.trace.replaced(method="exact" if stats.trace.exact else "hutchinson")  # tr(A A*) = ‖A‖_F²
     else:
         G = _gram_smaller_side(A)
         g = trace(G, max(m // 2, 2), method=method, seed=seed, chunk_size=chunk_size, rtol=rtol)
-        est = Estimate(g.value, g.stderr, 2 * g.n_probes, g.method, g.seed, 2 * g.running_n,
-                       g.running_value, g.running_stderr, {**g.info, "gram_matvecs": g.n_probes})
-    est.info["matvec_unit"] = "applications of A or A*"
+        est = g.replaced(num_matvecs=2 * g.num_matvecs, history=g.history.scaled(2),
+                      details={**g.details, "gram_matvecs": g.num_matvecs})
+    est.details["matvec_unit"] = "applications of A or A*"
     if reason is not None:
-        est.info["auto_reason"] = reason
+        est.reason = reason
     if est.value < 0:
         warnings.warn(f"‖A‖_F² estimate is negative ({est.value:.4g} ± {est.stderr:.3g}); reported unclamped. "
                       "Increase the budget.", RuntimeWarning, stacklevel=2)
-        est.info["negative"] = True
+        est.details["negative"] = True
     return est
 
 
 def frobenius_norm(A, num_matvecs: int = 100, **kwargs) -> Estimate:
-    """‖A‖_F = sqrt of ``frobenius_norm_sq`` (delta-method standard error); NaN if the square is < 0."""
+    """‖A‖_F = sqrt of ``frobenius_norm_sq`` (delta-method standard error); NaN if the square is < 0.
+
+    Args:
+        A: any operator.
+        num_matvecs: budget of applications of A or A*.
+        **kwargs: as for ``frobenius_norm_sq``.
+
+    Returns:
+        The ``Estimate`` of ‖A‖_F.
+    """
     return sqrt_estimate(frobenius_norm_sq(A, num_matvecs, **kwargs))
 
 
 def sqrt_estimate(f2: Estimate) -> Estimate:
-    """√ of an estimate of a non-negative quantity; NaN (with the reason in ``info``) when it is < 0."""
+    """√ of an estimate of a non-negative quantity; NaN (with the reason in ``note``) when it is < 0.
+
+    Args:
+        f2: the estimate of the square.
+
+    Returns:
+        The ``Estimate`` of the root (delta-method standard error); ``parts['square']`` is ``f2``.
+    """
     if f2.value < 0:
-        info = {**f2.info, "frobenius_sq": f2.value,
-                "note": f"the squared-norm estimate {f2.value:.4g} is negative; no square root taken"}
-        return Estimate(math.nan, math.nan, f2.n_probes, f2.method, f2.seed, info=info)
+        return f2.replaced(value=math.nan, stderr=math.nan, history=History(), parts={"square": f2},
+                       note=f"the squared-norm estimate {f2.value:.4g} is negative; no square root taken")
     v = math.sqrt(f2.value)
     se = f2.stderr / (2 * v) if v > 0 else math.nan
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        run = f2.running_value.clip(min=0) ** 0.5  # display only; values < 0 shown as 0 in the history
-        run_se = f2.running_stderr / (2 * run)
-    return Estimate(v, se, f2.n_probes, f2.method, f2.seed, f2.running_n, run, run_se,
-                    {**f2.info, "frobenius_sq": f2.value})
+        run = f2.history.value.clip(min=0) ** 0.5  # display only; values < 0 shown as 0 in the history
+        run_se = f2.history.stderr / (2 * run)
+    return f2.replaced(value=v, stderr=se, history=History(f2.history.num_matvecs, run, run_se),
+                   parts={"square": f2})
 
 
 def ratio_erank(tr: Estimate, fro2: Estimate, method: str | None = None) -> Estimate:
-    """erank = tr² / ‖A‖_F² from two *independent* estimates (delta-method standard error)."""
-    n = tr.n_probes + fro2.n_probes
+    """erank = tr² / ‖A‖_F² from two *independent* estimates (delta-method standard error).
+
+    Args:
+        tr: the trace estimate.
+        fro2: an independent estimate of ‖A‖_F².
+        method: the label (default ``"<trace method>+<Frobenius method>"``).
+
+    Returns:
+        The ``Estimate`` with ``parts`` ``trace`` and ``frobenius_sq`` (NaN with a warning when ‖A‖_F² ≤ 0).
+    """
+    n = tr.num_matvecs + fro2.num_matvecs
     method = method or f"{tr.method}+{fro2.method}"
-    info = {"trace": tr, "frobenius_sq": fro2}
+    parts = {"trace": tr, "frobenius_sq": fro2}
+    common = dict(num_probes=tr.num_probes + fro2.num_probes, parts=parts, exact=tr.exact and fro2.exact)
     if not fro2.value > 0:
-        info["note"] = (f"‖A‖_F² estimate is {fro2.value:.4g} ≤ 0; the effective rank is undefined "
-                        "(reported as NaN, not clamped)")
-        warnings.warn(info["note"], RuntimeWarning, stacklevel=3)
-        return Estimate(math.nan, math.nan, n, method, tr.seed, info=info)
+        note = (f"‖A‖_F² estimate is {fro2.value:.4g} ≤ 0; the effective rank is undefined "
+                "(reported as NaN, not clamped)")
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
+        return Estimate(math.nan, math.nan, n, method, tr.seed, note=note, **common)
     r = tr.value**2 / fro2.value
     rel_t = tr.stderr / abs(tr.value) if tr.value != 0 else math.inf
     rel_f = fro2.stderr / fro2.value
-    se = abs(r) * math.sqrt(4 * rel_t**2 + rel_f**2)
-    return Estimate(r, se, n, method, tr.seed, info=info)
+    se = 0.0 if common["exact"] else abs(r) * math.sqrt(4 * rel_t**2 + rel_f**2)
+    return Estimate(r, se, n, method, tr.seed, **common)
 
 
 def effective_rank(A, num_matvecs: int = 200, *, method: str = "auto", seed=None,
@@ -117,6 +153,20 @@ def effective_rank(A, num_matvecs: int = 200, *, method: str = "auto", seed=None
 
     Half the budget goes to tr(A), half to ‖A‖_F² (independent probes); exact when each half covers
     the dimension. For a factor J of A = J J*, ``onesided_effective_rank(J)`` does it in one pass.
+
+    Args:
+        A: square operator.
+        num_matvecs: budget of applications of A or A*, at least 8 (or 2n).
+        method: the trace and Frobenius method (``"auto"`` or one both accept).
+        seed: int, None or ``torch.Generator`` (split into two independent streams).
+        chunk_size: probes per batched application.
+
+    Returns:
+        The ``Estimate`` with ``parts`` ``trace`` and ``frobenius_sq``.
+
+    Raises:
+        BudgetError: a budget below the minimum.
+        ShapeError: A is not square.
     """
     A = square_operator(A, "effective_rank")
     n = A.size_in
@@ -130,11 +180,7 @@ def effective_rank(A, num_matvecs: int = 200, *, method: str = "auto", seed=None
     else:
         tr = trace(A, half, method=method, seed=s_tr, chunk_size=chunk_size)
         f2 = frobenius_norm_sq(A, m - half, method=method, seed=s_fro, chunk_size=chunk_size)
-    est = ratio_erank(tr, f2)
-    if tr.exact and f2.exact:
-        est.stderr = 0.0
-        est.info["exact"] = True
-    return est
+    return ratio_erank(tr, f2)
 
 
 def axis_effective_rank(A, axis: str | int | tuple[int, ...], num_matvecs: int = 200, *,
@@ -146,6 +192,22 @@ def axis_effective_rank(A, axis: str | int | tuple[int, ...], num_matvecs: int =
     (trial, time), ``'spatial'``/``'hidden'``), or the index / tuple of indices of the axes to *keep*
     for any structured shape. The compression (1ᵀ⊗I) A (1⊗I) sums over the other axes
     (``kpflow.operators.compression``); one of its matvecs costs one matvec of A.
+
+    Args:
+        A: square operator on a structured shape.
+        axis: a named view or the axes to keep.
+        num_matvecs: budget of applications of A.
+        reduction: ``"sum"`` or ``"mean"`` over the other axes.
+        method: as for ``effective_rank``.
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probes per batched application.
+
+    Returns:
+        The ``Estimate`` (``details``: ``axis``, ``compressed_shape``).
+
+    Raises:
+        ValueError: an unknown view name.
+        ShapeError: A is not square, or axes out of range.
     """
     A = square_operator(A, "axis_effective_rank")
     if isinstance(axis, str):
@@ -158,10 +220,20 @@ def axis_effective_rank(A, axis: str | int | tuple[int, ...], num_matvecs: int =
         keep = tuple(k % nd for k in keep)
         C = compression(A, tuple(i for i in range(nd) if i not in keep), reduction)
     est = effective_rank(C, num_matvecs, method=method, seed=seed, chunk_size=chunk_size)
-    est.info.update(axis=axis, compressed_shape=C.shape_in)
+    est.details.update(axis=axis, compressed_shape=C.shape_in)
     return est
 
 
 def axis_effective_ranks(A, axes=("trial", "time", "spatial"), num_matvecs: int = 200, **kwargs) -> dict:
-    """``axis_effective_rank`` for several views at once: ``{view: Estimate}``."""
+    """``axis_effective_rank`` for several views at once.
+
+    Args:
+        A: square operator on a structured shape.
+        axes: the views (or axes to keep), one estimate each.
+        num_matvecs: budget of each estimate.
+        **kwargs: as for ``axis_effective_rank``.
+
+    Returns:
+        ``{view: Estimate}``.
+    """
     return {a: axis_effective_rank(A, a, num_matvecs, **kwargs) for a in axes}

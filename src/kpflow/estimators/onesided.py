@@ -30,7 +30,6 @@ from kpflow.operators import LinearOperator, base
 
 from .probes import (
     DEFAULT_CHUNK,
-    MIN_PROBES_FOR_RTOL,
     BudgetError,
     ProbeSource,
     basis_chunks,
@@ -41,10 +40,12 @@ from .probes import (
     flat_sqnorm,
     jackknife,
     operator,
+    renamed_budget,
     running_mean,
     running_statistic,
 )
-from .result import Estimate, exact_estimate
+from .result import Estimate, History, exact_estimate
+from .sampling import Executor, PerProbe, sample
 
 SIDES = ("auto", "forward", "reverse")
 
@@ -86,51 +87,66 @@ def _trace_sq_stat(ms, ms2, n):
     return (n * ms**2 - ms2) / (n - 1)
 
 
-def onesided_statistics(J, num_probes: int = 100, *, side: str = "auto", distribution: str = "gaussian",
+def onesided_statistics(J, num_matvecs: int = 100, *, side: str = "auto", distribution: str = "gaussian",
                         seed=None, chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None,
-                        max_dense: int | None = None) -> OneSidedStatistics:
-    """tr(J J*), ‖J J*‖_F² and erank = tr²/‖·‖_F² from ``num_probes`` applications of J or J* only.
+                        max_dense: int | None = None, executor: Executor | None = None,
+                        num_probes: int | None = None) -> OneSidedStatistics:
+    """tr(J J*), ‖J J*‖_F² and erank = tr²/‖·‖_F² from ``num_matvecs`` applications of J or J* only.
 
     ``side``: ``forward`` (J w, probes in J's input space), ``reverse`` (J* v, probes in J's output
-    space) or ``auto`` (the smaller space). When ``num_probes`` reaches the dimension of that space
+    space) or ``auto`` (the smaller space). When ``num_matvecs`` reaches the dimension of that space
     the basis is used instead and all three are exact. ``rtol`` stops once the trace's relative
     standard error is below it. Standard errors of ‖·‖_F² and erank are delete-one jackknife.
+
+    Args:
+        J: the factor of A = J J* (any operator; need not be square).
+        num_matvecs: budget of applications of J (forward) or J* (reverse), one per probe, at least 3.
+        side: ``"auto"``, ``"forward"`` or ``"reverse"``.
+        distribution: ``"gaussian"`` or ``"sphere"`` (``"rademacher"`` gives no Frobenius norm).
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probes per batched application.
+        rtol: relative standard error of the trace to stop at.
+        max_dense: entry limit for keeping the rows of the exact path (default ``DENSE_LIMIT``).
+        executor: runs probe blocks elsewhere.
+        num_probes: deprecated spelling of ``num_matvecs``.
+
+    Returns:
+        ``OneSidedStatistics(trace, frobenius_sq, effective_rank)``.
+
+    Raises:
+        BudgetError: fewer than 3 matvecs.
+        ValueError: an unknown side.
+        NonFiniteError: J returned NaN/Inf.
     """
     J = operator(J, "onesided_statistics")
+    num_matvecs = renamed_budget(num_matvecs, num_probes, 1, "onesided_statistics")
     chunk, rtol = check_chunk(chunk_size), check_rtol(rtol)
     side = choose_side(J, side)
     apply, shape, what = _side_ops(J, side)
     d = math.prod(shape)
-    m = check_budget(num_probes, min(3, d), "onesided_statistics",
+    m = check_budget(num_matvecs, min(3, d), "onesided_statistics",
                      "Three probes are the least that give the Frobenius norm a standard error.")
     if m >= d and rtol is None:
         return _exact_statistics(J, side, chunk, max_dense)
     src = ProbeSource(seed, shape, J.dtype, J.device, distribution)
-    out: list[torch.Tensor] = []
-    done = 0
-    while done < m:
-        k = min(chunk, m - done)
-        V = src.draw(k)
-        out.append(checked(flat_sqnorm(apply(V)), done, f"onesided_statistics: {what}").cpu())
-        done += k
-        if rtol is not None and done >= MIN_PROBES_FOR_RTOL:
-            s = torch.cat(out).numpy()
-            if s.std(ddof=1) / math.sqrt(s.size) <= rtol * abs(s.mean()):
-                break
-    s = torch.cat(out).numpy()
+    norms = PerProbe(lambda V: flat_sqnorm(apply(V)), f"onesided_statistics: {what}")
+    run = sample(norms, src, m, chunk_size=chunk, rtol=rtol, executor=executor)
+    s = norms.samples[:, 0]
     n_used = s.size
-    common = {"side": side, "distribution": distribution, "probe_dim": d, "stopped_early": n_used < m}
+    method = f"onesided-{side}"
+    common = dict(num_probes=n_used, distribution=distribution, stopped_early=run.stopped_early)
+    details = {"side": side, "probe_dim": d}
     mean, se = running_mean(s)
     ns = np.arange(1, n_used + 1)
-    method = f"onesided-{side}"
-    tr = Estimate(float(mean[-1]), float(se[-1]), n_used, method, src.seed, ns, mean, se, dict(common))
+    tr = Estimate(float(mean[-1]), float(se[-1]), n_used, method, src.seed, history=History(ns, mean, se),
+                  details=dict(details), **common)
     fstat = _fro2_stat(distribution, d)
     if fstat is None:
         nan = math.nan
         note = ("‖A‖_F² is not identifiable from Rademacher samples (their variance depends on diag(A)); "
                 "use distribution='gaussian' or 'sphere'")
-        fro = Estimate(nan, nan, n_used, method, src.seed, info={**common, "note": note})
-        er = Estimate(nan, nan, n_used, method, src.seed, info={**common, "note": note})
+        fro = Estimate(nan, nan, n_used, method, src.seed, note=note, details=dict(details), **common)
+        er = Estimate(nan, nan, n_used, method, src.seed, note=note, details=dict(details), **common)
         return OneSidedStatistics(tr, fro, er)
     pair = [s, s**2]
     f_val, f_se = jackknife(pair, fstat)
@@ -139,30 +155,36 @@ def onesided_statistics(J, num_probes: int = 100, *, side: str = "auto", distrib
     def erank_stat(ms, ms2, n):
         return _trace_sq_stat(ms, ms2, n) / fstat(ms, ms2, n)
 
+    notes = []
     with np.errstate(divide="ignore", invalid="ignore"):
         # the ratio tr²/‖A‖_F² is biased at O(1/m) (+10–17% at 40 probes on decaying spectra): jackknife-corrected
         e_val, e_se = jackknife(pair, erank_stat, bias_correct=True)
         e_run = running_statistic(pair, erank_stat)
+        er_details = dict(details)
         if not 1.0 <= e_val <= d:  # too few probes for the correction: keep the plain ratio
             e_val = float(e_run[-1])
-            common = {**common, "erank_bias_correction": "skipped (corrected value outside [1, dim])"}
+            er_details["erank_bias_correction"] = "skipped (corrected value outside [1, dim])"
         top = float(min(J.size_in, J.size_out))  # rank(J J*) ≤ min of J's two dimensions
         if not 1.0 <= e_val <= top:
             # the plain ratio can leave [1, rank] too (the ‖A‖_F² estimate exceeds tr² at few probes); every PSD
             # operator's effective rank lies in [1, rank], so the projection onto it is never further from the truth
             clipped = min(max(e_val, 1.0), top)
-            common = {**common, "erank_clipped_from": e_val}
+            er_details["erank_clipped_from"] = e_val
+            notes.append(f"clipped from {e_val:.4g} into the feasible range [1, {top:g}]")
             e_val = clipped
         e_run[-1] = e_val
-    fro = Estimate(f_val, f_se, n_used, method, src.seed, ns, f_run, np.full(n_used, np.nan), dict(common))
-    er = Estimate(e_val, e_se, n_used, method, src.seed, ns, e_run, np.full(n_used, np.nan), dict(common))
+    nan_se = np.full(n_used, np.nan)
+    fro = Estimate(f_val, f_se, n_used, method, src.seed, history=History(ns, f_run, nan_se), details=dict(details),
+                   **common)
+    er = Estimate(e_val, e_se, n_used, method, src.seed, history=History(ns, e_run, nan_se), details=er_details,
+                  note="; ".join(notes), **common)
     if f_val <= 0:
         msg = (f"the one-sided estimate of ‖A‖_F² is {f_val:.4g} ≤ 0 (too few probes for this spread); "
                "it is reported unclamped and the effective rank is not meaningful. Use more probes.")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
-        fro.info["negative"] = True
-        er = Estimate(math.nan, math.nan, n_used, method, src.seed, info={**common, "note": msg})
-    tr.info.update(frobenius_sq=fro, effective_rank=er)
+        fro.note = msg
+        fro.details["negative"] = True
+        er = Estimate(math.nan, math.nan, n_used, method, src.seed, note=msg, details=dict(details), **common)
     return OneSidedStatistics(tr, fro, er)
 
 
@@ -194,28 +216,51 @@ def _exact_statistics(J: LinearOperator, side: str, chunk: int, max_dense: int |
     else:
         note = (f"exact ‖A‖_F² would keep {d}x{other} entries (limit {limit:,}); pass max_dense to allow it "
                 "or use a randomized budget below the dimension")
-        fro = Estimate(math.nan, math.nan, d, method, info={"note": note})
-        er = Estimate(math.nan, math.nan, d, method, info={"note": note})
-    tr.info.update(frobenius_sq=fro, effective_rank=er)
+        fro = Estimate(math.nan, math.nan, d, method, note=note, details={"side": side})
+        er = Estimate(math.nan, math.nan, d, method, note=note, details={"side": side})
     return OneSidedStatistics(tr, fro, er)
 
 
-def onesided_trace(J, num_probes: int = 100, **kwargs) -> Estimate:
-    """tr(J J*) = E‖J* v‖² = E‖J w‖² from J or J* alone (see ``onesided_statistics``).
+def onesided_trace(J, num_matvecs: int = 100, **kwargs) -> Estimate:
+    """tr(J J*) = E‖J* v‖² = E‖J w‖² from J or J* alone.
 
-    ``info['frobenius_sq']`` and ``info['effective_rank']`` carry the estimates from the same samples.
+    Args:
+        J: the factor of A = J J*.
+        num_matvecs: budget of applications of J or J*.
+        **kwargs: as for ``onesided_statistics``.
+
+    Returns:
+        The trace ``Estimate`` (``onesided_statistics`` gives ‖A‖_F² and erank from the same samples).
     """
-    return onesided_statistics(J, num_probes, **kwargs).trace
+    return onesided_statistics(J, num_matvecs, **kwargs).trace
 
 
-def onesided_frobenius_sq(J, num_probes: int = 100, **kwargs) -> Estimate:
-    """‖J J*‖_F² from the spread of the one-sided samples (Var(vᵀAv) = 2‖A‖_F² for Gaussian v)."""
-    return onesided_statistics(J, num_probes, **kwargs).frobenius_sq
+def onesided_frobenius_sq(J, num_matvecs: int = 100, **kwargs) -> Estimate:
+    """‖J J*‖_F² from the spread of the one-sided samples (Var(vᵀAv) = 2‖A‖_F² for Gaussian v).
+
+    Args:
+        J: the factor of A = J J*.
+        num_matvecs: budget of applications of J or J*.
+        **kwargs: as for ``onesided_statistics``.
+
+    Returns:
+        The ``Estimate`` of ‖J J*‖_F².
+    """
+    return onesided_statistics(J, num_matvecs, **kwargs).frobenius_sq
 
 
-def onesided_effective_rank(J, num_probes: int = 100, **kwargs) -> Estimate:
-    """erank(J J*) = tr² / ‖·‖_F² from one pass of one-sided samples."""
-    return onesided_statistics(J, num_probes, **kwargs).effective_rank
+def onesided_effective_rank(J, num_matvecs: int = 100, **kwargs) -> Estimate:
+    """erank(J J*) = tr² / ‖·‖_F² from one pass of one-sided samples.
+
+    Args:
+        J: the factor of A = J J*.
+        num_matvecs: budget of applications of J or J*.
+        **kwargs: as for ``onesided_statistics``.
+
+    Returns:
+        The ``Estimate`` of the effective rank.
+    """
+    return onesided_statistics(J, num_matvecs, **kwargs).effective_rank
 
 
 def exact_onesided_trace(J, *, side: str = "auto", chunk_size: int = DEFAULT_CHUNK,

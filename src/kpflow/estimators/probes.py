@@ -116,8 +116,27 @@ class ProbeSource:
         return torch.Generator(device=self.draw_device).manual_seed(int(key.generate_state(1, np.uint64)[0] >> 1))
 
     def _take(self, stream: str, k: int, distribution: str) -> torch.Tensor:
-        real = self.dtype if self.dtype.is_floating_point else torch.float64
         start = self._count[stream]
+        self._count[stream] = start + k
+        return self._rows(stream, start, k, distribution)
+
+    def block(self, start: int, k: int) -> torch.Tensor:
+        """Probes ``start, ..., start + k − 1`` of the estimator's stream, shape ``[k, *shape]``.
+
+        Stateless: any block can be drawn in any order or on another worker, and gives the same
+        probes as drawing them in sequence (each probe has its own generator).
+
+        Args:
+            start: index of the first probe.
+            k: number of probes.
+
+        Returns:
+            The probes, on the operator's device.
+        """
+        return self._rows("draw", int(start), int(k), self.distribution)
+
+    def _rows(self, stream: str, start: int, k: int, distribution: str) -> torch.Tensor:
+        real = self.dtype if self.dtype.is_floating_point else torch.float64
         rows = []
         for i in range(start, start + k):
             g = self._generator(stream, i)
@@ -128,7 +147,6 @@ class ProbeSource:
                 if distribution == "sphere":
                     v = v * (math.sqrt(self.dim) / v.norm())
             rows.append(v)
-        self._count[stream] = start + k
         V = torch.stack(rows) if rows else torch.empty(0, self.dim, dtype=real, device=self.draw_device)
         return V.to(self.device).reshape(k, *self.shape)
 
@@ -178,6 +196,27 @@ def check_budget(m, minimum: int, method: str, hint: str = "") -> int:
     if m < minimum:
         raise BudgetError(f"{method} needs at least {minimum} matvecs, got num_matvecs={m}. {hint}".strip())
     return int(m)
+
+
+def renamed_budget(num_matvecs, num_probes, matvecs_per_probe: int, what: str) -> int:
+    """The budget in matvecs, accepting the deprecated ``num_probes=`` (one release) with a warning.
+
+    Args:
+        num_matvecs: the budget as given (in applications of the operator or factor).
+        num_probes: the deprecated budget in probes, or None.
+        matvecs_per_probe: matvecs one probe costs in this estimator.
+        what: the estimator's name, for the message.
+
+    Returns:
+        The budget in matvecs.
+    """
+    if num_probes is None:
+        return num_matvecs
+    m = int(num_probes) * matvecs_per_probe
+    warnings.warn(f"{what}(num_probes=...) is deprecated and will be removed in the next release; the budget of every "
+                  f"estimator is num_matvecs (here {matvecs_per_probe} per probe): pass num_matvecs={m}",
+                  DeprecationWarning, stacklevel=3)
+    return m
 
 
 def check_rtol(rtol) -> float | None:

@@ -34,12 +34,12 @@ from .probes import (
     check_chunk,
     check_finite,
     check_rtol,
-    checked,
     flat_dot,
     running_mean,
     square_operator,
 )
-from .result import Estimate, exact_estimate
+from .result import Estimate, History, exact_estimate
+from .sampling import Executor, PerProbe, sample
 
 #: Largest number of matvecs ``exact_trace`` spends unless told otherwise.
 EXACT_MATVEC_LIMIT = 50_000
@@ -63,12 +63,9 @@ def _covers(m: int, n: int) -> bool:
 
 def _exact_instead(A, method: str, chunk_size: int, m: int) -> Estimate:
     est = exact_trace(A, chunk_size=chunk_size, max_matvecs=max(m, A.size_in))
-    est.info.update(requested=method, reason=f"budget {m} >= dimension {A.size_in}: exact trace")
+    est.details["requested"] = method
+    est.reason = f"budget {m} >= dimension {A.size_in}: exact trace"
     return est
-
-
-def _seed_of(src: ProbeSource) -> int | None:
-    return src.seed
 
 
 # ------------------------------------------------------------------------------------------------- exact
@@ -100,12 +97,41 @@ def exact_trace(A, *, chunk_size: int = DEFAULT_CHUNK, max_matvecs: int = EXACT_
 
 
 # --------------------------------------------------------------------------------------------- hutchinson
+def _quadratic_forms(A, what: str, project=None) -> PerProbe:
+    """The integrand ``vᵀAv`` (``v`` optionally projected by ``project``)."""
+
+    def forms(V):
+        if project is not None:
+            V = project(V)
+        return flat_dot(V, A.matmat(V.to(A.dtype)))
+
+    return PerProbe(forms, f"{what}: the operator")
+
+
 def hutchinson_trace(A, num_matvecs: int = 100, *, distribution: str = "rademacher", seed=None,
-                     chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None) -> Estimate:
+                     chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None,
+                     executor: Executor | None = None) -> Estimate:
     """Hutchinson: tr(A) ≈ (1/m) Σ vᵢᵀ A vᵢ with E[v vᵀ] = I (Hutchinson 1989).
 
     Standard error: sample standard deviation / √m. With ``rtol``, stops once the relative standard
     error falls below it (after at least 10 probes); ``num_matvecs`` is then the cap.
+
+    Args:
+        A: square operator (kpflow, torch/numpy matrix or scipy LinearOperator).
+        num_matvecs: budget of applications of A (one per probe), at least 2.
+        distribution: ``"rademacher"``, ``"gaussian"`` or ``"sphere"``.
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probes per batched application.
+        rtol: relative standard error to stop at, or None to spend the budget.
+        executor: runs probe blocks elsewhere (see ``kpflow.estimators.sampling``).
+
+    Returns:
+        The ``Estimate`` (exact when the budget covers the dimension and ``rtol`` is None).
+
+    Raises:
+        BudgetError: fewer than 2 matvecs.
+        ShapeError: A is not square.
+        NonFiniteError: the operator returned NaN/Inf.
     """
     A = square_operator(A, "hutchinson_trace")
     m = check_budget(num_matvecs, 2, "hutchinson_trace", "Two probes are the least that give a standard error.")
@@ -113,42 +139,41 @@ def hutchinson_trace(A, num_matvecs: int = 100, *, distribution: str = "rademach
     if _covers(m, A.size_in) and rtol is None:
         return _exact_instead(A, "hutchinson", chunk, m)
     src = ProbeSource(seed, A.shape_in, A.dtype, A.device, distribution)
-    samples = _hutchinson_samples(A, src, m, chunk, rtol, "hutchinson_trace")
-    mean, se = running_mean(samples)
-    n = np.arange(1, samples.size + 1)
-    return Estimate(float(mean[-1]), float(se[-1]), int(samples.size), "hutchinson", src.seed,
-                    n, mean, se, {"distribution": distribution, "stopped_early": samples.size < m})
-
-
-def _hutchinson_samples(A, src: ProbeSource, m: int, chunk: int, rtol: float | None, what: str,
-                        project=None, offset: int = 0) -> np.ndarray:
-    """Samples ``vᵀAv`` (``v`` optionally projected by ``project``), stopping early at ``rtol``."""
-    out: list[torch.Tensor] = []
-    done = 0
-    while done < m:
-        k = min(chunk, m - done)
-        V = src.draw(k)
-        if project is not None:
-            V = project(V)
-        AV = A.matmat(V.to(A.dtype))
-        out.append(checked(flat_dot(V, AV), offset + done, f"{what}: the operator").cpu())
-        done += k
-        if rtol is not None and done >= MIN_PROBES_FOR_RTOL:
-            s = torch.cat(out).numpy()
-            se = s.std(ddof=1) / math.sqrt(s.size)
-            if se <= rtol * abs(s.mean()):
-                break
-    return torch.cat(out).numpy()
+    forms = _quadratic_forms(A, "hutchinson_trace")
+    run = sample(forms, src, m, chunk_size=chunk, rtol=rtol, executor=executor)
+    mean, se = running_mean(forms.samples[:, 0])
+    n = np.arange(1, run.num_probes + 1)
+    return Estimate(float(mean[-1]), float(se[-1]), run.num_probes, "hutchinson", src.seed,
+                    num_probes=run.num_probes, history=History(n, mean, se), distribution=distribution,
+                    stopped_early=run.stopped_early)
 
 
 # ----------------------------------------------------------------------------------------------- hutch++
 def hutchpp_trace(A, num_matvecs: int = 99, *, distribution: str = "rademacher", seed=None,
-                  chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None) -> Estimate:
+                  chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None,
+                  executor: Executor | None = None) -> Estimate:
     """Hutch++: tr(A) = tr(QᵀAQ) + tr((I−QQᵀ)A(I−QQᵀ)), Q = orth(A S), second term by Hutchinson
     (Meyer, Musco, Musco & Woodruff 2021). Budget split: m/3 sketch, m/3 on QᵀAQ, m/3 Hutchinson.
 
     Standard error: that of the Hutchinson part (conditionally on Q the estimate is unbiased, so
     this is the whole variance). ``rtol`` stops the Hutchinson part early.
+
+    Args:
+        A: square operator.
+        num_matvecs: budget of applications of A, at least 3.
+        distribution: probe distribution of the sketch and the Hutchinson part.
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probes per batched application.
+        rtol: relative standard error at which the Hutchinson part stops.
+        executor: runs the Hutchinson part's probe blocks elsewhere.
+
+    Returns:
+        The ``Estimate`` (``details``: ``sketch_size``, ``sketch_trace``).
+
+    Raises:
+        BudgetError: fewer than 3 matvecs.
+        ShapeError: A is not square.
+        NonFiniteError: the operator returned NaN/Inf.
     """
     A = square_operator(A, "hutchpp_trace")
     m = check_budget(num_matvecs, 3, "hutchpp_trace",
@@ -159,7 +184,7 @@ def hutchpp_trace(A, num_matvecs: int = 99, *, distribution: str = "rademacher",
         return _exact_instead(A, "hutchpp", chunk, m)
     k = m // 3
     src = ProbeSource(seed, A.shape_in, A.dtype, A.device, distribution)
-    S = src.draw(k)
+    S = src.block(0, k)
     Y = _rows(A, _flat(S), chunk, "hutchpp_trace: the operator (sketch)")
     Q = torch.linalg.qr(Y.T).Q  # [n, k]
     AQ = _rows(A, Q.T.contiguous(), chunk, "hutchpp_trace: the operator (QᵀAQ)", k)
@@ -170,12 +195,13 @@ def hutchpp_trace(A, num_matvecs: int = 99, *, distribution: str = "rademacher",
         Vf = V.reshape(V.shape[0], -1)
         return (Vf - (Vf @ Qd) @ Qd.T).reshape(V.shape)
 
-    samples = _hutchinson_samples(A, src, m - 2 * k, chunk, rtol, "hutchpp_trace", project, 2 * k)
-    mean, se = running_mean(samples)
-    return Estimate(t_sketch + float(mean[-1]), float(se[-1]), 2 * k + samples.size, "hutchpp", src.seed,
-                    2 * k + np.arange(1, samples.size + 1), t_sketch + mean, se,
-                    {"distribution": distribution, "sketch_size": k, "sketch_trace": t_sketch,
-                     "stopped_early": samples.size < m - 2 * k})
+    forms = _quadratic_forms(A, "hutchpp_trace", project)
+    run = sample(forms, src, m - 2 * k, chunk_size=chunk, rtol=rtol, start=k, executor=executor)
+    mean, se = running_mean(forms.samples[:, 0])
+    hist = History(2 * k + np.arange(1, run.num_probes + 1), t_sketch + mean, se)
+    return Estimate(t_sketch + float(mean[-1]), float(se[-1]), 2 * k + run.num_probes, "hutchpp", src.seed,
+                    num_probes=k + run.num_probes, history=hist, distribution=distribution,
+                    stopped_early=run.stopped_early, details={"sketch_size": k, "sketch_trace": t_sketch})
 
 
 # ------------------------------------------------------------------------------------------------ xtrace
@@ -241,8 +267,56 @@ def _xtrace_estimates(R, H, W, T, d, p: int) -> tuple[float, float]:
     return float(t.mean()), _exchangeable_stderr(t, t[:, None] - t2)
 
 
+class _XTraceSketch:
+    """The XTrace integrand: probes Ω, Y = AΩ = QR, Z = AQ, grown block by block (two matvecs per probe)."""
+
+    def __init__(self, A, chunk: int, history_points: int):
+        n = A.size_in
+        self.A, self.chunk, self.history_points = A, chunk, history_points
+        self.Om, self.Y, self.Q, self.Z = (torch.empty(n, 0, dtype=torch.float64, device=A.device) for _ in range(4))
+        self.R = torch.empty(0, 0, dtype=torch.float64, device=A.device)
+        self.history: list[tuple[int, float, float]] = []
+        self.used = 0
+        self.finished = False
+        self.deficient_Y: torch.Tensor | None = None
+
+    def evaluate(self, probes: torch.Tensor, start: int):
+        """``(Ω_block, A Ω_block)`` as ``[n, k]`` float64 columns (one matvec per probe)."""
+        Om_new = _flat(probes).T
+        return Om_new, _rows(self.A, Om_new.T.contiguous(), self.chunk, "xtrace: the operator", start).T
+
+    def absorb(self, result, start: int) -> None:
+        """Extend the QR of Y and apply A to the new directions of Q (the second matvec per probe)."""
+        Om_new, Y_new = result
+        self.used += Om_new.shape[1]
+        Q, R, Q_new = _extend_qr(self.Q, self.R, Y_new)
+        rank_tol = 1e-13 * float(R.diagonal().abs().max()) * math.sqrt(self.A.size_in)
+        if bool((R.diagonal().abs() <= rank_tol).any()):
+            self.finished, self.deficient_Y = True, torch.cat([self.Y, Y_new], 1)
+            return
+        Z_new = _rows(self.A, Q_new.T.contiguous(), self.chunk, "xtrace: the operator", self.used).T
+        self.used += Q_new.shape[1]
+        self.Q, self.R = Q, R
+        self.Om, self.Y, self.Z = torch.cat([self.Om, Om_new], 1), torch.cat([self.Y, Y_new], 1), \
+            torch.cat([self.Z, Z_new], 1)
+
+    def estimate(self) -> tuple[float, float]:
+        """The XTrace estimate on all probes so far (and the history at new prefix sizes)."""
+        if self.finished:
+            return math.nan, math.nan
+        Q, Z, Om = self.Q, self.Z, self.Om
+        H, W, T = Q.T @ Z, Q.T @ Om, Z.T @ Om
+        d = (Om * self.Y).sum(0)
+        p_prev = self.history[-1][0] // 2 if self.history else 1
+        for p in _prefix_sizes(Om.shape[1], points=self.history_points):
+            if p > p_prev:
+                self.history.append((2 * p, *_xtrace_estimates(self.R.cpu(), H.cpu(), W.cpu(), T.cpu(), d.cpu(), p)))
+        return self.history[-1][1], self.history[-1][2]
+
+
 def xtrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=None,
-           chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, history_points: int = 24) -> Estimate:
+           chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, history_points: int = 24,
+           executor: Executor | None = None) -> Estimate:
     """XTrace: the mean over i of tr(Πᵢ A) + ωᵢᵀ(I−Πᵢ)A(I−Πᵢ)ωᵢ, Πᵢ the projector onto
     range(A Ω₋ᵢ) (Epperly, Tropp & Webber 2024). m/2 probes Ω, m/2 matvecs on Q = orth(AΩ).
 
@@ -250,6 +324,24 @@ def xtrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=No
     (``_exchangeable_stderr``; the paper's std/√(m/2) alone underestimates on decaying spectra).
     ``rtol`` doubles the number of probes (reusing all matvecs) until reached or the budget is spent.
     The running estimate is evaluated at ``history_points`` probe counts (cheap: small matrices only).
+
+    Args:
+        A: square operator.
+        num_matvecs: budget of applications of A (two per probe), at least 4.
+        distribution: probe distribution.
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probes per batched application.
+        rtol: relative standard error to stop at, or None to spend the budget.
+        history_points: number of probe counts at which the running estimate is kept.
+        executor: runs the blocks of A Ω elsewhere (the A Q half runs here).
+
+    Returns:
+        The ``Estimate`` (exact, with ``details['rank_deficient']``, when the sketch captures range(A)).
+
+    Raises:
+        BudgetError: fewer than 4 matvecs.
+        ShapeError: A is not square.
+        NonFiniteError: the operator returned NaN/Inf.
     """
     A = square_operator(A, "xtrace")
     m = check_budget(num_matvecs, 4, "xtrace", "It needs two probes, each costing two matvecs.")
@@ -259,37 +351,14 @@ def xtrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=No
         return _exact_instead(A, "xtrace", chunk, m)
     s_max = m // 2
     src = ProbeSource(seed, A.shape_in, A.dtype, A.device, distribution)
-    s_round = s_max if rtol is None else min(s_max, max(4, MIN_PROBES_FOR_RTOL // 2))
-    Om, Y, Q, Z = (torch.empty(n, 0, dtype=torch.float64, device=A.device) for _ in range(4))
-    R = torch.empty(0, 0, dtype=torch.float64, device=A.device)
-    history: list[tuple[int, float, float]] = []
-    used = 0
-    while True:
-        k_new = s_round - Om.shape[1]
-        Om_new = _flat(src.draw(k_new)).T
-        Y_new = _rows(A, Om_new.T.contiguous(), chunk, "xtrace: the operator", used).T
-        used += k_new
-        Q, R, Q_new = _extend_qr(Q, R, Y_new)
-        rank_tol = 1e-13 * float(R.diagonal().abs().max()) * math.sqrt(n)
-        if bool((R.diagonal().abs() <= rank_tol).any()):
-            return _xtrace_rank_deficient(A, torch.cat([Y, Y_new], 1), chunk, used, src, distribution)
-        Z_new = _rows(A, Q_new.T.contiguous(), chunk, "xtrace: the operator", used).T
-        used += Q_new.shape[1]
-        Om, Y, Z = torch.cat([Om, Om_new], 1), torch.cat([Y, Y_new], 1), torch.cat([Z, Z_new], 1)
-        H, W, T = Q.T @ Z, Q.T @ Om, Z.T @ Om
-        d = (Om * Y).sum(0)
-        p_prev = history[-1][0] // 2 if history else 1
-        for p in _prefix_sizes(Om.shape[1], points=history_points):
-            if p > p_prev:
-                history.append((2 * p, *_xtrace_estimates(R.cpu(), H.cpu(), W.cpu(), T.cpu(), d.cpu(), p)))
-        value, se = history[-1][1], history[-1][2]
-        if Om.shape[1] >= s_max or rtol is None or se <= rtol * abs(value):
-            break
-        s_round = min(s_max, 2 * Om.shape[1])
-    ns, vals, ses = (np.array(x) for x in zip(*history, strict=True))
-    return Estimate(value, se, used, "xtrace", src.seed, ns.astype(np.int64), vals, ses,
-                    {"distribution": distribution, "num_probes": Om.shape[1],
-                     "stopped_early": Om.shape[1] < s_max})
+    sketch = _XTraceSketch(A, chunk, history_points)
+    run = sample(sketch, src, s_max, chunk_size=chunk, rtol=rtol, schedule="doubling",
+                 first_round=max(4, MIN_PROBES_FOR_RTOL // 2), executor=executor)
+    if sketch.finished:
+        return _xtrace_rank_deficient(A, sketch.deficient_Y, chunk, sketch.used, src, distribution)
+    ns, vals, ses = (np.array(x) for x in zip(*sketch.history, strict=True))
+    return Estimate(run.value, run.stderr, sketch.used, "xtrace", src.seed, num_probes=run.num_probes,
+                    history=History(ns, vals, ses), distribution=distribution, stopped_early=run.stopped_early)
 
 
 def _extend_qr(Q, R, Y_new):
@@ -315,10 +384,9 @@ def _xtrace_rank_deficient(A, Y, chunk, used, src, distribution) -> Estimate:
     Qr = U[:, :r]
     AQ = _rows(A, Qr.T.contiguous(), chunk, "xtrace: the operator", used)
     value = float((Qr.T * AQ).sum())
-    est = exact_estimate(value, used + r, "xtrace")
-    est.seed = src.seed
-    est.info.update(distribution=distribution, rank_deficient=r,
-                    reason=f"the sketch AΩ has rank {r} < {Y.shape[1]} probes: range(A) captured exactly")
+    est = exact_estimate(value, used + r, "xtrace", rank_deficient=r,
+                         reason=f"the sketch AΩ has rank {r} < {Y.shape[1]} probes: range(A) captured exactly")
+    est.seed, est.distribution, est.num_probes = src.seed, distribution, Y.shape[1]
     return est
 
 
@@ -348,15 +416,85 @@ def _xnys_estimate(Gs, RY, p: int, nu: float, n: int) -> tuple[float, float] | N
     return float(t.mean()), _exchangeable_stderr(t, t[:, None] - t2)
 
 
+class _NystromSketch:
+    """The XNysTrace integrand: probes Ω and Y = AΩ (one matvec per probe), grown block by block."""
+
+    def __init__(self, A, chunk: int, history_points: int):
+        n = A.size_in
+        self.A, self.chunk, self.history_points = A, chunk, history_points
+        self.Om = torch.empty(0, n, dtype=torch.float64, device=A.device)
+        self.Y = torch.empty(0, n, dtype=torch.float64, device=A.device)
+        self.history: list[tuple[int, float, float]] = []
+        self.finished = False
+        self.shift = math.nan
+
+    def evaluate(self, probes: torch.Tensor, start: int):
+        """``(Ω_block, A Ω_block)`` as float64 rows."""
+        Om_new = _flat(probes)
+        return Om_new, _rows(self.A, Om_new, self.chunk, "xnystrace: the operator", start)
+
+    def absorb(self, result, start: int) -> None:
+        """Append the block."""
+        self.Om, self.Y = torch.cat([self.Om, result[0]]), torch.cat([self.Y, result[1]])
+
+    def estimate(self) -> tuple[float, float]:
+        """The XNysTrace estimate on all probes so far (and the history at new prefix sizes)."""
+        A, Om, Y, n = self.A, self.Om, self.Y, self.A.size_in
+        # shift at the operator's own precision (a float32 operator's outputs carry float32 rounding)
+        nu = float(torch.finfo(A.dtype if A.dtype.is_floating_point else torch.float64).eps * Y.norm()
+                   / math.sqrt(n) * 10)
+        for _attempt in range(8):
+            Ynu = Y + nu * Om
+            G = Om @ Ynu.T
+            Gs = ((G + G.T) / 2).cpu()
+            RY = torch.linalg.qr(Ynu.T).R.cpu()
+            sizes = _prefix_sizes(Om.shape[0], points=self.history_points)
+            full = _xnys_estimate(Gs, RY, sizes[-1], nu, n)
+            if full is not None:
+                break
+            nu = max(nu * 100, 1e-300)
+        else:  # pragma: no cover - only for pathological operators
+            raise ArithmeticError("xnystrace: the Nyström core stayed singular; is the operator PSD?")
+        p_prev = self.history[-1][0] if self.history else 1
+        for p in sizes[:-1]:
+            if p > p_prev:
+                est = _xnys_estimate(Gs, RY, p, nu, n)
+                if est is not None:
+                    self.history.append((p, *est))
+        self.history.append((sizes[-1], *full))
+        self.shift = nu
+        return full
+
+
 def xnystrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=None,
               chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, assume_psd: bool = False,
-              history_points: int = 24) -> Estimate:
+              history_points: int = 24, executor: Executor | None = None) -> Estimate:
     """XNysTrace for PSD A: mean over i of tr(Âᵢ) + ωᵢᵀ(A − Âᵢ)ωᵢ, Âᵢ the Nyström approximation
     from the probes Ω₋ᵢ (Epperly, Tropp & Webber 2024). One matvec per probe; a tiny shift ν keeps
     the Cholesky factor stable (the estimate of tr(A + νI) − nν is still unbiased).
 
     Standard error: leave-one-out spread plus leave-two-out cross terms (``_exchangeable_stderr``).
     ``rtol`` doubles the probe count (reusing all matvecs) until reached.
+
+    Args:
+        A: square PSD operator (flagged ``is_psd``, or ``assume_psd=True``).
+        num_matvecs: budget of applications of A (one per probe), at least 2.
+        distribution: probe distribution.
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probes per batched application.
+        rtol: relative standard error to stop at, or None to spend the budget.
+        assume_psd: treat A as PSD although it is not flagged.
+        history_points: number of probe counts at which the running estimate is kept.
+        executor: runs probe blocks elsewhere.
+
+    Returns:
+        The ``Estimate`` (``details['shift']``: the shift ν).
+
+    Raises:
+        ValueError: A is not known to be PSD.
+        BudgetError: fewer than 2 matvecs.
+        ShapeError: A is not square.
+        NonFiniteError: the operator returned NaN/Inf.
     """
     A = square_operator(A, "xnystrace")
     if not (A.is_psd or assume_psd):
@@ -370,44 +508,12 @@ def xnystrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed
     if _covers(m, n):
         return _exact_instead(A, "xnystrace", chunk, m)
     src = ProbeSource(seed, A.shape_in, A.dtype, A.device, distribution)
-    s_round = m if rtol is None else min(m, MIN_PROBES_FOR_RTOL)
-    Om = torch.empty(0, n, dtype=torch.float64, device=A.device)
-    Y = torch.empty(0, n, dtype=torch.float64, device=A.device)
-    history: list[tuple[int, float, float]] = []
-    while True:
-        k_new = s_round - Om.shape[0]
-        Om_new = _flat(src.draw(k_new))
-        Y_new = _rows(A, Om_new, chunk, "xnystrace: the operator", Om.shape[0])
-        Om, Y = torch.cat([Om, Om_new]), torch.cat([Y, Y_new])
-        # shift at the operator's own precision (a float32 operator's outputs carry float32 rounding)
-        nu = float(torch.finfo(A.dtype if A.dtype.is_floating_point else torch.float64).eps * Y.norm()
-                   / math.sqrt(n) * 10)
-        for _attempt in range(8):
-            Ynu = Y + nu * Om
-            G = Om @ Ynu.T
-            Gs = ((G + G.T) / 2).cpu()
-            RY = torch.linalg.qr(Ynu.T).R.cpu()
-            sizes = _prefix_sizes(Om.shape[0], points=history_points)
-            full = _xnys_estimate(Gs, RY, sizes[-1], nu, n)
-            if full is not None:
-                break
-            nu = max(nu * 100, 1e-300)
-        else:  # pragma: no cover - only for pathological operators
-            raise ArithmeticError("xnystrace: the Nyström core stayed singular; is the operator PSD?")
-        p_prev = history[-1][0] if history else 1
-        for p in sizes[:-1]:
-            if p > p_prev:
-                est = _xnys_estimate(Gs, RY, p, nu, n)
-                if est is not None:
-                    history.append((p, *est))
-        history.append((sizes[-1], *full))
-        value, se = full
-        if Om.shape[0] >= m or rtol is None or se <= rtol * abs(value):
-            break
-        s_round = min(m, 2 * Om.shape[0])
-    ns, vals, ses = (np.array(x) for x in zip(*history, strict=True))
-    return Estimate(value, se, int(Om.shape[0]), "xnystrace", src.seed, ns.astype(np.int64), vals, ses,
-                    {"distribution": distribution, "shift": nu, "stopped_early": Om.shape[0] < m})
+    sketch = _NystromSketch(A, chunk, history_points)
+    run = sample(sketch, src, m, chunk_size=chunk, rtol=rtol, schedule="doubling", executor=executor)
+    ns, vals, ses = (np.array(x) for x in zip(*sketch.history, strict=True))
+    return Estimate(run.value, run.stderr, run.num_probes, "xnystrace", src.seed, num_probes=run.num_probes,
+                    history=History(ns, vals, ses), distribution=distribution, stopped_early=run.stopped_early,
+                    details={"shift": sketch.shift})
 
 
 # -------------------------------------------------------------------------------------------------- auto
@@ -415,15 +521,32 @@ METHODS = ("auto", "hutchinson", "hutchpp", "xtrace", "xnystrace", "exact")
 
 
 def trace(A, num_matvecs: int = 100, *, method: str = "auto", seed=None, chunk_size: int = DEFAULT_CHUNK,
-          rtol: float | None = None, distribution: str | None = None, assume_psd: bool = False) -> Estimate:
+          rtol: float | None = None, distribution: str | None = None, assume_psd: bool = False,
+          executor: Executor | None = None) -> Estimate:
     """tr(A) by the named method; ``method="auto"`` picks:
 
     * ``exact`` when the budget covers the dimension (same cost, no error);
     * ``xnystrace`` for operators flagged PSD (one matvec per probe, O(1/m) on decaying spectra);
     * ``xtrace`` otherwise (needs ≥ 4 matvecs), else ``hutchinson``.
 
-    The result's ``method`` is the method actually run; ``info['auto_reason']`` says why.
-    ``assume_psd=True`` treats A as PSD when its flag is not set (e.g. ``J @ J.T`` for a composed J).
+    Args:
+        A: square operator.
+        num_matvecs: budget of applications of A.
+        method: one of ``METHODS``.
+        seed: int, None or ``torch.Generator``.
+        chunk_size: probes per batched application.
+        rtol: relative standard error to stop at (randomized methods).
+        distribution: probe distribution (default: the method's own).
+        assume_psd: treat A as PSD when its flag is not set (e.g. ``J @ J.T`` for a composed J).
+        executor: runs probe blocks elsewhere.
+
+    Returns:
+        The ``Estimate``; its ``method`` is the method actually run and its ``reason`` says why.
+
+    Raises:
+        ValueError: an unknown method.
+        BudgetError: a budget too small for the method.
+        ShapeError: A is not square.
     """
     if method not in METHODS:
         raise ValueError(f"unknown trace method {method!r}; valid methods: {METHODS}")
@@ -448,7 +571,7 @@ def trace(A, num_matvecs: int = 100, *, method: str = "auto", seed=None, chunk_s
               "xnystrace": xnystrace}[method]
         if method == "xnystrace":
             kw["assume_psd"] = assume_psd
-        est = fn(A, num_matvecs, seed=seed, chunk_size=chunk_size, rtol=rtol, **kw)
+        est = fn(A, num_matvecs, seed=seed, chunk_size=chunk_size, rtol=rtol, executor=executor, **kw)
     if reason is not None:
-        est.info["auto_reason"] = reason
+        est.reason = reason
     return est

@@ -115,7 +115,7 @@ def ntk_statistics(traj, probes: int, seed: int) -> dict[str, tuple[float, float
     for name, F in factors.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
-            st = onesided_statistics(F, num_probes=probes, side="forward", seed=seed)
+            st = onesided_statistics(F, num_matvecs=probes, side="forward", seed=seed)
         sfx = "" if name == "full" else f"_{name}"
         out[f"ntk_erank{sfx}"] = (st.effective_rank.value, st.effective_rank.stderr)
         if name == "full":

@@ -74,7 +74,7 @@ def psd_stats(A: LinearOperator, probes: int, seed: int) -> dict[str, Stat]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a negative ‖A‖_F² estimate is reported as NaN
         er = est.effective_rank(known_psd(A), num_matvecs=3 * probes, seed=seed)
-    tr, fro2 = er.info["trace"], er.info["frobenius_sq"]
+    tr, fro2 = er.parts["trace"], er.parts["frobenius_sq"]
     fro = sqrt_estimate(fro2)
     return {"trace": Stat.of(tr), "fro": Stat(fro.value, fro.stderr, f"sqrt ‖A‖_F² [{fro2.method}]"),
             "erank": Stat(er.value, er.stderr, f"tr²/‖A‖_F² [{er.method}]")}
@@ -86,4 +86,4 @@ def alignment_stat(A: LinearOperator, B: LinearOperator, probes: int, seed: int)
         MA, MB = A.to_matrix(), B.to_matrix()
         val = float((MA * MB).sum() / (torch.linalg.matrix_norm(MA) * torch.linalg.matrix_norm(MB)))
         return Stat(val, 0.0, "exact-dense")
-    return Stat.of(est.alignment(A, B, num_probes=probes, seed=seed))
+    return Stat.of(est.alignment(A, B, num_matvecs=2 * probes, seed=seed))
