@@ -5,7 +5,7 @@ A made challenge folder looks like::
     DIR/
       challenge.json          manifest: name, seed, scale, per-file sha256, counts, shapes
       DATASET_CARD.md         description, license, citation, splits, shapes, how it was made
-      croissant.json          Croissant 1.0 JSON-LD (validated with mlcroissant when installed)
+      croissant.json          Croissant 1.1 JSON-LD (validated with mlcroissant when installed)
       train/                  public training data (with labels)
       input_data/{val,test}/  unlabelled inputs the ingestion program feeds to a submission
       reference_data/{val,test}/  the labels (never shown to a submission)
@@ -181,8 +181,83 @@ write only its predictions and status files.
 """
 
 
-def croissant_metadata(spec: ChallengeSpec, manifest: dict, record_fields: list[dict]) -> dict:
-    """Croissant 1.0 JSON-LD describing the training data of a challenge folder."""
+def _column_type(values: list[str]) -> str:
+    """The Croissant data type of a CSV column: sc:Integer, sc:Float, sc:Date or sc:Text."""
+    import datetime as dt
+
+    def all_parse(cast) -> bool:
+        try:
+            for v in values:
+                cast(v)
+            return bool(values)
+        except ValueError:
+            return False
+
+    if all_parse(int):
+        return "sc:Integer"
+    if all_parse(float):
+        return "sc:Float"
+    if all_parse(lambda v: dt.date.fromisoformat(v) if len(v) == 10 else int("x")):
+        return "sc:Date"
+    return "sc:Text"
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in text)
+
+
+def _table_record_set(record_id: str, file_id: str, path: Path, description: str) -> dict:
+    """A record set with one field per column of the CSV file ``path`` (types read from the values)."""
+    import csv
+
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    header, body = rows[0], rows[1:]
+    fields = [{"@type": "cr:Field", "@id": f"{record_id}/{_slug(c)}", "name": _slug(c),
+               "description": f"column '{c}' of {file_id}", "dataType": _column_type([r[k] for r in body]),
+               "source": {"fileObject": {"@id": file_id}, "extract": {"column": c}}}
+              for k, c in enumerate(header)]
+    return {"@type": "cr:RecordSet", "@id": record_id, "name": record_id, "description": description,
+            "field": fields}
+
+
+def _rai(spec: ChallengeSpec) -> dict:
+    """Responsible-AI fields (Croissant RAI vocabulary) of a synthetic stand-in dataset."""
+    return {
+        "rai:dataCollection": ("Synthetic: every record is drawn by kpflow's documented generator from a seed "
+                               f"(see the description and DATASET_CARD.md); nothing was collected. {spec.generation}"),
+        "rai:dataCollectionType": ["Simulation"],
+        "rai:dataAnnotationProtocol": ["Labels are known by construction: the generator records which class "
+                                       "(normal or anomalous kind) produced each item."],
+        "rai:annotationsPerItem": "1 (generated, not annotated by people)",
+        "rai:dataBiases": [f"A simplified stand-in for {spec.original}: the generator's assumptions (listed in "
+                           "the description) decide what is normal and anomalous, so methods tuned on it may "
+                           "not transfer to the real data."],
+        "rai:dataLimitations": ["Synthetic; use the real data (see the loaders in kpflow.challenges) for "
+                                "scientific conclusions.",
+                                "Only the public training split is described here; the hidden val/test splits "
+                                "come from a secret seed kept with the reference data."],
+        "rai:dataUseCases": ["Testing anomaly detectors, challenge pipelines and code submissions offline.",
+                             "Teaching the FAIR challenge scheme of arXiv:2503.02112."],
+        "rai:dataSocialImpact": "Low: synthetic physical or biological signals, no people represented.",
+        "rai:personalSensitiveInformation": ["None: no record describes a person."],
+        "rai:dataReleaseMaintenancePlan": ("Regenerated on demand by `kpflow challenge make`; versioned with the "
+                                           "kpflow package that generates it."),
+    }
+
+
+def croissant_metadata(spec: ChallengeSpec, manifest: dict, folder: Path, train_table: str) -> dict:
+    """Croissant 1.1 JSON-LD of a challenge folder's training data.
+
+    Every training file is a ``cr:FileObject`` (with its sha256), every image folder a ``cr:FileSet``;
+    each training CSV is a record set with one field per column (``<name>_train`` for
+    ``train_table``), each image folder a record set of (file name, image). Carries the required
+    ``name``, ``description``, ``license``, ``url``, ``creator``, ``datePublished``, ``citeAs``,
+    ``version`` and the responsible-AI (``rai:``) fields.
+    """
+    import datetime as dt
+
+    folder = Path(folder)
     context = {
         "@language": "en", "@vocab": "https://schema.org/", "sc": "https://schema.org/",
         "cr": "http://mlcommons.org/croissant/", "rai": "http://mlcommons.org/croissant/RAI/",
@@ -198,39 +273,61 @@ def croissant_metadata(spec: ChallengeSpec, manifest: dict, record_fields: list[
         "repeated": "cr:repeated", "replace": "cr:replace", "separator": "cr:separator",
         "samplingRate": "cr:samplingRate", "equivalentProperty": "cr:equivalentProperty",
         "source": "cr:source", "subField": "cr:subField", "transform": "cr:transform",
+        "sdVersion": "cr:sdVersion", "containedIn": "cr:containedIn",
     }
-    distribution = []
+    distribution, record_sets, image_folders = [], [], {}
     for path, digest in manifest["checksums"].items():
-        if not path.startswith("train/") or path.count("/") > 1:
+        if not path.startswith("train/"):
             continue
-        distribution.append({
-            "@type": "cr:FileObject", "@id": path, "name": path, "contentUrl": path,
-            "encodingFormat": _encoding(path), "sha256": digest,
-        })
+        if path.count("/") > 1:
+            image_folders.setdefault(path.rsplit("/", 1)[0], set()).add(path.rsplit(".", 1)[-1])
+            continue
+        distribution.append({"@type": "cr:FileObject", "@id": path, "name": path, "contentUrl": path,
+                             "encodingFormat": _encoding(path), "sha256": digest})
+        if path.endswith(".csv"):
+            name = Path(path).name
+            record_id = f"{spec.name}_train" if name == train_table else f"{spec.name}_{_slug(Path(path).stem)}"
+            record_sets.append(_table_record_set(record_id, path, folder / path, f"The rows of {path}."))
+    for sub, suffixes in sorted(image_folders.items()):
+        file_set = f"{sub}/"
+        suffix = sorted(suffixes)[0]
+        distribution.append({"@type": "cr:FileSet", "@id": file_set, "name": file_set,
+                             "encodingFormat": _encoding(f"x.{suffix}"), "includes": f"{sub}/*.{suffix}"})
+        record_id = f"{spec.name}_{_slug(sub.split('/', 1)[1])}"
+        record_sets.append({"@type": "cr:RecordSet", "@id": record_id, "name": record_id,
+                            "description": f"The images in {sub}/, by file name.", "field": [
+                                {"@type": "cr:Field", "@id": f"{record_id}/filename", "name": "filename",
+                                 "dataType": "sc:Text", "source": {"fileSet": {"@id": file_set},
+                                                                   "extract": {"fileProperty": "filename"}}},
+                                {"@type": "cr:Field", "@id": f"{record_id}/image", "name": "image",
+                                 "dataType": "sc:ImageObject", "source": {"fileSet": {"@id": file_set},
+                                                                          "extract": {"fileProperty": "content"}}}]})
+    record_sets.sort(key=lambda r: r["@id"] != f"{spec.name}_train")
     return {
         "@context": context,
         "@type": "sc:Dataset",
         "name": f"kpflow-{spec.name}",
         "description": spec.summary,
-        "conformsTo": "http://mlcommons.org/croissant/1.0",
+        "conformsTo": "http://mlcommons.org/croissant/1.1",
         "license": "https://creativecommons.org/licenses/by/4.0/",
         "url": "https://github.com/kpflow/kpflow",
+        "creator": {"@type": "sc:Organization", "name": "kpflow", "url": "https://github.com/kpflow/kpflow"},
+        "datePublished": dt.datetime.now(dt.timezone.utc).date().isoformat(),
         "citeAs": CITATION,
         "version": "1.0.0",
         "keywords": list(spec.keywords),
         "isLiveDataset": False,
+        **_rai(spec),
         "distribution": distribution,
-        "recordSet": [{
-            "@type": "cr:RecordSet", "@id": f"{spec.name}_train", "name": f"{spec.name}_train",
-            "description": "Training records.", "field": record_fields,
-        }],
+        "recordSet": record_sets,
     }
 
 
 def _encoding(path: str) -> str:
     suffix = path.rsplit(".", 1)[-1]
     return {"csv": "text/csv", "npz": "application/x-npz", "npy": "application/x-npy",
-            "nc": "application/x-netcdf", "png": "image/png", "json": "application/json"}.get(
+            "nc": "application/x-netcdf", "png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
+            "json": "application/json"}.get(
         suffix, "application/octet-stream")
 
 

@@ -247,6 +247,9 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
     atomic_write_bytes(out / "train" / "background.npz", _npz_bytes(data=background))
     for kind in ("bbh", "sglf"):
         atomic_write_bytes(out / "train" / f"{kind}.npy", _npy_bytes(windows(rng, kind, counts["train"][kind])))
+    index = [(f"{kind}.npy" if kind != "background" else "background.npz", row, int(kind != "background"), kind)
+             for kind in ("background", "bbh", "sglf") for row in range(counts["train"][kind])]
+    write_csv(out / "train" / "windows.csv", ["file", "row", "label", "class"], index)  # a table Croissant can read
     splits = {"train": f"background {counts['train']['background']} (incl. {GLITCH_FRACTION:.0%} glitches), "
                        f"bbh {counts['train']['bbh']}, sglf {counts['train']['sglf']}; (N, 2, {WINDOW}) float32"}
     for phase in ("val", "test"):

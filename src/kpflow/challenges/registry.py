@@ -23,19 +23,7 @@ from kpflow.challenges.common import (
 
 CHALLENGES: dict[str, ChallengeSpec] = {s.name: s for s in (gw.SPEC, butterfly.SPEC, sealevel.SPEC)}
 STARTING_KITS = Path(__file__).parent / "starting_kit"
-RECORD_FIELDS = {
-    "gw": [{"@type": "cr:Field", "@id": "gw_train/data", "name": "data", "dataType": "sc:Float",
-            "description": "whitened strain windows (N, 2, 200), H1 and L1",
-            "source": {"fileObject": {"@id": "train/background.npz"}, "extract": {"column": "data"}}}],
-    "butterfly": [
-        {"@type": "cr:Field", "@id": f"butterfly_train/{c}", "name": c, "dataType": t,
-         "source": {"fileObject": {"@id": "train/train.csv"}, "extract": {"column": c}}}
-        for c, t in (("filename", "sc:Text"), ("hybrid_stat", "sc:Integer"), ("subspecies", "sc:Text"))],
-    "sealevel": [
-        {"@type": "cr:Field", "@id": f"sealevel_train/{c.replace(' ', '_')}", "name": c.replace(" ", "_"),
-         "dataType": t, "source": {"fileObject": {"@id": "train/labels.csv"}, "extract": {"column": c}}}
-        for c, t in (("date", "sc:Date"), ("Atlantic City", "sc:Integer"))],
-}
+TRAIN_TABLES = {"gw": "windows.csv", "butterfly": "train.csv", "sealevel": "labels.csv"}  # record set <name>_train
 
 
 def list_challenges() -> list[str]:
@@ -93,7 +81,7 @@ def make_challenge(name: str, out: Path, seed: int = 0, scale: float = 1.0, over
                     "inputs; `make_challenge(..., seed, hidden_seed=int(this))` rebuilds every file."})
         atomic_write_text(build / "DATASET_CARD.md", dataset_card(spec, manifest))
         croissant_path = build / "croissant.json"
-        atomic_write_json(croissant_path, croissant_metadata(spec, manifest, RECORD_FIELDS[spec.name]))
+        atomic_write_json(croissant_path, croissant_metadata(spec, manifest, build, TRAIN_TABLES[spec.name]))
         manifest["croissant"] = validate_croissant(croissant_path)
         kit = build / "starting_kit"
         shutil.copytree(STARTING_KITS / spec.name, kit, ignore=shutil.ignore_patterns("__pycache__"))
