@@ -171,7 +171,7 @@ class _Ritz:
     info: dict
 
 
-def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1, basis_size=None) -> _Ritz:
+def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1) -> _Ritz:
     """Block thick-restart Lanczos with full reorthogonalisation (Wu & Simon 2000; Stewart's
     Krylov–Schur; block form as in Zhou & Saad 2008).
 
@@ -189,7 +189,7 @@ def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1, basis
     T_{m−k}(1 + 2g) beats the fresh vector's small component along it; an exact multiplicity r costs
     about r confirmation cycles.
     """
-    m = min(N, basis_size or max(2 * k + 1, k + 20, k + 2 * block))
+    m = min(N, max(2 * k + 1, k + 20, k + 2 * block))
     keep = max(k, (m + k) // 2)
     fresh = lambda: src.gaussian(1).reshape(N).double().to(device)  # noqa: E731
     V = torch.zeros(0, N, dtype=torch.float64, device=device)
@@ -289,9 +289,9 @@ def top_eigenpairs(A, k: int = 6, *, method: str = "lanczos", which: str = "larg
         ``lanczos`` (default): thick-restart Lanczos with full reorthogonalisation, one matvec per
         step, basis of max(2k+1, k+20) vectors; an iteration is a restart cycle (≤ the basis size
         minus the kept vectors in matvecs). Converges in far fewer matvecs than subspace iteration on
-        clustered or slowly decaying spectra. Single-vector Krylov: an eigenvalue of exact
-        multiplicity r is found once per restart-induced direction, so exact multiplicities beyond 1
-        may be missed (use ``randomized`` with ``k + oversample`` above the multiplicity).
+        clustered or slowly decaying spectra. A single Krylov vector spans one copy of a repeated
+        eigenvalue, so each claimed convergence is confirmed by one more cycle with a fresh random
+        direction added (see ``_lanczos``), which finds the missing copies (tested to multiplicity 5).
         ``randomized``: block subspace iteration with ``k + oversample`` vectors and Rayleigh–Ritz at
         every step, shifted for the algebraic ends (see ``_subspace``); ``k + oversample`` matvecs per
         iteration, batched. Convergence rate |λ_{p+1} + σ|/|λ_i + σ| per iteration: good for fast
