@@ -237,3 +237,27 @@ def test_default_scheduler_uses_local_workers_only_with_cores_and_work(monkeypat
     assert D.default_scheduler(8) == "local" and D.default_scheduler(1) == "serial"
     monkeypatch.setattr(D, "available_cores", lambda: 1)
     assert D.default_scheduler(8) == "serial"
+
+
+# ---------------------------------------------------------------------------------------------------- analysis
+def test_checkpoint_analysis_fanned_out_equals_serial(client, tmp_path):
+    import shutil
+
+    from kpflow.tracking.analyze import analyze_run, measure_step
+
+    cfg = validate_config({**TINY, "out": str(tmp_path / "a"), "train": {**TINY["train"], "checkpoint_every": 2}})
+    run = run_pipeline(cfg, progress=False, analyze=False)
+    twin = tmp_path / "b" / run.name
+    shutil.copytree(run, twin)
+    with pytest.raises(RuntimeError, match="measure the first checkpoint"):
+        measure_step(twin, 4)
+    with open(analyze_run(run, progress=False)) as f:
+        serial = list(csv.DictReader(f))
+    with open(D.analyze_checkpoints(twin, client=client, progress=False)) as f:
+        fanned = list(csv.DictReader(f))
+    assert len(serial) > 30 and [(r["step"], r["metric"], r["method"]) for r in fanned] == [
+        (r["step"], r["metric"], r["method"]) for r in serial]
+    for a, b in zip(fanned, serial, strict=True):  # same numbers (the initial NTK rebuilt on a worker: ~1e-13)
+        assert float(a["value"]) == pytest.approx(float(b["value"]), rel=1e-9, abs=1e-12), (a, b)
+    assert sorted(p.name for p in (twin / "analysis").glob("*.json")) == [
+        "step_000000.json", "step_000002.json", "step_000004.json"]

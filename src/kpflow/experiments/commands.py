@@ -185,21 +185,33 @@ def analyze_command(
     every: int = typer.Option(None, "--every", help="Measure every n-th checkpoint (first and last always)."),
     force: bool = typer.Option(False, "--force", help="Ignore cached per-checkpoint results."),
     threads: int = THREADS, quiet: bool = QUIET,
+    scheduler: str = typer.Option("serial", "--scheduler", help="serial (default), or fan the checkpoints out "
+                                  "as tasks: local, tcp://host:port or slurm (as for kpflow sweep)."),
+    workers: int = WORKERS, cluster_config: Path = CLUSTER,
 ):
     """Measure every checkpoint of RUN on its fixed evaluation batch and write RUN/metrics.csv.
 
-    Example:
+    Examples:
 
       kpflow analyze runs/flipflop --every 2
+
+      kpflow analyze runs/flipflop --scheduler local --workers 2     # one checkpoint per worker at a time
     """
     _threads(threads)
     from kpflow.tracking.analyze import analyze_run
+
+    from .distributed import analyze_checkpoints, check_scheduler, check_workers
 
     if _is_bifurcation_run(run):
         typer.echo(f"report: {_rerun_bifurcation_study(run, progress=not quiet) / 'report.html'}")
         return
     try:
-        path = analyze_run(run, every=every, force=force, progress=not quiet)
+        if check_scheduler(scheduler) == "serial":
+            path = analyze_run(run, every=every, force=force, progress=not quiet)
+        else:
+            path = analyze_checkpoints(run, every=every, force=force, scheduler=scheduler,
+                                       workers=check_workers(workers), cluster_config=cluster_config,
+                                       threads=threads, progress=not quiet)
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     typer.echo(f"metrics: {path}")

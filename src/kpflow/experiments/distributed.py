@@ -66,10 +66,10 @@ class RunFailures(RuntimeError):
     """Some runs raised (or lost their worker too often). The others finished and are marked done, so running
     the same command again re-runs only the failed ones. ``failures`` maps each run's key to its error text."""
 
-    def __init__(self, failures: dict[str, str], done: int):
+    def __init__(self, failures: dict[str, str], done: int, what: str = "run"):
         self.failures = dict(failures)
         lines = "\n".join(f"  {k}: {v}" for k, v in self.failures.items())
-        super().__init__(f"{len(self.failures)} run(s) failed ({done} finished and are kept; re-running the same "
+        super().__init__(f"{len(self.failures)} {what}(s) failed ({done} finished and are kept; re-running the same "
                          f"command retries only the failed ones):\n{lines}")
 
 
@@ -523,8 +523,39 @@ def run_tasks(tasks: Sequence[RunTask], *, client=None, scheduler: str | None = 
     return report
 
 
-__all__ = ["ALLOWED_FAILURES", "DONE_FILE", "SCHEDULERS", "RunFailures", "RunTask", "SchedulerError",
-           "SlurmSettings", "TaskReport", "available_cores", "check_scheduler", "config_fingerprint",
-           "default_scheduler", "execute_task", "gpu_worker_env", "is_finished", "load_slurm_settings",
-           "local_cluster", "map_tasks", "open_client", "run_tasks", "slurm_cluster", "slurm_job_script"]
+def analyze_checkpoints(run_dir: str | Path, *, every: int | None = None, force: bool = False, client=None,
+                        scheduler: str | None = None, workers: int | None = None,
+                        cluster_config: str | Path | None = None, threads: int = 1, progress: bool = True) -> Path:
+    """``tracking.analyze_run`` fanned out: every selected checkpoint of the run measured as one task.
 
+    The first checkpoint is measured first (here, serially: the others are compared with its NTK); the
+    others are then mapped over the workers (``map_tasks`` of ``tracking.analyze.measure_step``), each caching
+    its rows; finally ``analyze_run`` assembles ``metrics.csv`` from the caches (nothing left to measure).
+    The rows equal those of a serial ``analyze_run`` of the same checkpoints.
+
+    Returns:
+        The path of ``metrics.csv``.
+
+    Raises:
+        SchedulerError: as ``open_client``. RunFailures: some checkpoints failed (the others stay cached).
+    """
+    from kpflow.tracking.analyze import analyze_run, measure_step, selected_steps
+
+    steps = selected_steps(run_dir, every)
+    _, failures, err = map_tasks(measure_step, [(str(run_dir), steps[0], every, force)], [f"step{steps[0]}"],
+                                     scheduler="serial", threads=threads, progress=False)
+    if not failures:
+        _, failures, err = map_tasks(measure_step, [(str(run_dir), s, every, force) for s in steps[1:]],
+                                     [f"step{s}" for s in steps[1:]], client=client, scheduler=scheduler,
+                                     workers=workers, cluster_config=cluster_config, threads=threads,
+                                     progress=progress, desc="analyze", unit="ckpt", done_before=1)
+    if failures:
+        raise RunFailures(failures, len(steps) - len(failures), what="checkpoint") from err
+    return analyze_run(run_dir, every=every, progress=False)
+
+
+__all__ = ["ALLOWED_FAILURES", "DONE_FILE", "SCHEDULERS", "RunFailures", "RunTask", "SchedulerError",
+           "SlurmSettings", "TaskReport", "analyze_checkpoints", "available_cores", "check_scheduler",
+           "config_fingerprint", "default_scheduler", "execute_task", "gpu_worker_env", "is_finished",
+           "load_slurm_settings", "local_cluster", "map_tasks", "open_client", "run_tasks", "slurm_cluster",
+           "slurm_job_script"]

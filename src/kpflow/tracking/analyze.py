@@ -126,6 +126,60 @@ def analyze_run(run_dir: str | Path, *, every: int | None = None, force: bool = 
     return out
 
 
+def selected_steps(run_dir: str | Path, every: int | None = None) -> list[int]:
+    """Steps of the checkpoints ``analyze_run`` measures (every ``every``-th; the first and last always)."""
+    cfg = run_config(run_dir)
+    checkpoints = list_checkpoints(Path(run_dir) / "checkpoints")
+    if not checkpoints:
+        raise FileNotFoundError(f"{Path(run_dir) / 'checkpoints'} holds no complete checkpoint; train first "
+                                "(`kpflow run`)")
+    return [c.step for c in _selected(checkpoints, every or cfg.track.every)]
+
+
+def measure_step(run_dir: str | Path, step: int, every: int | None = None, force: bool = False) -> list[dict]:
+    """Measure the checkpoint at ``step`` alone and cache its rows (``<run>/analysis/step_XXXXXX.json``), as
+    ``analyze_run`` would; a task of a fanned-out analysis (``experiments.distributed.analyze_checkpoints``).
+
+    Every checkpoint after the first selected one is compared with the initial NTK, rebuilt here from the
+    first checkpoint and its cached rows, so the first selected step must be measured before the others.
+
+    Returns:
+        The checkpoint's rows (metric, value, stderr, method).
+
+    Raises:
+        ValueError: ``step`` is not a selected checkpoint. RuntimeError: the first one is not measured yet.
+    """
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    chosen = _selected(list_checkpoints(run_dir / "checkpoints"), every or cfg.track.every)
+    by_step = {c.step: c for c in chosen}
+    if step not in by_step:
+        raise ValueError(f"step {step} is not a measured checkpoint of {run_dir}; measured steps: "
+                         f"{', '.join(map(str, by_step))}")
+    ckpt, first = by_step[step], chosen[0]
+    cache_dir = run_dir / "analysis"
+    cache_dir.mkdir(exist_ok=True)
+    cache, key = cache_dir / f"step_{step:06d}.json", _cache_key(ckpt, cfg)
+    rows = None if force else _read_cache(cache, key)
+    if rows is not None:
+        return rows
+    task, model = build_from_config(cfg)
+    batch = task.sample(cfg.track.eval_batch, cfg.track.eval_seed, device=cfg.device)
+    reference = None
+    if ckpt is not first:
+        first_rows = _read_cache(cache_dir / f"step_{first.step:06d}.json", _cache_key(first, cfg))
+        if first_rows is None:
+            raise RuntimeError(f"measure the first checkpoint (step {first.step}) before step {step}: later "
+                               "checkpoints are compared with its NTK")
+        load_checkpoint(first, model)
+        reference = initial_reference(model, batch, cfg, first_rows)
+    load_checkpoint(ckpt, model)
+    rows, _ = measure_checkpoint(model, task, batch, probes=cfg.track.probes, seed=cfg.track.eval_seed,
+                                 param_names=cfg.track.param_names, axes=cfg.track.axes, reference=reference)
+    atomic_write_text(cache, json.dumps({"key": key, "step": step, "rows": rows}))
+    return rows
+
+
 def _read_cache(path: Path, key: str) -> list[dict] | None:
     try:
         data = json.loads(path.read_text())
@@ -155,5 +209,5 @@ def _progress(items, enabled):
     return tqdm(items, desc="analyze", unit="ckpt", dynamic_ncols=True)
 
 
-__all__ = ["COLUMNS", "analyze_run", "build_from_config", "initial_reference", "read_metrics_csv", "run_config",
-           "training_losses", "write_metrics_csv"]
+__all__ = ["COLUMNS", "analyze_run", "build_from_config", "initial_reference", "measure_step", "read_metrics_csv",
+           "run_config", "selected_steps", "training_losses", "write_metrics_csv"]
