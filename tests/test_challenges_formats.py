@@ -180,3 +180,107 @@ def test_an_organiser_style_sealevel_submission_runs_unchanged(tmp_path):
     (wrong / "model.py").write_text(ORGANISER_SEALEVEL.format(stations=["Nowhere"] * 12))
     failed = run_submission(folder, wrong, record=False, trusted=True, timeout_s=300)
     assert failed["status"] == "failed" and "missing stations" in failed["error"], failed.get("error")
+
+
+def _gw_folder(tmp_path):
+    from kpflow.challenges import make_challenge
+
+    folder = tmp_path / "gw"
+    make_challenge("gw", folder, seed=4, scale=0.02, hidden_seed=5)
+    with np.load(folder / "input_data" / "val" / "data.npz") as archive:
+        data, ids = archive["data"], archive["ids"]
+    with open(folder / "reference_data" / "val" / "labels.csv", newline="") as handle:
+        label = {r["id"]: int(r["label"]) for r in csv.DictReader(handle)}
+    return folder, data, ids, np.array([label[i] for i in ids])
+
+
+def test_an_organisers_gw_prediction_file_scores_as_on_codabench(tmp_path):
+    """Their layout: ref/ligo_bb_50.npz (``data``; ``ids`` = the 0/1 labels) and res/test.predictions, one
+    0/1 line per window, cut by their ingestion at the 10th percentile of the signal scores."""
+    import json
+
+    from kpflow.challenges import scoring
+    from kpflow.challenges.gw import normalise
+
+    folder, data, ids, labels = _gw_folder(tmp_path)
+    scores = (normalise(data).astype(np.float64) ** 2).mean(2).max(1)
+    work = tmp_path / "codabench"
+    (work / "input" / "ref").mkdir(parents=True)
+    (work / "input" / "res").mkdir()
+    np.savez(work / "input" / "ref" / "ligo_bb_50.npz", data=data, ids=labels)
+    binarised = (scores >= np.percentile(scores[labels == 1], 10)).astype(int)  # the organisers' tp_cut
+    (work / "input" / "res" / "test.predictions").write_text("\n".join(str(v) for v in binarised))
+    assert scoring.main([str(work / "input"), str(work / "output"), "--challenge", "gw"]) == 0
+    theirs = json.loads((work / "output" / "scores.json").read_text())
+    tn = int(((binarised == 0) & (labels == 0)).sum())
+    fp = int(((binarised == 1) & (labels == 0)).sum())
+    assert theirs == {"TNR": tn / (tn + fp)}
+    # the same windows scored raw through this kit's predictions.csv give the same TNR
+    res = tmp_path / "res"
+    res.mkdir()
+    lines = "".join(f"{i},{float(s)!r}\n" for i, s in zip(ids, scores, strict=True))
+    (res / "predictions.csv").write_text("id,score\n" + lines)
+    ours = scoring.score_folder("gw", str(res), str(folder / "reference_data" / "val"))
+    assert ours["TNR"] == pytest.approx(theirs["TNR"], abs=1e-12)
+    # and their binarised file against this kit's labels.csv
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "test.predictions").write_text("\n".join(str(v) for v in binarised))
+    assert scoring.score_folder("gw", str(only), str(folder / "reference_data" / "val")) == theirs
+    (only / "test.predictions").write_text("\n".join(["0.5"] * len(binarised)))
+    with pytest.raises(scoring.ScoringError, match="flags must be 0 or 1"):
+        scoring.score_folder("gw", str(only), str(folder / "reference_data" / "val"))
+
+
+def test_an_organisers_butterfly_prediction_file_and_reference_score_the_same(tmp_path):
+    """Their predictions.txt (no header, 'filename,score', 4 decimals) against their ref_val.csv
+    columns scores exactly as this kit's predictions.csv against ref.csv."""
+    from kpflow.challenges import make_challenge, scoring
+
+    folder = tmp_path / "butterfly"
+    make_challenge("butterfly", folder, seed=1, scale=0.05, hidden_seed=2)
+    ref = folder / "reference_data" / "val"
+    with open(ref / "ref.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    rng = np.random.default_rng(0)
+    scores = {r["filename"]: round(float(rng.random() + 0.5 * int(r["hybrid_stat"])), 4) for r in rows}
+    theirs_ref = tmp_path / "ref"
+    theirs_ref.mkdir()
+    with open(theirs_ref / "ref_val.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["CAMID", "file_url", "hybrid_stat", "X", "subspecies_ref", "filename", "ssp_indicator"])
+        for k, r in enumerate(rows):
+            writer.writerow([r["filename"][:9], "", r["hybrid_stat"], k, r["subspecies"], r["filename"],
+                             r["ssp_indicator"]])
+    theirs_res = tmp_path / "theirs"
+    theirs_res.mkdir()
+    (theirs_res / "predictions.txt").write_text("\n".join(f"{n},{s}" for n, s in reversed(scores.items())))
+    ours_res = tmp_path / "ours"
+    ours_res.mkdir()
+    (ours_res / "predictions.csv").write_text("filename,score\n" + "".join(f"{n},{s}\n" for n, s in scores.items()))
+    theirs = scoring.score_folder("butterfly", str(theirs_res), str(theirs_ref))
+    assert theirs == scoring.score_folder("butterfly", str(ours_res), str(ref))
+    assert theirs["challenge_score"] > 0
+
+
+def test_butterfly_ingestion_rounds_scores_to_4_decimals_as_the_organisers_do(tmp_path):
+    """Scores that separate hybrids only below 1e-4 tie after the organisers' rounding, so the
+    thresholds catch no hybrid: challenge_score 0.0, as on Codabench."""
+    from kpflow.challenges import make_challenge
+    from kpflow.challenges.runner import run_submission
+
+    folder = tmp_path / "butterfly"
+    make_challenge("butterfly", folder, seed=1, scale=0.05, hidden_seed=2)
+    with open(folder / "reference_data" / "val" / "ref.csv", newline="") as handle:
+        hybrid = {r["filename"]: int(r["hybrid_stat"]) for r in csv.DictReader(handle)}
+    sub = tmp_path / "tiny"
+    sub.mkdir()
+    (sub / "model.py").write_text(
+        "HYBRID = " + repr(hybrid) + "\n\n"
+        "class Model:\n"
+        "    def load(self):\n        pass\n\n"
+        "    def predict(self, image):\n"
+        "        return 0.5 + 1e-6 * HYBRID[image.filename.rsplit('/', 1)[-1]]\n")
+    entry = run_submission(folder, sub, record=False, trusted=True, timeout_s=300)
+    assert entry["status"] == "ok", entry.get("error")
+    assert entry["scores"]["challenge_score"] == 0.0

@@ -300,9 +300,11 @@ SPEC = ChallengeSpec(
              ScoreColumn("A_PRC_AUC_minor", "PR-AUC non-signal lineages"),
              ScoreColumn("mimic_PRC_AUC", "PR-AUC mimic")),
     reference_file="ref.csv",
-    input_description=("`input_data/<phase>/images/*.png` (64x64 RGB). The ingestion program opens each "
-                       "image with PIL in sorted order and calls `Model.predict(image)`, which returns one "
-                       "float (higher = more likely a hybrid)."),
+    input_description=("`input_data/<phase>/images/*.png` (64x64 RGB; the organisers' JPGs flat in the input "
+                       "folder are read too). The ingestion program opens each image with `PIL.Image.open` in "
+                       "sorted order and calls `Model.predict(image)` on it unconverted, as the organisers' "
+                       "ingestion does; it returns one float (higher = more likely a hybrid), rounded to 4 "
+                       "decimals as the organisers' ingestion writes it."),
     predict_signature="predict(image: PIL.Image.Image) -> float",
     metric_description=("For Species A and the mimic set separately, the threshold is the lowest score keeping "
                         "recall of non-hybrids >= 0.95 (score > threshold = hybrid). `challenge_score` is the "

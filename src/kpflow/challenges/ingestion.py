@@ -118,16 +118,20 @@ def ingest_gw(model, input_dir, output_dir):
 
 
 def ingest_butterfly(model, input_dir, output_dir):
+    """Each image (``input_dir/images/`` or, as the organisers' inputs, flat in ``input_dir``) through
+    ``predict`` as ``PIL.Image.open`` returns it (as the organisers' ingestion does: no conversion, so
+    ``image.filename`` is set); scores rounded to 4 decimals, as their ingestion writes them."""
     from PIL import Image
 
     folder = os.path.join(input_dir, "images")
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg")))
+    folder = folder if os.path.isdir(folder) else input_dir
+    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg"))
+                   and os.path.isfile(os.path.join(folder, n)))
     rows = []
     for name in names:
         with Image.open(os.path.join(folder, name)) as image:
-            image = image.convert("RGB")
             score = _as_float_list(model.predict(image), 1, f"predict(image {name})")[0]
-        rows.append((name, repr(score)))
+        rows.append((name, repr(round(score, 4))))
     _write_csv(os.path.join(output_dir, PREDICTIONS_FILE), ["filename", "score"], rows)
     return len(rows)
 

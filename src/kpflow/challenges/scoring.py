@@ -126,9 +126,9 @@ def harmonic_mean(values: Sequence[float]) -> float:
 
 
 # ----------------------------------------------------------------------------- files
-def read_text_file(path: str, what: str, max_bytes: int = MAX_FILE_BYTES) -> str:
-    """UTF-8 text of the regular file ``path``: never read through a symbolic link (``O_NOFOLLOW``),
-    never a FIFO or device, at most ``max_bytes``; otherwise a ScoringError naming the problem."""
+def read_text_file(path: str, what: str, max_bytes: int = MAX_FILE_BYTES, decode: bool = True) -> str | bytes:
+    """UTF-8 text (bytes if not ``decode``) of the regular file ``path``: never read through a symbolic
+    link (``O_NOFOLLOW``), never a FIFO or device, at most ``max_bytes``; otherwise a ScoringError."""
     import stat
 
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
@@ -157,6 +157,8 @@ def read_text_file(path: str, what: str, max_bytes: int = MAX_FILE_BYTES) -> str
             raise ScoringError(f"{what} file {path} has more than {max_bytes} bytes")
     finally:
         os.close(fd)
+    if not decode:
+        return data
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -248,10 +250,44 @@ def _hybrid_set_scores(scores, labels, min_negative_recall=0.95):
     return scores > t
 
 
+def score_gw_binarised(pred_path: str, labels: np.ndarray) -> dict[str, float]:
+    """The organisers' gw scoring of their ``test.predictions``: one 0/1 line per input window, in input
+    order, already cut at 90 % signal efficiency by their ingestion; ``TNR = TN / (TN + FP)`` (0 when
+    there is no background). Only ``TNR`` can be computed from binarised predictions."""
+    lines = [line.strip() for line in read_text_file(pred_path, "predictions").splitlines() if line.strip()]
+    if len(lines) != len(labels):
+        raise ScoringError(f"predictions file {pred_path} has {len(lines)} lines; the reference has {len(labels)} "
+                           "windows (one 0/1 line per window, in input order)")
+    predicted = np.array([parse_flag(v, f"line {k + 1}", "prediction") for k, v in enumerate(lines)])
+    background = labels == 0
+    tn, fp = int(((predicted == 0) & background).sum()), int(((predicted == 1) & background).sum())
+    return {"TNR": tn / (tn + fp) if tn + fp else 0.0}
+
+
+def _organiser_gw_labels(path: str) -> np.ndarray:
+    """The 0/1 labels of the organisers' ``ligo_bb_50.npz`` (key ``ids``), in input order."""
+    import io
+
+    try:
+        with np.load(io.BytesIO(read_text_file(path, "reference labels", decode=False)), allow_pickle=False) as f:
+            return np.asarray(f["ids"]).astype(int).reshape(-1)
+    except (KeyError, ValueError, OSError) as err:
+        raise ScoringError(f"reference labels {path} are not an .npz with an 'ids' array of 0/1 labels: "
+                           f"{err}") from None
+
+
 def score_butterfly(pred_path: str, ref_path: str) -> dict[str, float]:
     """Butterflies: recalls of signal / non-signal / mimic hybrids at 95 % non-hybrid recall, their
-    harmonic mean (``challenge_score``), and PR-AUCs."""
-    preds = read_csv_table(pred_path, ["filename", "score"], "predictions")
+    harmonic mean (``challenge_score``), and PR-AUCs. ``pred_path`` is this kit's ``predictions.csv``
+    (header ``filename,score``) or the organisers' header-less ``predictions.txt``."""
+    if os.path.basename(pred_path) == ORGANISER_PREDICTIONS["butterfly"]:
+        rows = list(csv.reader(read_text_file(pred_path, "predictions").splitlines()))
+        bad = [k + 1 for k, r in enumerate(rows) if r and len(r) != 2]
+        if bad:
+            raise ScoringError(f"predictions file {pred_path}: lines {bad[:5]} are not 'filename,score'")
+        preds = [{"filename": r[0], "score": r[1]} for r in rows if r]
+    else:
+        preds = read_csv_table(pred_path, ["filename", "score"], "predictions")
     refs = read_csv_table(ref_path, ["filename", "hybrid_stat", "ssp_indicator"], "reference labels")
     pairs = align_by_id(preds, refs, "filename")
     scores = np.array([parse_score(p["score"], p["filename"]) for p, _ in pairs])
@@ -302,12 +338,51 @@ SCORERS = {"gw": (score_gw, "labels.csv"), "butterfly": (score_butterfly, "ref.c
            "sealevel": (score_sealevel, "labels.csv")}
 
 
+#: The organisers' file names: what their ingestion writes, and their reference files.
+ORGANISER_PREDICTIONS = {"gw": "test.predictions", "butterfly": "predictions.txt"}
+ORGANISER_REFERENCES = {"gw": "ligo_bb_50.npz", "butterfly": "ref_*.csv"}
+
+
+def _reference_file(challenge: str, ref_dir: str) -> str:
+    """This kit's reference file in ``ref_dir``, else the organisers' (``ligo_bb_50.npz``, ``ref_*.csv``)."""
+    import glob
+
+    ours = os.path.join(ref_dir, SCORERS[challenge][1])
+    if os.path.isfile(ours) or challenge not in ORGANISER_REFERENCES:
+        return ours
+    theirs = sorted(glob.glob(os.path.join(glob.escape(ref_dir), ORGANISER_REFERENCES[challenge])))
+    if len(theirs) > 1:
+        raise ScoringError(f"{ref_dir} holds several reference files {[os.path.basename(t) for t in theirs]}; "
+                           "keep the one of this phase")
+    return theirs[0] if theirs else ours
+
+
 def score_folder(challenge: str, res_dir: str, ref_dir: str) -> dict[str, float]:
-    """Score ``res_dir/predictions.csv`` against the reference file in ``ref_dir``."""
+    """Score the predictions in ``res_dir`` against the reference labels in ``ref_dir``.
+
+    Predictions: this kit's ``predictions.csv``, or the organisers' file where that is absent (gw
+    ``test.predictions``, butterfly ``predictions.txt``); reference: this kit's file, or the
+    organisers' (gw ``ligo_bb_50.npz``, butterfly ``ref_*.csv``). An organiser's prediction file scores
+    as on Codabench.
+    """
     if challenge not in SCORERS:
         raise ScoringError(f"unknown challenge {challenge!r}; valid: {sorted(SCORERS)}")
-    scorer, ref_name = SCORERS[challenge]
-    return scorer(os.path.join(res_dir, PREDICTIONS_FILE), os.path.join(ref_dir, ref_name))
+    scorer, _ = SCORERS[challenge]
+    pred = os.path.join(res_dir, PREDICTIONS_FILE)
+    if not os.path.lexists(pred) and challenge in ORGANISER_PREDICTIONS:
+        theirs = os.path.join(res_dir, ORGANISER_PREDICTIONS[challenge])
+        pred = theirs if os.path.lexists(theirs) else pred
+    ref = _reference_file(challenge, ref_dir)
+    if challenge == "gw" and (pred.endswith(ORGANISER_PREDICTIONS["gw"]) or ref.endswith(".npz")):
+        if not pred.endswith(ORGANISER_PREDICTIONS["gw"]):
+            raise ScoringError("the organisers' ligo_bb_50.npz holds labels but no ids, so it scores only their "
+                               "binarised test.predictions, not a predictions.csv")
+        if ref.endswith(".npz"):
+            labels = _organiser_gw_labels(ref)
+        else:
+            labels = np.array([int(r["label"]) for r in read_csv_table(ref, ["id", "label"], "reference labels")])
+        return score_gw_binarised(pred, labels)
+    return scorer(pred, ref)
 
 
 def write_json_atomic(path: str, payload) -> None:
