@@ -9,12 +9,17 @@ ARGS ?=
 
 .PHONY: run test lint bench clean
 
+# pip's own progress is shown (the first install downloads torch: a few minutes, silent with -q)
 $(BIN)/.installed: pyproject.toml
+	@echo "==> creating $(VENV) (first run only; later runs start at once)"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev]"
-	touch $@
+	@echo "==> installing $(TORCH_SPEC) (a large download: a few minutes)"
+	$(BIN)/pip install --progress-bar on $(TORCH_SPEC)
+	@echo "==> installing kpflow and its test tools into $(VENV)"
+	$(BIN)/pip install --progress-bar on -e ".[dev]"
+	@touch $@
+	@echo "==> $(VENV) ready"
 
 run: $(BIN)/.installed
 	$(BIN)/kpflow run $(ARGS)

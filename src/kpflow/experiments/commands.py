@@ -217,7 +217,8 @@ def analyze_command(
     typer.echo(f"metrics: {path}")
 
 
-def report_command(run: Path = typer.Argument(..., help="Run folder (runs/<name>) with metrics.csv.")):
+def report_command(run: Path = typer.Argument(..., help="Run folder (runs/<name>) with metrics.csv."),
+                   quiet: bool = QUIET):
     """Write RUN/figures/*.png|svg and the self-contained RUN/report.html from RUN/metrics.csv.
 
     Example:
@@ -230,7 +231,7 @@ def report_command(run: Path = typer.Argument(..., help="Run folder (runs/<name>
         typer.echo(f"report: {_rerun_bifurcation_study(run, progress=False) / 'report.html'}")
         return
     try:
-        path = report_run(run)
+        path = report_run(run, progress=not quiet)
     except (ValueError, FileNotFoundError) as err:
         _fail(err)
     typer.echo(f"report: {path}")

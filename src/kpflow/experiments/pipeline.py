@@ -185,7 +185,7 @@ def run_pipeline(cfg: RunConfig, *, progress: bool = True, analyze: bool = True,
             if report:
                 from kpflow.report import report_run
 
-                report_run(run_dir)
+                report_run(run_dir, progress=progress)
     return run_dir
 
 
@@ -319,11 +319,14 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
                 vals = [rs[0 if when == "initial" else -1]["value"] for c in cfgs if c.model.g == g
                         for rs in [per_run(c, key)] if rs]
                 bands.append(seed_band(vals))
-                summary_rows.append({"run": when, "step": 0, "metric": f"{key}_{when}@g={g:g}",
+                summary_rows.append({"run": when, "step": 0, "column": f"g = {g:g}", "g": g,
+                                     "metric": f"{key}_{when} (mean over seeds)",
                                      "value": bands[-1].mean, "stderr": bands[-1].stderr,
-                                     "method": f"mean over {bands[-1].n} seed(s)"})
+                                     "method": f"mean over {bands[-1].n} seed(s) ± s/√n; {when}: "
+                                               f"{'first' if when == 'initial' else 'last'} checkpoint"})
             _band(ax, np.array(gs), [b.mean for b in bands], [b.half_width for b in bands], when, ls=ls)
-        ax.set(xlabel="initial recurrent weight scale g", yscale="log", title=f"effective rank of {label}")
+        ax.set(xlabel="initial recurrent weight scale g", ylabel="effective rank tr(A)²/‖A‖_F²", yscale="log",
+               title=f"effective rank of {label}")
         ax.legend(fontsize=8, title=band_note if key == "K_erank" else None, title_fontsize=7)
     figs = [_save(fig, sweep_dir / "figures", "sweep_effective_ranks")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -339,22 +342,38 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
             bands = [seed_band(by_step[st]) for st in steps]
             _band(ax, np.array(steps), [b.mean for b in bands], [b.half_width for b in bands], f"g={g:g}",
                   color=cmap(i / max(1, len(gs) - 1)))
-        ax.set(yscale="log", xlabel="GD step", title=key)
+        ax.set(yscale="log", xlabel="GD step", ylabel=f"effective rank of {key.removesuffix('_erank')}", title=key)
         ax.legend(fontsize=7)
     figs.append(_save(fig, sweep_dir / "figures", "sweep_trajectories"))
     notes.append(f"Each point is the {band_note}.")
     for g in gs:
-        p0 = [r for r in summary_rows if r["metric"] == f"PPstar_erank_initial@g={g:g}"][0]["value"]
-        p1 = [r for r in summary_rows if r["metric"] == f"PPstar_erank_final@g={g:g}"][0]["value"]
-        k0 = [r for r in summary_rows if r["metric"] == f"K_erank_initial@g={g:g}"][0]["value"]
-        k1 = [r for r in summary_rows if r["metric"] == f"K_erank_final@g={g:g}"][0]["value"]
+        p0 = _summary(summary_rows, "PPstar_erank_initial", g)
+        p1 = _summary(summary_rows, "PPstar_erank_final", g)
+        k0 = _summary(summary_rows, "K_erank_initial", g)
+        k1 = _summary(summary_rows, "K_erank_final", g)
         trend = "collapsed" if p1 < 0.5 * p0 else "rose" if p1 > 2 * p0 else "stayed within a factor 2"
         notes.append(f"g = {g:g}: the effective rank of P P* {trend}, {p0:.3g} → {p1:.3g} (ratio {p1 / p0:.3g}); "
                      f"K's went {k0:.3g} → {k1:.3g}.")
     links = "".join(f'<li><a href="{c.name}/report.html">{c.name}</a></li>' for c in cfgs)
     return write_report(sweep_dir / "report.html", title=f"kpflow sweep over g: {base.name}", rows=summary_rows,
-                        figures=figs, config_text=dump_config(base, "yaml"), notes=notes,
+                        figures=figs, config_text=sweep_config_text(base, gs, sorted({c.seed for c in cfgs})),
+                        notes=notes,
                         extra_html=f"<h2>Runs</h2><ul>{links}</ul>")
+
+
+def _summary(rows: list[dict], key: str, g: float) -> float:
+    return next(r["value"] for r in rows if r["metric"].startswith(f"{key} ") and r["g"] == g)
+
+
+def sweep_config_text(base: RunConfig, gs, seeds) -> str:
+    """The sweep's configuration: every g and seed, then the base config each run starts from (its
+    ``model.g`` and ``seed`` replaced by the run's)."""
+    import yaml
+
+    head = yaml.safe_dump({"sweep": {"model.g": [float(g) for g in gs], "seed": [int(s) for s in seeds],
+                                     "runs": len(gs) * len(seeds)}}, sort_keys=False, default_flow_style=None)
+    return (head + "# base configuration of every run; model.g and seed are set from the sweep above\n"
+            + dump_config(base, "yaml"))
 
 
 def last_complete_step(run_dir: Path) -> int | None:

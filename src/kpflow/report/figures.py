@@ -3,12 +3,54 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 OPERATORS = (("K", "K = Jθ Jθ*", "tab:blue"), ("PPstar", "P P*", "tab:orange"), ("NTK", "NTK P K P*", "tab:green"))
 VIEW_TITLES = {"temporal": "temporal (trial × time)", "spatial": "spatial (units)", "trial": "trial"}
+
+
+@dataclass(frozen=True)
+class Dimensions:
+    """Sizes of the evaluation batch and the model: ``trials`` B, time ``steps`` T, ``state`` size H and the
+    number of trained cell ``params``. The state space has ``N = B·T·H`` dimensions."""
+
+    trials: int
+    steps: int
+    state: int
+    params: int
+
+    @property
+    def state_space(self) -> int:
+        """N = B·T·H, the rank bound of P P* and of the NTK P K P*."""
+        return self.trials * self.steps * self.state
+
+    @property
+    def k_rank_bound(self) -> int:
+        """min(N, #params): K = Jθ Jθ* factors through the parameter space."""
+        return min(self.state_space, self.params)
+
+    def view(self, name: str) -> int:
+        """The dimension of one compression: temporal (B·T), spatial (H) or trial (B)."""
+        return {"temporal": self.trials * self.steps, "spatial": self.state, "trial": self.trials}[name]
+
+
+def _bounds(ax, lines) -> None:
+    """Horizontal reference lines ``[(value, label), ...]`` (grey, dotted), labelled at the right edge."""
+    for value, label in lines:
+        ax.axhline(value, color="0.45", ls=":", lw=1)
+        ax.annotate(label, (1.0, value), xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                    textcoords="offset points", ha="right", va="bottom", fontsize=7, color="0.35")
+
+
+def legend_outside(ax, **kw) -> None:
+    """A legend outside the plotting area (right of it), so it never covers data; save the figure with a
+    layout engine or ``bbox_inches="tight"`` so that it is kept."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=kw.pop("fontsize", 8), loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
+                  **kw)
 
 
 def _plt():
@@ -35,6 +77,8 @@ def series(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarr
 
 def _save(fig, folder: Path, stem: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
+    if fig.get_layout_engine() is None:  # panels, labels and outside legends laid out without overlaps
+        fig.set_layout_engine("constrained")
     png = folder / f"{stem}.png"
     fig.savefig(png, dpi=110, bbox_inches="tight")
     fig.savefig(folder / f"{stem}.svg", bbox_inches="tight")
@@ -57,7 +101,7 @@ def figure_training(train_losses, S, folder: Path) -> Path:
     if "loss" in S:
         _errorbar(axes[0], S["loss"], "evaluation loss ± s.e.", color="k")
     axes[0].set(yscale="log", xlabel="GD step", ylabel="loss", title="Loss")
-    axes[0].legend(fontsize=8)
+    legend_outside(axes[0])
     if "accuracy" in S:
         _errorbar(axes[1], S["accuracy"], "accuracy ± s.e.", color="tab:purple")
     if "activity_dim" in S:
@@ -68,42 +112,49 @@ def figure_training(train_losses, S, folder: Path) -> Path:
     return _save(fig, folder, "training")
 
 
-def figure_effective_ranks(S, folder: Path) -> Path:
+def figure_effective_ranks(S, folder: Path, dims: Dimensions | None = None) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(7.6, 4))
     for key, label, color in OPERATORS:
         if f"{key}_erank" in S:
             _errorbar(ax, S[f"{key}_erank"], f"erank {label}", color=color)
+    if dims is not None:  # "low rank" is judged against what the rank could be
+        _bounds(ax, [(dims.state_space, f"state dimension N = B·T·H = {dims.state_space}"),
+                     (dims.k_rank_bound, f"K's rank bound min(N, #params) = {dims.k_rank_bound}")]
+                if dims.k_rank_bound < dims.state_space else
+                [(dims.state_space, f"state dimension N = B·T·H = {dims.state_space} (also K's bound)")])
     ax.set(yscale="log", xlabel="GD step", ylabel="effective rank tr(A)²/‖A‖_F²",
            title="Effective rank of the operators of learning")
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return _save(fig, folder, "effective_ranks")
 
 
-def figure_axis_ranks(S, folder: Path) -> Path:
+def figure_axis_ranks(S, folder: Path, dims: Dimensions | None = None) -> Path:
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
     for ax, (view, title) in zip(axes, VIEW_TITLES.items(), strict=True):
         for key, label, color in OPERATORS:
             m = f"{key}_erank_{view}"
             if m in S:
                 _errorbar(ax, S[m], label, color=color)
-        ax.set(yscale="log", xlabel="GD step", title=f"{title} effective rank")
-        ax.legend(fontsize=8)
+        if dims is not None:
+            _bounds(ax, [(dims.view(view), f"dimension {dims.view(view)}")])
+        ax.set(yscale="log", xlabel="GD step", ylabel="effective rank", title=f"{title} effective rank")
+    legend_outside(axes[-1])
     return _save(fig, folder, "axis_effective_ranks")
 
 
 def figure_norms(S, folder: Path) -> Path:
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
     for key, label, color in OPERATORS:
         if f"{key}_trace" in S:
             _errorbar(axes[0], S[f"{key}_trace"], label, color=color)
         if f"{key}_fro" in S:
             _errorbar(axes[1], S[f"{key}_fro"], label, color=color)
-    axes[0].set(yscale="log", xlabel="GD step", title="trace")
-    axes[1].set(yscale="log", xlabel="GD step", title="Frobenius norm")
-    axes[0].legend(fontsize=8)
+    axes[0].set(yscale="log", xlabel="GD step", ylabel="tr(A)", title="trace")
+    axes[1].set(yscale="log", xlabel="GD step", ylabel="‖A‖_F", title="Frobenius norm")
+    legend_outside(axes[1])
     return _save(fig, folder, "trace_and_norm")
 
 
@@ -116,7 +167,7 @@ def figure_alignments(S, folder: Path) -> Path:
         if m in S:
             _errorbar(ax, S[m], label, color=color)
     ax.set(xlabel="GD step", ylabel="cosine", ylim=(-0.05, 1.05), title="Alignments")
-    ax.legend(fontsize=8)
+    legend_outside(ax)
     return _save(fig, folder, "alignments")
 
 
@@ -144,22 +195,35 @@ def figure_interference(rows, folder: Path) -> Path | None:
         ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(n), names, fontsize=7)
         ax.set_title(f"step {step}: cos(δz_i←j, δz_i←i)", fontsize=9)
+        ax.set_xlabel("task j (whose error drives the change)", fontsize=8)
+        ax.set_ylabel("task i (whose states change)", fontsize=8)
         for i in range(n):
             for j in range(n):
                 ax.text(j, i, f"{M[i, j]:.2f}", ha="center", va="center", fontsize=7)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8, label="cosine")
     return _save(fig, folder, "interference")
 
 
-def run_figures(rows: list[dict], train_losses, folder: str | Path) -> list[Path]:
-    """Write every figure the metrics support; returns the PNG paths (an SVG lies beside each)."""
+def run_figures(rows: list[dict], train_losses, folder: str | Path, *, dims: Dimensions | None = None,
+                progress: bool = False) -> list[Path]:
+    """Write every figure the metrics support; returns the PNG paths (an SVG lies beside each).
+
+    Args:
+        rows: the tidy metrics (``step``, ``metric``, ``value``, ``stderr``).
+        train_losses: ``[(step, loss), ...]`` of the training batches.
+        folder: where the figures go.
+        dims: the evaluation batch's and model's sizes; effective ranks are drawn against them.
+        progress: a progress bar over the figures.
+    """
     folder = Path(folder)
     S = series(rows)
-    made = [figure_training(train_losses, S, folder), figure_effective_ranks(S, folder)]
+    jobs = [lambda: figure_training(train_losses, S, folder), lambda: figure_effective_ranks(S, folder, dims)]
     if any(k.endswith("_erank_temporal") for k in S):
-        made.append(figure_axis_ranks(S, folder))
-    made += [figure_norms(S, folder), figure_alignments(S, folder)]
-    inter = figure_interference(rows, folder)
-    if inter is not None:
-        made.append(inter)
-    return made
+        jobs.append(lambda: figure_axis_ranks(S, folder, dims))
+    jobs += [lambda: figure_norms(S, folder), lambda: figure_alignments(S, folder),
+             lambda: figure_interference(rows, folder)]
+    if progress:
+        from tqdm.auto import tqdm
+
+        jobs = tqdm(jobs, desc="report", unit="figure", dynamic_ncols=True)
+    return [p for p in (job() for job in jobs) if p is not None]

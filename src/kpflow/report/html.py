@@ -19,7 +19,11 @@ padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
 figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}figcaption{font-size:.9em;color:#555}
 table{border-collapse:collapse;font-size:.85em}td,th{border:1px solid #ddd;padding:.25em .5em;text-align:right}
-th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}pre{background:#f7f7f7;padding:.8em;
+th{background:#f5f5f5}td:first-child,th:first-child{text-align:left}
+.scroll{max-width:100%;overflow-x:auto}.scroll td,.scroll th{white-space:nowrap}
+.scroll td:first-child,.scroll th:first-child{position:sticky;left:0;background:#fff}
+.scroll th:first-child{background:#f5f5f5}.wrap td{white-space:normal;overflow-wrap:anywhere}
+pre{background:#f7f7f7;padding:.8em;
 overflow-x:auto;font-size:.85em}.note{background:#f3f8ff;border-left:4px solid #4a90d9;padding:.6em 1em}
 """
 
@@ -27,9 +31,13 @@ CAPTIONS = {
     "training": "Training loss (grey: each training batch; black: the fixed evaluation batch, mean ± standard "
                 "error over trials), accuracy and the participation-ratio dimension of the hidden activity.",
     "effective_ranks": "Effective rank tr(A)²/‖A‖_F² of K, P P* and the NTK P K P* on the evaluation batch, "
-                       "with standard errors of the randomized estimates (0 where exact).",
+                       "with standard errors of the randomized estimates (0 where exact). Dotted lines: the "
+                       "state dimension N = B·T·H (trials × time steps × state size), the largest rank P P* and "
+                       "the NTK can have, and K's bound min(N, number of trained parameters); an effective rank "
+                       "is low relative to these.",
     "axis_effective_ranks": "Effective ranks of the compressions (1ᵀ⊗I)A(1⊗I) onto one view: temporal keeps "
-                            "(trial, time), spatial keeps units, trial keeps trials.",
+                            "(trial, time), spatial keeps units, trial keeps trials. Dotted: the view's "
+                            "dimension (B·T, H or B), the largest possible rank.",
     "trace_and_norm": "Trace and Frobenius norm of each operator.",
     "alignments": "Alignment of the NTK with its value at initialisation, the misdirection cos(PKP*, PP*), and the "
                   "kernel-target alignment cos(Θ, e eᵀ) with e = ∂L/∂z.",
@@ -40,6 +48,21 @@ CAPTIONS = {
                              "of that mean, none with a single seed).",
     "sweep_trajectories": "Effective rank of P P* and of K over training for each g (mean over seeds with its 95% "
                           "confidence band).",
+    "bifurcation_sntk_erank": "Effective rank of the state-space NTK Θ = P K P* over training (full, and its "
+                              "temporal and spatial compressions), ± standard error of the randomized estimate; "
+                              "dashed red: the first learned bifurcation, star: the measurement at the crossing.",
+    "bifurcation_origin_spectrum": "Moduli |λ| of the three leading eigenvalues of the recurrence's Jacobian at "
+                                   "the origin over training; a bifurcation of the origin is where one crosses "
+                                   "the grey line |λ| = 1.",
+    "bifurcation_channel": "Share of the sNTK carried by the bifurcation channel (of its trace and of its "
+                           "Frobenius norm) and the top direction's share σ₁²/tr Θ, left axis; the evaluation "
+                           "loss, right axis.",
+    "bifurcation_normal_form_match": "The sNTK restricted to the centre coordinate at the crossing: the network's "
+                                     "profile over time (solid) against the normal form's prediction (dashed) "
+                                     "for two trials; the title gives their correlation and magnitude ratio.",
+    "pitchfork_amplification_landscape": "Amplification ‖d_μ α‖ of the pitchfork normal form over the parameter "
+                                         "μ and the initial condition α₀ (log scale); the dashed line is the "
+                                         "bifurcation μ = 0.",
 }
 
 
@@ -68,8 +91,10 @@ def _ratio_text(a, b) -> str:
     return f"×{r:.2g}" if r >= 1 else f"÷{1 / r:.2g}"
 
 
-def reading(rows: list[dict], train_losses) -> list[str]:
-    """A few sentences on what the metrics show, computed from them (no claims the numbers do not support)."""
+def reading(rows: list[dict], train_losses, dims=None) -> list[str]:
+    """A few sentences on what the metrics show, computed from them (no claims the numbers do not support);
+    with ``dims`` (:class:`~kpflow.report.figures.Dimensions`) the effective ranks are put against the
+    state dimension and K's rank bound."""
     S = series(rows)
     if not S:
         return ["No metrics were recorded."]
@@ -96,6 +121,16 @@ def reading(rows: list[dict], train_losses) -> list[str]:
                          f"step {int(x[y.argmin()])})")
     if parts:
         out.append("Effective rank tr(A)²/‖A‖_F² from the first to the last checkpoint — " + "; ".join(parts) + ".")
+    if dims is not None and parts:
+        N, bound = dims.state_space, dims.k_rank_bound
+        shares = []
+        for key, label, cap in (("PPstar", "P P*", N), ("NTK", "the NTK", N), ("K", "K", bound)):
+            if f"{key}_erank" in S:
+                last = float(S[f"{key}_erank"][1][-1])
+                shares.append(f"{label} {last:.3g} of at most {cap} ({100 * last / cap:.2g}%)")
+        out.append(f"Against what the ranks could be (state dimension N = B·T·H = {dims.trials}·{dims.steps}·"
+                   f"{dims.state} = {N}; K at most min(N, {dims.params} trained parameters) = {bound}), the "
+                   "final effective ranks are " + "; ".join(shares) + ".")
     views = []
     for key, label in (("PPstar", "P P*"), ("K", "K"), ("NTK", "NTK")):
         m = f"{key}_erank_temporal"
@@ -151,30 +186,36 @@ def _img(path: Path) -> str:
 
 
 def _metrics_table(rows: list[dict]) -> str:
-    S = series(rows)
-    steps = sorted({int(r["step"]) for r in rows})
-    head = "".join(f"<th>step {s}</th>" for s in steps)
-    body = []
-    for m, (x, y, e) in S.items():
-        cells = {int(s): _fmt(v, se) for s, v, se in zip(x, y, e, strict=True)}
-        body.append(f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{cells.get(s, '')}</td>" for s in steps)
-                    + "</tr>")
+    """Metrics by row, one column per checkpoint step, or per ``column`` label where the rows carry one (a
+    sweep's g values); the table scrolls sideways inside the page, the metric names staying in view."""
+    columns: list[str] = []
+    cells: dict[str, dict[str, str]] = {}
+    for r in sorted(rows, key=lambda r: (r.get("column") is not None, int(r.get("step") or 0))):
+        col = str(r["column"]) if r.get("column") is not None else f"step {int(r['step'])}"
+        if col not in columns:
+            columns.append(col)
+        cells.setdefault(r["metric"], {})[col] = _fmt(float(r["value"]), float(r["stderr"]))
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join(f"<tr><td>{html.escape(m)}</td>" + "".join(f"<td>{row.get(c, '')}</td>" for c in columns)
+                   + "</tr>" for m, row in cells.items())
     methods = {}
     for r in rows:
         methods.setdefault(r["metric"], r.get("method", ""))
     meth = "".join(f"<tr><td>{html.escape(k)}</td><td style='text-align:left'>{html.escape(str(v))}</td></tr>"
                    for k, v in methods.items())
-    return (f"<div style='overflow-x:auto'><table><tr><th>metric (value ± standard error)</th>{head}</tr>"
-            + "".join(body) + "</table></div><details><summary>How each metric was computed</summary><table>"
-            f"<tr><th>metric</th><th>method</th></tr>{meth}</table></details>")
+    return (f"<div class='scroll'><table><tr><th>metric (value ± standard error)</th>{head}</tr>{body}</table>"
+            "</div><details><summary>How each metric was computed</summary><div class='scroll wrap'><table>"
+            f"<tr><th>metric</th><th>method</th></tr>{meth}</table></div></details>")
 
 
 def write_report(path: str | Path, *, title: str, rows: list[dict], figures: list[Path], config_text: str,
-                 train_losses=(), notes: list[str] | None = None, extra_html: str = "") -> Path:
-    """Write the self-contained HTML report to ``path`` (atomically)."""
-    from kpflow.training.checkpoints import atomic_write_text
+                 train_losses=(), notes: list[str] | None = None, extra_html: str = "", dims=None) -> Path:
+    """Write the self-contained HTML report to ``path`` (atomically). Rows may carry a ``column`` label
+    (e.g. ``g = 2``) to be tabulated by it instead of by step; ``dims`` puts effective ranks against the
+    state dimension in the reading."""
+    from kpflow.files import atomic_write_text
 
-    paragraphs = notes if notes is not None else reading(rows, list(train_losses))
+    paragraphs = notes if notes is not None else reading(rows, list(train_losses), dims)
     env = environment()
     meta = html.escape(json.dumps({"figures": [p.stem for p in figures]}))
     figs = "".join(f"<figure>{_img(p)}<figcaption><b>{html.escape(p.stem)}</b>: "
