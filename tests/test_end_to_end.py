@@ -176,6 +176,9 @@ def test_print_defaults_round_trips_and_help_documents_shortening(tmp_path):
 
 
 def test_report_without_metrics_says_what_to_do(tmp_path):
+    from kpflow.training import save_checkpoint
+
+    save_checkpoint(tmp_path / "checkpoints", 0, torch.nn.Linear(2, 2))  # trained, not measured: analyze it
     r = runner.invoke(app, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "kpflow analyze" in r.output
 
