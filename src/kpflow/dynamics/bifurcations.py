@@ -210,7 +210,7 @@ def classify_crossing(fmap: ConstantInputMap, z: torch.Tensor, pa, pb, s: float,
     H = fm.state_dim
     A = fm.jacobians(z.unsqueeze(0))[0]
     eye = torch.eye(H, dtype=A.dtype, device=A.device)
-    S = (A - eye) / fm.dt if fm.is_flow else A
+    S = fm.stability_matrices(z.unsqueeze(0))[0] if fm.is_flow else A
     lam, R, L = eig_with_left(S)
     m = stability_margin(lam, fm.is_flow)
     i = int(torch.argmin(m.abs()))
@@ -261,9 +261,7 @@ def classify_crossing(fmap: ConstantInputMap, z: torch.Tensor, pa, pb, s: float,
 
 # --------------------------------------------------------------------------------- continuation
 def _n_unstable(fm: ConstantInputMap, z: torch.Tensor) -> tuple[int, torch.Tensor]:
-    A = fm.jacobians(z.unsqueeze(0))[0]
-    if fm.is_flow:
-        A = (A - torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)) / fm.dt
+    A = fm.stability_matrices(z.unsqueeze(0))[0]
     lam = torch.linalg.eigvals(A)
     return int((stability_margin(lam, fm.is_flow) > 0).sum()), lam
 
@@ -279,10 +277,12 @@ class _Corrector:
     def at(self, s: float) -> ConstantInputMap:
         return self.fmap.with_params(interpolate_params(self.pa, self.pb, s))
 
-    def correct(self, s: float, z_pred: torch.Tensor, z_ref: torch.Tensor) -> torch.Tensor | None:
+    def correct(self, s: float, z_pred: torch.Tensor, z_ref: torch.Tensor,
+                max_step: float | None = None) -> torch.Tensor | None:
         """Newton at ``s`` from ``z_pred``; None if it fails or jumps farther than allowed from ``z_ref``."""
         fm = self.at(s)
-        z, q = newton_polish(fm, z_pred.unsqueeze(0), steps=12, tol=self.tol, max_step=self.jump, max_halvings=10)
+        z, q = newton_polish(fm, z_pred.unsqueeze(0), steps=60, tol=self.tol,
+                             max_step=self.jump if max_step is None else max_step, max_halvings=10)
         ok = bool(torch.isfinite(q).all()) and float(q[0]) <= 0.5 * self.tol ** 2 * 4
         if not ok:
             return None
@@ -297,9 +297,15 @@ def _bisect_count(cor: _Corrector, lo, hi, s_tol: float):
     s_hi, z_hi, n_hi = hi
     while s_hi - s_lo > s_tol:
         s_m = 0.5 * (s_lo + s_hi)
-        z_m = cor.correct(s_m, 0.5 * (z_lo + z_hi), z_lo)
-        if z_m is None:
-            z_m = cor.correct(s_m, z_lo, z_lo)
+        # Stay on this branch: predict from the current bracket, cap Newton's steps by the bracket's
+        # size and reject a point that moved farther than half of it (near a pitchfork the branch born
+        # there lies ~√|s − s*| away, much farther than the bracket once it is small).
+        width = float((z_hi - z_lo).norm())
+        scale = 1e-12 * max(1.0, float(z_lo.norm()))
+        pred = 0.5 * (z_lo + z_hi)
+        z_m = cor.correct(s_m, pred, z_lo, max_step=width + scale)
+        if z_m is not None and float((z_m - pred).norm()) > 0.5 * width + scale:
+            z_m = None
         if z_m is None:  # the branch is lost inside the bracket: treat as the high end
             s_hi, z_hi = s_m, z_lo
             continue

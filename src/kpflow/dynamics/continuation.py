@@ -445,33 +445,34 @@ def _tangent(J: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _correct(sys: _System, u_pred: torch.Tensor, d: torch.Tensor, tol: float, max_iter: int = 10,
-             max_step: float | None = None) -> tuple[torch.Tensor | None, int]:
-    """Newton on ``g(u) = 0, dᵀ(u − u_pred) = 0``. Returns the point (None on failure) and iterations."""
+             max_step: float | None = None, xtol: float = 1e-12):
+    """Newton on ``g(u) = 0, dᵀ(u − u_pred) = 0`` (bordered Jacobian ``[[g_z, g_s], [dᵀ]]``).
+
+    Converged when ``‖g‖ ≤ tol`` *and* the Newton step is at most ``xtol · (1 + ‖u‖)``: a small
+    residual alone is not enough where ``g_z`` is nearly singular (beside a branch point a residual
+    of 1e-11 allows an error ~ 1e-11/σ_min). Returns ``(u, iterations, [g_z, g_s] at u)``, or
+    ``(None, iterations, None)`` on failure.
+    """
     u = u_pred.clone()
     d = d / d.norm()
     for it in range(1, max_iter + 1):
         r = sys.residual(u)
         c = torch.dot(d, u - u_pred)
-        if float(r.norm()) <= tol and abs(float(c)) <= tol:
-            return u, it - 1
         J = sys.jacobian(u)
         M = torch.cat([J, d.reshape(1, -1)], 0)
-        delta, info = torch.linalg.solve_ex(M, -torch.cat([r, c.reshape(1)]))
+        rhs = -torch.cat([r, c.reshape(1)])
+        delta, info = torch.linalg.solve_ex(M, rhs)
         if int(info) != 0 or not bool(torch.isfinite(delta).all()):
-            delta = torch.linalg.lstsq(M.unsqueeze(0), -torch.cat([r, c.reshape(1)]).reshape(1, -1, 1)
-                                       ).solution.reshape(-1) if M.device.type == "cpu" else \
-                torch.linalg.pinv(M) @ -torch.cat([r, c.reshape(1)])
-        if max_step is not None:
-            dn = float(delta.norm())
-            if dn > max_step:
-                delta = delta * (max_step / dn)
+            delta = torch.linalg.pinv(M) @ rhs
+        dn = float(delta.norm())
+        if float(r.norm()) <= tol and abs(float(c)) <= tol and dn <= xtol * (1.0 + float(u.norm())):
+            return u + delta, it, J
+        if max_step is not None and dn > max_step:
+            delta = delta * (max_step / dn)
         u = u + delta
         if not bool(torch.isfinite(u).all()):
-            return None, it
-    r = sys.residual(u)
-    if float(r.norm()) <= tol:
-        return u, max_iter
-    return None, max_iter
+            return None, it, None
+    return None, max_iter, None
 
 
 # ------------------------------------------------------------------------------ special points
@@ -550,59 +551,91 @@ def _classify(sys: _System, u: torch.Tensor, J: torch.Tensor, zero_tol: float, i
     return "pitchfork", lam_c, lam, qr, pr, coeffs, ("supercritical" if c < 0 else "subcritical"), n_near
 
 
-def _locate(sys: _System, ua, ma, ub, mb, k: int, tol: float, u_tol: float, max_iter: int = 80):
+def _hermite(ua, ta, ub, tb, tau: float) -> torch.Tensor:
+    L = float((ub - ua).norm())
+    t2, t3 = tau * tau, tau * tau * tau
+    return ((2 * t3 - 3 * t2 + 1) * ua + (t3 - 2 * t2 + tau) * L * ta + (-2 * t3 + 3 * t2) * ub
+            + (t3 - t2) * L * tb)
+
+
+def _locate(sys: _System, ua, Ja, ma, ub, Jb, mb, k: int, tol: float, u_tol: float, max_iter: int = 80):
     """Zero of ``ψ(u) = margins[k]`` on the branch between ``ua`` and ``ub`` (opposite signs).
 
-    Secant steps inside the bracket (bisection every third step and whenever the secant stalls);
-    every trial point is corrected on the hyperplane through the bracket's chord, steps capped by the
-    bracket's length, and rejected if it leaves the bracket's neighbourhood (no branch jumping).
-    Returns ``(u, J, estimated error in u)``.
+    Secant (Illinois) steps inside the bracket, bisection every third step; every trial point is
+    predicted by the cubic Hermite interpolant of the bracket's end points and tangents (error
+    ``O(L⁴)`` in the bracket length ``L``), corrected on the hyperplane orthogonal to the chord with
+    Newton steps capped by ``L``, and rejected if it moved more than ``L/2`` (no branch jumping).
+    Points within ~1e-3 of a branch point are ill-conditioned (``g_z`` has a singular value ~ their
+    distance, so round-off moves them by ``eps/distance``); the returned point is therefore the
+    Hermite interpolant of the first bracket shorter than ``anchor`` (well-conditioned ends, error
+    ``O(anchor⁴)``) at the located position. Returns ``(u, [g_z, g_s] at u, final bracket length)``.
     """
-    lo, flo = ua, float(ma[k])
-    hi, fhi = ub, float(mb[k])
+    lo, flo, tlo = ua, float(ma[k]), _tangent(Ja, ub - ua)
+    hi, fhi, thi = ub, float(mb[k]), _tangent(Jb, ub - ua)
+    Jlo, Jhi = Ja, Jb
+    anchor_len = 1e-3 * (1.0 + float(ua.norm()))
+    anchor = None
     it = 0
     side = 0
     while it < max_iter:
         it += 1
         chord = hi - lo
         L = float(chord.norm())
+        if anchor is None and L <= anchor_len:
+            anchor = (lo, tlo, hi, thi)
         if L <= u_tol * (1.0 + float(lo.norm())):
             break
-        if it % 3 == 0 or flo == fhi:
-            tau = 0.5
-        else:
-            tau = flo / (flo - fhi)
-            tau = min(max(tau, 0.02), 0.98)
-        u_pred = lo + tau * chord
-        u, _ = _correct(sys, u_pred, chord, tol, max_iter=12, max_step=L)
-        if u is None or float((u - u_pred).norm()) > 0.5 * L:
-            if tau != 0.5:
-                u_pred = lo + 0.5 * chord
-                u, _ = _correct(sys, u_pred, chord, tol, max_iter=12, max_step=L)
-            if u is None or float((u - u_pred).norm()) > 0.5 * L:
+        tau = 0.5 if (it % 3 == 0 or flo == fhi) else min(max(flo / (flo - fhi), 0.02), 0.98)
+        u = None
+        for tau_try in ((tau, 0.5) if tau != 0.5 else (0.5,)):
+            u_pred = _hermite(lo, tlo, hi, thi, tau_try)
+            u, _, J = _correct(sys, u_pred, chord, tol, max_iter=40, max_step=L)
+            if u is not None and float((u - u_pred).norm()) <= 0.5 * L:
                 break
-        _, m = sys.margins(sys.jacobian(u))
+            u = None
+        if u is None:
+            break
+        _, m = sys.margins(J)
         f = float(m[k])
+        t = _tangent(J, chord)
         if f == 0.0:
             lo = hi = u
+            Jlo = Jhi = J
             break
         if (f > 0) == (flo > 0):
-            lo, flo = u, f
+            lo, flo, tlo, Jlo = u, f, t, J
             if side == -1:  # Illinois: the other end stayed twice
                 fhi *= 0.5
             side = -1
         else:
-            hi, fhi = u, f
+            hi, fhi, thi, Jhi = u, f, t, J
             if side == 1:
                 flo *= 0.5
             side = 1
-    best = lo if abs(flo) <= abs(fhi) else hi
-    err = float((hi - lo).norm())
-    return best, sys.jacobian(best), err
+    best, Jbest = (lo, Jlo) if abs(flo) <= abs(fhi) else (hi, Jhi)
+    if anchor is not None and float((hi - lo).norm()) < 1e-3 * float((anchor[2] - anchor[0]).norm()):
+        a0, ta, a1, tb = anchor
+        ch = a1 - a0
+        tau = float(torch.dot(best - a0, ch) / torch.dot(ch, ch))
+        if 0.0 <= tau <= 1.0:
+            # the interpolant's point with the located *parameter value* (secant on its s-coordinate);
+            # where the branch is vertical (a fold) the located arclength position is used as it is
+            s_star = float(best[-1])
+            t0, t1 = tau, min(1.0, tau + 1e-3)
+            h0, h1 = float(_hermite(a0, ta, a1, tb, t0)[-1]) - s_star, float(_hermite(a0, ta, a1, tb, t1)[-1]) - s_star
+            for _ in range(8):
+                if h1 == h0 or abs(h1) <= 1e-16 * (1.0 + abs(s_star)):
+                    break
+                t0, t1, h0 = t1, t1 - h1 * (t1 - t0) / (h1 - h0), h1
+                h1 = float(_hermite(a0, ta, a1, tb, t1)[-1]) - s_star
+            if abs(h1) < 1e-13 * (1.0 + abs(s_star)) and 0.0 <= t1 <= 1.0 and abs(t1 - tau) < 0.1:
+                tau = t1
+            u_h = _hermite(a0, ta, a1, tb, tau)
+            best, Jbest = u_h, sys.jacobian(u_h)
+    return best, Jbest, float((hi - lo).norm())
 
 
-def _special_point(sys: _System, u, n_before: int, n_after: int, zero_tol: float, err: float) -> SpecialPoint:
-    J = sys.jacobian(u)
+def _special_point(sys: _System, u, J, n_before: int, n_after: int, zero_tol: float, err: float) -> SpecialPoint:
     kind, lam_c, lam, q, p, coeffs, crit, n_near = _classify(sys, u, J, zero_tol)
     n_cross = abs(n_after - n_before)
     expected = 2 if kind in ("neimark-sacker", "hopf") else 1
@@ -645,11 +678,10 @@ def _march(sys: _System, u0: torch.Tensor, t0: torch.Tensor, s_lo: float, s_hi: 
     u = u0
     while steps < opts["max_steps"]:
         u_pred = u + h * t
-        u_new, its = _correct(sys, u_pred, t, tol, max_iter=opts["max_newton"], max_step=max(h, 1e-300) * 2)
+        u_new, its, J_new = _correct(sys, u_pred, t, tol, max_iter=opts["max_newton"], max_step=max(h, 1e-300) * 2)
         newton += its
         ok = u_new is not None and float((u_new - u_pred).norm()) <= h
         if ok:
-            J_new = sys.jacobian(u_new)
             t_new = _tangent(J_new, t)
             ok = float(torch.dot(t_new, t)) >= math.cos(opts["max_turn"])
         if not ok:
@@ -669,33 +701,33 @@ def _march(sys: _System, u0: torch.Tensor, t0: torch.Tensor, s_lo: float, s_hi: 
             frac = (boundary - float(u[-1])) / (s_new - float(u[-1]))
             e_s = torch.zeros_like(u)
             e_s[-1] = 1.0
-            u_b, _ = _correct(sys, u + frac * (u_new - u), e_s, tol, max_iter=opts["max_newton"],
-                              max_step=float((u_new - u).norm()))
+            u_b, _, J_b = _correct(sys, u + frac * (u_new - u), e_s, tol, max_iter=opts["max_newton"],
+                                   max_step=float((u_new - u).norm()))
             if u_b is None:
                 reason = f"reached {sys.path.label} = {boundary:g} (end point not refined)"
                 break
-            u_new = u_b
-            J_new = sys.jacobian(u_new)
+            u_new, J_new = u_b, J_b
             t_new = _tangent(J_new, t)
         lam_new, m_new = sys.margins(J_new)
         n_new = int((m_new > 0).sum())
         if n_new != n and opts["locate"]:
             k = min(n, n_new)
-            u_sp, J_sp, err = _locate(sys, u, m, u_new, m_new, k, tol, opts["u_tol"])
-            sp = _special_point(sys, u_sp, n, n_new, zero_tol, err)
+            u_sp, J_sp, err = _locate(sys, u, J, m, u_new, J_new, m_new, k, tol, opts["u_tol"])
+            sp = _special_point(sys, u_sp, J_sp, n, n_new, zero_tol, err)
             lam_sp, m_sp = sys.margins(J_sp)
             us.append(u_sp)
             lams.append(lam_sp)
             ms.append(m_sp)
             specials.append((len(us) - 1, sp))
             if sp.kind in ("transcritical", "pitchfork", "degenerate"):
-                bps.append((sp, u_sp, _tangent(J_sp, t)))
+                chord = u_new - u  # the old branch's direction (its tangent is ambiguous at the branch point)
+                bps.append((sp, u_sp, chord / chord.norm()))
         us.append(u_new)
         lams.append(lam_new)
         ms.append(m_new)
         if progress is not None:
             progress.update(1)
-        u, t, n, m = u_new, t_new, n_new, m_new
+        u, t, n, m, J = u_new, t_new, n_new, m_new, J_new
         if boundary is not None:
             reason = f"reached {sys.path.label} = {boundary:g}"
             break
@@ -888,7 +920,7 @@ def continue_fixed_points(
 
 
 def _start_point(sys: _System, u_guess, e_s, tol, radius, max_newton) -> torch.Tensor:
-    u, _ = _correct(sys, u_guess, e_s, tol, max_iter=max(max_newton, 30), max_step=radius)
+    u, _, _ = _correct(sys, u_guess, e_s, tol, max_iter=max(max_newton, 30), max_step=radius)
     s = float(u_guess[-1])
     r0 = float(sys.residual(u_guess).norm())
     if u is None:
@@ -930,7 +962,7 @@ def _branch_switch(sys: _System, u_bp: torch.Tensor, t_bp: torch.Tensor, opts: d
     h = max(opts["ds"], 1e-4)
     for sign in (1.0, -1.0):
         d = sign * phi
-        u, _ = _correct(sys, u_bp + h * d, d, opts["newton_tol"], max_iter=opts["max_newton"] * 2, max_step=h)
+        u, _, _ = _correct(sys, u_bp + h * d, d, opts["newton_tol"], max_iter=opts["max_newton"] * 2, max_step=h)
         if u is not None and float((u - u_bp).norm()) > 0.5 * h:
             out.append((u, d))
     return out

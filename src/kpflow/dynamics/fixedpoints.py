@@ -8,7 +8,19 @@ distance outliers and classify each point from the spectrum of its Jacobian:
 
 * maps (``model.is_flow`` False): an eigenvalue is unstable when ``|λ| > 1``;
 * flows (``model.is_flow`` True, ``F`` is the ``dt`` step of ``ż = f(z)``): the spectrum is that of
-  ``∂f/∂z ≈ (A − I)/dt`` and an eigenvalue is unstable when ``Re λ > 0``.
+  ``∂f/∂z`` and an eigenvalue is unstable when ``Re λ > 0``. ``∂f/∂z`` is the Jacobian of the model's
+  ``vector_field(params, z, x)`` when it has one (neural ODEs with any integrator, leaky RNNs): exact,
+  whatever the step (reading an RK4 step as ``(A − I)/dt`` is only first-order accurate and moves a
+  Hopf point by ``dt·ω²/2``). A flow known only through its step is read as an Euler step,
+  ``(A − I)/dt``.
+
+Newton is run until the residual is below tolerance *and* the last step is negligible (or the
+residual stops decreasing), so points at a double root (a fold or a pitchfork at its parameter
+value, where Newton converges only linearly) are resolved instead of left ~√tol away. Two
+candidates are one fixed point when they are within ``unique_tol`` or when the segment between them
+consists of accepted fixed points (the acceptance test cannot tell them apart): a line of fixed
+points (an eigenvalue exactly at the boundary) comes back as one ``marginal`` point, with
+``info["merged"]`` counting the starts it absorbed.
 
 Points whose speed stays above the fixed-point tolerance but below ``slow_q`` are *slow points*
 (kept only on request).
@@ -87,6 +99,26 @@ class ConstantInputMap:
         J = torch.func.jacrev(lambda Z: self(Z).sum(0))(z)  # [H_out, N, H_in]
         return J.permute(1, 0, 2).contiguous()
 
+    def vector_field(self, z: torch.Tensor, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """``f(z)`` of a flow on ``[N, H]``: the model's ``vector_field`` or, without one, ``(F(z) − z)/dt``."""
+        p = self.params if params is None else params
+        vf = getattr(self.model, "vector_field", None)
+        if callable(vf):
+            return vf(p, z, self.x_bar.expand(z.shape[0], -1))
+        return (self(z, p) - z) / self.dt
+
+    def stability_matrices(self, z: torch.Tensor) -> torch.Tensor:
+        """``[N, H, H]``: ``A = ∂F/∂z`` for maps; ``∂f/∂z`` for flows (exact from ``vector_field`` when
+        the model has one, else ``(A − I)/dt``)."""
+        if not self.is_flow:
+            return self.jacobians(z)
+        if callable(getattr(self.model, "vector_field", None)):
+            z = z.detach()
+            J = torch.func.jacrev(lambda Z: self.vector_field(Z).sum(0))(z)
+            return J.permute(1, 0, 2).contiguous()
+        A = self.jacobians(z)
+        return (A - torch.eye(A.shape[-1], dtype=A.dtype, device=A.device)) / self.dt
+
     def with_params(self, params: Mapping[str, torch.Tensor]) -> ConstantInputMap:
         return ConstantInputMap(self.model, _cast_params(params, self.dtype, self.device), self.x_bar,
                                 self.is_flow, self.dt)
@@ -123,6 +155,7 @@ def constant_input_map(
             f"{type(model).__name__} declares has_constant_input=False: its step depends on more than "
             "(state, input), so a fixed point under a constant input is not defined for it."
         )
+    model = _analysis_copy(model, dtype)
     p_live = model.cell_params() if params is None else normalise_params(params)
     if not p_live:
         raise ValueError(f"{type(model).__name__} has no cell parameters; nothing defines its map")
@@ -152,6 +185,17 @@ def constant_input_map(
             "a map on the state space must return the same shape"
         )
     return fmap
+
+
+def _analysis_copy(model: RecurrentModel, dtype: torch.dtype) -> RecurrentModel:
+    """``model`` itself, or a copy cast to ``dtype`` when it holds floating buffers of another dtype
+    (parameters are cast on every call; buffers live in the module, so a float32 cell with a float32
+    buffer would otherwise mix dtypes in a float64 analysis)."""
+    if any(b.is_floating_point() and b.dtype != dtype for b in model.buffers()):
+        import copy
+
+        return copy.deepcopy(model).to(dtype)
+    return model
 
 
 def normalise_params(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,7 +246,7 @@ class FixedPoints:
         q: ``[N]`` speeds ``½‖F(z) − z‖²``.
         jacobians: ``[N, H, H]`` step-map Jacobians ``A = ∂F/∂z``.
         eigenvalues: ``[N, H]`` complex spectra of the *stability matrix*: ``A`` for maps,
-            ``(A − I)/dt`` for flows; sorted most unstable first.
+            ``∂f/∂z`` for flows (see ``ConstantInputMap.stability_matrices``); most unstable first.
         right_eigenvectors, left_eigenvectors: ``[N, H, H]`` complex, columns matching
             ``eigenvalues``, with ``Lᴴ R = I``.
         stability: label per point (see ``classify_spectrum``); ``unstable_dim``: ``[N]``.
@@ -280,7 +324,7 @@ def spectra(fmap: ConstantInputMap, points: torch.Tensor, tol: float = 1e-9):
         ce = e.to(torch.complex128 if fmap.dtype == torch.float64 else torch.complex64)
         return e, ce[:, 0], ce, ce, [], torch.zeros(0, dtype=torch.long)
     A = fmap.jacobians(points)
-    S = (A - torch.eye(H, dtype=A.dtype, device=A.device)) / fmap.dt if fmap.is_flow else A
+    S = fmap.stability_matrices(points) if fmap.is_flow else A
     lam, R, L = eig_with_left(S)
     order = torch.argsort(stability_margin(lam, fmap.is_flow), dim=-1, descending=True)
     lam = torch.gather(lam, -1, order)
@@ -292,12 +336,17 @@ def spectra(fmap: ConstantInputMap, points: torch.Tensor, tol: float = 1e-9):
 
 # ------------------------------------------------------------------------------------------ solver
 def newton_polish(fmap: ConstantInputMap, z: torch.Tensor, steps: int = 30, tol: float = 1e-13,
-                  max_step: float | None = None, max_halvings: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+                  max_step: float | None = None, max_halvings: int = 30,
+                  xtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
     """Damped Newton on ``F(z) − z = 0`` for every row of ``z`` (in the map's dtype).
 
     Solves ``(A − I) δ = −(F(z) − z)`` (least squares where ``A − I`` is singular), then halves the
     step until the residual norm decreases (at most ``max_halvings``); rows that cannot improve stop.
-    ``max_step`` caps ‖δ‖ (keeps continuation on its branch). Returns the points and their speeds.
+    A row is done when its residual norm is at most ``tol`` *and* its last step at most
+    ``xtol · max(1, ‖z‖)`` (so a root where ``A − I`` is nearly singular, reached only linearly, is
+    resolved rather than left where the residual first drops below ``tol``), or when it stops
+    improving. ``max_step`` caps ‖δ‖ (keeps continuation on its branch). Returns the points and their
+    speeds.
     """
     z = z.detach().clone()
     H = fmap.state_dim
@@ -333,11 +382,13 @@ def newton_polish(fmap: ConstantInputMap, z: torch.Tensor, steps: int = 30, tol:
                 z_new[sel], r_new[sel] = cand[ok], rc[ok]
                 improved[sel] = True
                 step[todo] *= 0.5
+        moved = (z_new - z[idx]).norm(dim=-1)
         z[idx], r[idx] = z_new, r_new
         rn_new = r.norm(dim=-1)
         active_idx = idx[improved]
         still = torch.zeros_like(active)
-        still[active_idx] = rn_new[active_idx] > tol
+        big_step = moved[improved] > xtol * z_new[improved].norm(dim=-1).clamp_min(1.0)
+        still[active_idx] = (rn_new[active_idx] > tol) | big_step
         rn = rn_new
         active = still
     return z, 0.5 * rn.pow(2)
@@ -382,19 +433,33 @@ def _adam_minimise_q(fmap: ConstantInputMap, z0: torch.Tensor, max_iters: int, l
     return z.detach(), q
 
 
-def _deduplicate(points: torch.Tensor, q: torch.Tensor, tol: float) -> torch.Tensor:
-    """Indices of unique points: greedy in order of increasing ``q``; two points are the same when
-    ``‖z_i − z_j‖ ≤ tol · max(1, ‖z_i‖)``."""
+def _deduplicate(points: torch.Tensor, q: torch.Tensor, tol: float, fmap: ConstantInputMap | None = None,
+                 accept_q: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of unique points and how many candidates each absorbed: greedy in order of increasing
+    ``q``; two points are the same when ``‖z_i − z_j‖ ≤ tol · max(1, ‖z_i‖)``, or (with ``fmap``)
+    when the points at 1/4, 1/2 and 3/4 of the segment between them pass the same acceptance test
+    ``q ≤ accept_q`` as the points themselves (they are then indistinguishable as fixed points)."""
     order = torch.argsort(q)
     kept: list[int] = []
+    counts: list[int] = []
+    fracs = torch.tensor([0.25, 0.5, 0.75], dtype=points.dtype, device=points.device).reshape(1, 3, 1)
     for i in order.tolist():
         zi = points[i]
         if kept:
             d = (points[kept] - zi).norm(dim=-1)
-            if bool((d <= tol * max(1.0, float(zi.norm()))).any()):
+            same = d <= tol * max(1.0, float(zi.norm()))
+            if not bool(same.any()) and fmap is not None and accept_q is not None:
+                zk = points[kept].unsqueeze(1)
+                seg = (zk + fracs * (zi - zk)).reshape(-1, zi.shape[-1])
+                with torch.no_grad():
+                    qs = fmap.speed(seg).reshape(len(kept), 3)
+                same = (torch.isfinite(qs) & (qs <= accept_q)).all(-1)
+            if bool(same.any()):
+                counts[int(torch.nonzero(same)[0])] += 1
                 continue
         kept.append(i)
-    return torch.tensor(kept, dtype=torch.long)
+        counts.append(1)
+    return torch.tensor(kept, dtype=torch.long), torch.tensor(counts, dtype=torch.long)
 
 
 def _initial_states(fmap: ConstantInputMap, initial_states, n_starts: int, noise_scale: float,
@@ -428,7 +493,7 @@ def find_fixed_points(
     tol_q: float = 1e-20,
     adam_tol: float = 1e-10,
     adam_round: int = 200,
-    newton_steps: int = 30,
+    newton_steps: int = 60,
     slow_points: bool = False,
     slow_q: float = 1e-4,
     unique_tol: float = 1e-6,
@@ -454,11 +519,13 @@ def find_fixed_points(
         max_iters, lr, adam_tol, adam_round: the Adam stage on ``q``: rounds of ``adam_round``
             iterations (at most ``max_iters`` in all), each followed by a Newton polish that retires
             the starts it converges; a round also ends once every ``q < adam_tol``.
-        tol_q: a point is *fixed* when ``q ≤ tol_q`` after the Newton polish (``newton_steps``
-            damped steps, float64 by default).
+        tol_q: a point is *fixed* when ``q ≤ tol_q`` after the Newton polish (at most ``newton_steps``
+            damped steps, float64 by default; regular roots need a handful, double roots converge
+            linearly and use more).
         slow_points: also keep minima with ``tol_q < q ≤ slow_q`` (labelled ``is_slow``).
-        unique_tol: relative distance under which two fixed points are one; ``slow_unique_tol`` the
-            same for slow points (which sit in extended slow regions), also against fixed points.
+        unique_tol: relative distance under which two fixed points are one (two fixed points joined
+            by a segment of accepted fixed points are one too); ``slow_unique_tol`` the same for slow
+            points (which sit in extended slow regions), also against fixed points.
         exclude_outliers: drop points farther than ``outlier_distance_scale`` × the largest
             distance of a start from the starts' centroid.
         stability_tol: eigenvalues within this margin of the boundary are ``marginal``.
@@ -502,15 +569,28 @@ def find_fixed_points(
     is_fixed = finite & (q <= tol_q)
     keep = is_fixed | (finite & (q <= slow_q) if slow_points else is_fixed)
     info = {"n_starts": int(z0.shape[0]), "min_q": float(q[finite].min()) if bool(finite.any()) else float("nan")}
+    far_dist = None
     if exclude_outliers and bool(keep.any()):
         centre = z0.mean(0)
         radius = float((z0 - centre).norm(dim=-1).max()) + 1e-12
-        far = (z - centre).norm(dim=-1) > outlier_distance_scale * max(radius, 1.0)
+        dist = (z - centre).norm(dim=-1)
+        limit = outlier_distance_scale * max(radius, 1.0)
+        far = dist > limit
         info["n_outliers"] = int((far & keep).sum())
+        if info["n_outliers"]:
+            far_dist = (float(dist[far & keep].min()), limit)
         keep = keep & ~far
+    counts = torch.zeros(0, dtype=torch.long)
     if not bool(keep.any()):
         if allow_empty:
             idx = torch.zeros(0, dtype=torch.long)
+        elif far_dist is not None:
+            raise NoFixedPointError(
+                f"{info['n_outliers']} point(s) converged (speed q ≤ {tol_q:g} or slow), but all lie farther from "
+                f"the starts' centroid than the outlier limit {far_dist[1]:.3g} (outlier_distance_scale = "
+                f"{outlier_distance_scale:g} × the starts' radius); the nearest is at distance {far_dist[0]:.3g}. "
+                "Pass exclude_outliers=False or a larger outlier_distance_scale to keep them, or start nearer."
+            )
         else:
             what = "fixed or slow point" if slow_points else "fixed point"
             raise NoFixedPointError(
@@ -522,15 +602,19 @@ def find_fixed_points(
             )
     else:
         cand = torch.nonzero(keep & is_fixed).flatten()
-        idx = cand[_deduplicate(z[cand], q[cand], unique_tol)]
+        uniq, counts = _deduplicate(z[cand], q[cand], unique_tol, fmap, tol_q)
+        idx = cand[uniq]
         slow = torch.nonzero(keep & ~is_fixed).flatten()
         if slow.numel():  # slow points sit in extended slow regions: merge them on a coarser scale
-            slow = slow[_deduplicate(z[slow], q[slow], slow_unique_tol)]
+            slow = slow[_deduplicate(z[slow], q[slow], slow_unique_tol)[0]]
             if idx.numel():
                 d = torch.cdist(z[slow], z[idx]).min(1).values
                 slow = slow[d > slow_unique_tol * z[slow].norm(dim=-1).clamp_min(1.0)]
             idx = torch.cat([idx, slow])
-        idx = idx[torch.argsort(q[idx])]
+            counts = torch.cat([counts, torch.ones(slow.numel(), dtype=torch.long)])
+        order = torch.argsort(q[idx])
+        idx, counts = idx[order], counts[order.cpu()]
+    info["merged"] = counts.tolist()
     pts, qs = z[idx], q[idx]
     A, lam, R, L, labels, dims = spectra(fmap, pts, stability_tol)
     return FixedPoints(pts, qs, A, lam, R, L, labels, dims, qs > tol_q, fmap.is_flow, fmap.dt, fmap.x_bar, info)
