@@ -167,3 +167,41 @@ def test_different_architectures_are_refused():
         track_bifurcations(a, [a.cell_params(), c.cell_params()])
     with pytest.raises(ValueError, match="at least two checkpoints"):
         track_bifurcations(a, [a.cell_params()])
+
+
+# ------------------------------------------------------------------ defects found on systems with known answers
+@pytest.mark.parametrize("dt, omega", [(0.05, 1.0), (0.1, 2.0)])
+def test_rk4_flow_hopf_located_from_the_vector_field(dt, omega):
+    from dynamics_systems import HopfFlow
+
+    m = HopfFlow(-0.3, omega, -1.0, dt)
+    scan = find_bifurcations(m, mu(-0.3), mu(0.3), initial_states=torch.zeros(1, 2, dtype=D))
+    assert [e.kind for e in scan.events] == ["hopf"]
+    assert abs(-0.3 + 0.6 * scan.events[0].s) <= 1e-8  # not dt ω²/2 = 0.025 / 0.2
+    assert scan.events[0].coefficients["frequency"] == pytest.approx(omega, rel=1e-9)
+
+
+@pytest.mark.parametrize("bend, lo, hi", [(0.0, -0.5, 0.5), (1.0, -0.5, 0.5), (3.0, -0.3, 0.7), (2.0, -0.37, 0.61)])
+def test_moving_pitchfork_is_located_on_its_own_branch(bend, lo, hi):
+    from dynamics_systems import MovingPitchfork
+
+    m = MovingPitchfork(lo, H=3, bend=bend)
+    starts = torch.randn(64, 3, generator=torch.Generator().manual_seed(0), dtype=D)
+    scan = find_bifurcations(m, mu(lo), mu(hi), initial_states=starts)
+    assert [e.kind for e in scan.events] == ["pitchfork"]
+    e = scan.events[0]
+    s = lo + (hi - lo) * e.s
+    assert abs(s) <= 1e-8 and e.criticality == "supercritical"
+    assert float((e.point - m.centre(torch.tensor(s, dtype=D))).norm()) <= 1e-8
+
+
+def test_two_eigenvalues_crossing_together_are_flagged():
+    from dynamics_systems import DoubleCrossing
+
+    m = DoubleCrossing(-0.5)
+    z = torch.zeros(1, 2, dtype=D)
+    for hi in (0.5, 0.37):  # a step landing on the crossing, and one that does not
+        scan = find_bifurcations(m, mu(-0.5), mu(hi), search=False, points_a=z)
+        (e,) = scan.events
+        assert abs(-0.5 + (hi + 0.5) * e.s) <= 1e-8
+        assert e.n_crossing == 2 and e.flags == ["simultaneous"]

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 from dynamics_systems import (
-    D,
     BogdanovTakensFlow,
+    D,
     DoubleCrossing,
     HopfFlow,
     MovingPitchfork,

@@ -144,3 +144,89 @@ def test_bad_inputs_have_clear_messages():
         constant_input_map(m, torch.zeros(3))
     with pytest.raises(ValueError, match="end in the state size H=1"):
         find_fixed_points(m, initial_states=torch.zeros(4, 2))
+
+
+# ------------------------------------------------------------------ defects found on systems with known answers
+def test_rk4_flow_spectrum_is_that_of_the_vector_field():
+    from dynamics_systems import HopfFlow, HopfFlowStepOnly
+
+    # ż = (μ + iω) z − |z|² z stepped by RK4 (dt ω²/2 = 0.2 would move a first-order reading past μ)
+    m = HopfFlow(0.05, 2.0, -1.0, 0.1)
+    fp = find_fixed_points(m, initial_states=torch.zeros(1, 2, dtype=D), n_starts=1)
+    assert fp.stability == ["unstable"]
+    lam = fp.eigenvalues[0]
+    assert torch.allclose(lam.real, torch.full((2,), 0.05, dtype=D), atol=1e-12)
+    assert torch.allclose(lam.imag.abs(), torch.full((2,), 2.0, dtype=D), atol=1e-12)
+    # a flow known only through its step is read as an Euler step, (A − I)/dt: documented, first order
+    m2 = HopfFlowStepOnly(0.05, 2.0, -1.0, 0.1)
+    A = constant_input_map(m2).jacobians(torch.zeros(1, 2, dtype=D))[0]
+    lam2 = find_fixed_points(m2, initial_states=torch.zeros(1, 2, dtype=D), n_starts=1).eigenvalues[0]
+    expected = torch.linalg.eigvals((A - torch.eye(2, dtype=D)) / 0.1)
+    assert torch.allclose(torch.sort(lam2.imag).values, torch.sort(expected.imag).values, atol=1e-12)
+
+
+@pytest.mark.parametrize("name, mu", [("saddle-node", 0.0), ("pitchfork", 0.0), ("pitchfork", -1e-10)])
+def test_double_root_comes_back_as_one_marginal_point(name, mu):
+    m = normal_form(name, mu)
+    fp = find_fixed_points(m, initial_states=torch.linspace(-1, 1, 64).reshape(-1, 1).to(D))
+    assert len(fp) == 1, fp
+    assert fp.stability == ["marginal"]
+    assert float(fp.points.abs().max()) < 1e-7
+    assert fp.info["merged"] == [64]
+
+
+def test_line_of_fixed_points_is_one_marginal_point():
+    class Line(nn.Module):  # z ↦ diag(1, 0.5) z: every point of the first axis is fixed
+        def __init__(self):
+            super().__init__()
+            self.A = nn.Parameter(torch.diag(torch.tensor([1.0, 0.5], dtype=D)))
+
+        def forward(self, x, h):
+            return h @ self.A.T
+
+    from kpflow.models import CellAdapter
+
+    g = torch.Generator().manual_seed(0)
+    fp = find_fixed_points(CellAdapter(Line(), 1, 2), initial_states=torch.randn(64, 2, generator=g, dtype=D))
+    assert len(fp) == 1 and fp.stability == ["marginal"] and fp.info["merged"] == [64]
+    assert abs(float(fp.points[0, 1])) < 1e-12
+
+
+def test_float32_cell_with_a_float32_buffer_is_analysed_in_float64():
+    from kpflow.models import CellAdapter
+
+    class Cell(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.W = nn.Parameter(0.5 * torch.eye(2))
+            self.register_buffer("M", 0.1 * torch.eye(2))
+
+        def forward(self, x, h):
+            return torch.tanh(h @ self.W.T + h @ self.M + x + 0.2)
+
+    m = CellAdapter(Cell(), 2, 2)
+    fp = find_fixed_points(m, n_starts=8)
+    assert len(fp) == 1 and fp.points.dtype == D
+    z = fp.points[0]
+    assert torch.allclose(z, torch.tanh(0.6 * z + 0.2), atol=1e-12)  # the float64 fixed point, not float32's
+    assert m.cell.M.dtype == torch.float32  # the user's cell is untouched
+
+
+def test_far_fixed_point_dropped_as_an_outlier_is_reported_as_such():
+    from kpflow.models import CellAdapter
+
+    class Far(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(torch.tensor(0.5, dtype=D))
+
+        def forward(self, x, h):
+            return self.a * (h - 100.0) + 100.0
+
+    m = CellAdapter(Far(), 1, 1)
+    starts = torch.randn(8, 1, generator=torch.Generator().manual_seed(0), dtype=D)
+    with pytest.raises(NoFixedPointError, match="outlier") as err:
+        find_fixed_points(m, initial_states=starts)
+    assert "reached was 0" not in str(err.value) and "distance 100" in str(err.value)
+    fp = find_fixed_points(m, initial_states=starts, exclude_outliers=False)
+    assert float(fp.points[0, 0]) == pytest.approx(100.0, abs=1e-10)

@@ -122,6 +122,8 @@ class BifurcationEvent:
         source: ``crossing`` (eigenvalue count changed along a branch) or ``branch-end``.
         change: ``born``/``lost`` for branch ends, ``gained instability``/``lost instability`` else.
         interval, step: checkpoint interval ``(k, k+1)`` and interpolated training step (tracking).
+        n_crossing: how many eigenvalues changed side there; flags: ``simultaneous`` when more
+            eigenvalues crossed together than the critical one explains (two real ones, two pairs).
     """
 
     kind: str
@@ -140,6 +142,8 @@ class BifurcationEvent:
     is_flow: bool
     interval: tuple[int, int] | None = None
     step: float | None = None
+    n_crossing: int = 1
+    flags: list[str] = field(default_factory=list)
 
     @property
     def distance(self) -> float:
@@ -150,13 +154,15 @@ class BifurcationEvent:
     def summary(self) -> dict:
         return {"kind": self.kind, "s": self.s, "step": self.step, "interval": self.interval,
                 "eigenvalue": self.eigenvalue, "criticality": self.criticality, "source": self.source,
-                "change": self.change, "norm": float(self.point.norm()),
+                "change": self.change, "norm": float(self.point.norm()), "n_crossing": self.n_crossing,
+                "flags": ",".join(self.flags),
                 **{k: v for k, v in self.coefficients.items()}}
 
     def __repr__(self) -> str:
         where = f"step {self.step:.6g}" if self.step is not None else f"s = {self.s:.10g}"
         crit = f", {self.criticality}" if self.criticality else ""
-        return f"BifurcationEvent({self.kind}{crit} at {where}, λ = {self.eigenvalue:.6g}, {self.change})"
+        flags = f", flags={self.flags}" if self.flags else ""
+        return f"BifurcationEvent({self.kind}{crit} at {where}, λ = {self.eigenvalue:.6g}, {self.change}{flags})"
 
 
 # ----------------------------------------------------------------------------- local derivatives
@@ -277,6 +283,17 @@ class _Corrector:
     def at(self, s: float) -> ConstantInputMap:
         return self.fmap.with_params(interpolate_params(self.pa, self.pb, s))
 
+    def system(self):
+        """The same segment as a continuation system ``g(z, s)`` (for locating crossings on the branch)."""
+        if getattr(self, "_system", None) is None:
+            from .continuation import ParameterPath, _System
+
+            pa, pb, x = self.pa, self.pb, self.fmap.x_bar
+            path = ParameterPath(lambda s: ({k: (1 - s) * pa[k] + s * pb[k] for k in pa}, x), (0.0, 1.0), "s",
+                                 "interpolation")
+            self._system = _System(self.fmap.model, path, self.fmap.dtype, None)
+        return self._system
+
     def correct(self, s: float, z_pred: torch.Tensor, z_ref: torch.Tensor,
                 max_step: float | None = None) -> torch.Tensor | None:
         """Newton at ``s`` from ``z_pred``; None if it fails or jumps farther than allowed from ``z_ref``."""
@@ -315,6 +332,35 @@ def _bisect_count(cor: _Corrector, lo, hi, s_tol: float):
         else:
             s_hi, z_hi, n_hi = s_m, z_m, n_m
     return (s_lo, z_lo, n_lo), (s_hi, z_hi, n_hi)
+
+
+def _locate_on_branch(cor: _Corrector, s_path, z_path, n: int, s_new: float, z_new: torch.Tensor, n_new: int):
+    """Locate a change of the unstable count between the last accepted point and ``(s_new, z_new)`` on
+    the branch (``kpflow.dynamics.continuation``'s locator: Hermite predictor, chord-hyperplane
+    corrector, no branch jumping, ill-conditioned points beside a branch point avoided). The lower end
+    is moved back along the path while its margin is within 1e-6 of the boundary (a step that landed
+    on the bifurcation, where the point is ill-conditioned). Returns ``(s, z, bracket)`` or None."""
+    from .continuation import _locate
+
+    sys = cor.system()
+    k = min(n, n_new)
+
+    def end(s_, z_):
+        u = torch.cat([z_, torch.tensor([s_], dtype=z_.dtype, device=z_.device)])
+        J = sys.jacobian(u)
+        return u, J, sys.margins(J)[1]
+
+    i = len(s_path) - 1
+    ua, Ja, ma = end(s_path[i], z_path[i])
+    while abs(float(ma[k])) <= 1e-6 and i > 0:
+        i -= 1
+        ua, Ja, ma = end(s_path[i], z_path[i])
+    ub, Jb, mb = end(s_new, z_new)
+    if (float(ma[k]) > 0) == (float(mb[k]) > 0):
+        return None
+    u, _, err = _locate(sys, ua, Ja, ma, ub, Jb, mb, k, cor.tol, 1e-13)
+    s_at = float(u[-1])
+    return s_at, u[:-1].detach().clone(), (s_at - err, s_at + err)
 
 
 def _bisect_existence(cor: _Corrector, s_ok: float, z_ok: torch.Tensor, s_bad: float, s_tol: float):
@@ -372,14 +418,23 @@ def _continue(cor: _Corrector, z0: torch.Tensor, s0: float, s1: float, n_substep
             return _Branch(s_path, z_path, events, None)
         n_new, _ = _n_unstable(cor.at(s_new), z_new)
         if n_new != n:
-            lo, hi = _bisect_count(cor, (s, z, n), (s_new, z_new, n_new), s_tol) if direction > 0 else \
-                _bisect_count(cor, (s_new, z_new, n_new), (s, z, n), s_tol)
-            # report at the side nearer to the boundary
-            z_at = lo[1] if direction > 0 else hi[1]
-            s_at = 0.5 * (lo[0] + hi[0])
-            n_before, n_after = (lo[2], hi[2])
+            located = _locate_on_branch(cor, s_path, z_path, n, s_new, z_new, n_new)
+            if located is None:  # fall back to bisection in s
+                lo, hi = _bisect_count(cor, (s, z, n), (s_new, z_new, n_new), s_tol) if direction > 0 else \
+                    _bisect_count(cor, (s_new, z_new, n_new), (s, z, n), s_tol)
+                z_at = lo[1] if direction > 0 else hi[1]  # report at the side nearer to the boundary
+                s_at, bracket = 0.5 * (lo[0] + hi[0]), (lo[0], hi[0])
+            else:
+                s_at, z_at, bracket = located
+            n_before, n_after = (n, n_new) if direction > 0 else (n_new, n)
             change = "gained instability" if n_after > n_before else "lost instability"
-            events.append(_make_event(cor, s_at, (lo[0], hi[0]), z_at, "crossing", change, zero_tol))
+            ev = _make_event(cor, s_at, bracket, z_at, "crossing", change, zero_tol)
+            margins = stability_margin(ev.eigenvalues, cor.fmap.is_flow).abs()
+            n_near = int((margins <= max(1e-6, 10 * abs(ev.coefficients.get("margin", 0.0)))).sum())
+            ev.n_crossing = max(abs(n_new - n), n_near)
+            if ev.n_crossing > (2 if ev.kind in ("neimark-sacker", "hopf") else 1):
+                ev.flags.append("simultaneous")
+            events.append(ev)
         z_prev, s_prev = z, s
         s, z, n = s_new, z_new, n_new
         s_path.append(s)

@@ -207,7 +207,8 @@ def custom_path(model: RecurrentModel, fn: Callable, x_bar=None, *, params=None,
         out = fn(s)
         p, x = (out if isinstance(out, tuple) else (out, x0))
         if not isinstance(p, Mapping):
-            raise TypeError(f"the path function must return a parameter dict (or (params, x_bar)), got {type(p).__name__}")
+            raise TypeError("the path function must return a parameter dict (or (params, x_bar)), got "
+                            f"{type(p).__name__}")
         unknown = sorted(set(p) - set(base))
         if unknown:
             raise ValueError(f"the path function returned unknown parameter(s) {unknown}; the cell has {sorted(base)}")
@@ -288,34 +289,51 @@ class _System:
         order = torch.argsort(m, descending=True)
         return lam[order], m[order]
 
-    # multilinear forms of g in z at (z, s), complex directions allowed
-    def _dir(self, z, s, dirs: Sequence[torch.Tensor]) -> torch.Tensor:
-        def f(y):
-            return self.g(y, s)
+    # multilinear forms of g in z at (z, s)
+    def g_at(self, s: torch.Tensor):
+        """``z ↦ g(z, s)`` with ``θ(s)``, ``x̄(s)`` evaluated once (for nested derivatives in ``z``)."""
+        p, x = self.path(s)
+        p = {k: v.detach() for k, v in p.items()}
+        x = x.detach().unsqueeze(0)
+        if self.has_vf:
+            return lambda y: self.model.vector_field(p, y.unsqueeze(0), x)[0]
+        if self.is_flow:
+            return lambda y: (self.model.step(p, y.unsqueeze(0), x)[0] - y) / self.dt
+        return lambda y: self.model.step(p, y.unsqueeze(0), x)[0] - y
 
-        def nest(fun, v):
-            return lambda y: torch.func.jvp(fun, (y,), (v,))[1]
+    def forms(self, z, s, *dirs: torch.Tensor) -> torch.Tensor:
+        """``D^k g(z)[d_1[i], ..., d_k[i]]`` for batches of real directions ``d_j`` ``[n, H]`` (one vmapped
+        nested forward-mode pass): ``[n, H]``."""
+        f = self.g_at(s)
 
-        h = f
-        for v in dirs:
-            h = nest(h, v)
-        return h(z)
+        def along(*vs):
+            h = f
+            for v in vs:
+                h = (lambda fun, w: (lambda y: torch.func.jvp(fun, (y,), (w,))[1]))(h, v)
+            return h(z)
 
-    def form(self, z, s, *dirs: torch.Tensor) -> torch.Tensor:
-        """``D^k g(z)[d_1, ..., d_k]`` for real or complex directions (multilinear expansion)."""
-        parts = [[(d.real if d.is_complex() else d, 1.0 + 0j)] + ([(d.imag, 1j)] if d.is_complex() else [])
-                 for d in dirs]
-        total = None
-        import itertools
+        return torch.func.vmap(along)(*[d.to(self.dtype) for d in dirs])
 
-        for combo in itertools.product(*parts):
-            vecs = [c[0].to(self.dtype) for c in combo]
-            coef = 1.0 + 0j
-            for c in combo:
-                coef *= c[1]
-            val = self._dir(z, s, vecs).to(torch.complex128) * coef
-            total = val if total is None else total + val
-        return total
+    def B(self, z, s, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """``B(u, v) = D²g[u, v]`` for complex ``(u, v)`` pairs (real and imaginary parts by bilinearity)."""
+        us, vs, idx = [], [], []
+        for k, (u, v) in enumerate(pairs):
+            for (ur, cu) in ((u.real, 1.0), (u.imag, 1j)) if u.is_complex() else ((u, 1.0),):
+                for (vr, cv) in ((v.real, 1.0), (v.imag, 1j)) if v.is_complex() else ((v, 1.0),):
+                    us.append(ur)
+                    vs.append(vr)
+                    idx.append((k, cu * cv))
+        vals = self.forms(z, s, torch.stack(us), torch.stack(vs)).to(torch.complex128)
+        out = torch.zeros(len(pairs), self.H, dtype=torch.complex128, device=vals.device)
+        for row, (k, c) in enumerate(idx):
+            out[k] += c * vals[row]
+        return out
+
+    def C_qqqbar(self, z, s, q: torch.Tensor) -> torch.Tensor:
+        """``C(q, q, q̄) = C(a,a,a) + C(a,b,b) + i[C(a,a,b) + C(b,b,b)]`` for ``q = a + ib``."""
+        a, b = q.real.to(self.dtype), q.imag.to(self.dtype)
+        v = self.forms(z, s, torch.stack([a, a, a, b]), torch.stack([a, b, a, b]), torch.stack([a, b, b, b]))
+        return (v[0] + v[1]).to(torch.complex128) + 1j * (v[2] + v[3]).to(torch.complex128)
 
 
 # ------------------------------------------------------------------------------------- results
@@ -498,9 +516,8 @@ def _classify(sys: _System, u: torch.Tensor, J: torch.Tensor, zero_tol: float, i
         if lam_c.imag < 0:
             q, p, lam_c = q.conj(), p.conj(), lam_c.conjugate()
         qb = q.conj()
-        Bqq = sys.form(z, s, q, q)
-        Bqqb = sys.form(z, s, q, qb)
-        Cqqqb = sys.form(z, s, q, q, qb)
+        Bqq, Bqqb = sys.B(z, s, [(q, q), (q, qb)])
+        Cqqqb = sys.C_qqqbar(z, s, q)
 
         def ip(v):  # ⟨p, v⟩ = pᴴ v
             return complex(torch.dot(p.conj(), v))
@@ -509,7 +526,8 @@ def _classify(sys: _System, u: torch.Tensor, J: torch.Tensor, zero_tol: float, i
             w = abs(lam_c.imag)
             h11 = torch.linalg.solve(Sc, Bqqb)
             h20 = torch.linalg.solve(2j * w * eye - Sc, Bqq)
-            val = ip(Cqqqb) - 2 * ip(sys.form(z, s, q, h11)) + ip(sys.form(z, s, qb, h20))
+            B1, B2 = sys.B(z, s, [(q, h11), (qb, h20)])
+            val = ip(Cqqqb) - 2 * ip(B1) + ip(B2)
             l1 = val.real / (2 * w)
             coeffs.update({"l1": l1, "frequency": w})
             return "hopf", lam_c, lam, q, p, coeffs, ("supercritical" if l1 < 0 else "subcritical"), n_near
@@ -517,17 +535,18 @@ def _classify(sys: _System, u: torch.Tensor, J: torch.Tensor, zero_tol: float, i
         e2 = complex(math.cos(2 * theta), math.sin(2 * theta))
         h11 = torch.linalg.solve(eye - Sc, Bqqb)
         h20 = torch.linalg.solve(e2 * eye - Sc, Bqq)
-        val = ip(Cqqqb) + 2 * ip(sys.form(z, s, q, h11)) + ip(sys.form(z, s, qb, h20))
+        B1, B2 = sys.B(z, s, [(q, h11), (qb, h20)])
+        val = ip(Cqqqb) + 2 * ip(B1) + ip(B2)
         d = 0.5 * (complex(math.cos(theta), -math.sin(theta)) * val).real
         coeffs.update({"d": d, "frequency": abs(theta)})
         return "neimark-sacker", lam_c, lam, q, p, coeffs, ("supercritical" if d < 0 else "subcritical"), n_near
     qr = q.real / q.real.norm()
     pr = p.real / torch.dot(p.real, qr)
-    B = sys.form(z, s, qr, qr).real
-    C = sys.form(z, s, qr, qr, qr).real
+    B = sys.forms(z, s, qr[None], qr[None])[0]
+    C = sys.forms(z, s, qr[None], qr[None], qr[None])[0]
     if not sys.is_flow and lam_c.real < 0:  # λ = −1
         w = torch.linalg.solve(-gz, B)
-        c = float(torch.dot(pr, C + 3 * sys.form(z, s, qr, w).real)) / 6.0
+        c = float(torch.dot(pr, C + 3 * sys.forms(z, s, qr[None], w[None])[0])) / 6.0
         coeffs["c"] = c
         return "flip", lam_c, lam, qr, pr, coeffs, ("supercritical" if c > 0 else "subcritical"), n_near
     p_gs = float(torch.dot(pr, gs))
@@ -544,7 +563,7 @@ def _classify(sys: _System, u: torch.Tensor, J: torch.Tensor, zero_tol: float, i
     w = torch.linalg.lstsq(gz.unsqueeze(0), rhs.reshape(1, -1, 1)).solution.reshape(-1) \
         if gz.device.type == "cpu" else torch.linalg.pinv(gz) @ rhs
     w = w - torch.dot(pr, w) * qr
-    c = float(torch.dot(pr, C + 3 * sys.form(z, s, qr, w).real)) / 6.0
+    c = float(torch.dot(pr, C + 3 * sys.forms(z, s, qr[None], w[None])[0])) / 6.0
     coeffs["c"] = c
     if abs(c) <= zero_tol * float(pr.norm()) * (float(C.norm()) + 1e-300) or abs(c) < 1e-14:
         return "degenerate", lam_c, lam, qr, pr, coeffs, None, n_near
@@ -565,24 +584,24 @@ def _locate(sys: _System, ua, Ja, ma, ub, Jb, mb, k: int, tol: float, u_tol: flo
     predicted by the cubic Hermite interpolant of the bracket's end points and tangents (error
     ``O(L⁴)`` in the bracket length ``L``), corrected on the hyperplane orthogonal to the chord with
     Newton steps capped by ``L``, and rejected if it moved more than ``L/2`` (no branch jumping).
-    Points within ~1e-3 of a branch point are ill-conditioned (``g_z`` has a singular value ~ their
-    distance, so round-off moves them by ``eps/distance``); the returned point is therefore the
-    Hermite interpolant of the first bracket shorter than ``anchor`` (well-conditioned ends, error
-    ``O(anchor⁴)``) at the located position. Returns ``(u, [g_z, g_s] at u, final bracket length)``.
+    Points very near a branch point are ill-conditioned (``g_z`` has a singular value ~ their
+    distance ``δ``, so round-off moves them by ``~eps/δ``); the returned point is therefore the
+    Hermite interpolant, at the located parameter value, of two branch points corrected at distance
+    ``δ = 1e-3 (1 + ‖u‖)`` on either side (error ``O(δ⁴)``). Returns ``(u, [g_z, g_s] at u, final bracket length)``.
     """
     lo, flo, tlo = ua, float(ma[k]), _tangent(Ja, ub - ua)
     hi, fhi, thi = ub, float(mb[k]), _tangent(Jb, ub - ua)
     Jlo, Jhi = Ja, Jb
     anchor_len = 1e-3 * (1.0 + float(ua.norm()))
-    anchor = None
+    wide_chord = ub - ua
     it = 0
     side = 0
     while it < max_iter:
         it += 1
         chord = hi - lo
         L = float(chord.norm())
-        if anchor is None and L <= anchor_len:
-            anchor = (lo, tlo, hi, thi)
+        if L >= 10 * anchor_len:
+            wide_chord = chord
         if L <= u_tol * (1.0 + float(lo.norm())):
             break
         tau = 0.5 if (it % 3 == 0 or flo == fhi) else min(max(flo / (flo - fhi), 0.02), 0.98)
@@ -597,11 +616,13 @@ def _locate(sys: _System, ua, Ja, ma, ub, Jb, mb, k: int, tol: float, u_tol: flo
             break
         _, m = sys.margins(J)
         f = float(m[k])
-        t = _tangent(J, chord)
-        if f == 0.0:
+        if abs(f) <= 1e-14:  # on the special point (where the tangent is ambiguous at a branch point)
             lo = hi = u
             Jlo = Jhi = J
             break
+        t = _tangent(J, chord)
+        if float(torch.dot(t, chord)) < 0.7 * L:  # beside a branch point the kernel is nearly 2-D
+            t = chord / L
         if (f > 0) == (flo > 0):
             lo, flo, tlo, Jlo = u, f, t, J
             if side == -1:  # Illinois: the other end stayed twice
@@ -613,24 +634,29 @@ def _locate(sys: _System, ua, Ja, ma, ub, Jb, mb, k: int, tol: float, u_tol: flo
                 flo *= 0.5
             side = 1
     best, Jbest = (lo, Jlo) if abs(flo) <= abs(fhi) else (hi, Jhi)
-    if anchor is not None and float((hi - lo).norm()) < 1e-3 * float((anchor[2] - anchor[0]).norm()):
-        a0, ta, a1, tb = anchor
-        ch = a1 - a0
-        tau = float(torch.dot(best - a0, ch) / torch.dot(ch, ch))
-        if 0.0 <= tau <= 1.0:
-            # the interpolant's point with the located *parameter value* (secant on its s-coordinate);
-            # where the branch is vertical (a fold) the located arclength position is used as it is
-            s_star = float(best[-1])
-            t0, t1 = tau, min(1.0, tau + 1e-3)
-            h0, h1 = float(_hermite(a0, ta, a1, tb, t0)[-1]) - s_star, float(_hermite(a0, ta, a1, tb, t1)[-1]) - s_star
-            for _ in range(8):
-                if h1 == h0 or abs(h1) <= 1e-16 * (1.0 + abs(s_star)):
-                    break
-                t0, t1, h0 = t1, t1 - h1 * (t1 - t0) / (h1 - h0), h1
-                h1 = float(_hermite(a0, ta, a1, tb, t1)[-1]) - s_star
-            if abs(h1) < 1e-13 * (1.0 + abs(s_star)) and 0.0 <= t1 <= 1.0 and abs(t1 - tau) < 0.1:
-                tau = t1
-            u_h = _hermite(a0, ta, a1, tb, tau)
+    # re-derive the point from two well-conditioned branch points at distance ~anchor on either side
+    d = wide_chord / wide_chord.norm()  # a direction not swamped by the points' own errors
+    dist = anchor_len
+    ends = []
+    for sign in (-1.0, 1.0):
+        pred = best + sign * dist * d
+        u, _, J = _correct(sys, pred, d, tol, max_iter=40, max_step=dist)
+        if u is None or float((u - pred).norm()) > 0.5 * dist:
+            break
+        ends.append((u, _tangent(J, d)))
+    if len(ends) == 2:
+        (a0, ta), (a1, tb) = ends
+        s_star = float(best[-1])
+        ts = [0.5, 0.5 + 1e-3]
+        hs = [float(_hermite(a0, ta, a1, tb, t)[-1]) - s_star for t in ts]
+        for _ in range(8):  # secant on the interpolant's s-coordinate (skipped where the branch is vertical)
+            if hs[-1] == hs[-2] or abs(hs[-1]) <= 1e-16 * (1.0 + abs(s_star)):
+                break
+            ts.append(ts[-1] - hs[-1] * (ts[-1] - ts[-2]) / (hs[-1] - hs[-2]))
+            hs.append(float(_hermite(a0, ta, a1, tb, ts[-1])[-1]) - s_star)
+        tau = ts[-1] if (abs(hs[-1]) < 1e-13 * (1.0 + abs(s_star)) and 0.25 <= ts[-1] <= 0.75) else 0.5
+        u_h = _hermite(a0, ta, a1, tb, tau)
+        if float((u_h - best).norm()) <= 0.1 * dist:
             best, Jbest = u_h, sys.jacobian(u_h)
     return best, Jbest, float((hi - lo).norm())
 
@@ -764,7 +790,8 @@ def _assemble(sys: _System, back: _Half | None, fwd: _Half, branch_id: int) -> B
     for sp in specials:
         sp.branch = branch_id
     info = {"end_forward": fwd.reason, "end_backward": back.reason if back is not None else None,
-            "steps": fwd.steps + (back.steps if back else 0), "newton_iterations": fwd.newton + (back.newton if back else 0),
+            "steps": fwd.steps + (back.steps if back else 0),
+            "newton_iterations": fwd.newton + (back.newton if back else 0),
             "rejected_steps": fwd.rejected + (back.rejected if back else 0)}
     return Branch(U[:, -1].clone(), U[:, :-1].clone(), torch.stack(lams), M, (M > 0).sum(-1), arclength,
                   sorted(specials, key=lambda p: p.index), sys.is_flow, info)
@@ -859,8 +886,8 @@ def continue_fixed_points(
 
         p0, x0 = path(sys.s_tensor(s0))
         fmap = ConstantInputMap(sys.model, {k: v.detach() for k, v in p0.items()}, x0.detach(), sys.is_flow, sys.dt)
-        fps = find_fixed_points(sys.model, initial_states=initial_states, fmap=fmap, allow_empty=True,
-                                n_starts=64 if initial_states is None else max(64, torch.as_tensor(initial_states).numel() // H))
+        n0 = 64 if initial_states is None else max(64, torch.as_tensor(initial_states).numel() // H)
+        fps = find_fixed_points(sys.model, initial_states=initial_states, fmap=fmap, allow_empty=True, n_starts=n0)
         if len(fps) == 0:
             raise ContinuationError(f"no fixed point found at {path.label} = {s0:g} to start from; pass start=...")
         starts = fps.points
