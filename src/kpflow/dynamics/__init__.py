@@ -1,4 +1,4 @@
-"""Dynamics of recurrent models: fixed points, bifurcations, normal forms and the bifurcation channel."""
+"""Dynamics of recurrent models: fixed points, continuation, bifurcations, normal forms and the bifurcation channel."""
 
 from .bifurcations import (
     BifurcationEvent,
@@ -20,6 +20,20 @@ from .channels import (
     critical_subspace,
     jacobian_summary,
     normal_form_match,
+)
+from .continuation import (
+    Branch,
+    ContinuationError,
+    ContinuationResult,
+    ParameterPath,
+    SpecialPoint,
+    continue_fixed_points,
+    custom_path,
+    gain_path,
+    input_path,
+    interpolation_path,
+    learning_along_branch,
+    parameter_path,
 )
 from .fixedpoints import (
     ConstantInputMap,
@@ -48,6 +62,8 @@ from .normal_forms import (
 )
 
 __all__ = [
+    "Branch", "ContinuationError", "ContinuationResult", "ParameterPath", "SpecialPoint", "continue_fixed_points",
+    "custom_path", "gain_path", "input_path", "interpolation_path", "learning_along_branch", "parameter_path",
     "ChannelDecomposition", "JacobianSummary", "NormalFormMatch", "bifurcation_channel", "critical_subspace",
     "jacobian_summary", "normal_form_match",
     "BifurcationEvent", "BifurcationHistory", "BifurcationScan", "bialternate_product", "check_same_architecture",
