@@ -24,7 +24,13 @@ from kpflow.kernels import (
     state_fisher,
     step_jacobians,
 )
-from kpflow.kernels.joint import JointPropagator, SiteKroneckerCore, VisibleSelection
+from kpflow.kernels.joint import (
+    JointPropagator,
+    SiteKroneckerCore,
+    SiteStateJacobian,
+    VisibleSelection,
+    site_ntk,
+)
 from kpflow.models import (
     GRU,
     LSTM,
@@ -115,9 +121,12 @@ def test_state_jacobian_matches_jacrev_for_every_path(case):
 def test_ntk_equals_dense_jjt(case):
     _, model, traj = case
     dense = _jacrev_states(model, traj)
-    theta = ntk(traj)
-    assert theta.is_psd
-    assert _rel(theta.to_matrix(), dense @ dense.T) < 1e-10
+    for path in ("joint", "parameters"):
+        theta = site_ntk(traj, path=path)
+        assert theta.is_psd and theta.path == path
+        assert _rel(theta.to_matrix(), dense @ dense.T) < 1e-10, path
+    assert ntk(traj).path == "parameters"
+    assert ntk(traj, method="kronecker").path == "joint"
 
 
 def test_kronecker_k_equals_autodiff_k_both_contractions(case):
@@ -146,7 +155,8 @@ def test_jacobians_autodiff_backend_and_adjoints(case):
     gen = torch.Generator().manual_seed(1)
     J, Ja = param_jacobian(traj), param_jacobian(traj, method="autodiff")
     assert _rel(J.to_matrix(), Ja.to_matrix()) < 1e-12
-    ops = [J, Ja, propagator(traj), joint_propagator(traj), inverse_propagator(traj), VisibleSelection(traj),
+    ops = [J, Ja, SiteStateJacobian(traj), propagator(traj), joint_propagator(traj), inverse_propagator(traj),
+           VisibleSelection(traj),
            readout_jacobian(traj), parameter_operator(traj, method="kronecker"), ntk(traj), output_ntk(traj),
            state_fisher(traj)]
     for op in ops:

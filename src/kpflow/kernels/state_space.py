@@ -515,7 +515,12 @@ def state_jacobian(traj: Trajectory, param_names=None, cache="auto", chunk_size=
 
 def ntk(traj: Trajectory, param_names=None, method: str = "auto", cache="auto",
         chunk_size: int | None = None) -> LinearOperator:
-    """State-space NTK ``Θ = P K P*`` on ``[B, T, H]`` (PSD); ``method`` as in ``parameter_operator``."""
+    """State-space NTK ``Θ = P K P*`` on ``[B, T, H]`` (PSD); ``method`` as in ``parameter_operator``. For a
+    site trajectory the NTK of the visible states, ``kpflow.kernels.joint.site_ntk(traj, path="auto")``."""
+    if _is_site(traj):
+        from .joint import site_ntk
+
+        return site_ntk(traj, param_names, "joint" if method in ("kronecker", "autodiff") else "auto")
     P = propagator(traj, cache, chunk_size=chunk_size)
     return P @ parameter_operator(traj, param_names, method, chunk_size) @ P.T
 
