@@ -33,7 +33,8 @@ def register_study(name: str, default_config: Callable[[], RunConfig], run: Call
 
 
 #: modules that register studies when imported (loaded on first lookup, skipped if absent)
-PLUGIN_MODULES = ["kpflow.dynamics.study", "kpflow.dynamics.studies", "kpflow.experiments.bifurcation"]
+PLUGIN_MODULES = ["kpflow.dynamics.study", "kpflow.dynamics.studies", "kpflow.experiments.bifurcation",
+                  "kpflow.experiments.transformer"]
 _loaded = False
 
 
