@@ -61,6 +61,13 @@ def _seeds(n=5, **cols):
 SYNTHETIC = {
     "kp_gradient_flow": (_seeds(log10_rel_err=-9.0), _seeds(log10_rel_err=-1.0)),
     "kronecker_core": (_seeds(log10_worst_rel_err=-14.0), _seeds(log10_worst_rel_err=-2.0)),
+    "first_bifurcation_pitchfork": (_seeds(pitchfork=1.0, log10_sharpness=1.5, nf_correlation=0.98),
+                                    _seeds(pitchfork=[0.0, 0.0, 0.0, 0.0, 0.0], log10_sharpness=1.5,
+                                           nf_correlation=0.98)),
+    "first_bifurcation_orthogonal": (_seeds(pitchfork=1.0, log10_sharpness=1.5, nf_correlation=0.98),
+                                     _seeds(pitchfork=1.0, log10_sharpness=-0.5, nf_correlation=0.98)),
+    "bifurcation_channel": (_seeds(amplification_rho=0.95, excess_rank_ratio=0.01),
+                            _seeds(amplification_rho=0.95, excess_rank_ratio=0.5)),
 }
 
 
@@ -127,3 +134,25 @@ def test_reproduce_command_smoke(tmp_path):
     assert set(summary["claims"]) == {"kp_gradient_flow", "kronecker_core"}
     bad = runner.invoke(app, ["reproduce", "--only", "nope", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "valid ids" in bad.output
+
+
+def test_planted_teacher_has_one_real_mode_at_one_visible_in_the_readout():
+    import torch
+
+    from kpflow.tasks import make_task
+
+    task = make_task("student_teacher", hidden=12, teacher_spectrum="planted", rest_radius=0.4, teacher_seed=3)
+    w = task.teacher_weights()
+    lam, vec = torch.linalg.eig(w["W_base"].double())
+    order = lam.abs().argsort(descending=True)
+    assert abs(complex(lam[order[0]]) - 1.0) < 1e-5  # the planted mode: real, at +1
+    assert torch.allclose(lam[order[1:]].abs(), torch.full((11,), 0.4, dtype=torch.float64), atol=1e-5)
+    q = vec[:, order[0]].real
+    u = w["W_out"][0].double() / w["W_out"][0].double().norm()
+    assert abs(float(q @ u)) / float(q.norm()) == pytest.approx(2 ** -0.5, abs=1e-5)  # 45° to the readout
+    ortho = make_task("student_teacher", hidden=12, teacher_seed=3).teacher_weights()
+    assert torch.equal(ortho["W_in"], w["W_in"]) and torch.equal(ortho["W_out"], w["W_out"])
+    with pytest.raises(ValueError, match="teacher_spectrum"):
+        make_task("student_teacher", teacher_spectrum="random")
+    with pytest.raises(ValueError, match="rest_radius"):
+        make_task("student_teacher", teacher_spectrum="planted", rest_radius=1.5)

@@ -5,7 +5,7 @@
 them all and writes the claims report. See docs/claims.md.
 """
 
-from . import identities  # noqa: F401  (registers claims 1 and 5)
+from . import bifurcation, identities  # noqa: F401  (register the claims)
 from .registry import (
     CLAIMS,
     Z_CRIT,
