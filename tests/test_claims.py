@@ -66,6 +66,13 @@ SYNTHETIC = {
                                            nf_correlation=0.98)),
     "first_bifurcation_orthogonal": (_seeds(pitchfork=1.0, log10_sharpness=1.5, nf_correlation=0.98),
                                      _seeds(pitchfork=1.0, log10_sharpness=-0.5, nf_correlation=0.98)),
+    "collapse_over_gd": (_seeds(collapse_pr=3.0, collapse_modes95=2.0, K_erank_over_bound_max=0.01),
+                         _seeds(collapse_pr=3.0, collapse_modes95=2.0, K_erank_over_bound_max=0.5)),
+    "gain_shapes_collapse": (_seeds(collapse_difference=1.0, log2_K_pr_ratio=1.0),
+                             _seeds(collapse_difference=-1.0, log2_K_pr_ratio=1.0)),
+    "space_time_rank": (_seeds(rho_temporal=0.9, rho_spatial=0.9), _seeds(rho_temporal=0.9, rho_spatial=-0.2)),
+    "self_referential_bias": (_seeds(log10_quad_ratio=1.0, log10_residual_ratio=0.3),
+                              _seeds(log10_quad_ratio=-1.0, log10_residual_ratio=0.3)),
     "bifurcation_channel": (_seeds(amplification_rho=0.95, excess_rank_ratio=0.01),
                             _seeds(amplification_rho=0.95, excess_rank_ratio=0.5)),
 }

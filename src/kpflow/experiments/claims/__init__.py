@@ -5,7 +5,7 @@
 them all and writes the claims report. See docs/claims.md.
 """
 
-from . import bifurcation, identities  # noqa: F401  (register the claims)
+from . import bifurcation, collapse, identities, spectra  # noqa: F401  (register the claims)
 from .registry import (
     CLAIMS,
     Z_CRIT,

@@ -246,7 +246,7 @@ register_claim(Claim(
     paper="Hazelden & Shea-Brown (arXiv 2605.12763); teacher of the code index rnn_student_teacher",
     criterion="as first_bifurcation_pitchfork, with the orthogonal teacher",
     measure=measure_orthogonal, verdict=verdict_first_bifurcation, figure=figure_first_bifurcation,
-    setting="orthogonal teacher; " + _SETTING, seeds=3,
+    setting="orthogonal teacher; " + _SETTING, seeds=5, quick_seeds=3,
 ))
 
 register_claim(Claim(

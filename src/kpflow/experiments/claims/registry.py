@@ -131,7 +131,7 @@ class Claim:
         verdict: pure ``verdict(measurements) -> Verdict``.
         setting: the experimental setting at each size, in words.
         figure: optional ``figure(measurements, ax)`` drawing the claim's figure (default: the effect per seed).
-        seeds: default number of seeds.
+        seeds: default number of seeds; quick_seeds: at the quick size.
     """
 
     id: str
@@ -144,6 +144,7 @@ class Claim:
     setting: str = ""
     figure: Callable | None = field(default=None, repr=False)
     seeds: int = 5
+    quick_seeds: int = 5
 
 
 CLAIMS: dict[str, Claim] = {}

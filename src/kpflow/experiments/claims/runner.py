@@ -43,7 +43,7 @@ def plan(claims: Sequence[str] | None = None, seeds: int | Sequence[int] | None 
 
     Args:
         claims: claim ids (None: all registered, in the issue's order).
-        seeds: a number n (seeds 0..n-1), explicit seeds, or None (each claim's default count).
+        seeds: a number n (seeds 0..n-1), explicit seeds, or None (each claim's default count at that size).
         quick: the reduced size of every study.
 
     Returns:
@@ -60,7 +60,7 @@ def plan(claims: Sequence[str] | None = None, seeds: int | Sequence[int] | None 
     for cid in ids:
         claim = get_claim(cid)
         if seeds is None:
-            chosen = range(claim.seeds)
+            chosen = range(claim.quick_seeds if quick else claim.seeds)
         elif isinstance(seeds, int):
             chosen = range(seeds)
         else:
