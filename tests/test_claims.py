@@ -73,6 +73,10 @@ SYNTHETIC = {
     "space_time_rank": (_seeds(rho_temporal=0.9, rho_spatial=0.9), _seeds(rho_temporal=0.9, rho_spatial=-0.2)),
     "self_referential_bias": (_seeds(log10_quad_ratio=1.0, log10_residual_ratio=0.3),
                               _seeds(log10_quad_ratio=-1.0, log10_residual_ratio=0.3)),
+    "onesided_low_budget": (_seeds(A_log10_err_ratio=0.5, B_log10_err_ratio=0.3, A_log10_speedup_1pct=2.0),
+                            _seeds(A_log10_err_ratio=0.5, B_log10_err_ratio=-0.3, A_log10_speedup_1pct=2.0)),
+    "natural_gradient_spike": (_seeds(spike_reduction=0.3, cost_ratio=1.2),
+                               _seeds(spike_reduction=0.3, cost_ratio=3.0)),
     "bifurcation_channel": (_seeds(amplification_rho=0.95, excess_rank_ratio=0.01),
                             _seeds(amplification_rho=0.95, excess_rank_ratio=0.5)),
 }
