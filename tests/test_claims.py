@@ -77,6 +77,10 @@ SYNTHETIC = {
                             _seeds(A_log10_err_ratio=0.5, B_log10_err_ratio=-0.3, A_log10_speedup_1pct=2.0)),
     "natural_gradient_spike": (_seeds(spike_reduction=0.3, cost_ratio=1.2),
                                _seeds(spike_reduction=0.3, cost_ratio=3.0)),
+    "multitask_prediction": (_seeds(prediction_gain=0.8, rho_interference=0.7),
+                             _seeds(prediction_gain=-0.8, rho_interference=0.7)),
+    "init_dynamics_bias": (_seeds(log10_loss_ratio=0.5, log10_alignment_ratio=0.2),
+                           _seeds(log10_loss_ratio=-0.5, log10_alignment_ratio=0.2)),
     "bifurcation_channel": (_seeds(amplification_rho=0.95, excess_rank_ratio=0.01),
                             _seeds(amplification_rho=0.95, excess_rank_ratio=0.5)),
 }

@@ -5,7 +5,7 @@
 them all and writes the claims report. See docs/claims.md.
 """
 
-from . import bifurcation, collapse, identities, natural_gradient, spectra, trace_estimators  # noqa: F401  (register the claims)
+from . import bifurcation, collapse, identities, natural_gradient, spectra, tasks_structure, trace_estimators  # noqa: F401  (register the claims)
 from .registry import (
     CLAIMS,
     Z_CRIT,

@@ -16,16 +16,19 @@ def pick(size: str, quick, full):
 
 
 def trained(model_name: str, task, hidden: int, seed: int, steps: int, *, g: float = 1.0, lr: float = 1e-2,
-            optimizer: str = "adam", batch_size: int = 32, every: int | None = None, **model_params):
+            optimizer: str = "adam", batch_size: int = 32, every: int | None = None, init=None, grad_clip: float | None = None, **model_params):
     """Build ``model_name`` from ``seed`` and train it ``steps`` steps on ``task`` (float32, in memory).
 
     Returns:
         ``(model, snapshots)``: the trained model and float64 copies of it at step 0, every ``every``
-        steps and at the end (``{step: model}``; only the end when ``every`` is None).
+        steps and at the end (``{step: model}``; only the end when ``every`` is None). ``init(model)``, if
+        given, modifies the freshly built model before training (e.g. plants fixed points).
     """
     from kpflow.training import build_model, make_optimizer, train
 
     model = build_model(model_name, task.input_dim, hidden, task.output_dim, g=g, seed=seed, **model_params)
+    if init is not None:
+        init(model)
     snaps = {0: copy.deepcopy(model).double()}
 
     def on_step(step, loss, m):
@@ -33,7 +36,8 @@ def trained(model_name: str, task, hidden: int, seed: int, steps: int, *, g: flo
             snaps[step] = copy.deepcopy(m).double()
 
     if steps > 0:
-        train(model, task, {"steps": steps, "batch_size": batch_size, "checkpoint_every": max(steps, 1)},
+        train(model, task, {"steps": steps, "batch_size": batch_size, "checkpoint_every": max(steps, 1),
+                            "grad_clip": grad_clip},
               optimizer=make_optimizer(optimizer, model, lr=lr), seed=seed, progress=False, on_step=on_step)
     snaps[steps] = copy.deepcopy(model).double()
     return model, snaps
