@@ -16,7 +16,8 @@ def pick(size: str, quick, full):
 
 
 def trained(model_name: str, task, hidden: int, seed: int, steps: int, *, g: float = 1.0, lr: float = 1e-2,
-            optimizer: str = "adam", batch_size: int = 32, every: int | None = None, init=None, grad_clip: float | None = None, **model_params):
+            optimizer: str = "adam", batch_size: int = 32, every: int | None = None, init=None,
+            grad_clip: float | None = None, **model_params):
     """Build ``model_name`` from ``seed`` and train it ``steps`` steps on ``task`` (float32, in memory).
 
     Returns:

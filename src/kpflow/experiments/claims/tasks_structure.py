@@ -209,6 +209,7 @@ register_claim(Claim(
               "than the control's and the output NTK's alignment with the target modes at initialisation is smaller "
               "(log10 ratios > 0 by 2 SE)",
     measure=measure_init_bias, verdict=verdict_init_bias, figure=figure_init_bias,
-    setting="leaky RNN (dt 0.7, g = 1), SGD lr 0.1 (gradient norm clipped at 1), Memory-Pro; quick: H=48, periods 5, 300 steps, 8 trials; "
+    setting="leaky RNN (dt 0.7, g = 1), SGD lr 0.1 (gradient norm clipped at 1), Memory-Pro; quick: H=48, "
+            "periods 5, 300 steps, 8 trials; "
             "full: H=128, periods 10, 1500 steps, 16 trials; 0 / 5 / 30 planted fixed points",
 ))
