@@ -2,9 +2,14 @@
 
 Setting (Hazelden & Shea-Brown, arXiv 2605.12763; code index ``rnn_student_teacher``): a tanh RNN
 student ``h_t = tanh(W h_{t-1} + W_in x_t)``, ``y_t = W_out h_t`` learns by SGD to reproduce a teacher
-with the same ``W_in``, ``W_out`` and ``W* = g* W_base`` (``W_base`` random orthogonal, ``g* = 1.2``:
-past the bifurcation of the origin at ``|λ| = 1``). The student starts at ``W = g W_base`` (``g = 0.4``)
-and only ``W`` is trained, so it must cross the bifurcation. Inputs have rank 4 in 16 dimensions.
+with the same ``W_in``, ``W_out`` and ``W* = g* W_base`` (``g* = 1.2``: past the bifurcation of the
+origin at ``|λ| = 1``). The student starts at ``W = g W_base`` (``g = 0.4``) and only ``W`` is trained,
+so it must cross the bifurcation. Inputs have rank 4 in 16 dimensions. ``W_base`` is by default the
+*planted* teacher (``task.params.teacher_spectrum: planted``: one real mode at 1, visible in the
+readout, the rest at radius 0.5), whose student crosses +1 along a real mode — a pitchfork; with
+``teacher_spectrum: orthogonal`` (the paper code's random orthogonal ``W_base``, all eigenvalues of
+modulus 1) a complex pair usually reaches the unit circle first (a Neimark–Sacker), the documented
+second regime.
 
 At every checkpoint, on a fixed evaluation batch (float64): the loss; the sNTK ``Θ = P K P*`` (K of
 ``W`` only) — trace, effective rank full / temporal / spatial (one-sided randomized estimates with
@@ -43,7 +48,8 @@ def bifurcation_config() -> RunConfig:
     return validate_config({
         "name": "bifurcation", "seed": 0,
         "task": {"name": "student_teacher", "params": {"input_dim": 16, "hidden": 64, "input_rank": 4,
-                                                        "seq_len": 40, "g_teacher": 1.2, "teacher_seed": 0}},
+                                                        "seq_len": 40, "g_teacher": 1.2, "teacher_seed": 0,
+                                                        "teacher_spectrum": "planted"}},
         "model": {"name": "rnn", "hidden": 64, "g": 0.4},
         "optimizer": {"name": "sgd", "lr": 0.05},
         "train": {"steps": 1000, "batch_size": 128, "checkpoint_every": 50},
