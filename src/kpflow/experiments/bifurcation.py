@@ -410,6 +410,11 @@ def run_bifurcation_study(cfg: RunConfig | None = None, out_dir: str | Path | No
             "born": len(scan.born), "lost": len(scan.lost), "events": [e.summary() for e in scan.events]}
         summary["before"] = {"step": steps[k], **at_step(steps[k])}
         summary["after"] = {"step": steps[k + 1], **at_step(steps[k + 1])}
+        se = {s: {r["metric"]: r["stderr"] for r in rows if r["step"] == s} for s in (steps[k], steps[k + 1])}
+        eb, ea = summary["before"].get("ntk_erank"), summary["after"].get("ntk_erank")
+        sb, sa = se[steps[k]].get("ntk_erank", math.nan), se[steps[k + 1]].get("ntk_erank", math.nan)
+        summary["erank_drop_across_crossing"] = (eb - ea) if eb is not None and ea is not None else math.nan
+        summary["erank_drop_se"] = math.hypot(sb, sa)
         summary["start"] = {"step": steps[0], **at_step(steps[0])}
         summary["end"] = {"step": steps[-1], **at_step(steps[-1])}
     rows.append({"run": cfg.name, "step": "", "metric": "first_bifurcation_step",
@@ -473,6 +478,9 @@ def reading_notes(summary: dict) -> list[str]:
                      f"{sc['fixed_points_after']} after ({', '.join(sc['stability_after'])}); "
                      f"{sc['born']} born, {sc['lost']} lost.")
     b_er, at_er = b.get("ntk_erank", math.nan), at["ntk_erank"]
+    drop, dse = summary.get("erank_drop_across_crossing", math.nan), summary.get("erank_drop_se", math.nan)
+    notes.append(f"sNTK effective-rank drop across the crossing interval (checkpoint before → after): {drop:.3g} ± "
+                 f"{dse:.2g}, i.e. {drop / dse if dse > 0 else math.nan:.3g} standard errors.")
     notes.append(f"Collapse check: the sNTK effective rank changes by a factor {b_er / at_er:.3g} between the last "
                  "checkpoint before the crossing and the crossing, and by "
                  f"{summary['start'].get('ntk_erank', math.nan) / at_er:.3g}"

@@ -91,7 +91,7 @@ def write_claims_report(path: str | Path, results: dict, *, size: str, wall_seco
         fig = claim_figure(cid, v, ms, figs)
         secs = sum(rec["seconds"] for rec in r["records"])
         errs = "".join(f"<pre>{html.escape(e[-1500:])}</pre>" for e in r["errors"])
-        notes = "".join(f"<li>{html.escape(str(n))}</li>" for m in ms[:1] for n in m.get("notes", []))
+        notes = "".join(f"<li>{html.escape(str(n))}</li>" for m in ms for n in m.get("notes", []))
         sections.append(
             f"<h2 id='{cid}'>{claim.number}. {html.escape(cid)} — "
             f"<span style='color:{COLORS[v.verdict]}'>{v.verdict}</span></h2>"
