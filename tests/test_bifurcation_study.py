@@ -55,7 +55,14 @@ def test_student_starts_as_g_times_the_teachers_base():
     torch.testing.assert_close(model.cell.W.detach(), cfg.model.g * w["W_base"])
     assert not model.cell.U.requires_grad and model.cell.W.requires_grad
     lam, _, _ = origin_spectrum(model.to(torch.float64), {k: v.double() for k, v in model.cell_params().items()})
-    # orthogonal base: every eigenvalue of g W_base has modulus g
+    # planted base (the default): one real eigenvalue g, the other 63 of modulus g · rest_radius
+    assert abs(complex(lam[0]) - cfg.model.g) < 1e-6
+    torch.testing.assert_close(lam[1:].abs(), torch.full((63,), 0.5 * cfg.model.g, dtype=torch.float64), atol=1e-6,
+                               rtol=0)
+    # orthogonal base (second regime): every eigenvalue of g W_base has modulus g
+    cfg = validate_config(cfg, **{"task.params": {**cfg.task.params, "teacher_spectrum": "orthogonal"}})
+    task, model = build_student(cfg)
+    lam, _, _ = origin_spectrum(model.to(torch.float64), {k: v.double() for k, v in model.cell_params().items()})
     torch.testing.assert_close(lam.abs(), torch.full((64,), cfg.model.g, dtype=torch.float64), atol=1e-6, rtol=0)
 
 
