@@ -147,6 +147,7 @@ def test_reproduce_command_smoke(tmp_path):
     assert "kp_gradient_flow" in page and "data:image/png;base64" in page
     summary = json.loads((tmp_path / "claims.json").read_text())
     assert set(summary["claims"]) == {"kp_gradient_flow", "kronecker_core"}
+    assert "reproduce" in runner.invoke(app, ["--help"]).output  # registered on the app
     bad = runner.invoke(app, ["reproduce", "--only", "nope", "--out", str(tmp_path)])
     assert bad.exit_code == 2 and "valid ids" in bad.output
 

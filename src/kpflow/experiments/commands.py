@@ -275,3 +275,7 @@ def register_commands(app: typer.Typer) -> None:
     app.command("sweep")(sweep_command)
     app.command("analyze")(analyze_command)
     app.command("report")(report_command)
+    from .claims.command import reproduce_command  # torch-free until the command runs
+
+    app.command("reproduce", short_help="Every paper claim as a seeded study with a verdict; claims report.")(
+        reproduce_command)

@@ -2,10 +2,10 @@
 
 ``CLAIMS`` maps a claim id to its :class:`Claim` (quote, paper, criterion, ``measure``, ``verdict``);
 ``plan`` / ``run_task`` / ``evaluate`` are the plain functions a runner maps over; ``reproduce`` runs
-them all and writes the claims report. See docs/claims.md.
+them all and writes the claims report. See docs/claims.md. The claim modules (and torch) are imported
+on the registry's first use.
 """
 
-from . import bifurcation, collapse, identities, natural_gradient, spectra, tasks_structure, trace_estimators  # noqa: F401  (register the claims)
 from .registry import (
     CLAIMS,
     Z_CRIT,
@@ -14,6 +14,7 @@ from .registry import (
     all_of,
     claim_ids,
     get_claim,
+    load_builtin_claims,
     mean_se,
     register_claim,
     threshold_verdict,
@@ -21,5 +22,5 @@ from .registry import (
 from .runner import ClaimTask, claim_line, evaluate, load_result, plan, reproduce, run_plan, run_task
 
 __all__ = ["CLAIMS", "Z_CRIT", "Claim", "ClaimTask", "Verdict", "all_of", "claim_ids", "claim_line", "evaluate",
-           "get_claim", "load_result", "mean_se", "plan", "register_claim", "reproduce", "run_plan", "run_task",
-           "threshold_verdict"]
+           "get_claim", "load_builtin_claims", "load_result", "mean_se", "plan", "register_claim", "reproduce",
+           "run_plan", "run_task", "threshold_verdict"]

@@ -149,6 +149,18 @@ class Claim:
 
 CLAIMS: dict[str, Claim] = {}
 
+#: the modules of the built-in claims, imported on first use of the registry (so ``kpflow --help`` stays torch-free)
+CLAIM_MODULES = ("identities", "collapse", "tasks_structure", "spectra", "bifurcation", "natural_gradient",
+                 "trace_estimators")
+
+
+def load_builtin_claims() -> None:
+    """Import the built-in claim modules (each registers its claims)."""
+    import importlib
+
+    for name in CLAIM_MODULES:
+        importlib.import_module(f"{__package__}.{name}")
+
 
 def register_claim(claim: Claim) -> Claim:
     """Add ``claim`` to the registry (ids are unique)."""
@@ -160,11 +172,13 @@ def register_claim(claim: Claim) -> Claim:
 
 def claim_ids() -> list[str]:
     """Registered claim ids in the issue's order."""
+    load_builtin_claims()
     return [c.id for c in sorted(CLAIMS.values(), key=lambda c: (c.number, c.id))]
 
 
 def get_claim(claim_id: str) -> Claim:
     """The registered claim ``claim_id``; a ValueError lists the valid ids."""
+    load_builtin_claims()
     if claim_id not in CLAIMS:
         raise ValueError(f"unknown claim {claim_id!r}; valid claims: {', '.join(claim_ids())}")
     return CLAIMS[claim_id]
