@@ -79,7 +79,7 @@ def main() -> None:
                         all_converged=res.all_converged, n_converged=int(res.converged.sum()),
                         honest=bool((rel[res.converged] <= 1e-6).all()),
                         warned=any(issubclass(w.category, ConvergenceWarning) for w in caught),
-                        matvecs=res.n_matvecs, iterations=res.iterations)
+                        matvecs=res.num_matvecs, iterations=res.iterations)
             for method, row in last.items():
                 row["median_seconds"] = statistics.median(times[method])
                 rows.append(row)

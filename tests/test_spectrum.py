@@ -86,7 +86,7 @@ def test_every_which_on_an_indefinite_operator(method, which):
     M = _with_spectrum(lam)
     res, warned = _solve(DenseOperator(M, is_self_adjoint=True), 3, method=method, which=which, seed=0)
     _check_rule(M, lam, res, which, warned, 3)
-    assert res.method == method and res.iterations >= 1 and res.info["which"] == which
+    assert res.method == method and res.iterations >= 1 and res.details["which"] == which
     if method == "lanczos" or which != "smallest":  # the randomized method cannot split the tight cluster
         assert res.all_converged and not warned
 
@@ -101,7 +101,7 @@ def test_randomized_largest_is_algebraic_not_magnitude():
                          max_iters=400)
     assert res.all_converged and not warned
     assert res.values[0] == pytest.approx(1.0, rel=1e-6)
-    assert res.info["shift"] > 0  # B = A + σI, σ = max(0, −θ_min seen): the top end dominates B
+    assert res.details["shift"] > 0  # B = A + σI, σ = max(0, −θ_min seen): the top end dominates B
 
 
 # ------------------------------------------------------------------- clustered and gapless, at defaults
@@ -131,8 +131,8 @@ def test_lanczos_finds_every_copy_of_a_repeated_eigenvalue():
     lam = _hard_spectra()["multiple"]
     res, _ = _solve(DenseOperator(_with_spectrum(lam, seed=4), is_psd=True), 6, seed=0)
     assert torch.allclose(res.values[:5], torch.ones(5, dtype=DT), rtol=1e-10)
-    assert res.values[5] == pytest.approx(0.9, rel=1e-8) and res.info["confirmation_cycles"] >= 1
-    assert res.info["block_size"] >= 2  # each confirmation added a fresh direction to the block
+    assert res.values[5] == pytest.approx(0.9, rel=1e-8) and res.details["confirmation_cycles"] >= 1
+    assert res.details["block_size"] >= 2  # each confirmation added a fresh direction to the block
 
 
 def test_cap_before_tolerance_warns_and_flags():
@@ -155,14 +155,18 @@ def test_matvecs_and_iterations_are_counted():
     for method in ("lanczos", "randomized"):
         calls.clear()
         res = top_eigenpairs(A, 4, method=method, seed=0)
-        assert res.all_converged and res.n_matvecs == sum(calls)
+        assert res.all_converged and res.num_matvecs == sum(calls)
         assert torch.allclose(res.values, torch.arange(1, 5, dtype=DT) ** -1.0, rtol=1e-8)
 
 
 def test_seeded_results_are_reproducible():
     A = DenseOperator(_with_spectrum(torch.linspace(0, 1, 120, dtype=DT)), is_psd=True)
     a, b = top_eigenpairs(A, 3, seed=11), top_eigenpairs(A, 3, seed=11)
-    assert torch.equal(a.values, b.values) and a.n_matvecs == b.n_matvecs
+    assert torch.equal(a.values, b.values) and a.num_matvecs == b.num_matvecs
+    with pytest.warns(DeprecationWarning, match="use num_matvecs"):
+        assert a.n_matvecs == a.num_matvecs  # the previous release's spelling, for one release
+    with pytest.warns(DeprecationWarning, match="use details"):
+        assert a.info is a.details
 
 
 def test_bad_arguments_are_refused_with_what_is_valid():
@@ -219,7 +223,7 @@ def test_slq_polynomials_are_exact_and_carry_no_quadrature_error():
         est = sd.integrate(f)
         hutch = float(((V @ Mf) * V).sum(1).mean())  # the same probes, exact quadratic forms
         assert est.value == pytest.approx(hutch, rel=1e-10)
-        assert est.info["quadrature_error"] <= 1e-9 * abs(est.value)
+        assert est.details["quadrature_error"] <= 1e-9 * abs(est.value)
 
 
 def test_slq_cdf_bracket_contains_the_exact_probe_mean():
@@ -232,15 +236,15 @@ def test_slq_cdf_bracket_contains_the_exact_probe_mean():
         for t in (-0.1, 0.0, 1e-9, 0.05, 0.2, 0.5, 0.99, 1.5):
             est = sd.cdf(t)
             exact = float(_probe_cdfs(A, M, 6, 4, t).mean())
-            assert est.info["lower"] - 1e-12 <= exact <= est.info["upper"] + 1e-12, (steps, t)
+            assert est.details["lower"] - 1e-12 <= exact <= est.details["upper"] + 1e-12, (steps, t)
     sd = spectral_density(A, num_probes=6, lanczos_steps=25, seed=4)
     # t inside the resolved gap above the null space: the bracket certifies the null fraction
     gap = sd.cdf(0.05)
-    assert gap.info["upper"] - gap.info["lower"] < 1e-6
+    assert gap.details["upper"] - gap.details["lower"] < 1e-6
     assert gap.value == pytest.approx(float(_probe_cdfs(A, M, 6, 4, 0.05).mean()), abs=1e-6)
     # just above 0, finitely many moments cannot tell 0 from 1e-9: the bracket says so instead of 0 ± 0
     tiny = sd.cdf(1e-9)
-    assert tiny.info["lower"] < 0.05 and tiny.info["upper"] > 0.35 and tiny.stderr > 0.15
+    assert tiny.details["lower"] < 0.05 and tiny.details["upper"] > 0.35 and tiny.stderr > 0.15
 
 
 def test_slq_breakdown_per_probe_gives_the_exact_rule():
@@ -249,11 +253,11 @@ def test_slq_breakdown_per_probe_gives_the_exact_rule():
     M = _with_spectrum(lam, seed=6)
     A = DenseOperator(M, is_psd=True)
     sd = spectral_density(A, num_probes=5, lanczos_steps=40, seed=1)
-    assert sd.lengths.tolist() == [3] * 5 and sd.n_matvecs == 15
+    assert sd.lengths.tolist() == [3] * 5 and sd.num_matvecs == 15
     for t in (0.5, 2.0):
         est = sd.cdf(t)
-        assert est.info["lower"] == est.info["upper"] == pytest.approx(float(_probe_cdfs(A, M, 5, 1, t).mean()))
-    assert sd.integrate(torch.exp).info["quadrature_error"] < 1e-9
+        assert est.details["lower"] == est.details["upper"] == pytest.approx(float(_probe_cdfs(A, M, 5, 1, t).mean()))
+    assert sd.integrate(torch.exp).details["quadrature_error"] < 1e-9
 
 
 def _gru_ntk():

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .probes import DEFAULT_CHUNK, ProbeSource, apply_chunked, check_chunk, operator, square_operator
-from .result import Estimate
+from .result import Estimate, exact_estimate
 from .trace import trace
 
 #: Largest dimension for which ``modes_for_variance`` uses a dense eigendecomposition.
@@ -58,11 +58,15 @@ class EigenResult:
             residuals ‖A v − σ u‖ and ‖A* u − σ v‖).
         method: ``lanczos`` or ``randomized``.
         iterations: restart cycles (Lanczos) or subspace iterations (randomized) that ran.
-        n_matvecs: operator applications spent, the final residual check included (SVD: A and A*
+        num_matvecs: operator applications spent, the final residual check included (SVD: A and A*
             applications together).
         tol: the relative residual tolerance used.
         left_vectors: [k, *shape_out] left singular vectors for singular triplets.
-        info: ``which``, the shift used by the randomized method, the Lanczos basis size, ...
+        details: ``which``, the seed, the norm estimate max|θ|, the shift of the randomized method,
+            the Lanczos basis and block sizes, the confirmation cycles, ...
+
+    ``n_matvecs`` and ``info`` (the previous release's names) still work for one release with a
+    ``DeprecationWarning``.
     """
 
     values: torch.Tensor
@@ -71,15 +75,27 @@ class EigenResult:
     converged: torch.Tensor
     method: str
     iterations: int
-    n_matvecs: int
+    num_matvecs: int
     tol: float
     left_vectors: torch.Tensor | None = None
-    info: dict = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
 
     @property
     def all_converged(self) -> bool:
         """True when every returned pair met the tolerance."""
         return bool(self.converged.all())
+
+    @property
+    def n_matvecs(self) -> int:
+        """Deprecated: use ``num_matvecs``."""
+        warnings.warn("EigenResult.n_matvecs is deprecated; use num_matvecs", DeprecationWarning, stacklevel=2)
+        return self.num_matvecs
+
+    @property
+    def info(self) -> dict:
+        """Deprecated: use ``details``."""
+        warnings.warn("EigenResult.info is deprecated; use details", DeprecationWarning, stacklevel=2)
+        return self.details
 
 
 # ------------------------------------------------------------------------------------ shared pieces
@@ -348,7 +364,7 @@ def top_eigenpairs(A, k: int = 6, *, method: str = "lanczos", which: str = "larg
     vals, res, conv = vals.cpu(), res.cpu(), conv.cpu()
     _warn_unconverged("top_eigenpairs", conv, res, vals, tol, method, r.iterations, used)
     return EigenResult(vals, V.reshape(k, *A.shape_in).to(A.dtype), res, conv, method, r.iterations, used, tol,
-                       info={"which": which, "seed": src.seed, "norm_estimate": r.anorm, **r.info})
+                       details={"which": which, "seed": src.seed, "norm_estimate": r.anorm, **r.info})
 
 
 def top_singular_triplets(A, k: int = 6, *, method: str = "lanczos", tol: float | None = None,
@@ -434,7 +450,8 @@ def top_singular_triplets(A, k: int = 6, *, method: str = "lanczos", tol: float 
     s, res, conv = s.cpu(), res.cpu(), conv.cpu()
     _warn_unconverged("top_singular_triplets", conv, res, s, tol, method, r.iterations, used)
     return EigenResult(s, Vm.reshape(k, *A.shape_in).to(A.dtype), res, conv, method, r.iterations, used, tol,
-                       left_vectors=U.reshape(k, *A.shape_out).to(A.dtype), info={"seed": src.seed, **info})
+                       left_vectors=U.reshape(k, *A.shape_out).to(A.dtype),
+                       details={"seed": src.seed, "norm_estimate": r.anorm, **info})
 
 
 # ---------------------------------------------------------------------------- stochastic Lanczos quadrature
@@ -454,13 +471,13 @@ class SpectralDensity:
         alphas, betas: [num_probes, steps] Lanczos coefficients (betas[:, j] couples steps j and j+1;
             the last one feeds the Gauss–Radau rules of ``cdf``).
         lengths: [num_probes] Lanczos steps per probe.
-        dim: n. n_matvecs: operator applications spent. seed: the probes' seed.
+        dim: n. num_matvecs: operator applications spent. seed: the probes' seed.
     """
 
     nodes: torch.Tensor
     weights: torch.Tensor
     dim: int
-    n_matvecs: int
+    num_matvecs: int
     seed: int | None
     alphas: torch.Tensor | None = None
     betas: torch.Tensor | None = None
@@ -501,7 +518,7 @@ class SpectralDensity:
             f: elementwise function of a float64 tensor.
 
         Returns:
-            ``Estimate`` (method ``slq``) with ``info``: ``probe_stderr``, ``quadrature_error``.
+            ``Estimate`` (method ``slq``) with ``details``: ``probe_stderr``, ``quadrature_error``.
         """
         per = self.dim * self._per_probe(f)
         steps = self.nodes.shape[1]
@@ -511,8 +528,8 @@ class SpectralDensity:
         m = per.numel()
         s = float(per.std(unbiased=True) / math.sqrt(m)) if m > 1 else math.nan
         q = float(dev.mean())
-        return Estimate(float(per.mean()), s + q, self.n_matvecs, "slq", self.seed,
-                        info={"probe_stderr": s, "quadrature_error": q})
+        return Estimate(float(per.mean()), s + q, self.num_matvecs, "slq", self.seed, num_probes=m,
+                        distribution="rademacher", details={"probe_stderr": s, "quadrature_error": q})
 
     def cdf(self, t: float) -> Estimate:
         """Fraction of eigenvalues ≤ t, (1/n)·#{λ ≤ t}, with a rigorous quadrature bracket.
@@ -535,7 +552,7 @@ class SpectralDensity:
             t: the point (float).
 
         Returns:
-            ``Estimate`` (method ``slq-radau``) with ``info``: ``lower``, ``upper`` (bracket of the
+            ``Estimate`` (method ``slq-radau``) with ``details``: ``lower``, ``upper`` (bracket of the
             probe mean), ``probe_stderr``, ``quadrature_halfwidth``, ``t``.
         """
         t = float(t)
@@ -564,9 +581,10 @@ class SpectralDensity:
         m = mid.numel()
         s = float(mid.std(unbiased=True) / math.sqrt(m)) if m > 1 else math.nan
         h = float(((hi - lo) / 2).mean())
-        return Estimate(float(mid.mean()), s + h, self.n_matvecs, "slq-radau", self.seed,
-                        info={"lower": float(lo.mean()), "upper": float(hi.mean()), "probe_stderr": s,
-                              "quadrature_halfwidth": h, "t": t})
+        return Estimate(float(mid.mean()), s + h, self.num_matvecs, "slq-radau", self.seed, num_probes=m,
+                        distribution="rademacher",
+                        details={"lower": float(lo.mean()), "upper": float(hi.mean()), "probe_stderr": s,
+                                 "quadrature_halfwidth": h, "t": t})
 
     def density(self, grid: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
         """Gaussian-smoothed spectral density on ``grid`` (integrates to ≈ 1)."""
@@ -686,7 +704,8 @@ def modes_for_variance(A, fraction: float = 0.95, *, num_matvecs: int = 200, max
         seed: int or ``torch.Generator``.
 
     Returns:
-        ``Estimate`` of k (exact with ``info['exact']`` on the dense path).
+        ``Estimate`` of k: ``exact`` on the dense path (``details['eigenvalues']``), else with
+        ``parts['trace']`` and ``details['eigenvalues']``, ``details['eigen_converged']``.
 
     Raises:
         ValueError: ``fraction`` outside (0, 1], or A has a negative eigenvalue beyond rounding.
@@ -709,24 +728,24 @@ def modes_for_variance(A, fraction: float = 0.95, *, num_matvecs: int = 200, max
         if float(lam[-1]) < -_psd_tolerance(A.dtype, n, anorm):
             refuse(float(lam[-1]), anorm, "dense eigendecomposition")
         k = int(torch.searchsorted(torch.cumsum(lam, 0), fraction * lam.sum()).item()) + 1
-        return Estimate(float(min(k, n)), 0.0, n, "dense-eigh", None,
-                        info={"exact": True, "eigenvalues": lam, "trace": float(lam.sum())})
+        return exact_estimate(float(min(k, n)), n, "dense-eigh", reason=f"dimension {n} ≤ DENSE_EIG_LIMIT",
+                              eigenvalues=lam, trace=float(lam.sum()))
     used = 0
     if not A.is_psd:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
             low = top_eigenpairs(A, 1, method="lanczos", which="smallest", tol=1e-2, max_iters=5, seed=seed)
-        used += low.n_matvecs
-        anorm, lam_min = low.info["norm_estimate"], float(low.values[0])
+        used += low.num_matvecs
+        anorm, lam_min = low.details["norm_estimate"], float(low.values[0])
         if lam_min < -_psd_tolerance(A.dtype, n, anorm):
             refuse(lam_min, anorm, "a Lanczos Ritz value, an upper bound on the smallest eigenvalue")
     tr = trace(A, num_matvecs, seed=seed)
     cap = n - 1 if max_modes is None else min(max_modes, n - 1)
     k = min(16, cap)
-    used += tr.n_probes
+    used += tr.num_matvecs
     while True:
         res = top_eigenpairs(A, k, method=method, seed=seed)
-        used += res.n_matvecs
+        used += res.num_matvecs
         lam = res.values.double()
         cum = torch.cumsum(lam, 0)
         if cum[-1] >= fraction * (tr.value + 2 * tr.stderr) or k >= cap:
@@ -740,10 +759,11 @@ def modes_for_variance(A, fraction: float = 0.95, *, num_matvecs: int = 200, max
     value = count(tr.value)
     lo, hi = count(tr.value - tr.stderr), count(tr.value + tr.stderr)
     se = (hi - lo) / 2 if math.isfinite(hi) and math.isfinite(lo) else math.nan
-    info = {"eigenvalues": lam, "trace": tr, "fraction": fraction, "eigen_converged": res.converged}
-    if not math.isfinite(value):
-        info["note"] = f"the top {k} modes carry less than {fraction:.0%} of the trace; raise max_modes"
-    return Estimate(value, se, used, f"{method}+{tr.method}", tr.seed, info=info)
+    note = "" if math.isfinite(value) else (
+        f"the top {k} modes carry less than {fraction:.0%} of the trace; raise max_modes")
+    return Estimate(value, se, used, f"{method}+{tr.method}", tr.seed, num_probes=tr.num_probes,
+                    distribution=tr.distribution, note=note, parts={"trace": tr},
+                    details={"eigenvalues": lam, "fraction": fraction, "eigen_converged": res.converged})
 
 
 __all__ = ["ConvergenceWarning", "EigenResult", "SpectralDensity", "WHICH", "top_eigenpairs",
