@@ -157,6 +157,7 @@ class Model:
 '''
 
 
+@pytest.mark.slow
 def test_an_organiser_style_sealevel_submission_runs_unchanged(tmp_path):
     """Model() without load(), a (1, 100, 160) input, a one-row DataFrame with 'Atlantic_City'-style
     columns (here in another order than stations.csv): scores as the kit's own mean-SLA rule."""

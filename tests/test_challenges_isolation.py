@@ -236,6 +236,7 @@ _DAEMON = """
 
 
 @needs_isolation
+@pytest.mark.slow
 @pytest.mark.parametrize("hang", [False, True], ids=["exits", "hangs-until-timeout"])
 def test_setsid_double_fork_does_not_survive_the_run(gw_dir, tmp_path, hang):
     marker = f"kpflow-daemon-{uuid.uuid4().hex}"
