@@ -271,7 +271,17 @@ class _System:
     def jacobian(self, u: torch.Tensor) -> torch.Tensor:
         """``[g_z, g_s]`` at ``u``: ``[H, H + 1]``."""
         self.n_jacobians += 1
-        gz, gs = torch.func.jacrev(self.g, argnums=(0, 1))(u[:-1].detach(), u[-1].detach())
+        z, s = u[:-1].detach(), u[-1].detach()
+        # g_z by reverse mode over the state only (θ(s) evaluated once); g_s = ∂g/∂s by the double-backward
+        # trick (the gradient of the linear map u ↦ ⟨u, g_s⟩: two reverse passes, no forward mode)
+        gz = torch.func.jacrev(self.g_at(s))(z)
+        with torch.enable_grad():
+            s_ = s.clone().requires_grad_(True)
+            y = self.g(z, s_)
+            probe = torch.zeros_like(y, requires_grad=True)
+            (ds,) = torch.autograd.grad(y, s_, grad_outputs=probe, create_graph=True, allow_unused=True)
+            gs = torch.zeros_like(y) if ds is None else torch.autograd.grad(ds, probe, allow_unused=True)[0]
+            gs = torch.zeros_like(y) if gs is None else gs.detach()
         J = torch.cat([gz, gs.reshape(-1, 1)], 1)
         if not bool(torch.isfinite(J).all()):
             raise ContinuationError(f"the Jacobian is not finite at {self.path.label} = {float(u[-1]):.6g}: the path "
