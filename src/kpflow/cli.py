@@ -17,6 +17,7 @@ app = typer.Typer(
         "  kpflow run my_config.yaml               # your own study (kpflow run --print-defaults)\n\n"
         "  kpflow sweep flipflop --gs 0.5,1,2,4    # initial weight scale sweep\n\n"
         "  kpflow analyze runs/flipflop            # (re)measure every checkpoint\n\n"
+        "  kpflow dynamics continue runs/flipflop --param interp   # fixed points between checkpoints\n\n"
         "  kpflow report runs/flipflop             # write runs/flipflop/report.html\n\n"
         "  kpflow challenge list                   # the anomaly-detection challenges\n\n"
         "  kpflow --version"
@@ -47,6 +48,9 @@ app.add_typer(challenge_app, name="challenge")
 
 
 from kpflow.experiments.commands import register_commands  # noqa: E402  (run, sweep, analyze, report)
+from kpflow.experiments.continuation import dynamics_app  # noqa: E402  (dynamics continue)
+
+app.add_typer(dynamics_app, name="dynamics")
 
 register_commands(app)
 
