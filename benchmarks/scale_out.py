@@ -157,6 +157,39 @@ def resume(root: Path, steps: int) -> dict:
             "resume_completed_after": len(list(sweep_dir.glob("*/done.json"))), "resume_rerun_s": rerun_s}
 
 
+def sharded(probes: int) -> dict:
+    """Estimates of a GRU NTK (float64) with ``executor=client`` (2 workers) and without; same seeds."""
+    from distributed import Client
+
+    from kpflow import estimators as E
+    from kpflow.kernels import parameter_operator, propagator, record
+    from kpflow.models import GRU
+
+    torch.manual_seed(0)
+    gru = GRU(3, 32, 1, dtype=torch.float64)
+    x = torch.randn(4, 20, 3, dtype=torch.float64)
+    traj = record(gru, x, torch.zeros(4, 32, dtype=torch.float64))
+    P = propagator(traj)
+    ntk = P @ parameter_operator(traj) @ P.T
+    runs = {
+        "hutchinson": lambda ex: E.hutchinson_trace(ntk, probes, seed=1, chunk_size=8, executor=ex),
+        "hutchinson_rtol": lambda ex: E.hutchinson_trace(ntk, 4 * probes, seed=1, chunk_size=8, rtol=0.02,
+                                                         executor=ex),
+        "xnystrace": lambda ex: E.xnystrace(ntk, probes, seed=1, chunk_size=8, executor=ex),
+        "onesided": lambda ex: E.onesided_statistics(P, probes, seed=1, chunk_size=8, executor=ex).effective_rank,
+    }
+    out, diffs = {}, []
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        client.wait_for_workers(2)
+        for name, fn in runs.items():
+            a, b = fn(None), fn(client)
+            diffs.append(abs(a.value - b.value) / abs(a.value))
+            assert a.num_probes == b.num_probes, (name, a, b)
+            out[f"sharded_{name}_value"] = b.value
+            print(f"sharded {name}: serial {a.value:.10g}, sharded {b.value:.10g} ({b.num_probes} probes)", flush=True)
+    return {"sharded_estimate_rel_diff": float(max(diffs)), **out}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="1 round, < 2 minutes")
@@ -175,6 +208,7 @@ def main(argv=None) -> dict:
         root = Path(tmp)
         results |= speedup(root, rounds, steps)
         results |= resume(root, steps)
+    results |= sharded(32 if args.quick else 96)
     results |= {"load_average_start": load0, "load_average_end": os.getloadavg()[0], "cores": os.cpu_count(),
                 "torch": torch.__version__, "python": platform.python_version(), "quick": bool(args.quick)}
     out.write_text(json.dumps(results, indent=1) + "\n")

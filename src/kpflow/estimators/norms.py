@@ -31,7 +31,7 @@ def _gram_smaller_side(A):
 
 
 def frobenius_norm_sq(A, num_matvecs: int = 100, *, method: str = "auto", seed=None,
-                      chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None) -> Estimate:
+                      chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, executor=None) -> Estimate:
     """‖A‖_F² = tr(A*A) for any (also non-square) operator.
 
     ``auto``: exact when the budget covers the smaller side, else XNysTrace on the Gram operator.
@@ -43,6 +43,7 @@ def frobenius_norm_sq(A, num_matvecs: int = 100, *, method: str = "auto", seed=N
         seed: int, None or ``torch.Generator``.
         chunk_size: probes per batched application.
         rtol: relative standard error to stop at.
+        executor: a ``distributed.Client`` (or ordered ``map``) that evaluates the probe blocks.
 
     Returns:
         The ``Estimate`` (negative estimates are kept, with a warning and ``details['negative']``).
@@ -67,11 +68,12 @@ def frobenius_norm_sq(A, num_matvecs: int = 100, *, method: str = "auto", seed=N
     if method in ("hutchinson", "exact"):
         budget = max(m, d) if method == "exact" else m
         stats = onesided_statistics(A, budget, distribution="gaussian", seed=seed, chunk_size=chunk_size,
+                                    executor=executor,
                                     rtol=rtol if method == "hutchinson" else None, max_dense=0)
         est = stats.trace.replaced(method="exact" if stats.trace.exact else "hutchinson")  # tr(A A*) = ‖A‖_F²
     else:
         G = _gram_smaller_side(A)
-        g = trace(G, max(m // 2, 2), method=method, seed=seed, chunk_size=chunk_size, rtol=rtol)
+        g = trace(G, max(m // 2, 2), method=method, seed=seed, chunk_size=chunk_size, rtol=rtol, executor=executor)
         est = g.replaced(num_matvecs=2 * g.num_matvecs, history=g.history.scaled(2),
                       details={**g.details, "gram_matvecs": g.num_matvecs})
     est.details["matvec_unit"] = "applications of A or A*"
@@ -148,7 +150,7 @@ def ratio_erank(tr: Estimate, fro2: Estimate, method: str | None = None) -> Esti
 
 
 def effective_rank(A, num_matvecs: int = 200, *, method: str = "auto", seed=None,
-                   chunk_size: int = DEFAULT_CHUNK) -> Estimate:
+                   chunk_size: int = DEFAULT_CHUNK, executor=None) -> Estimate:
     """erank(A) = tr(A)² / ‖A‖_F² of a square operator (participation ratio; 1 ≤ erank ≤ rank for PSD A).
 
     Half the budget goes to tr(A), half to ‖A‖_F² (independent probes); exact when each half covers
@@ -160,6 +162,7 @@ def effective_rank(A, num_matvecs: int = 200, *, method: str = "auto", seed=None
         method: the trace and Frobenius method (``"auto"`` or one both accept).
         seed: int, None or ``torch.Generator`` (split into two independent streams).
         chunk_size: probes per batched application.
+        executor: a ``distributed.Client`` (or ordered ``map``) that evaluates the probe blocks.
 
     Returns:
         The ``Estimate`` with ``parts`` ``trace`` and ``frobenius_sq``.
@@ -178,14 +181,14 @@ def effective_rank(A, num_matvecs: int = 200, *, method: str = "auto", seed=None
         tr = trace(A, n, method="exact")
         f2 = frobenius_norm_sq(A, n, method="exact", chunk_size=chunk_size)
     else:
-        tr = trace(A, half, method=method, seed=s_tr, chunk_size=chunk_size)
-        f2 = frobenius_norm_sq(A, m - half, method=method, seed=s_fro, chunk_size=chunk_size)
+        tr = trace(A, half, method=method, seed=s_tr, chunk_size=chunk_size, executor=executor)
+        f2 = frobenius_norm_sq(A, m - half, method=method, seed=s_fro, chunk_size=chunk_size, executor=executor)
     return ratio_erank(tr, f2)
 
 
 def axis_effective_rank(A, axis: str | int | tuple[int, ...], num_matvecs: int = 200, *,
                         reduction: str = "sum", method: str = "auto", seed=None,
-                        chunk_size: int = DEFAULT_CHUNK) -> Estimate:
+                        chunk_size: int = DEFAULT_CHUNK, executor=None) -> Estimate:
     """erank of the compression of ``A`` onto one axis group: is A low-rank in time, in space, over trials?
 
     ``axis`` is a named view of a [B, T, H] operator (``'trial'``, ``'time'``, ``'temporal'`` =
@@ -201,6 +204,7 @@ def axis_effective_rank(A, axis: str | int | tuple[int, ...], num_matvecs: int =
         method: as for ``effective_rank``.
         seed: int, None or ``torch.Generator``.
         chunk_size: probes per batched application.
+        executor: a ``distributed.Client`` (or ordered ``map``) that evaluates the probe blocks.
 
     Returns:
         The ``Estimate`` (``details``: ``axis``, ``compressed_shape``).
@@ -219,7 +223,7 @@ def axis_effective_rank(A, axis: str | int | tuple[int, ...], num_matvecs: int =
         nd = len(A.shape_in)
         keep = tuple(k % nd for k in keep)
         C = compression(A, tuple(i for i in range(nd) if i not in keep), reduction)
-    est = effective_rank(C, num_matvecs, method=method, seed=seed, chunk_size=chunk_size)
+    est = effective_rank(C, num_matvecs, method=method, seed=seed, chunk_size=chunk_size, executor=executor)
     est.details.update(axis=axis, compressed_shape=C.shape_in)
     return est
 

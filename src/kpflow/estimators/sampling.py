@@ -16,8 +16,10 @@ probes are drawn, in which blocks, and when to stop:
 Rounds grow by one block (``schedule="blocks"``: sample-mean estimators, whose estimate is cheap) or
 double (``schedule="doubling"``: the sketch-based XTrace/XNysTrace, whose estimate costs O(s³)).
 
-``executor``: anything with ``map(fn, iterable)`` that returns the results in order (e.g. a
-``concurrent.futures.Executor``) runs the ``evaluate`` calls of a round; the default runs them here.
+``executor``: a ``distributed.Client`` (its workers evaluate the blocks: ``estimators.sharding``) or anything
+with ``map(fn, iterable)`` that returns the results in order (e.g. a ``concurrent.futures.Executor``) runs
+the ``evaluate`` calls of a round; the default runs them here. An executor with a ``width`` (parallel slots)
+also gets the blocks of the next one-block rounds ahead of time (``_Lookahead``); the result is unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import torch
 
 from .probes import MIN_PROBES_FOR_RTOL, ProbeSource, checked, running_mean
+from .sharding import as_executor
 
 SCHEDULES = ("blocks", "doubling")
 
@@ -121,7 +124,9 @@ def sample(integrand: Integrand, source: ProbeSource, num_probes: int, *, chunk_
         lo, k = block
         return integrand.evaluate(source.block(start + lo, k), start + lo)
 
-    mapper = map if executor is None else executor.map
+    executor = as_executor(executor)
+    mapper = map if executor is None else _Lookahead(executor, evaluate, chunk, num_probes,
+                                                     rtol is not None and schedule == "blocks").map
     while True:
         blocks = [(lo, min(chunk, target - lo)) for lo in range(done, target, chunk)]
         for (lo, k), result in zip(blocks, mapper(evaluate, blocks), strict=True):
@@ -136,6 +141,34 @@ def sample(integrand: Integrand, source: ProbeSource, num_probes: int, *, chunk_
             break
         target = min(num_probes, done + chunk if schedule == "blocks" else 2 * done)
     return Sampled(done, float(value), float(stderr), done < num_probes)
+
+
+class _Lookahead:
+    """An executor's ordered ``map`` that keeps a parallel executor busy when rounds are one block each.
+
+    With ``rtol`` and ``schedule="blocks"`` every round is the single block ``(done, min(chunk, budget −
+    done))``, which would leave all workers but one idle. So each call also evaluates the blocks the next
+    rounds would ask for, up to the executor's ``width`` (parallel slots) in all; a later round takes its
+    block from those. The loop still absorbs and tests ``rtol`` block by block, so it stops at the block a
+    serial run stops at: blocks evaluated past it are dropped, never absorbed (at most ``width − 1`` blocks
+    of extra matvecs).
+    """
+
+    def __init__(self, executor, fn, chunk: int, budget: int, speculate: bool):
+        self.executor, self.fn, self.chunk, self.budget = executor, fn, chunk, budget
+        self.width = max(1, int(getattr(executor, "width", 1))) if speculate else 1
+        self.ahead: dict[tuple[int, int], Any] = {}
+
+    def map(self, fn, blocks):
+        todo = [b for b in blocks if b not in self.ahead]
+        if todo and len(todo) < self.width:
+            lo = todo[-1][0] + todo[-1][1]
+            while len(todo) < self.width and lo < self.budget:
+                todo.append((lo, min(self.chunk, self.budget - lo)))
+                lo = todo[-1][0] + todo[-1][1]
+        if todo:
+            self.ahead.update(zip(todo, self.executor.map(fn, todo), strict=True))
+        return [self.ahead.pop(b) for b in blocks]
 
 
 class PerProbe:
