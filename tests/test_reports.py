@@ -151,3 +151,36 @@ def test_folders_the_readme_commands_create_are_ignored():
 
     assert ignored("challenges/gw/starting_kit/model.py") and ignored("runs/flipflop/config.yaml")
     assert not ignored("src/kpflow/challenges/cli.py")
+
+
+def _legends_clear_of_the_data(fig) -> list[str]:
+    if fig.get_layout_engine() is None:
+        fig.set_layout_engine("constrained")
+    fig.canvas.draw()
+    return [ax.get_title() or ax.get_ylabel() for ax in fig.axes
+            if ax.get_legend() is not None and ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())]
+
+
+def test_legends_do_not_cover_the_data(tmp_path, monkeypatch):
+    # defect: the bifurcation report's legends overlapped the data (and so did the run report's)
+    import kpflow.experiments.bifurcation as bif
+
+    covering = {}
+    for module in (F, bif):
+        save = module._save
+
+        def capture(fig, folder, stem, save=save):
+            covering[stem] = _legends_clear_of_the_data(fig)
+            return save(fig, folder, stem)
+
+        monkeypatch.setattr(module, "_save", capture)
+    run_figures(rows(), [(1, 1.0), (2, 0.5)], tmp_path / "run", dims=DIMS)
+    metrics = ["ntk_erank", "ntk_erank_temporal", "ntk_erank_spatial", "channel_trace_fraction",
+               "channel_frobenius_fraction", "top_direction_fraction", "loss",
+               "origin_abs_lambda1", "origin_abs_lambda2", "origin_abs_lambda3"]
+    bif_rows = [{"step": s, "metric": m, "value": 0.2 + 0.01 * s, "stderr": 0.01} for s in (0, 10, 20) for m in metrics]
+    bif._figures(bif_rows, {"first_bifurcation_step": 10, "first_bifurcation_kind": "pitchfork"}, None, None,
+                 tmp_path / "bif")
+    assert {"bifurcation_sntk_erank", "bifurcation_origin_spectrum", "bifurcation_channel", "effective_ranks"} <= \
+        set(covering)
+    assert {stem: axes for stem, axes in covering.items() if axes} == {}

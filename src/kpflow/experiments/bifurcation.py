@@ -222,9 +222,9 @@ def _rows(run: str, step, metrics: dict, method: str = "") -> list[dict]:
 
 def _save(fig, folder: Path, stem: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(folder / f"{stem}.svg")
-    fig.savefig(folder / f"{stem}.png", dpi=110)
+    fig.set_layout_engine("constrained")  # legends sit outside the data (report.figures.legend_outside)
+    fig.savefig(folder / f"{stem}.svg", bbox_inches="tight")
+    fig.savefig(folder / f"{stem}.png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -242,6 +242,8 @@ def _figures(rows, summary, landscape, nf_at, folder: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from kpflow.report.figures import legend_outside
 
     out = []
     step_b = summary.get("first_bifurcation_step")
@@ -261,7 +263,7 @@ def _figures(rows, summary, landscape, nf_at, folder: Path) -> list[Path]:
     ax.set_yscale("log")
     ax.set_xlabel("SGD step")
     ax.set_ylabel("sNTK effective rank")
-    ax.legend(fontsize=7)
+    legend_outside(ax, fontsize=7)
     out.append(_save(fig, folder, "bifurcation_sntk_erank"))
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -271,7 +273,8 @@ def _figures(rows, summary, landscape, nf_at, folder: Path) -> list[Path]:
     ax.axhline(1.0, color="gray", lw=0.8)
     mark(ax)
     ax.set_xlabel("SGD step")
-    ax.legend(fontsize=7)
+    ax.set_ylabel("eigenvalue modulus |λ|")
+    legend_outside(ax, fontsize=7)
     out.append(_save(fig, folder, "bifurcation_origin_spectrum"))
 
     fig, ax = plt.subplots(figsize=(6, 3.6))
@@ -287,7 +290,8 @@ def _figures(rows, summary, landscape, nf_at, folder: Path) -> list[Path]:
     mark(ax)
     ax.set_xlabel("SGD step")
     ax.set_ylim(0, 1.05)
-    ax.legend(fontsize=7, loc="center right")
+    ax.set_ylabel("share")
+    legend_outside(ax, below=True, fontsize=7)
     out.append(_save(fig, folder, "bifurcation_channel"))
 
     if nf_at is not None:
@@ -304,7 +308,7 @@ def _figures(rows, summary, landscape, nf_at, folder: Path) -> list[Path]:
                       else "centre-coordinate sensitivity")
         ax.set_title(f"restricted sNTK profile: corr {abs(nf_at.correlation):.3f}, ratio {nf_at.magnitude_ratio:.3g}",
                      fontsize=9)
-        ax.legend(fontsize=6)
+        legend_outside(ax, fontsize=6)
         out.append(_save(fig, folder, "bifurcation_normal_form_match"))
 
     if landscape is not None:

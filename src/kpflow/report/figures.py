@@ -45,12 +45,17 @@ def _bounds(ax, lines) -> None:
                     textcoords="offset points", ha="right", va="bottom", fontsize=7, color="0.35")
 
 
-def legend_outside(ax, **kw) -> None:
-    """A legend outside the plotting area (right of it), so it never covers data; save the figure with a
-    layout engine or ``bbox_inches="tight"`` so that it is kept."""
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=kw.pop("fontsize", 8), loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0,
-                  **kw)
+def legend_outside(ax, *, below: bool = False, fontsize: float = 8) -> None:
+    """A legend outside the plotting area, right of it (or ``below`` it, for axes with a right-hand twin
+    axis), so it never covers data; save the figure with a layout engine or ``bbox_inches="tight"``."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if below:
+        ax.legend(handles, labels, fontsize=fontsize, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2,
+                  borderaxespad=0)
+    else:
+        ax.legend(handles, labels, fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _plt():
