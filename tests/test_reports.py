@@ -154,8 +154,6 @@ def test_folders_the_readme_commands_create_are_ignored():
 
 
 def _legends_clear_of_the_data(fig) -> list[str]:
-    if fig.get_layout_engine() is None:
-        fig.set_layout_engine("constrained")
     fig.canvas.draw()
     return [ax.get_title() or ax.get_ylabel() for ax in fig.axes
             if ax.get_legend() is not None and ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())]

@@ -222,7 +222,7 @@ def _rows(run: str, step, metrics: dict, method: str = "") -> list[dict]:
 
 def _save(fig, folder: Path, stem: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    fig.set_layout_engine("constrained")  # legends sit outside the data (report.figures.legend_outside)
+    fig.tight_layout()  # legends outside the data (report.figures.legend_outside) are kept by bbox_inches
     fig.savefig(folder / f"{stem}.svg", bbox_inches="tight")
     fig.savefig(folder / f"{stem}.png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt

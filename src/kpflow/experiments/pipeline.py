@@ -308,7 +308,7 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
         return sorted((r for r in rows if r["run"] == c.name and r["metric"] == key), key=lambda r: r["step"])
 
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     summary_rows = []
     notes = []
     for ax, (key, label) in zip(axes, (("K_erank", "K"), ("PPstar_erank", "P P*"), ("NTK_erank", "NTK")),
@@ -329,7 +329,7 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
                title=f"effective rank of {label}")
         ax.legend(fontsize=8, title=band_note if key == "K_erank" else None, title_fontsize=7)
     figs = [_save(fig, sweep_dir / "figures", "sweep_effective_ranks")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     cmap = plt.get_cmap("viridis")
     for ax, key in zip(axes, ("PPstar_erank", "K_erank"), strict=True):
         for i, g in enumerate(gs):

@@ -81,9 +81,9 @@ def series(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def _save(fig, folder: Path, stem: str) -> Path:
+    """PNG and SVG of ``fig`` (made with ``layout="constrained"``, so panels, labels and the legends outside
+    the data do not overlap; the saved box is cropped to what was drawn)."""
     folder.mkdir(parents=True, exist_ok=True)
-    if fig.get_layout_engine() is None:  # panels, labels and outside legends laid out without overlaps
-        fig.set_layout_engine("constrained")
     png = folder / f"{stem}.png"
     fig.savefig(png, dpi=110, bbox_inches="tight")
     fig.savefig(folder / f"{stem}.svg", bbox_inches="tight")
@@ -99,7 +99,7 @@ def _errorbar(ax, s, label, color=None, **kw):
 
 def figure_training(train_losses, S, folder: Path) -> Path:
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4), layout="constrained")
     if train_losses:
         steps, losses = zip(*train_losses, strict=True)
         axes[0].plot(steps, losses, color="0.6", lw=0.8, label="training batch loss")
@@ -119,7 +119,7 @@ def figure_training(train_losses, S, folder: Path) -> Path:
 
 def figure_effective_ranks(S, folder: Path, dims: Dimensions | None = None) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7.6, 4))
+    fig, ax = plt.subplots(figsize=(7.6, 4), layout="constrained")
     for key, label, color in OPERATORS:
         if f"{key}_erank" in S:
             _errorbar(ax, S[f"{key}_erank"], f"erank {label}", color=color)
@@ -136,7 +136,7 @@ def figure_effective_ranks(S, folder: Path, dims: Dimensions | None = None) -> P
 
 def figure_axis_ranks(S, folder: Path, dims: Dimensions | None = None) -> Path:
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6), layout="constrained")
     for ax, (view, title) in zip(axes, VIEW_TITLES.items(), strict=True):
         for key, label, color in OPERATORS:
             m = f"{key}_erank_{view}"
@@ -151,7 +151,7 @@ def figure_axis_ranks(S, folder: Path, dims: Dimensions | None = None) -> Path:
 
 def figure_norms(S, folder: Path) -> Path:
     plt = _plt()
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), layout="constrained")
     for key, label, color in OPERATORS:
         if f"{key}_trace" in S:
             _errorbar(axes[0], S[f"{key}_trace"], label, color=color)
@@ -165,7 +165,7 @@ def figure_norms(S, folder: Path) -> Path:
 
 def figure_alignments(S, folder: Path) -> Path:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4), layout="constrained")
     for m, label, color in (("ntk_init_alignment", "cos(NTK, NTK at init)", "tab:green"),
                             ("misdirection", "misdirection cos(PKP*, PP*)", "tab:orange"),
                             ("kernel_target_alignment", "kernel-target alignment cos(Θ, e eᵀ)", "tab:blue")):
@@ -189,7 +189,7 @@ def figure_interference(rows, folder: Path) -> Path | None:
             names.append(a)
     n = len(names)
     picks = [steps[0], steps[len(steps) // 2], steps[-1]] if len(steps) >= 3 else steps
-    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.8), squeeze=False, layout="constrained")
     for ax, step in zip(axes[0], picks, strict=True):
         M = np.full((n, n), np.nan)
         for r in inter:
