@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 import torch
 import yaml
 from typer.testing import CliRunner
@@ -41,6 +42,7 @@ def test_diagram_colours_stability_and_marks_the_special_points(tmp_path):
     assert [t.get_text() for t in ax.texts] == ["BP+"]
 
 
+@pytest.mark.slow
 def test_dynamics_continue_command_on_a_tiny_run(tmp_path):
     cfg = {**TINY, "out": str(tmp_path / "runs")}
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))

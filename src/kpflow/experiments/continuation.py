@@ -205,3 +205,33 @@ def continue_command(
                    f"{flags}")
     typer.echo(f"written: {res['out']}/branches.json, special_points.csv, diagram.png"
                + (", learning.csv" if res["learning"] is not None else ""))
+
+
+@dynamics_app.command("study")
+def study_command(
+    out: Path = typer.Option(Path("runs"), "--out", help="Parent folder of the study folder."),
+    steps: int = typer.Option(None, "--steps", help="Training steps (default 400)."),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", help="Checkpoint interval (default 40)."),
+    hidden: int = typer.Option(None, "--hidden", help="Units of the leaky RNN (default 24)."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the weights and batches (default 0)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
+):
+    """Multi-task leaky RNN (Memory-Pro, Memory-Anti, Delay-Pro, Delay-Anti): continuation between checkpoints
+    finds where the dynamics change; the sNTK amplification is compared with those points (fixed criterion,
+    verdict agree / disagree / inconclusive). A few minutes on 2 cores at the default size.
+
+    Example: kpflow dynamics study --steps 80 --checkpoint-every 20 --hidden 12   # smoke test
+    """
+    from .continuation_study import run_continuation_study
+
+    try:
+        folder = run_continuation_study(out, progress=not quiet, steps=steps, checkpoint_every=checkpoint_every,
+                                        hidden=hidden, seed=seed)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    summary = json.loads((folder / "continuation_study.json").read_text())
+    typer.echo(f"{summary['special_points']} special point(s) ({', '.join(summary['kinds']) or 'none'}) in "
+               f"{summary['n_with_special_points']} of {summary['n_intervals']} checkpoint intervals")
+    typer.echo(f"verdict: {summary['verdict']} ({summary['criterion']})")
+    typer.echo(f"report: {folder / 'report.html'}")
