@@ -227,10 +227,18 @@ def bwrap_command(command: list[str], mounts: list[Mount], env: dict[str, str], 
             "--unshare-cgroup-try", "--disable-userns", "--die-with-parent", "--new-session", "--as-pid-1",
             "--cap-drop", "ALL", "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID),
             "--hostname", "sandbox", *_system_args()]
-    for path in python_mounts():
+    env_paths = python_mounts()
+    # A Python environment or source tree that lives under /tmp (a CI clone there, say) must stay visible, so /tmp
+    # cannot be the symlink to the scratch folder: it becomes a size-capped tmpfs of its own, under those binds.
+    tmp_held = any(Path(path).resolve().is_relative_to("/tmp") for path in env_paths)
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    if tmp_held:
+        args += ["--size", str(int(limits.scratch_bytes)), "--tmpfs", "/tmp"]
+    for path in env_paths:
         args += ["--ro-bind", str(path), str(path)]
-    args += ["--proc", "/proc", "--dev", "/dev", "--size", str(int(limits.scratch_bytes)), "--tmpfs", SCRATCH,
-             "--symlink", SCRATCH, "/tmp"]
+    args += ["--size", str(int(limits.scratch_bytes)), "--tmpfs", SCRATCH]
+    if not tmp_held:
+        args += ["--symlink", SCRATCH, "/tmp"]
     for m in mounts:
         args += ["--bind" if m.writable else "--ro-bind", str(m.source), m.target]
     args += ["--chdir", cwd, "--clearenv"]
