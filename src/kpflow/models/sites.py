@@ -182,9 +182,26 @@ class Sites:
         return self._emit(slot, out, at, "site")
 
     def linear(self, slot: str, weight: str, u: torch.Tensor, bias: str | None = None,
-               at: int | None = None) -> torch.Tensor:
-        """``u Wᵀ (+ b)``: shorthand for ``affine(slot, {weight: u, bias: None}, at)``."""
-        return self.affine(slot, {weight: u} | ({bias: None} if bias is not None else {}), at)
+               at: int | None = None, transposed: bool = False) -> torch.Tensor:
+        """``u Wᵀ (+ b)``: shorthand for ``affine(slot, {weight: u, bias: None}, at)``. With ``transposed=True``
+        the weight is stored ``[C, R]`` and applied as ``u W (+ b)`` (Hugging Face GPT-2's ``Conv1D``); the
+        site is the same ``W u`` site, recorded in the ``"cr"`` form."""
+        if not transposed:
+            return self.affine(slot, {weight: u} | ({bias: None} if bias is not None else {}), at)
+        W = self.param(weight)
+        if W.dim() != 2 or u.shape[-1] != W.shape[0]:
+            raise ValueError(f"transposed weight {weight!r} of shape {tuple(W.shape)} cannot act on a site variable "
+                             f"of width {u.shape[-1]} (it needs [C, R] with C = {u.shape[-1]})")
+        u = self._frozen_u(u)
+        self._record_use(weight, slot, at, "cr", u)
+        out = u @ W
+        if bias is not None:
+            self._record_use(bias, slot, at, "r", None)
+            out = out + self.param(bias)
+        lead = self._lead(at)
+        if out.shape[:-1] != lead:
+            out = out.expand(*lead, out.shape[-1])
+        return self._emit(slot, out, at, "site")
 
     def lookup(self, slot: str, weight: str, index: torch.Tensor, at: int | None = None) -> torch.Tensor:
         """Rows ``W[index]`` of a table ``W [V, R]``: ``affine(slot, {}, at, lookups={weight: index})``."""

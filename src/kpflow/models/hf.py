@@ -1,0 +1,489 @@
+"""Hugging Face causal language models (GPT-2, GPT-NeoX/Pythia, Llama) as site models.
+
+``HFLanguageModel`` runs the Hugging Face model's *own* forward pass and sees it as the global implicit
+constraint of ``kpflow.models.sites``: while it runs, every parameterised submodule of the base model
+writes its output through the ``sites`` recorder instead of computing it itself —
+
+* ``nn.Linear`` (``W u + b``) and GPT-2's ``Conv1D`` (``u W + b``: a linear with the weight stored
+  transposed, ``sites.linear(..., transposed=True)``) are weight sites whose site variable is the
+  layer's input;
+* ``nn.Embedding`` (token and learned position tables) is a lookup site (one-hot site variable);
+* ``nn.LayerNorm`` and ``LlamaRMSNorm`` are elementwise weight sites ``γ ⊙ n(u) + β`` on the
+  normalised input ``n(u)`` (``sites.scale``);
+
+and the **visible state** is the hidden state of every layer, exactly Hugging Face's
+``output_hidden_states``: ``h_0`` (the embeddings, the input of the first block), the input of every
+later block, and the final-norm output ``h_L = norm(block_L(...))``, i.e. ``[B, T, (L + 1) · D]`` with
+positions = sequences × tokens. The readout is the language-model head (``logits = h_L Wᵀ``; for GPT-2
+the tied token embedding), held fixed as for every kpflow model: the parameters θ of the operators are
+those of the base model (embeddings included; with tied weights the embedding's use as the input
+table only), ``cell_params()``. Then (``kpflow.kernels``):
+
+* ``ntk(traj)``: the hidden-state NTK ``Θ = J J*``, ``J = ∂h/∂θ`` (``path="parameters"``) or
+  ``C P K P* C*`` through the joint state (``path="joint"``);
+* ``output_ntk(traj)``: the logit NTK ``C_out Θ C_out*`` (``C_out = ∂logits/∂h``);
+* ``hidden_jacobian`` / ``logit_jacobian``: the factors ``J`` and ``C_out J`` for the one-sided
+  estimators (``J* v`` is one VJP through a kept graph, ``J w`` one JVP);
+* ``kronecker_core(traj)``: the exact statistics of ``K = Jθ Jθ*`` over every linear layer, embedding
+  and norm, no probes.
+
+Memory and precision (the choices, stated): the recorded trajectory keeps a float copy of θ, the joint
+state (every site output) and every site variable — for Pythia-410M at batch 2 × 128 tokens about
+3.5 GB in float32; each reverse-mode probe materialises one parameter-sized gradient, so the estimators'
+``chunk_size`` (probes per batched VJP) is the memory knob (``suggested_chunk``). The VJP graph of the
+forward pass is kept between probes (recomputing it per probe would cost one forward each and save
+its activations, a few hundred MB at this size: it does not pay). float32 is the default; float64 for
+tests; bfloat16 models run, but the estimators then accumulate in bfloat16 (≈3 significant digits) —
+measure in float32. Attention runs in Hugging Face's ``eager`` implementation (differentiable by
+``torch.func`` in both modes); dropout must be off (``model.eval()``).
+
+Supported: ``model_type`` ``gpt2``, ``gpt_neox``, ``llama`` with a causal-LM head (``*ForCausalLM`` /
+``GPT2LMHeadModel``). Anything else is refused with the list. Masked LMs are not supported.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.nn import functional as F
+
+from .base import Params
+from .sites import SiteModel, Sites
+
+#: family -> (layers attribute of the base model, final norm attribute, position-limit config key)
+FAMILIES = {
+    "gpt2": ("h", "ln_f", "n_positions"),
+    "gpt_neox": ("layers", "final_layer_norm", "max_position_embeddings"),
+    "llama": ("layers", "norm", "max_position_embeddings"),
+}
+
+#: named sizes (random weights from the config; nothing is downloaded). Pythia sizes from EleutherAI's configs.
+PRESETS: dict[str, tuple[str, dict]] = {
+    "gpt2-tiny": ("gpt2", dict(n_embd=8, n_layer=2, n_head=2, n_inner=16, vocab_size=13, n_positions=8,
+                               bos_token_id=0, eos_token_id=0)),
+    "pythia-tiny": ("gpt_neox", dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, intermediate_size=16,
+                                     vocab_size=13, max_position_embeddings=8, rotary_pct=0.5)),
+    "llama-tiny": ("llama", dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                 intermediate_size=16, vocab_size=13, max_position_embeddings=8)),
+    "pythia-14m": ("gpt_neox", dict(hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
+                                    intermediate_size=512, vocab_size=50304, max_position_embeddings=2048,
+                                    rotary_pct=0.25)),
+    "pythia-70m": ("gpt_neox", dict(hidden_size=512, num_hidden_layers=6, num_attention_heads=8,
+                                    intermediate_size=2048, vocab_size=50304, max_position_embeddings=2048,
+                                    rotary_pct=0.25)),
+    "pythia-410m": ("gpt_neox", dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                     intermediate_size=4096, vocab_size=50304, max_position_embeddings=2048,
+                                     rotary_pct=0.25)),
+}
+
+_NO_DROPOUT = {
+    "gpt2": dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+    "gpt_neox": dict(attention_dropout=0.0, hidden_dropout=0.0),
+    "llama": dict(attention_dropout=0.0),
+}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError("the Hugging Face adapter needs the 'transformers' package: pip install 'kpflow[lm]'") \
+            from exc
+    return transformers
+
+
+def _unsupported(kind: str) -> ValueError:
+    return ValueError(f"unsupported architecture {kind!r}; kpflow's language-model adapter supports the causal LM "
+                      f"families {sorted(FAMILIES)} (GPT-2, GPT-NeoX/Pythia, Llama-style)")
+
+
+def lm_config(family: str, **sizes):
+    """A Hugging Face config of ``family`` (``gpt2``, ``gpt_neox``, ``llama``) with dropout off and eager attention.
+
+    Args:
+        family: the ``model_type``.
+        **sizes: config fields (``hidden_size``, ``num_hidden_layers``, ... in the family's own names).
+
+    Returns:
+        The ``PretrainedConfig``.
+
+    Raises:
+        ValueError: an unsupported family.
+    """
+    tf = _transformers()
+    classes = {"gpt2": tf.GPT2Config, "gpt_neox": tf.GPTNeoXConfig, "llama": tf.LlamaConfig}
+    if family not in classes:
+        raise _unsupported(family)
+    cfg = classes[family](**(_NO_DROPOUT[family] | sizes))
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def build_lm(config, *, dtype: torch.dtype = torch.float32, seed: int | None = 0, device=None) -> nn.Module:
+    """A causal LM with random initial weights from a config (nothing is downloaded), in eval mode.
+
+    Args:
+        config: a ``PretrainedConfig``, a preset name (``PRESETS``: ``gpt2-tiny``, ``pythia-tiny``,
+            ``llama-tiny``, ``pythia-14m``, ``pythia-70m``, ``pythia-410m``) or a path to a ``config.json``.
+        dtype: of the parameters (float32 default; float64 for tests; bfloat16 allowed).
+        seed: for the initial weights (None: torch's global state).
+        device: where to build it.
+
+    Returns:
+        The Hugging Face ``*ForCausalLM`` module.
+
+    Raises:
+        ValueError: an unknown preset or an unsupported architecture.
+    """
+    tf = _transformers()
+    if isinstance(config, (str, Path)):
+        if str(config) in PRESETS:
+            family, sizes = PRESETS[str(config)]
+            config = lm_config(family, **sizes)
+        elif Path(config).is_file():
+            config = _read_config(Path(config))
+        else:
+            raise ValueError(f"{str(config)!r} is neither a preset ({sorted(PRESETS)}) nor a config.json file")
+    _check_family(config)
+    config._attn_implementation = "eager"
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.to(device).eval() if device is not None else model.eval()
+
+
+def _check_family(config) -> str:
+    kind = getattr(config, "model_type", None)
+    if kind not in FAMILIES:
+        raise _unsupported(kind)
+    return kind
+
+
+def _read_config(path: Path):
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read a model config from {path}: {exc}") from exc
+    kind = data.get("model_type")
+    if kind not in FAMILIES:
+        raise _unsupported(kind)
+    data = {k: v for k, v in data.items() if k != "model_type"}
+    return lm_config(kind, **data)
+
+
+def load_lm(path, *, dtype: torch.dtype = torch.float32, device=None) -> nn.Module:
+    """A causal LM from a local folder with ``config.json`` and safetensors weights (no network, no pickle).
+
+    Args:
+        path: the folder (as written by ``save_pretrained(..., safe_serialization=True)``).
+        dtype, device: of the loaded parameters.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        FileNotFoundError: no folder, no ``config.json``, or a config without ``*.safetensors`` weights (the
+            message says how to get a randomly initialised model from the config instead).
+        ValueError: an unsupported architecture.
+    """
+    tf = _transformers()
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder (give a model folder, a config.json or a preset name)")
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; a model folder holds config.json and *.safetensors")
+    config = _read_config(cfg_file)
+    if not list(folder.glob("*.safetensors")):
+        others = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        hint = f" (found {others}: pickled weights are not loaded; convert them to safetensors)" if others else ""
+        raise FileNotFoundError(f"{folder} has a config.json but no *.safetensors weights{hint}; pass "
+                                f"{cfg_file} itself to start from random initial weights")
+    model = tf.AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=dtype, local_files_only=True,
+                                                    use_safetensors=True)
+    return model.to(device).eval() if device is not None else model.eval()
+
+
+# ----------------------------------------------------------------------------- tokenizers
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (ids 0–255): a tokenizer the code makes, for any model with ``vocab_size ≥ 256``."""
+
+    vocab_size = 256
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def load_tokenizer(path=None):
+    """``ByteTokenizer()`` (``path=None``) or a tokenizer from a local folder (``AutoTokenizer``, no network)."""
+    if path is None:
+        return ByteTokenizer()
+    tf = _transformers()
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"tokenizer folder {path} does not exist")
+    return tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def tokenize(text: str, tokenizer, model: HFLanguageModel, batch: int, length: int, *, offset: int = 0) -> torch.Tensor:
+    """``batch`` windows of ``length`` consecutive tokens of ``text`` (``[batch, length]`` int64).
+
+    Raises:
+        ValueError: the tokenizer's vocabulary is larger than the model's, the windows are longer than the
+            model's positions, or the text is too short.
+    """
+    vocab = len(tokenizer)
+    if vocab > model.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab} tokens but the model's vocabulary has {model.vocab_size}: its "
+                         "ids would index past the embedding table (use a tokenizer of at most that size or a model "
+                         f"with vocab_size >= {vocab})")
+    model.check_length(length)
+    ids = tokenizer.encode(text)
+    need = offset + batch * length
+    if len(ids) < need:
+        raise ValueError(f"the text has {len(ids)} tokens; {batch} windows of {length} tokens (from token {offset}) "
+                         f"need {need}")
+    return torch.tensor(ids[offset:need], dtype=torch.int64).reshape(batch, length)
+
+
+# ----------------------------------------------------------------------------- the adapter
+class HFLanguageModel(SiteModel):
+    """A Hugging Face causal LM as a site model (see module docstring).
+
+    Parameters are named as in the Hugging Face model (``transformer.h.0.attn.c_attn.weight``,
+    ``gpt_neox.layers.3.mlp.dense_h_to_4h.weight``, ``model.layers.0.self_attn.q_proj.weight``); select
+    subsets with ``param_subset(model, patterns)``.
+
+    Args:
+        hf_model: a ``GPT2LMHeadModel`` / ``GPTNeoXForCausalLM`` / ``LlamaForCausalLM`` (or another
+            ``*ForCausalLM`` of those families), in eval mode.
+
+    Raises:
+        TypeError: not a Hugging Face model.
+        ValueError: an unsupported architecture (the supported families are named), a parameterised submodule
+            the adapter cannot see as a weight site.
+    """
+
+    batch_independent = True  # no padding mask: every sequence is its own forward pass
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        config = getattr(hf_model, "config", None)
+        if config is None or not hasattr(hf_model, "base_model"):
+            raise TypeError(f"HFLanguageModel wraps a Hugging Face PreTrainedModel, got {type(hf_model).__name__}")
+        self.family = _check_family(config)
+        head = hf_model.get_output_embeddings() if hasattr(hf_model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"{type(hf_model).__name__} has no linear language-model head; the adapter needs a causal "
+                             "LM (GPT2LMHeadModel, GPTNeoXForCausalLM, LlamaForCausalLM)")
+        config._attn_implementation = "eager"
+        self.hf = hf_model
+        self.config = config
+        self.base = hf_model.base_model
+        self.prefix = hf_model.base_model_prefix + "."
+        self.head = head
+        layers_attr, norm_attr, pos_key = FAMILIES[self.family]
+        self.layers = list(getattr(self.base, layers_attr))
+        self.final_norm = getattr(self.base, norm_attr)
+        self.max_positions = int(getattr(config, pos_key))
+        self.vocab_size = int(config.vocab_size)
+        self.d_model = int(self.head.in_features)
+        self.n_layers = len(self.layers)
+        self.state_dim = (self.n_layers + 1) * self.d_model
+        conv1d = _conv1d_type()
+        self._sited: dict[str, tuple[nn.Module, str]] = {}
+        for name, mod in self.base.named_modules():
+            own = list(mod.named_parameters(recurse=False))
+            if not own:
+                continue
+            if isinstance(mod, nn.Linear):
+                kind = "linear"
+            elif conv1d is not None and isinstance(mod, conv1d):
+                kind = "conv1d"
+            elif isinstance(mod, nn.Embedding):
+                kind = "embedding"
+            elif isinstance(mod, nn.LayerNorm):
+                kind = "layernorm"
+            elif type(mod).__name__ == "LlamaRMSNorm":
+                kind = "rmsnorm"
+            else:
+                raise ValueError(f"submodule {name!r} ({type(mod).__name__}) has parameters {[n for n, _ in own]} the "
+                                 "adapter cannot see as weight sites (it knows nn.Linear, Conv1D, nn.Embedding, "
+                                 "nn.LayerNorm and LlamaRMSNorm)")
+            self._sited[name] = (mod, kind)
+        base_names = {self.prefix + n for n, _ in self.base.named_parameters()}
+        self._names = [n for n, _ in hf_model.named_parameters() if n in base_names]
+        self._head_name = next(n for n, m in hf_model.named_modules() if m is head)
+
+    # ------------------------------------------------------------------ parameters
+    def cell_params(self) -> dict[str, torch.Tensor]:
+        """The base model's parameters by their Hugging Face names (θ of the operators; the head excluded)."""
+        live = dict(self.hf.named_parameters())
+        return {n: live[n] for n in self._names}
+
+    def readout_params(self) -> dict[str, torch.Tensor]:
+        """The language-model head (``weight`` ``[V, D]``, ``bias`` if any): for GPT-2 the tied token embedding."""
+        out = {"weight": self.head.weight}
+        if self.head.bias is not None:
+            out["bias"] = self.head.bias
+        return out
+
+    # ------------------------------------------------------------------ inputs
+    def check_length(self, length: int) -> None:
+        """Raise a ValueError when ``length`` tokens exceed the model's positions."""
+        if length > self.max_positions:
+            raise ValueError(f"sequences of {length} tokens are longer than the model's {self.max_positions} positions "
+                             f"({FAMILIES[self.family][2]} of its config)")
+
+    def check_inputs(self, inputs) -> None:
+        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.dtype not in (torch.int64, torch.int32):
+            got = (f"{tuple(inputs.shape)} {inputs.dtype}" if isinstance(inputs, torch.Tensor)
+                   else type(inputs).__name__)
+            raise ValueError(f"a language model takes integer token ids [B, T], got {got}")
+        if inputs.shape[0] < 1 or inputs.shape[1] < 1:
+            raise ValueError(f"token ids {tuple(inputs.shape)} have no sequence or no token (B, T must be >= 1)")
+        self.check_length(int(inputs.shape[1]))
+        if int(inputs.min()) < 0 or int(inputs.max()) >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}) (the model's vocabulary), got "
+                             f"[{int(inputs.min())}, {int(inputs.max())}]; is the tokenizer the model's?")
+        if self.hf.training and _has_dropout(self.hf):
+            raise ValueError("the model is in train mode with dropout: the operators linearise one deterministic "
+                             "network; call model.eval()")
+
+    def positions(self, inputs) -> tuple[int, int]:
+        return int(inputs.shape[0]), int(inputs.shape[1])
+
+    # ------------------------------------------------------------------ forward pass
+    def _forward_for(self, name: str, mod: nn.Module, kind: str, sites: Sites):
+        full = self.prefix + name
+        w, b = full + ".weight", full + ".bias"
+        has_bias = getattr(mod, "bias", None) is not None
+        final = mod is self.final_norm
+        L = self.n_layers
+
+        def finish(out):
+            return sites.state(f"h{L}", out) if final else out
+
+        if kind in ("linear", "conv1d"):
+            def fwd(x):
+                return sites.linear(name, w, x, b if has_bias else None, transposed=kind == "conv1d")
+        elif kind == "embedding":
+            def fwd(index):
+                if index.shape[0] != sites.B:  # position ids [1, T], broadcast over the batch by the model
+                    index = index.expand(sites.B, *index.shape[1:])
+                return sites.lookup(name, w, index)
+        elif kind == "layernorm":
+            def fwd(x):
+                n = F.layer_norm(x, mod.normalized_shape, None, None, mod.eps)
+                return finish(sites.scale(name, w, n, b if has_bias else None))
+        else:  # LlamaRMSNorm: x / rms(x) in at least float32, then γ ⊙ ·
+            def fwd(x):
+                x32 = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+                n = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + mod.variance_epsilon)).to(x.dtype)
+                return finish(sites.scale(name, w, n))
+        return fwd
+
+    def run_sites(self, params: Params, inputs: torch.Tensor, sites: Sites) -> None:
+        handles = []
+
+        def mark(l):
+            def hook(mod, args, kwargs):
+                if args:
+                    return (sites.state(f"h{l}", args[0]), *args[1:]), kwargs
+                return args, kwargs | {"hidden_states": sites.state(f"h{l}", kwargs["hidden_states"])}
+            return hook
+
+        for name, (mod, kind) in self._sited.items():
+            mod.forward = self._forward_for(name, mod, kind, sites)
+        try:
+            for l, layer in enumerate(self.layers):
+                handles.append(layer.register_forward_pre_hook(mark(l), with_kwargs=True))
+            n = len(self.prefix)
+            functional_call(self.base, {k[n:]: v for k, v in params.items() if k.startswith(self.prefix)},
+                            (inputs,), {"use_cache": False}, strict=False)
+        finally:
+            for h in handles:
+                h.remove()
+            for mod, _ in self._sited.values():
+                del mod.forward
+
+    def output(self, states: torch.Tensor, readout_params: Params | None = None) -> torch.Tensor:
+        """Logits ``[B, T, V]`` from the last visible block (the final-norm output)."""
+        p = self.readout_params() if readout_params is None else readout_params
+        out = states[..., -self.d_model:] @ p["weight"].T
+        return out + p["bias"] if "bias" in p else out
+
+    def hidden_states(self, inputs: torch.Tensor) -> torch.Tensor:
+        """``[B, T, (L + 1) · D]``: the visible states (Hugging Face's hidden states side by side)."""
+        self.check_inputs(inputs)
+        with torch.no_grad():
+            return self.visible_states(self.cell_params(), inputs)
+
+
+def _conv1d_type():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return None
+    return Conv1D
+
+
+def _has_dropout(model: nn.Module) -> bool:
+    if any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    cfg = model.config
+    return any(float(getattr(cfg, k, 0.0) or 0.0) > 0 for k in ("attention_dropout", "attn_pdrop"))
+
+
+def param_subset(model: HFLanguageModel, patterns: str | Sequence[str]) -> tuple[str, ...]:
+    """The parameter names of ``model`` that match any of the glob ``patterns`` (``fnmatch``), in model order.
+
+    Examples: ``"*.attn.*"`` (GPT-2 attention), ``"*.attention.*"`` (Pythia), ``"*self_attn*"`` (Llama),
+    ``"*.layers.0.*"`` (one layer), ``"*mlp*"``.
+
+    Raises:
+        ValueError: a pattern that matches nothing (the message lists a few names).
+    """
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    names = list(model.cell_params())
+    for p in patterns:
+        if not any(fnmatch.fnmatchcase(n, p) for n in names):
+            raise ValueError(f"parameter pattern {p!r} matches none of the model's {len(names)} parameters, e.g. "
+                             f"{names[:3] + names[-2:]}")
+    return tuple(n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns))
+
+
+def suggested_chunk(model: HFLanguageModel, memory_bytes: float = 4e9) -> int:
+    """Probes per batched reverse-mode application so that their parameter-sized gradients fit in ``memory_bytes``."""
+    p = next(iter(model.cell_params().values()))
+    size = sum(v.numel() for v in model.cell_params().values()) * p.element_size()
+    return max(1, min(64, int(memory_bytes // max(size, 1))))
+
+
+def num_parameters(model: HFLanguageModel, names: Sequence[str] | None = None) -> int:
+    """Number of parameters in θ (or in ``names``)."""
+    params = model.cell_params()
+    return sum(params[n].numel() for n in (params if names is None else names))
+
+
+def describe(model: HFLanguageModel) -> str:
+    """One line: family, layers, width, parameters, dtype."""
+    p = next(iter(model.cell_params().values()))
+    return (f"{model.family}: {model.n_layers} layers × d_model {model.d_model}, vocab {model.vocab_size}, "
+            f"{num_parameters(model) / 1e6:.2f}M parameters (θ, head excluded), {p.dtype}")
+
+
+__all__ = ["HFLanguageModel", "FAMILIES", "PRESETS", "lm_config", "build_lm", "load_lm", "ByteTokenizer",
+           "load_tokenizer", "tokenize", "param_subset", "suggested_chunk", "num_parameters", "describe"]
+

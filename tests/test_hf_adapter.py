@@ -1,0 +1,178 @@
+"""The Hugging Face adapter (kpflow.models.hf) against independent float64 references.
+
+References are the Hugging Face model's *own* forward pass (``functional_call`` of the HF module, not the
+adapter), differentiated by ``torch.func.jacrev``: hidden-state NTK = J Jᵀ with J = ∂(hidden states)/∂θ,
+logit NTK with the LM head held fixed, K = Jθ Jθᵀ from the autodiff parameter Jacobian of the joint state.
+"""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from torch.func import functional_call, jacrev  # noqa: E402
+
+from kpflow.estimators import onesided_statistics  # noqa: E402
+from kpflow.kernels import kronecker_core, ntk, output_ntk, param_jacobian, record  # noqa: E402
+from kpflow.kernels.joint import SiteStateJacobian  # noqa: E402
+from kpflow.models.hf import (  # noqa: E402
+    ByteTokenizer,
+    HFLanguageModel,
+    build_lm,
+    lm_config,
+    load_lm,
+    param_subset,
+    tokenize,
+)
+
+FAMILIES = ["gpt2-tiny", "pythia-tiny", "llama-tiny"]
+# LlamaRMSNorm normalises in float32 even for float64 inputs (Hugging Face's code); the adapter keeps float64,
+# so the Llama references agree to float32 rounding only
+TOL = {"gpt2-tiny": 1e-10, "pythia-tiny": 1e-10, "llama-tiny": 2e-5}
+
+
+def _setup(preset, B=2, T=4, seed=0):
+    hf = build_lm(preset, dtype=torch.float64, seed=seed)
+    model = HFLanguageModel(hf)
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(0, model.vocab_size, (B, T), generator=g)
+    return hf, model, ids
+
+
+def _hf_hidden(hf, model, ids, names):
+    """Hidden states of the HF model itself as a function of the chosen parameters (head untied and fixed)."""
+    fixed = dict(hf.named_parameters())
+
+    def f(sub):
+        out = functional_call(hf, {**fixed, **sub}, (ids,), {"output_hidden_states": True, "use_cache": False},
+                              tie_weights=False)
+        return torch.cat(out.hidden_states, -1), out.logits
+    return f
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_forward_matches_hugging_face(preset):
+    hf, model, ids = _setup(preset)
+    out = hf(ids, output_hidden_states=True, use_cache=False)
+    z, logits = model(ids)
+    assert z.shape == (2, 4, (model.n_layers + 1) * model.d_model)
+    assert _rel(z, torch.cat(out.hidden_states, -1)) < TOL[preset]
+    assert _rel(logits, out.logits) < TOL[preset]
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+@pytest.mark.parametrize("path", ["parameters", "joint"])
+def test_hidden_and_logit_ntk_against_jacrev(preset, path):
+    hf, model, ids = _setup(preset)
+    names = list(model.cell_params())
+    primal = {n: p.detach() for n, p in model.cell_params().items()}
+    f = _hf_hidden(hf, model, ids, names)
+    jh = jacrev(lambda p: f(p)[0])(primal)
+    jl = jacrev(lambda p: f(p)[1])(primal)
+    Jh = torch.cat([jh[n].reshape(-1, primal[n].numel()) for n in names], 1)
+    Jl = torch.cat([jl[n].reshape(-1, primal[n].numel()) for n in names], 1)
+    traj = record(model, ids)
+    theta = ntk(traj, method="kronecker" if path == "joint" else "auto")
+    assert theta.path == path
+    assert _rel(theta.to_matrix(), Jh @ Jh.T) < TOL[preset]
+    logit = output_ntk(traj, method="kronecker" if path == "joint" else "auto")
+    assert _rel(logit.to_matrix(), Jl @ Jl.T) < TOL[preset]
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_kronecker_core_against_autodiff_k(preset):
+    _, model, ids = _setup(preset)
+    traj = record(model, ids)
+    J = param_jacobian(traj, method="autodiff").to_matrix()  # Jθ of the joint state by autodiff (frozen sites)
+    K = J @ J.T
+    core = kronecker_core(traj)
+    assert abs(core.trace() - float(torch.trace(K))) < 1e-10 * float(torch.trace(K))
+    assert abs(core.frobenius_norm() - float(K.norm())) < 1e-10 * float(K.norm())
+    assert _rel(core.operator().to_matrix(), K) < 1e-10
+    # the weight sites include every linear layer (GPT-2: Conv1D, stored transposed), embeddings and norms
+    assert set(core.param_names) == set(model.cell_params())
+
+
+def test_parameter_subset_by_pattern():
+    hf, model, ids = _setup("gpt2-tiny")
+    attn = param_subset(model, "*.attn.*")
+    assert attn and all(".attn." in n for n in attn)
+    primal = {n: model.cell_params()[n].detach() for n in attn}
+    f = _hf_hidden(hf, model, ids, attn)
+    j = jacrev(lambda p: f(p)[0])(primal)
+    Jh = torch.cat([j[n].reshape(-1, primal[n].numel()) for n in attn], 1)
+    traj = record(model, ids, param_names=attn)
+    assert _rel(ntk(traj).to_matrix(), Jh @ Jh.T) < 1e-10
+    core = kronecker_core(traj)
+    Jt = param_jacobian(traj, method="autodiff").to_matrix()
+    assert abs(core.trace() - float((Jt ** 2).sum())) < 1e-10 * core.trace()
+    with pytest.raises(ValueError, match="matches none"):
+        param_subset(model, "*.nonexistent.*")
+
+
+def test_onesided_trace_within_its_standard_error():
+    _, model, ids = _setup("pythia-tiny")
+    traj = record(model, ids)
+    J = SiteStateJacobian(traj)
+    exact = float((J.to_matrix() ** 2).sum())
+    est = onesided_statistics(J, 60, side="reverse", seed=3).trace
+    assert est.stderr > 0
+    assert abs(est.value - exact) < 4 * est.stderr
+
+
+def test_safetensors_round_trip(tmp_path):
+    hf, model, ids = _setup("pythia-tiny")
+    hf.save_pretrained(tmp_path / "m", safe_serialization=True)
+    again = HFLanguageModel(load_lm(tmp_path / "m", dtype=torch.float64))
+    assert torch.equal(again(ids)[0], model(ids)[0])
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_unsupported_architecture_is_named(tmp_path):
+    with pytest.raises(ValueError, match=r"unsupported architecture 'opt'.*gpt2.*gpt_neox.*llama"):
+        lm_config("opt")
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'bert'.*supports"):
+        build_lm(cfg)
+    import transformers
+
+    bert = transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=8, num_hidden_layers=1,
+                                                                num_attention_heads=2, intermediate_size=8,
+                                                                vocab_size=10))
+    with pytest.raises(ValueError, match="unsupported architecture 'bert'"):
+        HFLanguageModel(bert)
+
+
+def test_config_folder_without_weights(tmp_path):
+    build_lm("gpt2-tiny").config.save_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no \*\.safetensors weights.*random initial weights"):
+        load_lm(tmp_path)
+    build_lm(tmp_path / "config.json")  # the config itself gives a randomly initialised model
+
+
+def test_tokenizer_vocabulary_mismatch_and_long_sequences():
+    _, model, ids = _setup("gpt2-tiny")
+    with pytest.raises(ValueError, match=r"tokenizer has 256 tokens but the model's vocabulary has 13"):
+        tokenize("hello world", ByteTokenizer(), model, 1, 4)
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 13\)"):
+        record(model, torch.full((1, 3), 20))
+    with pytest.raises(ValueError, match=r"9 tokens are longer than the model's 8 positions"):
+        record(model, torch.zeros(1, 9, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"integer token ids \[B, T\]"):
+        record(model, torch.zeros(1, 3, 8, dtype=torch.float64))
+
+
+def test_train_mode_with_dropout_is_refused():
+    import transformers
+
+    hf = transformers.GPT2LMHeadModel(lm_config("gpt2", n_embd=8, n_layer=1, n_head=2, vocab_size=13, n_positions=8,
+                                                resid_pdrop=0.1)).double().train()
+    with pytest.raises(ValueError, match=r"train mode with dropout.*eval"):
+        record(HFLanguageModel(hf), torch.zeros(1, 3, dtype=torch.int64))
