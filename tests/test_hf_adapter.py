@@ -176,3 +176,23 @@ def test_train_mode_with_dropout_is_refused():
                                                 resid_pdrop=0.1)).double().train()
     with pytest.raises(ValueError, match=r"train mode with dropout.*eval"):
         record(HFLanguageModel(hf), torch.zeros(1, 3, dtype=torch.int64))
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_lm_stats(tmp_path):
+    from typer.testing import CliRunner
+
+    from kpflow.cli import app
+
+    cfg = lm_config("gpt2", n_embd=8, n_layer=1, n_head=2, n_inner=16, vocab_size=256, n_positions=16)
+    cfg.save_pretrained(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("kpflow measures the operators of learning. " * 4)
+    res = CliRunner().invoke(app, ["lm", "stats", str(tmp_path / "m" / "config.json"), "--text", str(text),
+                                   "--batch", "2", "--tokens", "6", "--probes", "4", "--dtype", "float64"])
+    assert res.exit_code == 0, res.output
+    for key in ("hidden_trace", "hidden_fro", "hidden_erank", "logit_trace", "attn_mlp_alignment", "k_erank"):
+        assert f"{key} = " in res.output
+    assert "± " in res.output and "(exact)" in res.output
+    bad = CliRunner().invoke(app, ["lm", "stats", str(tmp_path / "m"), "--text", str(text)])
+    assert bad.exit_code == 2 and "no *.safetensors weights" in bad.output

@@ -279,3 +279,6 @@ def register_commands(app: typer.Typer) -> None:
 
     app.command("reproduce", short_help="Every paper claim as a seeded study with a verdict; claims report.")(
         reproduce_command)
+    from .lm_command import lm_app  # torch-free until a command runs
+
+    app.add_typer(lm_app, name="lm", short_help="Hugging Face language models: NTK statistics (kpflow lm stats).")
