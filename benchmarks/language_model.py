@@ -1,0 +1,159 @@
+"""Language-model scale: one-sided NTK estimates of a Pythia-410M-sized Hugging Face model on 2 CPU cores.
+
+Model: ``GPTNeoXForCausalLM`` with Pythia-410M's sizes (24 layers, d_model 1024, 16 heads, MLP 4096,
+vocabulary 50304; 405M parameters, 354M of them in θ = the base model), random initial weights from
+the config (nothing is downloaded), float32, eager attention, on batch 2 × 128 random token ids
+(seeded). ``--quick`` uses Pythia-14M's sizes (6 layers, d_model 128; under 3 minutes). Figures
+(the prefix is ``lm410m`` / ``lm14m`` for the model measured):
+
+* ``<prefix>_onesided_probe_over_fwd_bwd``: time of one one-sided probe ``J* v`` of the hidden-state
+  NTK (one VJP of the hidden states of every layer through the graph kept from one forward pass,
+  ``kpflow.experiments.language_model.hidden_jacobian``) over one forward + backward of the same
+  Hugging Face model with its next-token cross-entropy loss on the same batch. Contenders interleaved in
+  every round; the figure is the median of the per-round ratios. Target ≤ 1.5.
+* ``<prefix>_trace_5pct_minutes``: wall time from recording the batch to a hidden-state NTK trace with
+  relative standard error ≤ 5 % (``onesided_statistics(..., rtol=0.05)``, one probe per VJP), in minutes.
+  Target ≤ 15 (410M, 2 cores).
+* ``<prefix>_peak_rss_gb``: the process's peak resident memory over the whole run (``ru_maxrss``),
+  model and trajectory included. Target ≤ 16.
+* ``lm_kron_exact_vs_estimate_rel_diff`` and ``lm_kron_exact_vs_estimate_z``: exact ``tr K`` of the
+  parameter operator on the joint state from the Kronecker core (site-variable Grams, no probes) against
+  its one-sided estimate ``E‖Jθ* v‖²`` with ``Jθ*`` by autodiff of the forward pass (the frozen-site VJP,
+  independent of the Kronecker formula): relative difference, and the difference in units of the
+  estimate's standard error (target: within 3).
+
+    python benchmarks/language_model.py            # Pythia-410M sizes (about 15-25 minutes on 2 loaded cores)
+    python benchmarks/language_model.py --quick    # Pythia-14M sizes, under 3 minutes
+
+Ends with key=value lines and writes them to language_model.json (language_model_quick.json) beside this
+script, with the machine's load average at the start and the end (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.nn import functional as F
+
+from kpflow.estimators import onesided_statistics
+from kpflow.experiments.language_model import hidden_jacobian
+from kpflow.kernels import kronecker_core, param_jacobian, record
+from kpflow.models.hf import HFLanguageModel, build_lm, describe, num_parameters
+
+HERE = pathlib.Path(__file__).resolve().parent
+
+
+def _t(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def _rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def fwd_bwd(hf, ids):
+    """One training step's forward + backward (next-token cross-entropy), gradients discarded."""
+    hf.zero_grad(set_to_none=True)
+    logits = hf(ids, use_cache=False).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    loss.backward()
+    hf.zero_grad(set_to_none=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="Pythia-14M sizes, 3 rounds (under 3 minutes)")
+    ap.add_argument("--preset", default=None, help="override the model (kpflow.models.hf.PRESETS)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--max-probes", type=int, default=400, help="budget cap of the 5 %% trace estimate")
+    ap.add_argument("--kron-probes", type=int, default=None, help="probes of the tr K check")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    preset = args.preset or ("pythia-14m" if args.quick else "pythia-410m")
+    prefix = "lm" + preset.split("-")[-1] if preset.startswith("pythia-") else "lm_" + preset.replace("-", "_")
+    rounds = args.rounds or (3 if args.quick else 3)
+    kron_probes = args.kron_probes or (30 if args.quick else 12)
+    load0 = os.getloadavg()
+    t_build, hf = _t(lambda: build_lm(preset, dtype=torch.float32, seed=0))
+    model = HFLanguageModel(hf)
+    print(describe(model), f"(built in {t_build:.1f} s)", flush=True)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, model.vocab_size, (args.batch, args.tokens), generator=gen)
+
+    # --- 5 % trace: from recording to the stopping rule (wall time of the whole thing)
+    t0 = time.perf_counter()
+    traj = record(model, ids)
+    J = hidden_jacobian(traj)
+    stats = onesided_statistics(J, args.max_probes, side="reverse", seed=0, chunk_size=1, rtol=0.05)
+    t_trace = time.perf_counter() - t0
+    tr = stats.trace
+    print(f"trace {tr.value:.4g} ± {tr.stderr:.2g} ({tr.num_probes} probes, {t_trace / 60:.2f} min); "
+          f"erank {stats.effective_rank.value:.3g}", flush=True)
+
+    # --- one probe vs one forward+backward, interleaved (J's graph is already kept)
+    V = torch.randn(rounds, 1, *J.shape_out, generator=gen)
+    fwd_bwd(hf, ids)  # warm-up
+    ratios, t_probe, t_fb = [], [], []
+    for r in range(rounds):
+        tb, _ = _t(lambda: fwd_bwd(hf, ids))
+        tp, _ = _t(lambda r=r: J.rmatmat(V[r]))
+        t_fb.append(tb)
+        t_probe.append(tp)
+        ratios.append(tp / tb)
+        print(f"round {r}: probe {tp:.2f} s, fwd+bwd {tb:.2f} s", flush=True)
+
+    # --- exact tr K (Kronecker core) vs its one-sided autodiff estimate
+    t_exact, core = _t(lambda: kronecker_core(traj))
+    t_exact2, exact = _t(core.trace)
+    Jt = param_jacobian(traj, method="autodiff")
+    est = onesided_statistics(Jt, kron_probes, side="reverse", seed=5, chunk_size=1).trace
+    rel = abs(est.value - exact) / exact
+    z = abs(est.value - exact) / est.stderr
+    load1 = os.getloadavg()
+
+    out = {
+        f"{prefix}_onesided_probe_over_fwd_bwd": statistics.median(ratios),
+        f"{prefix}_trace_5pct_minutes": t_trace / 60,
+        f"{prefix}_trace_probes": tr.num_probes,
+        f"{prefix}_trace_rel_se": tr.stderr / tr.value,
+        f"{prefix}_peak_rss_gb": _rss_gb(),
+        "lm_kron_exact_vs_estimate_rel_diff": rel,
+        "lm_kron_exact_vs_estimate_z": z,
+        "lm_kron_exact_seconds": t_exact + t_exact2,
+        "lm_kron_probes": kron_probes,
+        "probe_seconds_median": statistics.median(t_probe),
+        "fwd_bwd_seconds_median": statistics.median(t_fb),
+        "parameters_theta": num_parameters(model),
+        "parameters_total": sum(p.numel() for p in hf.parameters()),
+        "batch": args.batch, "tokens": args.tokens, "rounds": rounds, "threads": args.threads,
+        "dtype": "float32", "preset": preset,
+        "load_avg_start": load0[0], "load_avg_end": load1[0], "cpus": os.cpu_count(),
+        "python": platform.python_version(), "torch": torch.__version__,
+    }
+    name = "language_model_quick.json" if args.quick else "language_model.json"
+    if args.preset:
+        name = f"language_model_{preset}.json"
+    fd, tmp = tempfile.mkstemp(dir=HERE, suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(tmp, HERE / name)
+    for k, v in out.items():
+        print(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+
+
+if __name__ == "__main__":
+    main()
