@@ -35,7 +35,7 @@ from kpflow.operators import LinearOperator
 
 from .trajectory import NonFiniteStateError, _loss_value
 
-#: ceiling on positions per slot for the exact Gram statistics (N² entries per slot)
+#: ceiling on the entries of an N×N position Gram matrix (slot_grams, temporal_gram)
 GRAM_LIMIT = 2**26
 
 PATHS = ("auto", "fold", "vmap")
@@ -607,15 +607,13 @@ class SiteKroneckerCore:
 
     # ------------------------------------------------------------------ exact scalars
     def _stats(self):
-        """Per slot: ``(G_s [N, N], [D_W [N, R] of the elementwise weights], R_s, Ũ_s)`` over the N = B·T positions."""
+        """Per slot: ``(Ũ_s [N, ΣC] (dense weights and biases, rows at the N = B·T positions), [D_W [N, R] of the
+        elementwise weights], R_s)``."""
         if self._slot_stats is not None:
             return self._slot_stats
         traj = self.traj
         B, T, _ = traj.joint_shape
         N = B * T
-        if N * N > GRAM_LIMIT:
-            raise MemoryError(f"exact K statistics need {N}×{N} Gram matrices per slot (limit {GRAM_LIMIT:,} entries); "
-                              "use the randomized estimators in kpflow.estimators")
         owner: dict[str, str] = {}
         for w, us in self.uses.items():
             for u in us:
@@ -642,28 +640,37 @@ class SiteKroneckerCore:
                     Uf.index_add_(0, _rows(u, B, T, traj.device), uu)
                 cols.append(Uf)
             Ut = torch.cat(cols, 1) if cols else torch.zeros(N, 0, dtype=traj.dtype, device=traj.device)
-            stats[s] = (Ut @ Ut.T, diag, R, Ut)
+            stats[s] = (Ut, diag, R)
         self._slot_stats = stats
         return stats
 
+    def _gram_of(self, Ut: torch.Tensor) -> torch.Tensor:
+        N = Ut.shape[0]
+        if N * N > GRAM_LIMIT:
+            raise MemoryError(f"a {N}×{N} position Gram matrix exceeds {GRAM_LIMIT:,} entries; use the estimators "
+                              "(trace, Frobenius norm and effective rank need no Gram matrix)")
+        return Ut @ Ut.T
+
     def slot_grams(self) -> dict[str, torch.Tensor]:
         """``{slot: G_s = Ũ_s Ũ_sᵀ}`` ``[B·T, B·T]`` (dense weights and biases of the slot)."""
-        return {s: v[0] for s, v in self._stats().items()}
+        return {s: self._gram_of(v[0]) for s, v in self._stats().items()}
 
     def trace(self) -> float:
-        """Exact ``tr K = Σ_s R_s tr G_s + Σ_{elementwise W} ‖d_W‖²``."""
+        """Exact ``tr K = Σ_s R_s ‖Ũ_s‖_F² + Σ_{elementwise W} ‖d_W‖²``."""
         total = 0.0
-        for G, diag, R, _ in self._stats().values():
-            total += R * float(torch.diagonal(G).sum()) + sum(float((D ** 2).sum()) for D in diag)
+        for Ut, diag, R in self._stats().values():
+            total += R * float((Ut ** 2).sum()) + sum(float((D ** 2).sum()) for D in diag)
         return total
 
     def frobenius_norm(self) -> float:
-        """Exact ``‖K‖_F``: per slot ``R‖G‖² + 2 Σ_W ⟨G, d_W d_Wᵀ⟩ + Σ_r ‖Σ_W d_{W,r} d_{W,r}ᵀ‖²``."""
+        """Exact ``‖K‖_F``: per slot ``R ‖ŨᵀŨ‖² + 2 Σ_W ‖Ũᵀ d_W‖² + Σ_r ‖Σ_W d_{W,r} d_{W,r}ᵀ‖²`` — contracted on
+        the smaller side (``‖Ũ Ũᵀ‖_F = ‖Ũᵀ Ũ‖_F``), O(N C²) per slot and no N×N matrix."""
         total = 0.0
-        for G, diag, R, _ in self._stats().values():
-            total += R * float((G ** 2).sum())
+        for Ut, diag, R in self._stats().values():
+            small = Ut.T @ Ut if Ut.shape[1] <= Ut.shape[0] else Ut @ Ut.T
+            total += R * float((small ** 2).sum())
             for D in diag:
-                total += 2 * float(((D.T @ G) * D.T).sum())
+                total += 2 * float(((Ut.T @ D) ** 2).sum())
             if diag:
                 Ds = torch.stack(diag)  # [nW, N, R]
                 cross = torch.einsum("anr,bnr->abr", Ds, Ds)
@@ -679,7 +686,8 @@ class SiteKroneckerCore:
         """The exact position ("temporal"/token) view of ``K``: ``Σ_s (R_s G_s + Σ_W d_W d_Wᵀ)`` ``[B·T, B·T]``,
         equal to ``kpflow.operators.view(K, "temporal")`` as a matrix."""
         out = None
-        for G, diag, R, _ in self._stats().values():
+        for Ut, diag, R in self._stats().values():
+            G = self._gram_of(Ut)
             term = R * G + sum((D @ D.T for D in diag), torch.zeros_like(G))
             out = term if out is None else out + term
         return out
@@ -687,7 +695,7 @@ class SiteKroneckerCore:
     def rank_bound(self, rtol: float | None = None) -> int:
         """``rank K ≤ min(Σ_s rank(Ũ_s) R_s + Σ_{elementwise W} #W, #parameters, dim of the joint state)``."""
         bound = 0
-        for _, diag, R, Ut in self._stats().values():
+        for Ut, diag, R in self._stats().values():
             bound += (int(torch.linalg.matrix_rank(Ut, rtol=rtol)) if Ut.shape[1] else 0) * R + len(diag) * R
         n_params = sum(self.traj.params[n].numel() for n in self.param_names)
         return min(bound, n_params, math.prod(self.traj.joint_shape))

@@ -93,11 +93,18 @@ class KroneckerCore:
         return {s: self._slot_values[s] for s in self.slots}
 
     def _unit_coefficients(self) -> dict[str, torch.Tensor] | None:
-        """``{slot: D_s [N, O_b, G_s, U]}`` if ``post`` is unit-structured (checked), else None."""
+        """``{slot: D_s [N, O_b, G_s, U]}`` for a cell that declares ``unit_size() > 0`` (verified), else None.
+
+        Raises:
+            ValueError: the declared unit structure does not fit the sizes or a random JVP contradicts it.
+        """
         model = self.traj.model
-        U = int(getattr(model, "hidden_dim", 0) or 0)
-        if U <= 0 or self.H % U or any(R % U for R in self.slot_sizes.values()):
+        U = int(model.unit_size())
+        if U <= 0:
             return None
+        if self.H % U or any(R % U for R in self.slot_sizes.values()):
+            raise ValueError(f"{type(model).__name__} declares unit_size()={U}, which does not divide the state "
+                             f"({self.H}) and the slots ({self.slot_sizes}); declare unit_size() = 0")
         Ob = self.H // U
         primal = self._primal()
         D = {}
@@ -116,7 +123,8 @@ class KroneckerCore:
         ref = jvp(self._post, (primal,), ({s: z[0] for s, z in Z.items()},))[1]
         got = self._structured_M(D, Z)[0]
         if float((got - ref).norm()) > 1e-6 * float(ref.norm().clamp_min(1e-30)):
-            return None
+            raise ValueError(f"{type(model).__name__} declares unit_size()={U}, but a random JVP of its post disagrees "
+                             "with the unit coefficients: its output units read other units; declare unit_size() = 0")
         return D
 
     def _structured_M(self, D, Z):

@@ -104,12 +104,18 @@ class StepLinearization:
 
     @staticmethod
     def build(traj: Trajectory) -> StepLinearization | None:
+        """The stored coefficients of ``A`` for a cell that declares ``unit_size() > 0``; None for the others.
+
+        Raises:
+            ValueError: a cell whose declared unit structure a random JVP contradicts, or whose
+                ``state_sites`` are not among its site variables.
+        """
         from kpflow.models.cells import AffineRecurrentModel
 
         model = traj.model
-        if not isinstance(model, AffineRecurrentModel):
+        if not isinstance(model, AffineRecurrentModel) or model.unit_size() <= 0:
             return None
-        U = int(getattr(model, "hidden_dim", 0) or 0)
+        U = int(model.unit_size())
         B, T, H = traj.shape
         N = B * T
         zp, x = traj.sites()
@@ -117,16 +123,16 @@ class StepLinearization:
             slots = {k: v.detach() for k, v in model.slots(traj.params, zp, x).items()}
         D = unit_coefficients(lambda a: model.post(a, zp, x), slots, {s: v.shape[1] for s, v in slots.items()},
                               N, H, U)
-        if D is None:
-            return None
-        E = unit_coefficients(lambda z: model.post(slots, z, x), zp, H, N, H, U)
-        if E is None:
-            return None
-        # which site variables depend on z (a random JVP is nonzero there)
-        gen = torch.Generator().manual_seed(0)  # local: leave the user's global random stream untouched
-        v = torch.randn(zp.shape, generator=gen, dtype=zp.dtype).to(zp.device)
-        tang = jvp(lambda z: model.site_variables(z, x), (zp,), (v,))[1]
-        zsites = tuple(k for k, t in tang.items() if bool(t.abs().sum() > 0))
+        E = None if D is None else unit_coefficients(lambda z: model.post(slots, z, x), zp, H, N, H, U)
+        if D is None or E is None:
+            raise ValueError(f"{type(model).__name__} declares unit_size()={U}, but its post is not unit-structured "
+                             f"with blocks of {U} (state {H}, slots {({s: v.shape[1] for s, v in slots.items()})}; a "
+                             "random JVP disagrees with the unit coefficients): declare unit_size() = 0")
+        names = set(model.site_variables(zp[:1], x[:1]))
+        zsites = tuple(model.state_sites)
+        if not zsites or not set(zsites) <= names:
+            raise ValueError(f"{type(model).__name__}.state_sites = {zsites} must name the site variables that depend "
+                             f"on the previous state, among {sorted(names)}")
         return StepLinearization(traj, D, E, zsites)
 
     # ------------------------------------------------------------------ one time step (all trials)

@@ -59,12 +59,26 @@ class AffineRecurrentModel(RecurrentModel):
 
     affine_terms: dict[str, tuple[str, str | None]]
     post_is_elementwise: bool = False
+    #: the site variables that depend on the previous state (the others depend on the input only)
+    state_sites: tuple[str, ...] = ()
 
     def site_variables(self, z_prev: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The site variables ``{name: u [N, C]}`` that the weights multiply (``affine_terms`` names them)."""
         raise NotImplementedError
 
     def post(self, slots: Mapping[str, torch.Tensor], z_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The parameter-free map from the pre-activation slots ``{slot: [N, R_s]}`` to the new state ``[N, H]``."""
         raise NotImplementedError
+
+    def unit_size(self) -> int:
+        """``U`` when ``post`` is *unit-structured* — output unit j of every U-wide block of the state reads only
+        entry j of every U-wide gate block of the slots and of ``z_prev`` — else 0 (the default).
+
+        A cell that declares U > 0 gets per-site coefficient kernels for ``A`` and the Kronecker core's ``M``;
+        the declaration is verified once per trajectory with a random JVP and a wrong one is an error, never a
+        silent fallback. With 0 the operators use JVPs/VJPs of ``post``.
+        """
+        return 0
 
     def slot_sizes(self) -> dict[str, int]:
         """Size of every pre-activation slot (the number of rows of the weights that feed it)."""
@@ -133,6 +147,11 @@ class VanillaRNN(AffineRecurrentModel):
             nn.init.zeros_(self.cell.b)
         self.affine_terms = {"W": ("a", "z"), "U": ("a", "x")} | ({"b": ("a", None)} if bias else {})
 
+    state_sites = ("z",)
+
+    def unit_size(self) -> int:
+        return self.hidden_dim
+
     def site_variables(self, z_prev, x):
         return {"z": z_prev, "x": x}
 
@@ -172,6 +191,10 @@ class LeakyRNN(AffineRecurrentModel):
             nn.init.zeros_(self.cell.b)
         site = "phi_z" if form == "current" else "z"
         self.affine_terms = {"W": ("a", site), "U": ("a", "x")} | ({"b": ("a", None)} if bias else {})
+        self.state_sites = (site,)
+
+    def unit_size(self) -> int:
+        return self.hidden_dim
 
     def site_variables(self, z_prev, x):
         if self.form == "current":
@@ -213,6 +236,10 @@ class _TorchGated(AffineRecurrentModel):
 
     n_gates: int = 1
     kind: str = ""
+    state_sites = ("h",)
+
+    def unit_size(self) -> int:
+        return self.hidden_dim
 
     def _build(self, hidden_dim: int, bias: bool, dtype, device):
         G, H, Ii = self.n_gates, hidden_dim, self.input_dim
