@@ -76,7 +76,6 @@ def _setup(name):
     if name not in _CACHE:
         m = _make(name)
         x, z0, y = _data(m)
-        traj = record(m, x, z0, targets=y)
         params = {k: v.detach() for k, v in m.cell_params().items()}
         names = list(params)
 
@@ -92,8 +91,11 @@ def _setup(name):
         def unroll_z0(z):
             return m.unroll(params, x, z)
 
-        _CACHE[name] = (m, traj, Jref, names)
-    return _CACHE[name]
+        _CACHE[name] = (m, x, z0, y, Jref, names)
+    # the jacrev reference is pure data and shared; the trajectory (with its operator caches) is fresh per
+    # test, so no test's path choice depends on what an earlier test did to a shared trajectory
+    m, x, z0, y, Jref, names = _CACHE[name]
+    return m, record(m, x, z0, targets=y), Jref, names
 
 
 def _rel(a, b):
@@ -142,9 +144,8 @@ def test_propagator_inverse_and_step_jacobians(name):
     lin = traj.cache.get("linearization")
     assert (lin is not None) == (name in AFFINE)
     if lin is not None:
-        generic = propagator(traj, cache=False)
-        generic.use_linearization = False
-        assert _rel(_dense(generic), _dense(propagator(traj, cache=False))) < 1e-12
+        generic = propagator(traj, path="jvp")
+        assert _rel(_dense(generic), _dense(propagator(traj, path="coefficients"))) < 1e-12
     # A against jacrev of one step at every site
     zp, x = traj.sites()
     blocks = torch.stack([torch.func.jacrev(lambda z, i=i: m.step(traj.params, z[None], x[i:i + 1])[0])(zp[i])
@@ -358,3 +359,45 @@ def test_record_refuses_empty_nonfinite_or_mixed_dtype_input():
         record(model, x)
     with pytest.raises(ValueError, match="z0 has dtype torch.float32"):
         record(model, torch.zeros(3, 5, 2, dtype=torch.float64), z0=torch.zeros(3, 4))
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_every_numerical_path_of_p_and_a_is_pinned_and_reported(name):
+    m, traj, Jref, _ = _setup(name)
+    ref = Jref @ Jref.T  # the NTK of the unrolled model
+    K = parameter_operator(traj, method="autodiff")
+    paths = ["jvp", "dense"] + (["coefficients"] if name in AFFINE else [])
+    for path in paths:
+        P = propagator(traj, path=path)
+        assert _rel(_dense(P @ K @ P.T), ref) < 1e-10, path
+        assert P.last_path == path
+        Pinv = inverse_propagator(traj, path=path if path != "coefficients" else "jvp")
+        assert _rel(_dense(P) @ _dense(Pinv), torch.eye(_dense(P).shape[0], dtype=DT)) < 1e-10
+        assert Pinv.last_path == (path if path != "coefficients" else "jvp")
+    traj = _setup(name)[1]  # a fresh trajectory: the dense cache built above would be reused by "auto"
+    P = propagator(traj)  # auto: coefficients where the cell declares them, else JVPs (few probes: no cache)
+    P.matvec_flat(torch.zeros(P.size_in, dtype=DT))
+    assert P.last_path == ("coefficients" if name in AFFINE else "jvp")
+    if name not in AFFINE:
+        with pytest.raises(ValueError, match="unit structure"):
+            propagator(traj, path="coefficients")
+    with pytest.raises(ValueError, match="path must be one of"):
+        propagator(traj, path="magic")
+
+
+def test_a_wrong_unit_structure_declaration_is_an_error():
+    class Mixing(VanillaRNN):  # output unit j reads every unit: not unit-structured, yet declares it
+        def post(self, slots, z_prev, x):
+            a = slots["a"]
+            return torch.tanh(a + a.roll(1, -1))
+
+    torch.manual_seed(0)
+    m = Mixing(I, H, O, dtype=DT)
+    x, z0, y = _data(m)
+    traj = record(m, x, z0, targets=None)
+    with pytest.raises(ValueError, match="unit_size"):
+        propagator(traj, path="coefficients")
+    with pytest.raises(ValueError, match="unit_size"):
+        kronecker_core(traj).trace()
+    Pj = propagator(traj, path="jvp")  # the honest path still works
+    assert Pj.apply(torch.ones(traj.shape, dtype=DT)).shape == traj.shape

@@ -217,6 +217,8 @@ class StepJacobianCache:
         if self.dense is not None:
             return self.dense
         self.probes_seen += probes
+        if self.policy is False:
+            return None
         H = self.traj.shape[-1]
         # measured break-even (benchmarks/operators.py, GRU H=256): about H probes against the JVP/VJP
         # path, about 4H against the faster per-site-coefficient path of the weight-based cells
@@ -274,15 +276,42 @@ def dense_step_jacobians(traj: Trajectory, chunk: int | None = None) -> torch.Te
     return out.reshape(B, T, H, H)
 
 
-class StepJacobians(_TrajectoryOperator):
-    """``A``: block-diagonal ``(A q)_{b,t} = A_{b,t} q_{b,t}`` with ``A_{b,t} = ∂F/∂z_{t-1}``."""
+#: numerical paths of P, P* and A: per-site JVPs/VJPs of the step, stored per-unit coefficients of the
+#: affine cells, the dense step-Jacobian cache, or "auto" (coefficients where the cell declares them, else
+#: JVPs; the dense cache once it pays, see StepJacobianCache)
+PATHS = ("auto", "jvp", "coefficients", "dense")
 
-    def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None):
+
+def _path_policy(path: str, cache, what: str):
+    """The cache policy a path implies (``path="auto"`` keeps ``cache``)."""
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS} for {what}, got {path!r}")
+    if path == "dense":
+        return True
+    if path in ("jvp", "coefficients"):
+        return False
+    return cache
+
+
+class StepJacobians(_TrajectoryOperator):
+    """``A``: block-diagonal ``(A q)_{b,t} = A_{b,t} q_{b,t}`` with ``A_{b,t} = ∂F/∂z_{t-1}``.
+
+    ``path``: ``"jvp"`` (one batched JVP/VJP of the step over all sites), ``"dense"`` (the dense cache) or
+    ``"auto"`` (``cache`` decides); ``last_path`` reports the path the last application took.
+    """
+
+    def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None, path: str = "auto"):
+        if path == "coefficients":
+            raise ValueError("path='coefficients' applies to P and P* (per time step); A takes 'auto', 'jvp' or "
+                             "'dense'")
+        cache = _path_policy(path, cache, "A")
         super().__init__(traj, traj.shape, traj.shape, chunk_size)
         self.cache = _cache_for(traj, cache, memory_budget)
+        self.path, self.last_path = path, None
 
     def _matmat(self, Q):
         dense = self.cache.get(Q.shape[0])
+        self.last_path = "dense" if dense is not None else "jvp"
         if dense is not None:
             return torch.einsum("btij,kbtj->kbti", dense, Q)
         traj, k, (B, T, H) = self.traj, Q.shape[0], self.shape_in
@@ -292,6 +321,7 @@ class StepJacobians(_TrajectoryOperator):
 
     def _rmatmat(self, Y):
         dense = self.cache.get(Y.shape[0])
+        self.last_path = "dense" if dense is not None else "jvp"
         if dense is not None:
             return torch.einsum("btij,kbti->kbtj", dense, Y)
         traj, k, (B, T, H) = self.traj, Y.shape[0], self.shape_in
@@ -323,18 +353,32 @@ class TimeShift(LinearOperator):
 
 class Propagator(_TrajectoryOperator):
     """``P = (I − A S)^{-1}``: forward recursion ``δz_t = A_t δz_{t-1} + q_t``; the adjoint is the
-    backward recursion ``λ_t = y_t + A_{t+1}ᵀ λ_{t+1}`` (BPTT). Batched over trials and probes."""
+    backward recursion ``λ_t = y_t + A_{t+1}ᵀ λ_{t+1}`` (BPTT). Batched over trials and probes.
 
-    #: apply A_t from stored per-site coefficients when the cell allows it (else JVP/VJP of the step)
-    use_linearization: bool = True
+    ``path`` chooses how each ``A_t`` is applied: ``"jvp"`` (JVP/VJP of the step), ``"coefficients"``
+    (stored per-unit coefficients; cells that declare ``unit_size() > 0``), ``"dense"`` (the dense
+    step-Jacobian cache, built on first use) or ``"auto"`` (coefficients where declared, else JVPs, and
+    the dense cache by ``cache``'s policy). ``last_path`` reports the path the last application took.
 
-    def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None):
+    Raises:
+        ValueError: an unknown path, or ``"coefficients"`` for a cell without declared unit structure.
+    """
+
+    def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None, path: str = "auto"):
+        cache = _path_policy(path, cache, "P")
         super().__init__(traj, traj.shape, traj.shape, chunk_size)
         self.cache = _cache_for(traj, cache, memory_budget)
+        self.path, self.last_path = path, None
+        if path == "coefficients" and _linearization_of(traj) is None:
+            raise ValueError(f"{type(traj.model).__name__} declares no unit structure (unit_size() = 0), so "
+                             "path='coefficients' is not available; use 'jvp', 'dense' or 'auto'")
 
     def _linearization(self):
-        """Stored per-site coefficients of A for affine unit-structured cells (None otherwise)."""
-        return _linearization_of(self.traj) if self.use_linearization else None
+        """Stored per-site coefficients of A for affine unit-structured cells (None otherwise or on path='jvp')."""
+        return None if self.path == "jvp" else _linearization_of(self.traj)
+
+    def _took(self, dense, lin):
+        self.last_path = "dense" if dense is not None else ("coefficients" if lin is not None else "jvp")
 
     def _step_fns(self, t):
         traj = self.traj
@@ -350,6 +394,7 @@ class Propagator(_TrajectoryOperator):
         traj = self.traj
         prev = traj.prev_states
         lin = None if dense is not None else self._linearization()
+        self._took(dense, lin)
         out = torch.empty_like(Q)
         d = Q[:, :, 0]
         out[:, :, 0] = d
@@ -370,6 +415,7 @@ class Propagator(_TrajectoryOperator):
         prev = self.traj.prev_states
         T = Y.shape[2]
         lin = None if dense is not None else self._linearization()
+        self._took(dense, lin)
         out = torch.empty_like(Y)
         lam = Y[:, :, T - 1]
         out[:, :, T - 1] = lam
@@ -390,10 +436,16 @@ class InversePropagator(_TrajectoryOperator):
     """``P^{-1} = I − A S``: ``(P^{-1} q)_t = q_t − A_t q_{t-1}``; adjoint ``y_t − A_{t+1}ᵀ y_{t+1}``.
     No recursion: one batched JVP (VJP) over all sites."""
 
-    def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None):
+    def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None, path: str = "auto"):
         super().__init__(traj, traj.shape, traj.shape, chunk_size)
-        self.A = StepJacobians(traj, cache, memory_budget, chunk_size)
+        self.A = StepJacobians(traj, cache, memory_budget, chunk_size, path)
         self.S = TimeShift(traj.shape, traj.dtype, traj.device)
+        self.path = path
+
+    @property
+    def last_path(self):
+        """The path the last application of ``A`` took."""
+        return self.A.last_path
 
     def _matmat(self, Q):
         return Q - self.A._matmat(self.S._matmat(Q))
@@ -467,10 +519,10 @@ def parameter_operator(traj: Trajectory, param_names=None, method: str = "autodi
 
 
 def step_jacobians(traj: Trajectory, cache="auto", memory_budget: int | None = None,
-                   chunk_size: int | None = None) -> StepJacobians:
+                   chunk_size: int | None = None, *, path: str = "auto") -> StepJacobians:
     """``A`` (block diagonal per-site step Jacobians) on ``[B, T, H]``."""
     _refuse_site(traj, "step_jacobians (A)")
-    return StepJacobians(traj, cache, memory_budget, chunk_size)
+    return StepJacobians(traj, cache, memory_budget, chunk_size, path)
 
 
 def time_shift(traj: Trajectory) -> TimeShift:
@@ -480,23 +532,25 @@ def time_shift(traj: Trajectory) -> TimeShift:
 
 
 def propagator(traj: Trajectory, cache="auto", memory_budget: int | None = None,
-               chunk_size: int | None = None) -> Propagator:
-    """``P = (I − A S)^{-1}``; ``propagator(traj).T`` is ``P*`` (backprop through time)."""
+               chunk_size: int | None = None, *, path: str = "auto") -> Propagator:
+    """``P = (I − A S)^{-1}``; ``propagator(traj).T`` is ``P*`` (backprop through time). ``path`` picks how
+    ``A_t`` is applied (``"auto"``, ``"jvp"``, ``"coefficients"``, ``"dense"``; see ``Propagator``); the
+    operator's ``last_path`` says which one ran."""
     if _is_site(traj):  # C P: joint perturbations -> visible states, so that P @ K @ P.T is the visible NTK
         from .joint import site_propagator
 
         return site_propagator(traj)
-    return Propagator(traj, cache, memory_budget, chunk_size)
+    return Propagator(traj, cache, memory_budget, chunk_size, path)
 
 
 def inverse_propagator(traj: Trajectory, cache="auto", memory_budget: int | None = None,
-                       chunk_size: int | None = None) -> InversePropagator:
+                       chunk_size: int | None = None, *, path: str = "auto") -> InversePropagator:
     """``P^{-1} = I − A S``."""
     if _is_site(traj):  # ∂Φ/∂h on the joint state
         from .joint import InverseJointPropagator
 
         return InverseJointPropagator(traj)
-    return InversePropagator(traj, cache, memory_budget, chunk_size)
+    return InversePropagator(traj, cache, memory_budget, chunk_size, path)
 
 
 def readout_jacobian(traj: Trajectory, chunk_size: int | None = None) -> ReadoutJacobian:
