@@ -496,7 +496,7 @@ class SiteStateJacobian(_SiteOperator):
 NTK_PATHS = ("auto", "joint", "parameters")
 
 
-def site_ntk(traj: SiteTrajectory, param_names=None, path: str = "auto") -> LinearOperator:
+def site_ntk(traj: SiteTrajectory, param_names=None, path: str = "auto", backend: str = "kronecker") -> LinearOperator:
     """The NTK of the visible states, ``Θ = C P K P* C* = J J*`` (PSD), by one of two paths:
 
     * ``"joint"``: ``(C P) K (C P)*`` — the VJP of the forward pass with injections, the exact Kronecker
@@ -504,7 +504,8 @@ def site_ntk(traj: SiteTrajectory, param_names=None, path: str = "auto") -> Line
     * ``"parameters"``: ``J J*`` with ``J = dh_vis/dθ`` by autodiff in θ (a VJP with its graph kept, then a JVP);
     * ``"auto"``: ``"parameters"`` (measured faster on the built-in transformer, ``benchmarks/transformer.py``).
 
-    The path taken is the returned operator's ``path`` attribute.
+    The path taken is the returned operator's ``path`` attribute; ``backend`` is that of K on the joint path
+    (``"kronecker"`` or ``"autodiff"``).
 
     Raises:
         ValueError: an unknown path.
@@ -514,7 +515,7 @@ def site_ntk(traj: SiteTrajectory, param_names=None, path: str = "auto") -> Line
     chosen = "parameters" if path == "auto" else path
     if chosen == "joint":
         P = site_propagator(traj)
-        op = P @ site_parameter_operator(traj, param_names) @ P.T
+        op = P @ site_parameter_operator(traj, param_names, backend) @ P.T
     else:
         J = SiteStateJacobian(traj, param_names)
         op = J @ J.T

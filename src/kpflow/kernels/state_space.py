@@ -574,7 +574,9 @@ def ntk(traj: Trajectory, param_names=None, method: str = "auto", cache="auto",
     if _is_site(traj):
         from .joint import site_ntk
 
-        return site_ntk(traj, param_names, "joint" if method in ("kronecker", "autodiff") else "auto")
+        if method in ("kronecker", "autodiff"):
+            return site_ntk(traj, param_names, "joint", method)
+        return site_ntk(traj, param_names, "auto")
     P = propagator(traj, cache, chunk_size=chunk_size)
     return P @ parameter_operator(traj, param_names, method, chunk_size) @ P.T
 
