@@ -81,6 +81,9 @@ SYNTHETIC = {
                              _seeds(prediction_gain=-0.8, rho_interference=0.7)),
     "init_dynamics_bias": (_seeds(log10_loss_ratio=0.5, log10_alignment_ratio=0.2),
                            _seeds(log10_loss_ratio=-0.5, log10_alignment_ratio=0.2)),
+    "transformer_lowrank": tuple([{"largest_token_fraction": f + 0.01 * k,
+                                   "rows": [{"d": d, "T": 25, "ntk_token_fraction": f + 0.01 * k} for d in (1, 16)]}
+                                  for k in range(3)] for f in (0.1, 0.7)),
     "bifurcation_channel": (_seeds(amplification_rho=0.95, excess_rank_ratio=0.01),
                             _seeds(amplification_rho=0.95, excess_rank_ratio=0.5)),
 }
