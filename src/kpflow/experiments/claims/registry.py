@@ -173,7 +173,7 @@ def register_claim(claim: Claim) -> Claim:
 def claim_ids() -> list[str]:
     """Registered claim ids in the issue's order."""
     load_builtin_claims()
-    return [c.id for c in sorted(CLAIMS.values(), key=lambda c: (c.number, c.id))]
+    return [c.id for c in sorted(CLAIMS.values(), key=lambda c: c.number)]  # stable: registration order within a number
 
 
 def get_claim(claim_id: str) -> Claim:
