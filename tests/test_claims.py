@@ -86,6 +86,8 @@ SYNTHETIC = {
                                   for k in range(3)] for f in (0.1, 0.7)),
     "bifurcation_channel": (_seeds(amplification_rho=0.95, excess_rank_ratio=0.01),
                             _seeds(amplification_rho=0.95, excess_rank_ratio=0.5)),
+    "lm_rich_lazy": (_seeds(effect=0.3, rich_ce_drop=1.0), _seeds(effect=-0.2, rich_ce_drop=1.0)),
+    "lm_ntk_distillation": (_seeds(effect=0.2), _seeds(effect=-0.2)),
 }
 
 

@@ -151,7 +151,7 @@ CLAIMS: dict[str, Claim] = {}
 
 #: the modules of the built-in claims, imported on first use of the registry (so ``kpflow --help`` stays torch-free)
 CLAIM_MODULES = ("identities", "collapse", "tasks_structure", "spectra", "bifurcation", "natural_gradient",
-                 "trace_estimators", "transformer")
+                 "trace_estimators", "transformer", "language_model")
 
 
 def load_builtin_claims() -> None:
