@@ -250,11 +250,12 @@ def _use_vjp(use: Use, Z: torch.Tensor) -> torch.Tensor:
     return (Z * use.u.unsqueeze(0)).sum(1)
 
 
-def _rows(use: Use, B: int, T: int, device) -> torch.Tensor:
-    """Flat positions ``b·T + t`` that a use writes (b-major)."""
+def _add_rows(out: torch.Tensor, use: Use, values, B: int, T: int) -> None:
+    """``out[positions of use] += values`` (``out`` ``[B·T, C]``, b-major; values a tensor or a scalar)."""
     if use.at is None:
-        return torch.arange(B * T, device=device)
-    return torch.arange(B, device=device) * T + int(use.at)
+        out.add_(values)
+    else:
+        out.view(B, T, -1)[:, use.at] += values
 
 
 class _SiteOperator(LinearOperator):
@@ -630,15 +631,13 @@ class SiteKroneckerCore:
                 if us[0].form == "diag":
                     D = torch.zeros(N, R, dtype=traj.dtype, device=traj.device)
                     for u in us:
-                        D.index_add_(0, _rows(u, B, T, traj.device), u.u)
+                        _add_rows(D, u, u.u, B, T)
                     diag.append(D)
                     continue
                 C = 1 if us[0].form == "r" else us[0].u.shape[1]
                 Uf = torch.zeros(N, C, dtype=traj.dtype, device=traj.device)
                 for u in us:
-                    uu = torch.ones(_rows(u, B, T, traj.device).numel(), 1, dtype=traj.dtype, device=traj.device) \
-                        if u.form == "r" else u.u
-                    Uf.index_add_(0, _rows(u, B, T, traj.device), uu)
+                    _add_rows(Uf, u, 1.0 if u.form == "r" else u.u, B, T)
                 cols.append(Uf)
             Ut = torch.cat(cols, 1) if cols else torch.zeros(N, 0, dtype=traj.dtype, device=traj.device)
             stats[s] = (Ut, diag, R)
@@ -672,10 +671,10 @@ class SiteKroneckerCore:
             total += R * float((small ** 2).sum())
             for D in diag:
                 total += 2 * float(((Ut.T @ D) ** 2).sum())
-            if diag:
-                Ds = torch.stack(diag)  # [nW, N, R]
-                cross = torch.einsum("anr,bnr->abr", Ds, Ds)
-                total += float((cross ** 2).sum())
+            for a, Da in enumerate(diag):  # Σ_r (d_{a,r} · d_{b,r})² over pairs of elementwise weights
+                for Db in diag[a:]:
+                    cross = (Da * Db).sum(0)
+                    total += (1 if Db is Da else 2) * float((cross ** 2).sum())
         return math.sqrt(max(total, 0.0))
 
     def effective_rank(self) -> float:
