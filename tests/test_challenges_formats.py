@@ -68,6 +68,45 @@ def test_time_units_other_than_days_and_bad_files_are_handled(tmp_path):
         ingestion.read_sla(str(junk))
 
 
+def test_make_writes_netcdf4_maps_and_netcdf3_is_still_read(tmp_path):
+    """The kit's maps are NetCDF4/HDF5 with int32 ``sla`` packed as the organisers' DUACS maps; a NetCDF3
+    file of the same field (scipy) decodes to the same metres."""
+    pytest.importorskip("h5netcdf")
+    from scipy.io import netcdf_file
+
+    field = _field(np.random.default_rng(5))
+    path = tmp_path / "19930102.nc"
+    path.write_bytes(sealevel.netcdf_bytes(field[None], np.array([15707.0])))
+    assert path.read_bytes()[:8] == b"\x89HDF\r\n\x1a\n"
+    import h5netcdf
+
+    with h5netcdf.File(path, "r") as f:
+        assert f.variables["sla"].dtype == np.int32 and f.variables["sla"].dimensions == ("time", "latitude",
+                                                                                            "longitude")
+        assert f.variables["sla"].attrs["scale_factor"] == sealevel.SCALE_FACTOR
+    sla, times = ingestion.read_sla(str(path))
+    assert times.tolist() == [15707.0] and sla.shape == (1, 100, 160)
+    assert np.array_equal(np.isnan(sla[0]), np.isnan(field))
+    assert np.nanmax(np.abs(sla[0] - field)) <= 0.5e-4 + 1e-7
+    assert path.read_bytes() == sealevel.netcdf_bytes(field[None], np.array([15707.0]))  # reproducible
+    old = tmp_path / "old.nc"
+    with netcdf_file(old, "w", version=2) as handle:
+        handle.createDimension("time", 1)
+        handle.createDimension("latitude", 100)
+        handle.createDimension("longitude", 160)
+        t = handle.createVariable("time", "f8", ("time",))
+        t[:] = [15707.0]
+        t.units = "days since 1950-01-01 00:00:00"
+        v = handle.createVariable("sla", "i2", ("time", "latitude", "longitude"))
+        v[:] = np.where(np.isfinite(field), np.round(np.nan_to_num(field) / 1e-4), -32768).astype(np.int16)[None]
+        v.scale_factor = 1e-4
+        v._FillValue = np.int16(-32768)
+    same, same_times = ingestion.read_sla(str(old))
+    assert same_times.tolist() == [15707.0]
+    assert np.array_equal(np.isnan(same), np.isnan(sla))
+    assert np.nanmax(np.abs(same - sla)) <= 1e-7  # the same packed integers; the scale attribute's precision
+
+
 def test_sealevel_loader_keeps_only_days_present_at_every_station_as_the_organisers_do(tmp_path):
     rng = np.random.default_rng(1)
     days = [dt.date(1993, 1, 1) + dt.timedelta(days=k) for k in range(6)]

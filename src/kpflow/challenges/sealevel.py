@@ -16,8 +16,8 @@ Each station's "tide gauge" series is the field at its nearest ocean cell plus l
 (σ = 4 cm, not visible in the maps); a (station, day) is anomalous when that series exceeds the
 station's mean + 2 standard deviations over the training years.
 
-Files: ``train/sla_train.nc`` (``sla`` (time, lat, lon), int16 with ``scale_factor`` 1e-4 m and
-``_FillValue`` over land, ``time`` in days since 1950-01-01, ``lat``, ``lon``), ``train/labels.csv``
+Files: the maps are NetCDF4/HDF5 as the organisers' (written with h5netcdf). ``train/sla_train.nc`` (``sla``
+(time, latitude, longitude), int32 with ``scale_factor`` 1e-4 m and ``_FillValue`` over land, ``time`` in days since 1950-01-01, ``lat``, ``lon``), ``train/labels.csv``
 (``date`` + one 0/1 column per station), ``train/stations.csv``; hidden ``input_data/<phase>/maps/
 YYYYMMDD.nc`` (one file per day, as the original) and ``input_data/<phase>/stations.csv``; labels in
 ``reference_data/<phase>/labels.csv``.
@@ -56,7 +56,7 @@ COAST = np.array([(25.0, -80.3), (30.0, -81.3), (32.0, -80.9), (35.2, -75.6), (3
 START = dt.date(1993, 1, 1)
 EPOCH = dt.date(1950, 1, 1)
 DEFAULT_DAYS = {"train": 1095, "val": 365, "test": 365}
-SCALE_FACTOR, FILL = 1e-4, -32768
+SCALE_FACTOR, FILL = 1e-4, -2147483647  # as the organisers' DUACS maps (int32)
 THRESHOLD_SIGMAS = 2.0
 
 
@@ -128,41 +128,45 @@ def station_series(rng, fields: np.ndarray) -> np.ndarray:
 
 
 def netcdf_bytes(sla: np.ndarray, days_since_epoch: np.ndarray) -> bytes:
-    """NetCDF3 bytes with ``sla`` (time, lat, lon) int16 scaled by ``SCALE_FACTOR``, plus coordinates."""
-    from scipy.io import netcdf_file
+    """NetCDF4/HDF5 bytes in the layout of the organisers' DUACS maps: ``sla`` (time, latitude, longitude)
+    int32 packed as ``round(sla / SCALE_FACTOR)`` with ``_FillValue`` ``FILL`` on land, ``time`` in days
+    since 1950-01-01, ``latitude``/``longitude`` coordinates. Written with h5netcdf (bit-for-bit
+    reproducible: no creation times are stored).
 
-    buffer = io.BytesIO()
-    handle = netcdf_file(buffer, "w", version=2)
-    handle.title = "kpflow synthetic sea level anomaly (stand-in for DUACS DT2021 L4)"
-    handle.createDimension("time", sla.shape[0])
-    handle.createDimension("latitude", N_LAT)
-    handle.createDimension("longitude", N_LON)
-    t = handle.createVariable("time", "f8", ("time",))
-    t[:] = days_since_epoch
-    t.units = "days since 1950-01-01 00:00:00"
-    la = handle.createVariable("latitude", "f4", ("latitude",))
-    la[:] = LAT
-    la.units = "degrees_north"
-    lo = handle.createVariable("longitude", "f4", ("longitude",))
-    lo[:] = LON
-    lo.units = "degrees_east"
-    v = handle.createVariable("sla", "i2", ("time", "latitude", "longitude"))
-    raw = np.clip(np.round(np.nan_to_num(sla) / SCALE_FACTOR), -32767, 32767)
+    Raises:
+        ImportError: h5netcdf is not installed (``pip install 'kpflow[challenges]'``).
+    """
+    try:
+        import h5netcdf
+    except ImportError:
+        raise ImportError("writing the sea-level maps (NetCDF4, as the organisers' DUACS maps) needs h5netcdf: "
+                          "pip install 'kpflow[challenges]' (or pip install h5netcdf)") from None
+    raw = np.clip(np.round(np.nan_to_num(np.asarray(sla, dtype=np.float64)) / SCALE_FACTOR), -2 ** 31 + 2, 2 ** 31 - 1)
     raw[~np.isfinite(sla)] = FILL
-    v[:] = raw.astype(np.int16)
-    v.scale_factor = SCALE_FACTOR
-    v._FillValue = np.int16(FILL)
-    v.units = "m"
-    v.long_name = "Sea level anomaly"
-    handle.flush()
-    data = buffer.getvalue()
-    handle.close()
-    return data
+    buffer = io.BytesIO()
+    with h5netcdf.File(buffer, "w") as handle:
+        handle.attrs["title"] = "kpflow synthetic sea level anomaly (stand-in for DUACS DT2021 L4)"
+        handle.attrs["Conventions"] = "CF-1.6"
+        handle.dimensions = {"time": sla.shape[0], "latitude": N_LAT, "longitude": N_LON}
+        t = handle.create_variable("time", ("time",), "f8", data=np.asarray(days_since_epoch, dtype=np.float64))
+        t.attrs["units"] = "days since 1950-01-01 00:00:00"
+        t.attrs["standard_name"] = "time"
+        la = handle.create_variable("latitude", ("latitude",), "f4", data=LAT.astype(np.float32))
+        la.attrs["units"] = "degrees_north"
+        lo = handle.create_variable("longitude", ("longitude",), "f4", data=LON.astype(np.float32))
+        lo.attrs["units"] = "degrees_east"
+        v = handle.create_variable("sla", ("time", "latitude", "longitude"), "i4", data=raw.astype(np.int32),
+                                   fillvalue=np.int32(FILL))
+        v.attrs["scale_factor"] = SCALE_FACTOR
+        v.attrs["add_offset"] = 0.0
+        v.attrs["units"] = "m"
+        v.attrs["long_name"] = "Sea level anomaly"
+    return buffer.getvalue()
 
 
 def read_sla(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(``sla`` (time, lat, lon) float32 metres with NaN on land, ``time`` days since 1950-01-01), from
-    this kit's NetCDF3 files or the organisers' NetCDF4 maps (see ``ingestion.read_sla``)."""
+    NetCDF4/HDF5 maps (this kit's and the organisers') or NetCDF3 files (see ``ingestion.read_sla``)."""
     from kpflow.challenges.ingestion import read_sla as read
 
     return read(str(path))
@@ -216,8 +220,8 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
 def load_original(maps_folder: Path, station_csvs: list[Path]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Read the organisers' daily maps and station label files into (dates, maps, labels).
 
-    ``maps_folder`` holds one NetCDF file per day (the organisers' NetCDF4/HDF5 DUACS maps, or this
-    kit's NetCDF3 files); each ``<Station>_..._training_data.csv`` has columns ``t, anomaly, ...`` and
+    ``maps_folder`` holds one NetCDF file per day (NetCDF4/HDF5 like the organisers' DUACS maps and
+    this kit's, or NetCDF3); each ``<Station>_..._training_data.csv`` has columns ``t, anomaly, ...`` and
     its own set of days. As the organisers do, only days present at *every* station (and in the maps)
     are kept, in date order, so the rows of ``maps`` (days, lat, lon) and ``labels`` (days, stations)
     align; nothing is filled in.
@@ -266,8 +270,8 @@ SPEC = ChallengeSpec(
              ScoreColumn("precision_day", "Precision (day)"),
              ScoreColumn("recall_day", "Recall (day)")),
     reference_file="labels.csv",
-    input_description=("`input_data/<phase>/maps/YYYYMMDD.nc` (NetCDF3, `sla` int16 scaled, NaN/fill on land; "
-                       "the organisers' NetCDF4 maps are read too) and `stations.csv`. The ingestion program "
+    input_description=("`input_data/<phase>/maps/YYYYMMDD.nc` (NetCDF4/HDF5 as the organisers' DUACS "
+                       "maps: `sla` int32 with `scale_factor`, `_FillValue` on land; NetCDF3 is read too) and `stations.csv`. The ingestion program "
                        "creates `Model()` (calling `load()` only if the class has one), reads the days in "
                        "sorted order and calls `Model.predict(sla_day)` with a (1, 100, 160) float64 array in "
                        "metres (NaN on land), as the organisers' ingestion does; it returns 12 flags in the "
