@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import os
 
 import numpy as np
 import pytest
@@ -324,3 +325,119 @@ def test_butterfly_ingestion_rounds_scores_to_4_decimals_as_the_organisers_do(tm
     entry = run_submission(folder, sub, record=False, trusted=True, timeout_s=300)
     assert entry["status"] == "ok", entry.get("error")
     assert entry["scores"]["challenge_score"] == 0.0
+
+
+ORGANISER_BUTTERFLY = '''"""Organiser-style submission (as the Imageomics baselines): weights pickled next to model.py,
+loaded in load(); predict(datapoint) gets the PIL image as Image.open returns it, returns a numpy float."""
+import os
+import pickle
+
+import numpy as np
+
+
+class Model:
+    def __init__(self):
+        self.clf = None  # loaded in load()
+
+    def load(self):
+        with open(os.path.join(os.path.dirname(__file__), "clf.pkl"), "rb") as f:
+            self.clf = pickle.load(f)
+
+    def predict(self, datapoint):
+        assert datapoint.format == "JPEG" and datapoint.mode == "RGB", (datapoint.format, datapoint.mode)
+        rgb = np.asarray(datapoint, dtype=np.float64) / 255.0
+        return np.float64(rgb.reshape(-1, 3).std(0) @ self.clf["w"])
+'''
+
+
+def _colour_score(path, w):
+    from PIL import Image
+
+    with Image.open(path) as image:
+        rgb = np.asarray(image, dtype=np.float64) / 255.0
+    return float(np.float64(rgb.reshape(-1, 3).std(0) @ w))
+
+
+@pytest.mark.slow
+def test_an_organiser_style_butterfly_submission_runs_unchanged(tmp_path):
+    """JPEGs flat in the input folder, Model() + load() + predict(PIL image), read in os.listdir order;
+    predictions.txt without a header, 4 decimals; scored as the same file written by hand."""
+    import pickle
+    import zipfile
+
+    from kpflow.challenges import make_challenge, scoring
+    from kpflow.challenges.runner import run_submission
+
+    folder = tmp_path / "butterfly"
+    make_challenge("butterfly", folder, seed=1, scale=0.05, hidden_seed=2)
+    sub = tmp_path / "organiser"
+    sub.mkdir()
+    w = np.array([1.0, -0.5, 2.0])
+    (sub / "model.py").write_text(ORGANISER_BUTTERFLY)
+    (sub / "clf.pkl").write_bytes(pickle.dumps({"w": w}))
+    packed = tmp_path / "organiser.zip"  # the files themselves at the top of the zip, as theirs asks
+    with zipfile.ZipFile(packed, "w") as archive:
+        for name in ("model.py", "clf.pkl"):
+            archive.write(sub / name, name)
+    entry = run_submission(folder, packed, trusted=True, timeout_s=300)
+    assert entry["status"] == "ok", entry.get("error")
+    inputs = folder / "input_data" / "val"
+    written = (folder / entry["run_folder"] / "predictions.txt").read_text().splitlines()
+    assert [line.split(",")[0] for line in written] == os.listdir(inputs)  # their order, no header
+    expected = [f"{n},{round(_colour_score(inputs / n, w), 4)!r}" for n in os.listdir(inputs)]
+    assert written == expected
+    by_hand = tmp_path / "res"
+    by_hand.mkdir()
+    (by_hand / "predictions.txt").write_text("\n".join(expected))  # theirs ends without a newline
+    assert entry["scores"] == scoring.score_folder("butterfly", str(by_hand), str(folder / "reference_data" / "val"))
+    assert not (folder / entry["run_folder"] / "predictions.csv").exists()
+
+
+ORGANISER_GW = '''"""Organiser-style gw submission (as the A3D3 examples): weights next to model.py, read in load();
+predict(X) gets (N, 200, 2) and returns a Keras-like (N, 1) array of scores."""
+import os
+
+import numpy as np
+
+
+class Model:
+    def __init__(self):
+        self.weights = None
+
+    def load(self):
+        self.weights = np.load(os.path.join(os.path.dirname(__file__), "weights.npy"))
+
+    def predict(self, X):
+        assert X.ndim == 3 and X.shape[1:] == (200, 2), X.shape
+        return ((X ** 2) @ self.weights).max(axis=1, keepdims=True)
+'''
+
+
+@pytest.mark.slow
+def test_an_organiser_style_gw_submission_runs_unchanged_and_gets_their_binarised_file(tmp_path):
+    """Model() + load() + predict((N, 200, 2)) -> (N, 1): runs as on Codabench; the trusted scorer writes
+    the organisers' test.predictions (0/1 lines in input order, cut at the 10th percentile of the signal
+    scores), which their binarised scoring turns into the same TNR, and the submission never saw a label."""
+    from kpflow.challenges import scoring
+    from kpflow.challenges.runner import run_submission
+
+    folder, data, ids, labels = _gw_folder(tmp_path)
+    with np.load(folder / "input_data" / "val" / "data.npz") as archive:
+        assert sorted(archive.files) == ["data", "ids"] and archive["ids"].dtype.kind == "U"  # no labels
+    sub = tmp_path / "organiser"
+    sub.mkdir()
+    (sub / "model.py").write_text(ORGANISER_GW)
+    weights = np.array([1.0, 0.7])
+    np.save(sub / "weights.npy", weights)
+    entry = run_submission(folder, sub, trusted=True, timeout_s=300)
+    assert entry["status"] == "ok", entry.get("error")
+    from kpflow.challenges.gw import normalise
+
+    scores = ((normalise(data) ** 2) @ weights).max(axis=1)  # the same float32 squares as the submission
+    expected = (scores >= np.percentile(scores[labels == 1], 10)).astype(int)  # the organisers' tp_cut
+    written = (folder / entry["run_folder"] / "test.predictions").read_text().split()
+    assert written == [str(v) for v in expected]
+    tn, fp = int(((expected == 0) & (labels == 0)).sum()), int(((expected == 1) & (labels == 0)).sum())
+    assert entry["scores"]["TNR"] == pytest.approx(tn / (tn + fp), abs=1e-12)
+    assert scoring.score_gw_binarised(str(folder / entry["run_folder"] / "test.predictions"), labels) == {
+        "TNR": pytest.approx(entry["scores"]["TNR"], abs=1e-12)}

@@ -178,7 +178,9 @@ def test_gw_files_have_the_original_shapes(tmp_path):
     make_challenge("gw", tmp_path / "gw", seed=0, scale=SMALL["gw"])
     with np.load(tmp_path / "gw" / "train" / "background.npz") as archive:
         assert archive["data"].shape[1:] == (2, 200) and archive["data"].dtype == np.float32
-    assert np.load(tmp_path / "gw" / "train" / "bbh.npy").shape[1:] == (2, 200)
+    assert np.load(tmp_path / "gw" / "train" / "bbh_for_challenge.npy").shape[1:] == (2, 200)
+    original = gw.load_original(tmp_path / "gw" / "train")  # the organisers' public file names
+    assert set(original) == {"background", "bbh", "sglf"} and original["sglf"].shape[1:] == (2, 200)
     with np.load(tmp_path / "gw" / "input_data" / "test" / "data.npz") as archive:
         ids, data = archive["ids"], archive["data"]
     with open(tmp_path / "gw" / "reference_data" / "test" / "labels.csv") as handle:
@@ -232,9 +234,12 @@ def test_butterfly_splits_follow_the_challenge_design(tmp_path):
     for group in ("major", "minor", "mimic"):
         rows = [r for r in ref if r["ssp_indicator"] == group]
         assert sum(r["hybrid_stat"] == "1" for r in rows) == counts[f"{group}_hybrid"]
-    assert all(r["filename"].startswith("CAM") and r["filename"].endswith("_d.png") for r in ref)
-    with Image.open(tmp_path / "b" / "input_data" / "test" / "images" / ref[0]["filename"]) as image:
-        assert image.size == (64, 64) and image.mode == "RGB"
+    assert all(r["filename"].startswith("CAM") and r["filename"].endswith("_d.JPG") for r in ref)
+    # the organisers' layout: exactly the listed JPEGs, flat in the input folder
+    assert sorted(p.name for p in (tmp_path / "b" / "input_data" / "test").iterdir()) == sorted(
+        r["filename"] for r in ref)
+    with Image.open(tmp_path / "b" / "input_data" / "test" / ref[0]["filename"]) as image:
+        assert image.size == (64, 64) and image.mode == "RGB" and image.format == "JPEG"
 
 
 # ----------------------------------------------------------------------------- sea level

@@ -363,7 +363,7 @@ def _fit_autoencoder(sequences: np.ndarray, steps: int, n_background: int, k: in
 
 def build_gw(challenge_dir: Path, out: Path, quick: bool = False, seed: int = 0, progress: bool = True) -> dict:
     """GW baselines: constant, PCA residual of band powers, GRU-AE (recon, NTK diag, NTK residual)."""
-    from kpflow.challenges.gw import normalise
+    from kpflow.challenges.gw import TRAIN_FILES, normalise
 
     train = Path(challenge_dir) / "train"
     with np.load(train / "background.npz") as archive:
@@ -386,7 +386,7 @@ def build_gw(challenge_dir: Path, out: Path, quick: bool = False, seed: int = 0,
                                                     "gravitational waves, trained on background", "X", body,
                                                     extra_import=", gw_spectrogram", stats=stats)
     # supervised: a kpflow GRU classifier of background vs the training signals (as the winning entries)
-    signals = normalise(np.concatenate([np.load(train / "bbh.npy"), np.load(train / "sglf.npy")]))
+    signals = normalise(np.concatenate([np.load(train / TRAIN_FILES[k]) for k in ("bbh", "sglf")]))
     x = np.concatenate([standardised, (gw_spectrogram(signals) - stats["input_mean"].numpy())
                         / stats["input_std"].numpy()])
     y = np.r_[np.zeros(len(standardised)), np.ones(len(signals))]

@@ -59,7 +59,9 @@ class BundleError(ValueError):
 
 # ----------------------------------------------------------------------------- fixtures
 def reference_predictions(challenge: str, ref_dir: Path, res_dir: Path, mode: str = "correct") -> Path:
-    """Write ``res_dir/predictions.csv`` derived from the reference labels.
+    """Write the challenge's predictions file (``ingestion.PREDICTIONS_FILES``) in ``res_dir``, derived
+    from the reference labels, in the format the ingestion program writes (butterfly: header-less
+    ``filename,score`` lines).
 
     ``mode``: 'correct' (the labels themselves), 'wrong' (labels flipped), 'constant' (all 0).
     """
@@ -75,18 +77,21 @@ def reference_predictions(challenge: str, ref_dir: Path, res_dir: Path, mode: st
 
     res_dir = Path(res_dir)
     res_dir.mkdir(parents=True, exist_ok=True)
+    header = None
     if challenge == "gw":
         header, body = ["id", "score"], [(r["id"], value(r["label"])) for r in rows]
     elif challenge == "butterfly":
-        header, body = ["filename", "score"], [(r["filename"], value(r["hybrid_stat"])) for r in rows]
+        body = [(r["filename"], value(r["hybrid_stat"])) for r in rows]
     else:
         stations = [c for c in rows[0] if c != "date"]
         header, body = ["date", *stations], [(r["date"], *(value(r[s]) for s in stations)) for r in rows]
-    with open(res_dir / scoring.PREDICTIONS_FILE, "w", newline="") as handle:
+    path = res_dir / ingestion.PREDICTIONS_FILES[challenge]
+    with open(path, "w", newline="") as handle:
         writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(header)
+        if header is not None:
+            writer.writerow(header)
         writer.writerows(body)
-    return res_dir / scoring.PREDICTIONS_FILE
+    return path
 
 
 # ----------------------------------------------------------------------------- export

@@ -12,10 +12,12 @@ other, or a blend of both (a faint, intermediate pattern), as F1/F2 hybrids of c
   (*H. melpomene* stand-in: malleti and plesseni mimic lativitta and notabilis, with a different wing
   shape and slightly shifted hues) with its own hybrids.
 
-Images are 64 x 64 RGB PNGs (``CAMxxxxxx_d.png``) with random pose, lighting and pixel noise.
-``train/train.csv`` has ``filename, hybrid_stat, species, subspecies, parent_subspecies_1,
-parent_subspecies_2``; ``reference_data/<phase>/ref.csv`` has ``filename, hybrid_stat,
-ssp_indicator (major|minor|mimic), subspecies``.
+Images are 64 x 64 RGB JPEGs (``CAMxxxxxx_d.JPG``, as the organisers') with random pose, lighting and
+pixel noise: ``train/images/`` for training; the hidden inputs flat in ``input_data/<phase>/``, as the
+organisers' (their ingestion reads every file there in ``os.listdir`` order). ``train/train.csv``
+has ``filename, hybrid_stat, species, subspecies, parent_subspecies_1, parent_subspecies_2``;
+``reference_data/<phase>/ref.csv`` has ``filename, hybrid_stat, ssp_indicator (major|minor|mimic),
+subspecies``.
 """
 
 from __future__ import annotations
@@ -165,11 +167,13 @@ def render(rng: np.random.Generator, loci: dict) -> np.ndarray:
     return (np.clip(image, 0, 1) * 255).round().astype(np.uint8)
 
 
-def _png_bytes(image: np.ndarray) -> bytes:
+def _jpeg_bytes(image: np.ndarray) -> bytes:
+    """JPEG bytes of an RGB uint8 image (Pillow, quality 95, no chroma subsampling), as the organisers'
+    ``CAMxxxxxx_d.JPG`` photographs."""
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image, "RGB").save(buffer, format="PNG", compress_level=6)
+    Image.fromarray(image, "RGB").save(buffer, format="JPEG", quality=95, subsampling=0)
     return buffer.getvalue()
 
 
@@ -214,7 +218,7 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
     train_ids = public["names"].choice(900000, size=n_train, replace=False)
     hidden_ids = hidden["names"].choice(np.setdiff1d(np.arange(900000), train_ids), size=total - n_train,
                                         replace=False)
-    names = [f"CAM{n:06d}_d.png" for n in np.r_[train_ids, hidden_ids] + 10000]
+    names = [f"CAM{n:06d}_d.JPG" for n in np.r_[train_ids, hidden_ids] + 10000]
     cursor = 0
     splits = {}
     bar = tqdm(total=total, desc="draw butterflies", disable=None, leave=False)
@@ -231,9 +235,9 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
         rows = [rows[i] for i in order]
         split_names = names[cursor:cursor + len(rows)]
         cursor += len(rows)
-        folder = out / "train" / "images" if split == "train" else out / "input_data" / split / "images"
+        folder = out / "train" / "images" if split == "train" else out / "input_data" / split  # theirs: flat
         for name, row in zip(split_names, rows, strict=True):
-            atomic_write_bytes(folder / name, _png_bytes(row[0]))
+            atomic_write_bytes(folder / name, _jpeg_bytes(row[0]))
         if split == "train":
             write_csv(out / "train" / "train.csv",
                       ["filename", "hybrid_stat", "species", "subspecies", "parent_subspecies_1",
@@ -300,11 +304,12 @@ SPEC = ChallengeSpec(
              ScoreColumn("A_PRC_AUC_minor", "PR-AUC non-signal lineages"),
              ScoreColumn("mimic_PRC_AUC", "PR-AUC mimic")),
     reference_file="ref.csv",
-    input_description=("`input_data/<phase>/images/*.png` (64x64 RGB; the organisers' JPGs flat in the input "
-                       "folder are read too). The ingestion program opens each image with `PIL.Image.open` in "
-                       "sorted order and calls `Model.predict(image)` on it unconverted, as the organisers' "
-                       "ingestion does; it returns one float (higher = more likely a hybrid), rounded to 4 "
-                       "decimals as the organisers' ingestion writes it."),
+    input_description=("`input_data/<phase>/CAMxxxxxx_d.JPG` (64x64 RGB JPEGs flat in the input folder, as the "
+                       "organisers'). The ingestion program creates `Model()`, calls `load()`, opens each image "
+                       "with `PIL.Image.open` in `os.listdir` order and calls `Model.predict(image)` on it "
+                       "unconverted, as the organisers' ingestion does; it returns one float (higher = more "
+                       "likely a hybrid), written to `predictions.txt` as `filename,score` lines without a "
+                       "header, rounded to 4 decimals, as the organisers' ingestion writes them."),
     predict_signature="predict(image: PIL.Image.Image) -> float",
     metric_description=("For Species A and the mimic set separately, the threshold is the lowest score keeping "
                         "recall of non-hybrids >= 0.95 (score > threshold = hybrid). `challenge_score` is the "

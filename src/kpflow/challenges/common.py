@@ -324,7 +324,7 @@ def croissant_metadata(spec: ChallengeSpec, manifest: dict, folder: Path, train_
 
 
 def _encoding(path: str) -> str:
-    suffix = path.rsplit(".", 1)[-1]
+    suffix = path.rsplit(".", 1)[-1].lower()
     return {"csv": "text/csv", "npz": "application/x-npz", "npy": "application/x-npy",
             "nc": "application/x-netcdf", "png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg",
             "json": "application/json"}.get(

@@ -14,10 +14,15 @@ Recipe (the organisers' recipe, with Gaussian noise standing in for real O3 stra
    * Glitches (part of *background*): single-detector short sine-Gaussians, f ~ U(30, 400) Hz, Q ~ U(2, 10).
 3. Whitening by the same PSD and a 30-1500 Hz band-pass (frequency domain), crop of 200 samples.
 
-Files: ``train/background.npz`` (key ``data``), ``train/bbh.npy``, ``train/sglf.npy``, each
-``(N, 2, 200)`` float32; hidden ``input_data/<phase>/data.npz`` with ``data`` and ``ids``; labels in
-``reference_data/<phase>/labels.csv`` (``id,label,kind``). The ingestion program divides each sample
-by its per-detector standard deviation and transposes to ``(N, 200, 2)`` before ``Model.predict``.
+Files: the organisers' public training files ``train/background.npz`` (key ``data``),
+``train/bbh_for_challenge.npy``, ``train/sglf_for_challenge.npy``, each ``(N, 2, 200)`` float32 (the
+class is the file, as theirs; ``train/windows.csv`` indexes them with labels); hidden
+``input_data/<phase>/data.npz`` with ``data`` and string ``ids`` (not the labels: the organisers'
+``ligo_bb_50.npz`` keeps the 0/1 labels in ``ids`` beside the data, which would hand them to the
+submission); labels in ``reference_data/<phase>/labels.csv`` (``id,label,kind``, in input order). The
+ingestion program divides each sample by its per-detector standard deviation and transposes to
+``(N, 200, 2)`` before ``Model.predict``, as theirs; it writes the raw scores, and the trusted scorer
+makes the organisers' binarised ``test.predictions`` (their ingestion cuts with the labels).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ DEFAULT_COUNTS = {
 }
 GLITCH_FRACTION = 0.1
 SNR_RANGE = (6.0, 20.0)
+#: The organisers' public training files, one per class (also this kit's ``train/`` names).
+TRAIN_FILES = {"background": "background.npz", "bbh": "bbh_for_challenge.npy", "sglf": "sglf_for_challenge.npy"}
 GLITCH_SNR_RANGE = (6.0, 30.0)
 
 
@@ -246,8 +253,8 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
     background, _ = background_windows(rng, counts["train"]["background"])
     atomic_write_bytes(out / "train" / "background.npz", _npz_bytes(data=background))
     for kind in ("bbh", "sglf"):
-        atomic_write_bytes(out / "train" / f"{kind}.npy", _npy_bytes(windows(rng, kind, counts["train"][kind])))
-    index = [(f"{kind}.npy" if kind != "background" else "background.npz", row, int(kind != "background"), kind)
+        atomic_write_bytes(out / "train" / TRAIN_FILES[kind], _npy_bytes(windows(rng, kind, counts["train"][kind])))
+    index = [(TRAIN_FILES[kind], row, int(kind != "background"), kind)
              for kind in ("background", "bbh", "sglf") for row in range(counts["train"][kind])]
     write_csv(out / "train" / "windows.csv", ["file", "row", "label", "class"], index)  # a table Croissant can read
     splits = {"train": f"background {counts['train']['background']} (incl. {GLITCH_FRACTION:.0%} glitches), "
@@ -270,9 +277,15 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
 
 def load_original(folder: Path) -> dict[str, np.ndarray]:
     """Read the organisers' public files (``background.npz``, ``bbh_for_challenge.npy``,
-    ``sglf_for_challenge.npy``; each ``(N, 2, 200)``) into this challenge's training format."""
+    ``sglf_for_challenge.npy``; each ``(N, 2, 200)``), or this kit's ``train/`` (the same names), into
+    ``{class: (N, 2, T) float32}``.
+
+    Raises:
+        FileNotFoundError: a file is missing.
+        ValueError: an array is not ``(N, 2, T)``.
+    """
     folder = Path(folder)
-    names = {"background": "background.npz", "bbh": "bbh_for_challenge.npy", "sglf": "sglf_for_challenge.npy"}
+    names = TRAIN_FILES
     out = {}
     for kind, name in names.items():
         path = folder / name

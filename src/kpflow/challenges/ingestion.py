@@ -7,8 +7,10 @@ Codabench-style call::
     python3 ingestion.py INPUT_DIR OUTPUT_DIR PROGRAM_DIR SUBMISSION_DIR --challenge NAME
 
 The submission folder holds ``model.py`` defining ``class Model`` with ``load()`` and ``predict(...)``.
-The program writes ``OUTPUT_DIR/predictions.csv`` and ``OUTPUT_DIR/status.json`` (in place: kpflow's
-runner binds exactly these two files writable into its sandbox).
+The program writes the challenge's predictions file (``PREDICTIONS_FILES``: ``predictions.txt`` for the
+butterflies, as the organisers' ingestion; ``predictions.csv`` for gw and sea level) and
+``OUTPUT_DIR/status.json``, in place: kpflow's runner binds exactly these two files writable into its
+sandbox.
 
 This program contains no security mechanism: it runs in the same process as the submission, so
 everything it writes is as untrusted as the submission itself. The isolation comes from outside —
@@ -28,7 +30,9 @@ import sys
 import time
 import traceback
 
-PREDICTIONS_FILE = "predictions.csv"
+#: The predictions file each ingestion writes (the same names as ``scoring.PREDICTION_FILES[c][0]``).
+PREDICTIONS_FILES = {"gw": "predictions.csv", "butterfly": "predictions.txt", "sealevel": "predictions.csv"}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 STATUS_FILE = "status.json"
 
 
@@ -112,27 +116,29 @@ def ingest_gw(model, input_dir, output_dir):
     std = data.std(axis=-1, keepdims=True)
     x = np.ascontiguousarray(np.swapaxes(data / np.where(std > 0, std, 1.0), 1, 2))
     scores = _as_float_list(model.predict(x), len(ids), "predict(X)")
-    _write_csv(os.path.join(output_dir, PREDICTIONS_FILE), ["id", "score"],
+    _write_csv(os.path.join(output_dir, PREDICTIONS_FILES["gw"]), ["id", "score"],
                [(str(i), repr(s)) for i, s in zip(ids.tolist(), scores, strict=True)])
     return len(ids)
 
 
 def ingest_butterfly(model, input_dir, output_dir):
-    """Each image (``input_dir/images/`` or, as the organisers' inputs, flat in ``input_dir``) through
-    ``predict`` as ``PIL.Image.open`` returns it (as the organisers' ingestion does: no conversion, so
-    ``image.filename`` is set); scores rounded to 4 decimals, as their ingestion writes them."""
+    """The organisers' butterfly ingestion: every image file flat in ``input_dir``, in ``os.listdir`` order,
+    through ``predict`` as ``PIL.Image.open`` returns it (no conversion, so ``image.filename`` and
+    ``image.format`` are set); ``predictions.txt`` with one ``filename,score`` line per image and no header,
+    scores rounded to 4 decimals, as their ingestion writes them. Folders and files that are not images
+    are skipped, as theirs skips what it cannot open."""
     from PIL import Image
 
-    folder = os.path.join(input_dir, "images")
-    folder = folder if os.path.isdir(folder) else input_dir
-    names = sorted(n for n in os.listdir(folder) if n.lower().endswith((".png", ".jpg", ".jpeg"))
-                   and os.path.isfile(os.path.join(folder, n)))
     rows = []
-    for name in names:
-        with Image.open(os.path.join(folder, name)) as image:
+    for name in os.listdir(input_dir):
+        path = os.path.join(input_dir, name)
+        if not (name.lower().endswith(IMAGE_SUFFIXES) and os.path.isfile(path)):
+            continue
+        with Image.open(path) as image:
             score = _as_float_list(model.predict(image), 1, f"predict(image {name})")[0]
-        rows.append((name, repr(round(score, 4))))
-    _write_csv(os.path.join(output_dir, PREDICTIONS_FILE), ["filename", "score"], rows)
+        rows.append(f"{name},{round(score, 4)!r}\n")
+    with open(os.path.join(output_dir, PREDICTIONS_FILES["butterfly"]), "w", newline="") as handle:
+        handle.writelines(rows)
     return len(rows)
 
 
@@ -219,7 +225,7 @@ def ingest_sealevel(model, input_dir, output_dir):
             if any(f not in (0.0, 1.0) for f in flags):
                 raise SubmissionError(f"predict(sla of {day}) returned {flags}; flags must be 0 or 1")
             rows.append((day, *(int(f) for f in flags)))
-    _write_csv(os.path.join(output_dir, PREDICTIONS_FILE), ["date", *stations], rows)
+    _write_csv(os.path.join(output_dir, PREDICTIONS_FILES["sealevel"]), ["date", *stations], rows)
     return len(rows)
 
 

@@ -5,8 +5,9 @@ The three steps, as on Codabench:
 1. **Ingestion** (untrusted): ``ingestion.py`` and the submission run together inside an OS-level
    sandbox (:mod:`kpflow.challenges.isolation`: bubblewrap namespaces, rlimits, cgroups). The sandbox
    sees the submission's code, the phase's inputs and the Python environment, all read-only, plus a
-   size-capped scratch tmpfs; it can write exactly two pre-created files, ``predictions.csv`` and
-   ``status.json``. No reference data, no challenge folder, no other process, no network.
+   size-capped scratch tmpfs; it can write exactly two pre-created files, the challenge's predictions
+   file (``ingestion.PREDICTIONS_FILES``) and ``status.json``. No reference data, no challenge folder,
+   no other process, no network.
 2. **Scoring** (trusted): the parent reads the predictions file without following links and with a
    size cap, copies it into a fresh folder, and runs the scoring program as a separate process, which
    validates ids and values and writes ``scores.json``.
@@ -196,7 +197,7 @@ def _ingest(challenge: str, challenge_dir: Path, phase: str, code: Path, output:
                   isolation.Mount(Path(ingestion.__file__), f"{SANDBOX_PROGRAM}/ingestion.py"),
                   isolation.Mount(output, SANDBOX_OUTPUT)]
         mounts += [isolation.Mount(output / f, f"{SANDBOX_OUTPUT}/{f}", writable=True)
-                   for f in (ingestion.PREDICTIONS_FILE, ingestion.STATUS_FILE)]
+                   for f in (ingestion.PREDICTIONS_FILES[challenge], ingestion.STATUS_FILE)]
         command = [sys.executable, f"{SANDBOX_PROGRAM}/ingestion.py", SANDBOX_INPUT, SANDBOX_OUTPUT, SANDBOX_PROGRAM,
                    SANDBOX_SUBMISSION, "--challenge", challenge]
         env = _environment(isolation.SCRATCH, limits.threads, root, "/usr/local/bin:/usr/bin:/bin")
@@ -208,12 +209,13 @@ def _ingest(challenge: str, challenge_dir: Path, phase: str, code: Path, output:
     return isolation.run_unisolated(command, env, str(scratch), limits)
 
 
-def _score(challenge: str, predictions: bytes, reference: Path, work: Path) -> dict:
-    """Trusted scoring in a separate process: ``scoring.py`` on a copy of the predictions."""
+def _score(challenge: str, predictions: bytes, reference: Path, work: Path) -> tuple[dict, bytes | None]:
+    """Trusted scoring in a separate process: ``scoring.py`` on a copy of the predictions. Returns the
+    scores and, for gw, the organisers' binarised ``test.predictions`` the scoring program wrote."""
     res, ref, out = work / "input" / "res", work / "input" / "ref", work / "output"
     res.mkdir(parents=True)
     shutil.copytree(reference, ref)
-    atomic_write_bytes(res / scoring.PREDICTIONS_FILE, predictions)
+    atomic_write_bytes(res / ingestion.PREDICTIONS_FILES[challenge], predictions)
     try:
         command = [sys.executable, scoring.__file__, str(work / "input"), str(out), "--challenge", challenge]
         run = subprocess.run(command, capture_output=True, timeout=600, stdin=subprocess.DEVNULL, env={
@@ -225,7 +227,9 @@ def _score(challenge: str, predictions: bytes, reference: Path, work: Path) -> d
         message = isolation.clean_text(run.stderr, 1000, keep="head").removeprefix("scoring failed: ")
         raise scoring.ScoringError(message or f"the scoring program exited with code {run.returncode}")
     scores = json.loads((out / "scores.json").read_text())
-    return {k: float(v) for k, v in scores.items()}
+    extra = out / scoring.PREDICTION_FILES["gw"][1]
+    return {k: float(v) for k, v in scores.items()}, (extra.read_bytes() if challenge == "gw" and extra.is_file()
+                                                      else None)
 
 
 def _isolation_decision(trusted: bool) -> tuple[bool, str | None]:
@@ -290,7 +294,7 @@ def run_submission(challenge_dir: Path, submission: Path, phase: str = "val", na
         output, scratch = sandbox / "output", sandbox / "scratch"
         output.mkdir()
         scratch.mkdir()
-        for f in (ingestion.PREDICTIONS_FILE, ingestion.STATUS_FILE):
+        for f in (ingestion.PREDICTIONS_FILES[challenge], ingestion.STATUS_FILE):
             (output / f).touch()
         try:
             code = unpack_submission(submission, sandbox / "submission")
@@ -300,26 +304,27 @@ def run_submission(challenge_dir: Path, submission: Path, phase: str = "val", na
             return _finish(challenge_dir, entry, start, record)
         outcome = _ingest(challenge, challenge_dir, phase, code, output, scratch, limits, isolated)
         entry["log_tail"] = isolation.clean_text(outcome.stderr, 1500, newlines=True)
-        status, predictions = _read_outputs(output)
+        status, predictions = _read_outputs(output, challenge)
+        binarised = None
         entry["error"] = _ingestion_error(outcome, status, limits)
         if entry["error"] is None:
             if predictions is None:
-                entry["error"] = (f"malformed predictions: {ingestion.PREDICTIONS_FILE} is not a readable "
+                entry["error"] = (f"malformed predictions: {ingestion.PREDICTIONS_FILES[challenge]} is not a readable "
                                   f"regular file of at most {scoring.MAX_FILE_BYTES} bytes")
             else:
                 try:
-                    entry["scores"] = _score(challenge, predictions, challenge_dir / "reference_data" / phase,
-                                             sandbox / "scoring")
+                    entry["scores"], binarised = _score(challenge, predictions,
+                                                        challenge_dir / "reference_data" / phase, sandbox / "scoring")
                     entry["status"] = "ok"
                     del entry["error"]
                 except scoring.ScoringError as err:
                     entry["error"] = isolation.clean_text(f"malformed predictions: {err}", 1000, keep="head")
         if record:
-            entry["run_folder"] = _write_run_folder(challenge_dir, entry, outcome, status, predictions)
+            entry["run_folder"] = _write_run_folder(challenge_dir, entry, outcome, status, predictions, binarised)
     return _finish(challenge_dir, entry, start, record)
 
 
-def _read_outputs(output: Path) -> tuple[dict | None, bytes | None]:
+def _read_outputs(output: Path, challenge: str) -> tuple[dict | None, bytes | None]:
     """The status report (a dict, or None) and the predictions bytes (None if unreadable or too large)."""
     try:
         status = json.loads(isolation.read_regular_file(output / ingestion.STATUS_FILE, MAX_STATUS_BYTES))
@@ -327,7 +332,8 @@ def _read_outputs(output: Path) -> tuple[dict | None, bytes | None]:
     except (OSError, ValueError):
         status = None
     try:
-        predictions = isolation.read_regular_file(output / ingestion.PREDICTIONS_FILE, scoring.MAX_FILE_BYTES)
+        predictions = isolation.read_regular_file(output / ingestion.PREDICTIONS_FILES[challenge],
+                                                  scoring.MAX_FILE_BYTES)
     except (OSError, ValueError):
         predictions = None
     return status, predictions
@@ -355,15 +361,18 @@ def _ingestion_error(outcome: isolation.Outcome, status: dict | None, limits: is
 
 
 def _write_run_folder(challenge_dir: Path, entry: dict, outcome: isolation.Outcome, status: dict | None,
-                      predictions: bytes | None) -> str:
-    """The parent's record of a run: predictions copy, cleaned log tails, status, sandbox facts."""
+                      predictions: bytes | None, binarised: bytes | None = None) -> str:
+    """The parent's record of a run: predictions copy (and, for gw, the organisers' binarised
+    ``test.predictions`` made by the trusted scorer), cleaned log tails, status, sandbox facts."""
     runs = challenge_dir / "runs"
     runs.mkdir(exist_ok=True)
     stamp = entry["timestamp"].replace(":", "").replace("+0000", "Z")
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", entry["submission"])[:60] or "submission"
     run_dir = Path(tempfile.mkdtemp(dir=runs, prefix=f"{stamp}-{safe}-{entry['phase']}-"))
     if predictions is not None:
-        atomic_write_bytes(run_dir / ingestion.PREDICTIONS_FILE, predictions)
+        atomic_write_bytes(run_dir / ingestion.PREDICTIONS_FILES[entry["challenge"]], predictions)
+    if binarised is not None:
+        atomic_write_bytes(run_dir / scoring.PREDICTION_FILES["gw"][1], binarised)
     for name, data in (("stdout.txt", outcome.stdout), ("stderr.txt", outcome.stderr)):
         atomic_write_text(run_dir / name, isolation.clean_text(data, isolation.TAIL_BYTES, newlines=True))
     if status is not None:
@@ -395,6 +404,7 @@ def score_predictions(challenge_dir: Path, predictions: Path, phase: str = "val"
     if predictions.is_dir():
         return scoring.score_folder(manifest["name"], str(predictions), reference)
     with tempfile.TemporaryDirectory(prefix="kpflow-score-") as tmp:
-        if predictions.is_file():
-            shutil.copy2(predictions, Path(tmp) / scoring.PREDICTIONS_FILE)
+        if predictions.is_file():  # a file of an accepted name keeps it; any other is read as the native file
+            names = scoring.PREDICTION_FILES[manifest["name"]]
+            shutil.copy2(predictions, Path(tmp) / (predictions.name if predictions.name in names else names[0]))
         return scoring.score_folder(manifest["name"], tmp, reference)

@@ -32,7 +32,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PREDICTIONS_FILE = "predictions.csv"
+#: The predictions files each challenge scores, in order of preference: first the one this kit's ingestion
+#: writes (the butterflies' ``predictions.txt``, header-less, is the organisers'), then other accepted
+#: files: the organisers' gw ``test.predictions`` (binarised) and a header'd butterfly ``predictions.csv``.
+PREDICTION_FILES = {"gw": ("predictions.csv", "test.predictions"), "butterfly": ("predictions.txt", "predictions.csv"),
+                    "sealevel": ("predictions.csv",)}
 MAX_FILE_BYTES = 256 * 2 ** 20  # a predictions or reference file larger than this is refused
 
 
@@ -264,6 +268,22 @@ def score_gw_binarised(pred_path: str, labels: np.ndarray) -> dict[str, float]:
     return {"TNR": tn / (tn + fp) if tn + fp else 0.0}
 
 
+def gw_binarised_predictions(pred_path: str, ref_path: str) -> list[int]:
+    """The organisers' ``test.predictions`` made from this kit's raw ``predictions.csv``: one 0/1 line per
+    window in input order (the reference's row order), ``score >= threshold`` at the 10th percentile of
+    the signal scores, as their ingestion's ``tp_cut`` does. The cut needs the labels, so here the trusted
+    scorer makes it, not the ingestion (which never sees labels); rescoring the file with
+    ``score_gw_binarised`` gives the same ``TNR``."""
+    pairs = align_by_id(read_csv_table(pred_path, ["id", "score"], "predictions"),
+                        read_csv_table(ref_path, ["id", "label"], "reference labels"), "id")
+    scores = np.array([parse_score(p["score"], p["id"]) for p, _ in pairs])
+    labels = np.array([int(r["label"]) for _, r in pairs])
+    if not labels.any():
+        raise ScoringError("the 90 % signal-efficiency cut needs signal (label 1) windows in the reference")
+    threshold = np.percentile(scores[labels == 1], 10.0)
+    return (scores >= threshold).astype(int).tolist()
+
+
 def _organiser_gw_labels(path: str) -> np.ndarray:
     """The 0/1 labels of the organisers' ``ligo_bb_50.npz`` (key ``ids``), in input order."""
     import io
@@ -280,8 +300,9 @@ def score_butterfly(pred_path: str, ref_path: str) -> dict[str, float]:
     """Butterflies: recalls of signal / non-signal / mimic hybrids at 95 % non-hybrid recall, their
     harmonic mean (``challenge_score``), and PR-AUCs. ``pred_path`` is this kit's ``predictions.csv``
     (header ``filename,score``) or the organisers' header-less ``predictions.txt``."""
-    if os.path.basename(pred_path) == ORGANISER_PREDICTIONS["butterfly"]:
+    if os.path.basename(pred_path) == PREDICTION_FILES["butterfly"][0]:
         rows = list(csv.reader(read_text_file(pred_path, "predictions").splitlines()))
+        rows = rows[1:] if rows and [c.strip() for c in rows[0]] == ["filename", "score"] else rows  # a header
         bad = [k + 1 for k, r in enumerate(rows) if r and len(r) != 2]
         if bad:
             raise ScoringError(f"predictions file {pred_path}: lines {bad[:5]} are not 'filename,score'")
@@ -338,8 +359,7 @@ SCORERS = {"gw": (score_gw, "labels.csv"), "butterfly": (score_butterfly, "ref.c
            "sealevel": (score_sealevel, "labels.csv")}
 
 
-#: The organisers' file names: what their ingestion writes, and their reference files.
-ORGANISER_PREDICTIONS = {"gw": "test.predictions", "butterfly": "predictions.txt"}
+#: The organisers' reference files.
 ORGANISER_REFERENCES = {"gw": "ligo_bb_50.npz", "butterfly": "ref_*.csv"}
 
 
@@ -360,21 +380,19 @@ def _reference_file(challenge: str, ref_dir: str) -> str:
 def score_folder(challenge: str, res_dir: str, ref_dir: str) -> dict[str, float]:
     """Score the predictions in ``res_dir`` against the reference labels in ``ref_dir``.
 
-    Predictions: this kit's ``predictions.csv``, or the organisers' file where that is absent (gw
-    ``test.predictions``, butterfly ``predictions.txt``); reference: this kit's file, or the
-    organisers' (gw ``ligo_bb_50.npz``, butterfly ``ref_*.csv``). An organiser's prediction file scores
-    as on Codabench.
+    Predictions: the first of ``PREDICTION_FILES[challenge]`` present (this kit's ingestion output, or the
+    organisers' gw ``test.predictions``); reference: this kit's file, or the organisers' (gw
+    ``ligo_bb_50.npz``, butterfly ``ref_*.csv``). An organiser's prediction file scores as on Codabench.
     """
     if challenge not in SCORERS:
         raise ScoringError(f"unknown challenge {challenge!r}; valid: {sorted(SCORERS)}")
     scorer, _ = SCORERS[challenge]
-    pred = os.path.join(res_dir, PREDICTIONS_FILE)
-    if not os.path.lexists(pred) and challenge in ORGANISER_PREDICTIONS:
-        theirs = os.path.join(res_dir, ORGANISER_PREDICTIONS[challenge])
-        pred = theirs if os.path.lexists(theirs) else pred
+    names = PREDICTION_FILES[challenge]
+    pred = next((os.path.join(res_dir, n) for n in names if os.path.lexists(os.path.join(res_dir, n))),
+                os.path.join(res_dir, names[0]))
     ref = _reference_file(challenge, ref_dir)
-    if challenge == "gw" and (pred.endswith(ORGANISER_PREDICTIONS["gw"]) or ref.endswith(".npz")):
-        if not pred.endswith(ORGANISER_PREDICTIONS["gw"]):
+    if challenge == "gw" and (pred.endswith(PREDICTION_FILES["gw"][1]) or ref.endswith(".npz")):
+        if not pred.endswith(PREDICTION_FILES["gw"][1]):
             raise ScoringError("the organisers' ligo_bb_50.npz holds labels but no ids, so it scores only their "
                                "binarised test.predictions, not a predictions.csv")
         if ref.endswith(".npz"):
@@ -410,6 +428,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"scoring failed: {err}", file=sys.stderr)
         return 1
     os.makedirs(output_dir, exist_ok=True)
+    res = os.path.join(input_dir, "res", PREDICTION_FILES["gw"][0])
+    ref = _reference_file(challenge, os.path.join(input_dir, "ref"))
+    if challenge == "gw" and os.path.lexists(res) and not ref.endswith(".npz"):
+        flags = gw_binarised_predictions(res, ref)  # the organisers' binarised file, beside the scores
+        tmp = os.path.join(output_dir, f"{PREDICTION_FILES['gw'][1]}.tmp{os.getpid()}")
+        with open(tmp, "w") as handle:
+            handle.write("\n".join(str(v) for v in flags) + "\n")
+        os.replace(tmp, os.path.join(output_dir, PREDICTION_FILES["gw"][1]))
     write_json_atomic(os.path.join(output_dir, "scores.json"), scores)
     print(json.dumps(scores))
     return 0

@@ -17,7 +17,8 @@ Each station's "tide gauge" series is the field at its nearest ocean cell plus l
 station's mean + 2 standard deviations over the training years.
 
 Files: the maps are NetCDF4/HDF5 as the organisers' (written with h5netcdf). ``train/sla_train.nc`` (``sla``
-(time, latitude, longitude), int32 with ``scale_factor`` 1e-4 m and ``_FillValue`` over land, ``time`` in days since 1950-01-01, ``lat``, ``lon``), ``train/labels.csv``
+(time, latitude, longitude), int32 with ``scale_factor`` 1e-4 m and ``_FillValue`` over land, ``time``
+in days since 1950-01-01, ``latitude``, ``longitude``), ``train/labels.csv``
 (``date`` + one 0/1 column per station), ``train/stations.csv``; hidden ``input_data/<phase>/maps/
 YYYYMMDD.nc`` (one file per day, as the original) and ``input_data/<phase>/stations.csv``; labels in
 ``reference_data/<phase>/labels.csv``.
@@ -271,7 +272,8 @@ SPEC = ChallengeSpec(
              ScoreColumn("recall_day", "Recall (day)")),
     reference_file="labels.csv",
     input_description=("`input_data/<phase>/maps/YYYYMMDD.nc` (NetCDF4/HDF5 as the organisers' DUACS "
-                       "maps: `sla` int32 with `scale_factor`, `_FillValue` on land; NetCDF3 is read too) and `stations.csv`. The ingestion program "
+                       "maps: `sla` int32 with `scale_factor`, `_FillValue` on land; NetCDF3 is read too) and "
+                       "`stations.csv`. The ingestion program "
                        "creates `Model()` (calling `load()` only if the class has one), reads the days in "
                        "sorted order and calls `Model.predict(sla_day)` with a (1, 100, 160) float64 array in "
                        "metres (NaN on land), as the organisers' ingestion does; it returns 12 flags in the "
