@@ -441,3 +441,11 @@ def test_an_organiser_style_gw_submission_runs_unchanged_and_gets_their_binarise
     assert entry["scores"]["TNR"] == pytest.approx(tn / (tn + fp), abs=1e-12)
     assert scoring.score_gw_binarised(str(folder / entry["run_folder"] / "test.predictions"), labels) == {
         "TNR": pytest.approx(entry["scores"]["TNR"], abs=1e-12)}
+
+
+def test_ingestion_writes_the_file_the_scorer_reads_first():
+    """The two standalone programs name each challenge's predictions file alike (the bundle copies them apart)."""
+    from kpflow.challenges import scoring
+
+    assert ingestion.PREDICTIONS_FILES == {c: names[0] for c, names in scoring.PREDICTION_FILES.items()}
+    assert ingestion.PREDICTIONS_FILES["butterfly"] == "predictions.txt"  # the organisers' name

@@ -116,7 +116,8 @@ def run_command(
 @challenge_app.command("score")
 def score_command(
     name: str = typer.Argument(..., help="Challenge name."),
-    predictions: Path = typer.Argument(..., help="A predictions.csv file (or the folder holding it)."),
+    predictions: Path = typer.Argument(..., help=("A predictions file (predictions.csv; butterfly predictions.txt; "
+                                                  "gw test.predictions) or the folder holding it.")),
     folder: Path = typer.Option(None, "--dir", help="Challenge folder (default: challenges/NAME)."),
     phase: str = typer.Option("val", help="val or test."),
 ):
