@@ -8,6 +8,7 @@ score it with the challenge's scoring program. Ends with `key=value` lines and w
     .venv/bin/python benchmarks/challenge_baselines.py            # default sizes (a few minutes)
     .venv/bin/python benchmarks/challenge_baselines.py --quick    # small sizes, short training (< 1 min)
 
+`--only NAME ...` re-measures some challenges and keeps the others' figures in the JSON file.
 `--workdir DIR` keeps the made challenges and submissions and reuses them on the next run (a made
 challenge is reused when its seed and scale match).
 """
@@ -87,7 +88,13 @@ def main(argv=None) -> int:
         others = ", ".join(f"{k}={scores[k]:.3f}" for k in spec.score_keys[1:4])
         print(f"{name:10s} {baseline:22s} {scores[spec.primary]:8.4f}  {others}  ({seconds:.1f} s)")
     out = Path(__file__).with_name("challenge_baselines_quick.json" if args.quick else "challenge_baselines.json")
-    atomic_write_json(out, {"quick": args.quick, "seed": args.seed, "phase": args.phase, "results": results})
+    kept = {}
+    if args.only and out.is_file():  # re-measuring a subset keeps the other challenges' figures of the same setup
+        previous = json.loads(out.read_text())
+        if (previous.get("seed"), previous.get("phase")) == (args.seed, args.phase):
+            kept = {k: v for k, v in previous["results"].items() if not k.startswith(tuple(f"{n}_" for n in names))}
+    atomic_write_json(out, {"quick": args.quick, "seed": args.seed, "phase": args.phase,
+                            "results": {**kept, **results}})
     print()
     for key, value in results.items():
         print(f"{key}={value}")
