@@ -828,6 +828,7 @@ def continue_fixed_points(
     s_range: tuple[float, float],
     direction: str = "both",
     initial_states: torch.Tensor | None = None,
+    search_kwargs: dict | None = None,
     ds: float = 0.02,
     ds_min: float = 1e-7,
     ds_max: float = 0.1,
@@ -852,8 +853,8 @@ def continue_fixed_points(
         path: ``θ(s)`` and ``x̄(s)`` (``input_path``, ``interpolation_path``, ``gain_path``,
             ``parameter_path``, ``custom_path``).
         start: a state ``[H]`` (or ``[N, H]``, one branch each) near a fixed point at ``s_start``;
-            when omitted, ``find_fixed_points`` at ``s_start`` (from ``initial_states``) supplies the
-            starts and every branch through them is followed.
+            when omitted, ``find_fixed_points`` at ``s_start`` (from ``initial_states``, with
+            ``search_kwargs``) supplies the starts and every branch through them is followed.
         s_start: parameter value of the start. s_range: ``(s_min, s_max)``, inside ``path.domain``.
         direction: ``both``, ``forward`` (increasing ``s`` first) or ``backward``.
         ds, ds_min, ds_max: initial, smallest and largest arclength step; max_steps: per direction.
@@ -896,8 +897,9 @@ def continue_fixed_points(
 
         p0, x0 = path(sys.s_tensor(s0))
         fmap = ConstantInputMap(sys.model, {k: v.detach() for k, v in p0.items()}, x0.detach(), sys.is_flow, sys.dt)
-        n0 = 64 if initial_states is None else max(64, torch.as_tensor(initial_states).numel() // H)
-        fps = find_fixed_points(sys.model, initial_states=initial_states, fmap=fmap, allow_empty=True, n_starts=n0)
+        kw = {"n_starts": 64 if initial_states is None else max(64, torch.as_tensor(initial_states).numel() // H),
+              "allow_empty": True, **(search_kwargs or {})}
+        fps = find_fixed_points(sys.model, initial_states=initial_states, fmap=fmap, **kw)
         if len(fps) == 0:
             raise ContinuationError(f"no fixed point found at {path.label} = {s0:g} to start from; pass start=...")
         starts = fps.points

@@ -136,9 +136,11 @@ def run_continuation_study(out: str | Path = "runs", *, progress: bool = True, *
                                   label=f"s (step {steps[k]} → {steps[k + 1]}, {task.tasks[t]} context)")
         traj = record(model, batch.inputs, params=params[k])
         starts = traj.states.reshape(-1, model.state_dim)
+        starts = starts[torch.randperm(starts.shape[0], generator=torch.Generator().manual_seed(k))[:48]]
         try:
             res = continue_fixed_points(model, path, None, s_start=0.0, s_range=(0.0, 1.0), direction="forward",
-                                        initial_states=starts, max_steps=200, ds_max=0.1, max_branches=6)
+                                        initial_states=starts, search_kwargs={"n_starts": 48, "max_iters": 400},
+                                        max_steps=200, ds_max=0.1, max_branches=6)
         except ContinuationError as err:
             failures.append({"interval": [steps[k], steps[k + 1]], "task": task.tasks[t], "error": str(err)})
             continue
