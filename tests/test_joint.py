@@ -162,7 +162,7 @@ def test_jacobians_autodiff_backend_and_adjoints(case):
     for op in ops:
         x = torch.randn(op.shape_in, generator=gen, dtype=DT)
         y = torch.randn(op.shape_out, generator=gen, dtype=DT)
-        lhs, rhs = float((op.apply(x) * y).sum()), float((x * op.adjoint_apply(y)).sum())
+        lhs, rhs = float((op.apply(x) * y).sum()), float((x * op.T.apply(y)).sum())
         assert abs(lhs - rhs) < 1e-10 * max(1.0, abs(lhs)), type(op).__name__
 
 
@@ -173,7 +173,7 @@ def test_propagator_inverts_inverse_propagator(case):
     q = torch.randn(*traj.joint_shape, generator=gen, dtype=DT)
     assert _rel(P.apply(Pinv.apply(q)), q) < 1e-10
     assert _rel(Pinv.apply(P.apply(q)), q) < 1e-10
-    assert _rel(P.adjoint_apply(Pinv.adjoint_apply(q)), q) < 1e-10
+    assert _rel(P.T.apply(Pinv.T.apply(q)), q) < 1e-10
     # C P is the visible block of P
     assert _rel(propagator(traj).apply(q), VisibleSelection(traj).apply(P.apply(q))) < 1e-12
 
@@ -228,7 +228,7 @@ def test_recurrent_operators_are_the_schur_complement_of_the_joint_ones(name):
     gen = record(RecurrentSites(rnn), x, targets=y)  # the general path on the joint state (a, z)
     assert torch.equal(gen.states, rec.states)
     assert _rel(ntk(gen).to_matrix(), ntk(rec).to_matrix()) < 1e-10
-    assert _rel(param_jacobian(gen).adjoint_apply(gen.adjoint), param_jacobian(rec).adjoint_apply(rec.adjoint)) < 1e-10
+    assert _rel(param_jacobian(gen).T.apply(gen.adjoint), param_jacobian(rec).T.apply(rec.adjoint)) < 1e-10
     # Schur complement: injecting at the state block z gives P_rec; at the slots, P_rec M; K_rec = M K_joint M*
     lay = gen.layout
     z = lay.slots["z"]

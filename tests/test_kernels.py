@@ -190,7 +190,7 @@ def test_gradient_and_sgd_step(name):
         assert _rel(ours[n], gref) < 1e-10, n
     assert abs(traj.loss - float(loss)) < 1e-12
     # also P* e against autograd w.r.t. the states of an unrolled graph is implied; check directly
-    assert _rel(propagator(traj, cache=False).adjoint_apply(traj.error), traj.adjoint) < 1e-12
+    assert _rel(propagator(traj, cache=False).T.apply(traj.error), traj.adjoint) < 1e-12
     # SGD: z(θ - η g) - z(θ) = -η P K P* e + O(η²)
     pred = ntk(traj, method="autodiff", cache=False).apply(traj.error)
     errs = []

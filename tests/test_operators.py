@@ -358,3 +358,45 @@ def test_flags_survive_structurally_equal_factors_built_separately():
     other = DenseOperator(M.clone())
     assert not other.same_map(B1) and not (other @ K @ B1.T).is_self_adjoint
     assert not (B1 @ DenseOperator(rand(3, 3, seed=9)) @ B2.T).is_self_adjoint
+
+
+def test_one_adjoint_spelling_old_ones_warn():
+    A, M = dense((3,), (4,), 7)
+    y = rand(4, seed=8)
+    assert close(A.T.apply(y), M.T @ y) and close(A.T @ y, M.T @ y)
+    assert close(A.rmatmat(y[None])[0], M.T @ y)
+    for old in ("adjoint", "H"):
+        with pytest.warns(DeprecationWarning, match=rf"LinearOperator\.{old} is deprecated.*use A\.T"):
+            assert getattr(A, old) is A.T
+    with pytest.warns(DeprecationWarning, match=r"adjoint_apply.*A\.T\.apply\(y\)"):
+        assert close(A.adjoint_apply(y), M.T @ y)
+
+
+def test_options_are_keyword_only_old_positions_warn():
+    A = DenseOperator(rand(6, 6, seed=3), (2, 3), (2, 3))
+    new = partial_trace(A, 1, reduction="mean", chunk_size=2).to_dense()
+    with pytest.warns(DeprecationWarning, match=r"passing reduction, chunk_size to partial_trace\(\) by position"):
+        old = partial_trace(A, 1, "mean", 2).to_dense()
+    assert torch.equal(old, new)
+    with pytest.warns(DeprecationWarning, match="reduction"):
+        assert torch.equal(compression(A, 0, "mean").to_dense(), compression(A, 0, reduction="mean").to_dense())
+    with pytest.raises(TypeError, match="pass the options by keyword"):
+        partial_trace(A, 1, "mean", 2, 3)
+
+
+def test_base_does_not_import_the_bridge():
+    """operators/base no longer imports operators/bridge (the import cycle is gone); bridge imports base."""
+    import ast
+    import pathlib
+
+    import kpflow.operators.base as base_mod
+    import kpflow.operators.bridge as bridge_mod
+
+    def imports(mod):
+        tree = ast.parse(pathlib.Path(mod.__file__).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+
+    assert not any(m and m.endswith("bridge") for m in imports(base_mod))
+    assert "base" in imports(bridge_mod)
+    G = gram(dense((3,), (4,), 1)[0])
+    assert close(torch.from_numpy(to_scipy(G).matvec(np.ones(4))), G.apply(torch.ones(4, dtype=torch.float64)))

@@ -1,5 +1,7 @@
-"""Operator alignment cos(A, B) = tr(A* B) / (‖A‖_F ‖B‖_F), its centred version, and the adjoint-only
-variant for two Jacobian factors.
+"""Operator alignment cos(A, B) = tr(A* B) / (‖A‖_F ‖B‖_F), centred, and adjoint-only for two factors.
+
+The centred version removes means along chosen axes; the adjoint-only variant needs only VJPs of two
+Jacobian factors.
 
 Shared probes (Hazelden 2025, ``op_alignment``): with aᵢ = A vᵢ and bᵢ = B vᵢ, E[aᵢ·bᵢ] = tr(A*B),
 E‖aᵢ‖² = ‖A‖_F², E‖bᵢ‖² = ‖B‖_F², so cos ≈ Σ aᵢ·bᵢ / √(Σ‖aᵢ‖² Σ‖bᵢ‖²): a ratio estimator whose
@@ -61,7 +63,8 @@ def alignment(A, B, num_matvecs: int = 200, *, distribution: str = "gaussian", s
     """cos(A, B) = tr(A*B)/(‖A‖_F‖B‖_F) from shared probes (one matvec of A and one of B each).
 
     Args:
-        A, B: operators of the same shapes.
+        A: the first operator.
+        B: the second operator, of A's shapes.
         num_matvecs: budget of applications of A and B together (two per probe), at least 6.
         distribution: probe distribution.
         seed: int, None or ``torch.Generator``.
@@ -125,8 +128,10 @@ def _exact_alignment(A, B, chunk) -> Estimate:
 
 
 class CenteringOperator(LinearOperator):
-    """C x = x − mean of x over ``axes`` (all axes when None): the orthogonal projector that removes
-    the mean along those axes. Self-adjoint, idempotent, PSD."""
+    """C x = x − mean of x over ``axes`` (all axes when None).
+
+    The orthogonal projector that removes the mean along those axes. Self-adjoint, idempotent, PSD.
+    """
 
     def __init__(self, shape, axes=None, dtype=torch.float64, device="cpu"):
         super().__init__(shape, shape, dtype, device, is_psd=True)
@@ -162,11 +167,13 @@ def centered(A, axes=None) -> LinearOperator:
 
 
 def centered_alignment(A, B, num_matvecs: int = 200, *, axes=None, **kwargs) -> Estimate:
-    """Centred alignment cos(CAC, CBC), C = I − (mean over ``axes``) (kernel-alignment centring;
-    Cortes, Mohri & Rostamizadeh 2012). ``axes=None`` centres over all entries.
+    """Centred alignment cos(CAC, CBC) with C = I − (mean over ``axes``).
+
+    Kernel-alignment centring (Cortes, Mohri & Rostamizadeh 2012); ``axes=None`` centres over all entries.
 
     Args:
-        A, B: square operators of the same shape.
+        A: the first square operator.
+        B: the second, of A's shape.
         num_matvecs: budget of applications of A and B together.
         axes: the axes to centre over (None: all).
         **kwargs: as for ``alignment``.
@@ -195,7 +202,8 @@ def factor_alignment(J1, J2, num_matvecs: int = 400, *, distribution: str = "gau
     the output dimension and the two Jacobians fit in ``max_dense`` entries.
 
     Args:
-        J1, J2: factors with one output shape.
+        J1: the first factor.
+        J2: the second factor, with J1's output shape.
         num_matvecs: budget of applications of J1* and J2* (four per probe pair), at least 12.
         distribution: probe distribution.
         seed: int, None or ``torch.Generator``.

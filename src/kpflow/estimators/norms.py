@@ -123,7 +123,7 @@ def sqrt_estimate(f2: Estimate) -> Estimate:
 
 
 def ratio_erank(tr: Estimate, fro2: Estimate, method: str | None = None) -> Estimate:
-    """erank = tr² / ‖A‖_F² from two *independent* estimates (delta-method standard error).
+    """Erank = tr² / ‖A‖_F² from two *independent* estimates (delta-method standard error).
 
     Args:
         tr: the trace estimate.
@@ -189,7 +189,7 @@ def effective_rank(A, num_matvecs: int = 200, *, method: str = "auto", seed=None
 def axis_effective_rank(A, axis: str | int | tuple[int, ...], num_matvecs: int = 200, *,
                         reduction: str = "sum", method: str = "auto", seed=None,
                         chunk_size: int = DEFAULT_CHUNK, executor=None) -> Estimate:
-    """erank of the compression of ``A`` onto one axis group: is A low-rank in time, in space, over trials?
+    """Erank of the compression of ``A`` onto one axis group: is A low-rank in time, in space, over trials?
 
     ``axis`` is a named view of a [B, T, H] operator (``'trial'``, ``'time'``, ``'temporal'`` =
     (trial, time), ``'spatial'``/``'hidden'``), or the index / tuple of indices of the axes to *keep*
@@ -217,12 +217,12 @@ def axis_effective_rank(A, axis: str | int | tuple[int, ...], num_matvecs: int =
     if isinstance(axis, str):
         if axis not in VIEW_AXES:
             raise ValueError(f"unknown axis view {axis!r}; valid: {sorted(VIEW_AXES)} or a tuple of axes to keep")
-        C = view(A, axis, reduction)
+        C = view(A, axis, reduction=reduction)
     else:
         keep = (axis,) if isinstance(axis, int) else tuple(axis)
         nd = len(A.shape_in)
         keep = tuple(k % nd for k in keep)
-        C = compression(A, tuple(i for i in range(nd) if i not in keep), reduction)
+        C = compression(A, tuple(i for i in range(nd) if i not in keep), reduction=reduction)
     est = effective_rank(C, num_matvecs, method=method, seed=seed, chunk_size=chunk_size, executor=executor)
     est.details.update(axis=axis, compressed_shape=C.shape_in)
     return est

@@ -265,7 +265,21 @@ def onesided_effective_rank(J, num_matvecs: int = 100, **kwargs) -> Estimate:
 
 def exact_onesided_trace(J, *, side: str = "auto", chunk_size: int = DEFAULT_CHUNK,
                          max_matvecs: int = 50_000, progress: bool = False) -> Estimate:
-    """tr(J J*) = Σᵢ ‖J* eᵢ‖² (or Σᵢ ‖J eᵢ‖²) over the basis of the smaller side, chunked and guarded."""
+    """tr(J J*) = Σᵢ ‖J* eᵢ‖² (or Σᵢ ‖J eᵢ‖²) over the basis of the smaller side, chunked and guarded.
+
+    Args:
+        J: the factor of A = J J*.
+        side: ``"auto"`` (the smaller side), ``"forward"`` or ``"reverse"``.
+        chunk_size: basis vectors per batched application.
+        max_matvecs: refuse when the side's dimension exceeds it.
+        progress: show a progress bar.
+
+    Returns:
+        The exact ``Estimate``.
+
+    Raises:
+        BudgetError: the dimension exceeds ``max_matvecs``.
+    """
     J = operator(J, "exact_onesided_trace")
     side = choose_side(J, side)
     d = J.size_in if side == "forward" else J.size_out

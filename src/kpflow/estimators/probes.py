@@ -184,6 +184,17 @@ def apply_chunked(fn: Callable[[torch.Tensor], torch.Tensor], X: torch.Tensor, c
 
 
 def check_chunk(chunk_size) -> int:
+    """Validate a chunk size.
+
+    Args:
+        chunk_size: probes per batched application.
+
+    Returns:
+        It, as an int.
+
+    Raises:
+        ValueError: not a positive integer.
+    """
     if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     return int(chunk_size)
@@ -220,6 +231,17 @@ def renamed_budget(num_matvecs, num_probes, matvecs_per_probe: int, what: str) -
 
 
 def check_rtol(rtol) -> float | None:
+    """Validate a relative standard error to stop at.
+
+    Args:
+        rtol: a positive float, or None (no early stop).
+
+    Returns:
+        It as a float, or None.
+
+    Raises:
+        ValueError: not positive.
+    """
     if rtol is None:
         return None
     rtol = float(rtol)
@@ -274,6 +296,14 @@ def jackknife(samples, statistic: Callable[..., np.ndarray], bias_correct: bool 
     ``samples`` is one array or a list of arrays of equal length (paired samples). ``statistic``
     receives the per-array *means* over the kept samples followed by the number of kept samples,
     and must work elementwise on numpy arrays (it is called once on all leave-one-out means).
+
+    Args:
+        samples: one array, or a list of paired arrays of equal length.
+        statistic: ``(*means, n) -> value``, elementwise on numpy arrays.
+        bias_correct: return the jackknife bias-corrected value instead of the plain one.
+
+    Returns:
+        ``(value, stderr)`` (stderr NaN below three samples).
     """
     arrays = [np.asarray(samples, dtype=np.float64)] if isinstance(samples, np.ndarray) else [
         np.asarray(a, dtype=np.float64) for a in samples]

@@ -192,13 +192,29 @@ class PerProbe:
         self._blocks: list[torch.Tensor] = []
 
     def evaluate(self, probes: torch.Tensor, start: int) -> torch.Tensor:
-        """Per-probe samples of the block, finite-checked, on the CPU in float64."""
+        """Per-probe samples of the block, finite-checked, on the CPU in float64.
+
+        Args:
+            probes: the block ``[k, *shape]``.
+            start: index of its first probe (for messages).
+
+        Returns:
+            ``[k, c]`` samples.
+
+        Raises:
+            NonFiniteError: a sample is NaN/Inf (naming the probe).
+        """
         s = self.fn(probes)
         flat = checked(s.reshape(s.shape[0], -1).reshape(-1), start, self.what).reshape(s.shape[0], -1)
         return flat.to("cpu", torch.float64)
 
     def absorb(self, result: torch.Tensor, start: int) -> None:
-        """Keep the block's samples."""
+        """Keep the block's samples.
+
+        Args:
+            result: what ``evaluate`` returned.
+            start: index of the block's first probe.
+        """
         self._blocks.append(result)
 
     @property
@@ -207,12 +223,20 @@ class PerProbe:
         return torch.cat(self._blocks).numpy()
 
     def columns(self) -> list[np.ndarray]:
-        """The samples as ``c`` arrays of length n."""
+        """The samples as ``c`` arrays of length n.
+
+        Returns:
+            The columns.
+        """
         s = self.samples
         return [s[:, j] for j in range(s.shape[1])]
 
     def estimate(self) -> tuple[float, float]:
-        """Mean and its standard error, or ``statistic`` of the columns."""
+        """Mean and its standard error, or ``statistic`` of the columns.
+
+        Returns:
+            ``(value, stderr)``.
+        """
         if self.statistic is not None:
             return self.statistic(self.columns())
         mean, se = running_mean(self.samples[:, 0])

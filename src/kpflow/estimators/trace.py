@@ -73,8 +73,19 @@ def exact_trace(A, *, chunk_size: int = DEFAULT_CHUNK, max_matvecs: int = EXACT_
                 progress: bool = False) -> Estimate:
     """tr(A) = Σᵢ eᵢᵀ A eᵢ over the standard basis, ``chunk_size`` basis vectors per call.
 
-    Refuses when the dimension exceeds ``max_matvecs`` (each basis vector costs one matvec);
-    ``progress=True`` shows a progress bar.
+    Args:
+        A: square operator.
+        chunk_size: basis vectors per batched application.
+        max_matvecs: refuse when the dimension (one matvec per basis vector) exceeds it.
+        progress: show a progress bar.
+
+    Returns:
+        The exact ``Estimate`` (``stderr = 0``).
+
+    Raises:
+        BudgetError: the dimension exceeds ``max_matvecs``.
+        ShapeError: A is not square.
+        NonFiniteError: the operator returned NaN/Inf.
     """
     A = square_operator(A, "exact_trace")
     chunk = check_chunk(chunk_size)
@@ -152,8 +163,9 @@ def hutchinson_trace(A, num_matvecs: int = 100, *, distribution: str = "rademach
 def hutchpp_trace(A, num_matvecs: int = 99, *, distribution: str = "rademacher", seed=None,
                   chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None,
                   executor: Executor | None = None) -> Estimate:
-    """Hutch++: tr(A) = tr(QᵀAQ) + tr((I−QQᵀ)A(I−QQᵀ)), Q = orth(A S), second term by Hutchinson
-    (Meyer, Musco, Musco & Woodruff 2021). Budget split: m/3 sketch, m/3 on QᵀAQ, m/3 Hutchinson.
+    """Hutch++: tr(A) = tr(QᵀAQ) + tr((I−QQᵀ)A(I−QQᵀ)), Q = orth(A S), the second term by Hutchinson.
+
+    Meyer, Musco, Musco & Woodruff 2021. Budget split: m/3 sketch, m/3 on QᵀAQ, m/3 Hutchinson.
 
     Standard error: that of the Hutchinson part (conditionally on Q the estimate is unbiased, so
     this is the whole variance). ``rtol`` stops the Hutchinson part early.
@@ -219,6 +231,9 @@ def _exchangeable_stderr(t: torch.Tensor, delta: torch.Tensor) -> float:
     change of tᵢ when probe j also leaves the sketch (the other cross terms have conditional mean 0).
     Hence Var(t̄) ≈ [s/(s−1)·Σ(tᵢ − t̄)² + Σ_{i≠j} ΔᵢⱼΔⱼᵢ] / s²; the naive std(t)/√s drops the second
     sum and underestimates on decaying spectra. Falls back to the naive form if the sum is negative.
+
+    Returns:
+        The standard error (NaN for fewer than two estimates).
     """
     s = t.numel()
     if s < 2:
@@ -238,6 +253,9 @@ def _xtrace_estimates(R, H, W, T, d, p: int) -> tuple[float, float]:
     is Q(I − P_I)Qᵀ, P_I the projector onto span{R⁻ᵀeₖ : k ∈ I}; the residual probe is
     u = ωᵢ − Q v, v = (I − P_I)wᵢ, and uᵀAu = dᵢ − Tₑᵢ·v − Reᵢ·v + vᵀHv (Qᵀ A ωᵢ = R eᵢ).
     Leave-one-out (I = {i}) gives the estimate; leave-two-out (I = {i, j}) its standard error.
+
+    Returns:
+        ``(estimate, stderr)``.
     """
     Rp, Hp, Wp, Tp, dp = R[:p, :p], H[:p, :p], W[:p, :p], T[:p, :p], d[:p]
     Hs = (Hp + Hp.T) / 2
@@ -317,8 +335,9 @@ class _XTraceSketch:
 def xtrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=None,
            chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, history_points: int = 24,
            executor: Executor | None = None) -> Estimate:
-    """XTrace: the mean over i of tr(Πᵢ A) + ωᵢᵀ(I−Πᵢ)A(I−Πᵢ)ωᵢ, Πᵢ the projector onto
-    range(A Ω₋ᵢ) (Epperly, Tropp & Webber 2024). m/2 probes Ω, m/2 matvecs on Q = orth(AΩ).
+    """XTrace: the mean over i of tr(Πᵢ A) + ωᵢᵀ(I−Πᵢ)A(I−Πᵢ)ωᵢ, Πᵢ the projector onto range(A Ω₋ᵢ).
+
+    Epperly, Tropp & Webber 2024. m/2 probes Ω, m/2 matvecs on Q = orth(AΩ).
 
     Standard error: from the leave-one-out estimates plus their leave-two-out cross terms
     (``_exchangeable_stderr``; the paper's std/√(m/2) alone underestimates on decaying spectra).
@@ -397,6 +416,9 @@ def _xnys_estimate(Gs, RY, p: int, nu: float, n: int) -> tuple[float, float] | N
     With F = G⁻¹ and K = F M F (M = YᵀY = R_YᵀR_Y): leaving probe i out, tr(Âᵢ) = tr(FM) − Kᵢᵢ/Fᵢᵢ and
     the residual ωᵢᵀ(A − Âᵢ)ωᵢ = 1/Fᵢᵢ. Leaving j out as well replaces F by F − fⱼfⱼᵀ/Fⱼⱼ, which gives
     the leave-two-out estimates behind the standard error (``_exchangeable_stderr``).
+
+    Returns:
+        ``(estimate, stderr)``, or None when the Nyström core is not positive definite.
     """
     L, info = torch.linalg.cholesky_ex(Gs[:p, :p])
     if int(info) != 0:
@@ -469,9 +491,10 @@ class _NystromSketch:
 def xnystrace(A, num_matvecs: int = 100, *, distribution: str = "gaussian", seed=None,
               chunk_size: int = DEFAULT_CHUNK, rtol: float | None = None, assume_psd: bool = False,
               history_points: int = 24, executor: Executor | None = None) -> Estimate:
-    """XNysTrace for PSD A: mean over i of tr(Âᵢ) + ωᵢᵀ(A − Âᵢ)ωᵢ, Âᵢ the Nyström approximation
-    from the probes Ω₋ᵢ (Epperly, Tropp & Webber 2024). One matvec per probe; a tiny shift ν keeps
-    the Cholesky factor stable (the estimate of tr(A + νI) − nν is still unbiased).
+    """XNysTrace for PSD A: the mean over i of tr(Âᵢ) + ωᵢᵀ(A − Âᵢ)ωᵢ, Âᵢ the Nyström approximation from Ω₋ᵢ.
+
+    Epperly, Tropp & Webber 2024. One matvec per probe; a tiny shift ν keeps the Cholesky factor
+    stable (the estimate of tr(A + νI) − nν is still unbiased).
 
     Standard error: leave-one-out spread plus leave-two-out cross terms (``_exchangeable_stderr``).
     ``rtol`` doubles the probe count (reusing all matvecs) until reached.
@@ -523,7 +546,9 @@ METHODS = ("auto", "hutchinson", "hutchpp", "xtrace", "xnystrace", "exact")
 def trace(A, num_matvecs: int = 100, *, method: str = "auto", seed=None, chunk_size: int = DEFAULT_CHUNK,
           rtol: float | None = None, distribution: str | None = None, assume_psd: bool = False,
           executor: Executor | None = None) -> Estimate:
-    """tr(A) by the named method; ``method="auto"`` picks:
+    """tr(A) by the named method; ``method="auto"`` picks one.
+
+    ``auto`` chooses:
 
     * ``exact`` when the budget covers the dimension (same cost, no error);
     * ``xnystrace`` for operators flagged PSD (one matvec per probe, O(1/m) on decaying spectra);

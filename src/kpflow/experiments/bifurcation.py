@@ -139,7 +139,7 @@ def top_right_singular(J, iters: int = 40, seed: int = 0, start: torch.Tensor | 
     w = w / w.norm()
     lam = 0.0
     for _ in range(iters):
-        v = J.adjoint_apply(J.apply(w))
+        v = J.T.apply(J.apply(w))
         new = float(torch.dot(v, w))
         w = v / v.norm()
         if abs(new - lam) <= tol * abs(new):

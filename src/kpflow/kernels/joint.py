@@ -206,7 +206,7 @@ def record_sites(model: SiteModel, inputs, *, targets: torch.Tensor | None = Non
         traj.error, traj.loss = e.detach(), float(value.detach())
         if not math.isfinite(traj.loss):
             raise NonFiniteStateError(f"the loss is {traj.loss} although the activations are finite; check targets")
-        traj.adjoint = site_propagator(traj).adjoint_apply(traj.error)
+        traj.adjoint = site_propagator(traj).T.apply(traj.error)
     return traj
 
 
@@ -336,7 +336,7 @@ class SiteParamJacobian(_SiteOperator):
 
     def adjoint_dict(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Jθ* y`` as a parameter dict."""
-        return self.layout.unflatten(self.adjoint_apply(y))
+        return self.layout.unflatten(self.T.apply(y))
 
 
 # ----------------------------------------------------------------------------- P, P⁻¹, C

@@ -177,7 +177,7 @@ class ParamJacobian(_TrajectoryOperator):
 
     def adjoint_dict(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """``Jθ* y`` as a parameter dict."""
-        return self.layout.unflatten(self.adjoint_apply(y))
+        return self.layout.unflatten(self.T.apply(y))
 
 
 # ----------------------------------------------------------------------------- A and its cache

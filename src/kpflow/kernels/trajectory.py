@@ -255,5 +255,5 @@ def record(
             raise NonFiniteStateError(f"the loss is {traj.loss} although the states are finite; check targets")
         from .state_space import propagator
 
-        traj.adjoint = propagator(traj).adjoint_apply(traj.error)
+        traj.adjoint = propagator(traj).T.apply(traj.error)
     return traj

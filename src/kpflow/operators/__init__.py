@@ -16,14 +16,14 @@ from .base import (
     ShapeError,
     SumOperator,
     ZeroOperator,
-    as_operator,
     compose,
     gram,
     identity,
     kron,
     symmetric_part,
+    to_scipy,
 )
-from .bridge import from_scipy, to_scipy
+from .bridge import as_operator, from_scipy
 from .reductions import CompressedOperator, PartialTraceOperator, compression, partial_trace, view
 
 __all__ = [

@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from kpflow.deprecation import warn_deprecated
+
 Shape = tuple[int, ...]
 
 #: Default ceiling on the number of entries ``to_dense`` may allocate (16M entries = 128 MB in float64).
@@ -146,6 +148,7 @@ class LinearOperator:
 
     @property
     def is_square(self) -> bool:
+        """``shape_in == shape_out``."""
         return self.shape_in == self.shape_out
 
     @property
@@ -172,31 +175,69 @@ class LinearOperator:
         return X
 
     def matmat(self, X: torch.Tensor) -> torch.Tensor:
-        """Apply to a batch of probes: ``X`` of shape ``[k, *shape_in]`` -> ``[k, *shape_out]``."""
+        """Apply to a batch of probes.
+
+        Args:
+            X: ``[k, *shape_in]``.
+
+        Returns:
+            ``[k, *shape_out]``.
+
+        Raises:
+            ShapeError: X does not have shape ``[k, *shape_in]``.
+            TypeError: X is not a tensor.
+        """
         self._check(X, self.shape_in, "matmat", batched=True)
         return self._matmat(X)
 
     def rmatmat(self, Y: torch.Tensor) -> torch.Tensor:
-        """Adjoint applied to a batch: ``Y`` of shape ``[k, *shape_out]`` -> ``[k, *shape_in]``."""
+        """The adjoint applied to a batch (scipy's name; ``A.rmatmat(Y)`` is ``A.T.matmat(Y)``).
+
+        Args:
+            Y: ``[k, *shape_out]``.
+
+        Returns:
+            ``[k, *shape_in]``.
+
+        Raises:
+            ShapeError: Y does not have shape ``[k, *shape_out]``.
+            TypeError: Y is not a tensor.
+        """
         self._check(Y, self.shape_out, "rmatmat", batched=True)
         return self._rmatmat(Y)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``A x`` for one tensor of shape ``shape_in``; a leading probe axis is also accepted."""
+        """``A x`` for one tensor of shape ``shape_in``; a leading probe axis is also accepted.
+
+        Args:
+            x: ``shape_in`` or ``[k, *shape_in]``.
+
+        Returns:
+            ``A x`` of shape ``shape_out`` (or ``[k, *shape_out]``).
+
+        Raises:
+            ShapeError: x fits neither shape.
+        """
         if tuple(x.shape) == self.shape_in:
             return self._matmat(x.unsqueeze(0)).squeeze(0)
         return self.matmat(x)
 
     def adjoint_apply(self, y: torch.Tensor) -> torch.Tensor:
-        """``A* y`` for one tensor of shape ``shape_out``; a leading probe axis is also accepted."""
-        if tuple(y.shape) == self.shape_out:
-            return self._rmatmat(y.unsqueeze(0)).squeeze(0)
-        return self.rmatmat(y)
+        """Deprecated: ``A* y``; write ``A.T.apply(y)`` (or ``A.T @ y``)."""
+        warn_deprecated("LinearOperator.adjoint_apply(y)", "A.T.apply(y) or A.T @ y")
+        return self.T.apply(y)
 
     __call__ = apply
 
     def matvec_flat(self, x: torch.Tensor) -> torch.Tensor:
-        """Flat-vector convenience: ``x`` of length ``size_in`` (or ``[k, size_in]``)."""
+        """Flat-vector convenience.
+
+        Args:
+            x: ``[size_in]`` or ``[k, size_in]``.
+
+        Returns:
+            ``[size_out]`` or ``[k, size_out]``.
+        """
         if x.dim() == 1:
             return self.apply(x.reshape(self.shape_in)).reshape(-1)
         return self.matmat(x.reshape(-1, *self.shape_in)).reshape(x.shape[0], -1)
@@ -209,8 +250,17 @@ class LinearOperator:
             self._adjoint = AdjointOperator(self)
         return self._adjoint
 
-    adjoint = T
-    H = T
+    @property
+    def adjoint(self) -> LinearOperator:
+        """Deprecated spelling of ``A.T``."""
+        warn_deprecated("LinearOperator.adjoint", "A.T")
+        return self.T
+
+    @property
+    def H(self) -> LinearOperator:
+        """Deprecated spelling of ``A.T`` (the operators are real: the adjoint is the transpose)."""
+        warn_deprecated("LinearOperator.H", "A.T")
+        return self.T
 
     def __matmul__(self, other):
         if isinstance(other, LinearOperator):
@@ -246,8 +296,17 @@ class LinearOperator:
     def to_dense(self, max_elements: int | None = None) -> torch.Tensor:
         """The matrix of the operator, shape ``[*shape_out, *shape_in]``.
 
-        Built by applying the operator to the identity in chunks. Refuses when the matrix would
-        have more than ``max_elements`` entries (default ``kpflow.operators.DENSE_LIMIT``).
+        Built by applying the operator to the identity in chunks.
+
+        Args:
+            max_elements: the most entries it may allocate (default ``kpflow.operators.base.DENSE_LIMIT``).
+
+        Returns:
+            The dense tensor ``[*shape_out, *shape_in]``.
+
+        Raises:
+            MemoryError: the matrix would have more than ``max_elements`` entries (the message says how
+                much memory it would take).
         """
         limit = DENSE_LIMIT if max_elements is None else int(max_elements)
         n = self.size_out * self.size_in
@@ -269,18 +328,41 @@ class LinearOperator:
         return M.reshape(*self.shape_out, *self.shape_in)
 
     def to_matrix(self, max_elements: int | None = None) -> torch.Tensor:
-        """``to_dense`` flattened to ``[size_out, size_in]``."""
+        """``to_dense`` flattened to ``[size_out, size_in]``.
+
+        Args:
+            max_elements: as for ``to_dense``.
+
+        Returns:
+            The matrix.
+
+        Raises:
+            MemoryError: as for ``to_dense``.
+        """
         return self.to_dense(max_elements).reshape(self.size_out, self.size_in)
 
     # ------------------------------------------------------------- utilities
     def reshape(self, shape_in=None, shape_out=None) -> LinearOperator:
-        """View with new input/output shapes of the same sizes (see ``ReshapedOperator``)."""
+        """View with new input/output shapes of the same sizes (see ``ReshapedOperator``).
+
+        Args:
+            shape_in: the new input shape (default: unchanged).
+            shape_out: the new output shape (default: unchanged).
+
+        Returns:
+            The ``ReshapedOperator``.
+
+        Raises:
+            ShapeError: the sizes differ.
+        """
         return ReshapedOperator(self, shape_in or self.shape_in, shape_out or self.shape_out)
 
     def to_scipy(self):
-        """A ``scipy.sparse.linalg.LinearOperator`` on flat float64 numpy vectors."""
-        from .bridge import to_scipy
+        """A ``scipy.sparse.linalg.LinearOperator`` on flat float64 numpy vectors (see ``to_scipy``).
 
+        Returns:
+            The scipy view.
+        """
         return to_scipy(self)
 
 
@@ -393,6 +475,7 @@ class DenseOperator(LinearOperator):
         return (Y.reshape(k, -1) @ self.matrix).reshape(k, *self.shape_in)
 
     def to_dense(self, max_elements=None):
+        """The wrapped matrix itself (no copy), shape ``[*shape_out, *shape_in]``."""
         return self.matrix.reshape(*self.shape_out, *self.shape_in)
 
 
@@ -568,17 +651,45 @@ def _chain_flags(chain: Sequence[LinearOperator]) -> tuple[bool, bool]:
 
 
 def compose(*ops: LinearOperator) -> LinearOperator:
-    """``ops[0] @ ops[1] @ ...`` as one lazy operator."""
+    """``ops[0] @ ops[1] @ ...`` as one lazy operator.
+
+    Args:
+        *ops: the factors, applied right to left.
+
+    Returns:
+        The ``ComposedOperator`` (self-adjoint/PSD when its structure says so).
+
+    Raises:
+        ShapeError: neighbouring shapes do not fit.
+        TypeError: the factors differ in dtype or device.
+    """
     return ComposedOperator(ops)
 
 
 def gram(A: LinearOperator) -> LinearOperator:
-    """The Gram operator ``A A*`` (PSD)."""
+    """The Gram operator ``A A*`` (PSD).
+
+    Args:
+        A: any operator.
+
+    Returns:
+        ``A @ A.T``, flagged PSD.
+    """
     return ComposedOperator([A, A.T])
 
 
 def symmetric_part(A: LinearOperator) -> LinearOperator:
-    """``(A + A*) / 2``."""
+    """``(A + A*) / 2``.
+
+    Args:
+        A: a square operator.
+
+    Returns:
+        The self-adjoint part (``A`` itself when it is already self-adjoint).
+
+    Raises:
+        ShapeError: A is not square.
+    """
     if not A.is_square:
         raise ShapeError(f"symmetric part needs a square operator, got {A.shape_in} -> {A.shape_out}")
     if A.is_self_adjoint:
@@ -617,8 +728,11 @@ class ReshapedOperator(LinearOperator):
 
 
 class KroneckerOperator(LinearOperator):
-    """``A ⊗ B`` on tensors of shape ``A.shape_in + B.shape_in``: ``(A⊗B) X`` applies B to the trailing
-    axes and A to the leading axes, i.e. ``(A⊗B)[(i,j),(k,l)] = A[i,k] B[j,l]``."""
+    """``A ⊗ B`` on tensors of shape ``A.shape_in + B.shape_in``.
+
+    ``(A⊗B) X`` applies B to the trailing axes and A to the leading axes, i.e.
+    ``(A⊗B)[(i,j),(k,l)] = A[i,k] B[j,l]``.
+    """
 
     def __init__(self, A: LinearOperator, B: LinearOperator):
         check_compatible([A, B], "take the Kronecker product of")
@@ -654,13 +768,26 @@ class KroneckerOperator(LinearOperator):
 
 
 def kron(A: LinearOperator, B: LinearOperator) -> LinearOperator:
-    """Kronecker (tensor) product ``A ⊗ B``."""
+    """Kronecker (tensor) product ``A ⊗ B``.
+
+    Args:
+        A: the factor on the leading axes.
+        B: the factor on the trailing axes.
+
+    Returns:
+        The ``KroneckerOperator``.
+
+    Raises:
+        TypeError: A and B differ in dtype or device.
+    """
     return KroneckerOperator(A, B)
 
 
 class BlockDiagonalOperator(LinearOperator):
-    """``diag(A_1, ..., A_n)`` acting on a stack along a new leading axis of the structured tensor:
-    input shape ``(n, *shape_in)`` where every block has the same shapes."""
+    """``diag(A_1, ..., A_n)`` acting on a stack along a new leading axis of the structured tensor.
+
+    Input shape ``(n, *shape_in)``; every block has the same shapes, dtype and device.
+    """
 
     def __init__(self, blocks: Sequence[LinearOperator]):
         b0 = blocks[0]
@@ -687,27 +814,51 @@ class BlockDiagonalOperator(LinearOperator):
 
 
 def identity(shape, dtype=torch.float64, device="cpu") -> IdentityOperator:
+    """``I`` on tensors of ``shape``.
+
+    Args:
+        shape: the tensor shape.
+        dtype: the dtype.
+        device: the device.
+
+    Returns:
+        The ``IdentityOperator``.
+    """
     return IdentityOperator(shape, dtype, device)
 
 
-def as_operator(A, shape_in=None, shape_out=None, **flags) -> LinearOperator:
-    """Wrap a LinearOperator, a dense tensor, or a ``scipy.sparse.linalg.LinearOperator``."""
-    if isinstance(A, LinearOperator):
-        return A
-    if isinstance(A, torch.Tensor):
-        return DenseOperator(A, shape_in, shape_out, **flags)
-    try:
-        import numpy as np
-        import scipy.sparse.linalg as spla
-    except ImportError:  # pragma: no cover
-        spla = None
-    if spla is not None and (isinstance(A, (spla.LinearOperator, np.ndarray)) or hasattr(A, "matvec")):
-        if isinstance(A, np.ndarray):
-            return DenseOperator(torch.from_numpy(np.ascontiguousarray(A)), shape_in, shape_out, **flags)
-        from .bridge import from_scipy
+def to_scipy(A: LinearOperator):
+    """View ``A`` as a scipy LinearOperator on flat float64 vectors (for eigsh, svds, cg, ...).
 
-        return from_scipy(A, shape_in, shape_out, **flags)
-    raise TypeError(
-        f"cannot make an operator from {type(A).__name__}; pass a kpflow LinearOperator, a torch.Tensor, "
-        "a numpy array or a scipy.sparse.linalg.LinearOperator"
-    )
+    Args:
+        A: the operator.
+
+    Returns:
+        A ``scipy.sparse.linalg.LinearOperator`` whose products run ``A`` (converting to and from
+        ``A``'s dtype and device).
+    """
+    import numpy as np
+    import scipy.sparse.linalg as spla
+
+    def _to_t(x, shape):
+        return torch.as_tensor(np.ascontiguousarray(x), dtype=A.dtype, device=A.device).reshape(shape)
+
+    def _to_np(t):
+        return t.detach().to("cpu", torch.float64).numpy()
+
+    def matvec(x):
+        return _to_np(A.apply(_to_t(x, A.shape_in))).reshape(-1)
+
+    def rmatvec(y):
+        return _to_np(A.T.apply(_to_t(y, A.shape_out))).reshape(-1)
+
+    def matmat(X):
+        k = X.shape[1]
+        return _to_np(A.matmat(_to_t(X.T, (k, *A.shape_in)))).reshape(k, -1).T
+
+    def rmatmat(Y):
+        k = Y.shape[1]
+        return _to_np(A.rmatmat(_to_t(Y.T, (k, *A.shape_out)))).reshape(k, -1).T
+
+    return spla.LinearOperator(A.shape, matvec=matvec, rmatvec=rmatvec, matmat=matmat,
+                               rmatmat=rmatmat, dtype=np.float64)

@@ -23,6 +23,8 @@ from collections.abc import Sequence
 
 import torch
 
+from kpflow.deprecation import keyword_only
+
 from .base import LinearOperator, ShapeError
 
 
@@ -42,8 +44,10 @@ def _normalise_axes(axes, ndim: int) -> tuple[int, ...]:
 
 
 class CompressedOperator(LinearOperator):
-    """``(1ᵀ⊗I) A (1⊗I)`` over ``axes`` (``reduction='sum'``), or that divided by the number of
-    reduced entries (``reduction='mean'``). Self-adjoint/PSD whenever ``A`` is."""
+    """``(1ᵀ⊗I) A (1⊗I)`` over ``axes``.
+
+    With ``reduction='mean'`` divided by the number of reduced entries. Self-adjoint/PSD whenever ``A`` is.
+    """
 
     def __init__(self, base: LinearOperator, axes: Sequence[int] | int, reduction: str = "sum"):
         if not base.is_square:
@@ -77,9 +81,11 @@ class CompressedOperator(LinearOperator):
 
 
 class PartialTraceOperator(LinearOperator):
-    """The partial trace ``Tr_axes(A)``: ``C[i, j] = Σ_r A[(i, r), (j, r)]`` (``reduction='mean'``
-    divides by the number of reduced entries). Costs ``prod(reduced sizes)`` applications of ``A``,
-    run in chunks of ``chunk_size`` basis vectors."""
+    """The partial trace ``Tr_axes(A)``: ``C[i, j] = Σ_r A[(i, r), (j, r)]``.
+
+    ``reduction='mean'`` divides by the number of reduced entries. Costs ``prod(reduced sizes)``
+    applications of ``A``, run in chunks of ``chunk_size`` basis vectors.
+    """
 
     def __init__(self, base: LinearOperator, axes: Sequence[int] | int, reduction: str = "sum",
                  chunk_size: int = 64):
@@ -129,14 +135,42 @@ class PartialTraceOperator(LinearOperator):
         return self._run(self.base._rmatmat, Y)
 
 
-def compression(A: LinearOperator, axes, reduction: str = "sum") -> CompressedOperator:
-    """``(1ᵀ⊗I) A (1⊗I)`` over ``axes``: broadcast in, apply, sum (or mean) out. See module docs."""
+@keyword_only(["reduction"])
+def compression(A: LinearOperator, axes, *, reduction: str = "sum") -> CompressedOperator:
+    """``(1ᵀ⊗I) A (1⊗I)`` over ``axes``: broadcast in, apply, sum (or mean) out. See module docs.
+
+    Args:
+        A: square operator on a structured shape.
+        axes: the axes to reduce (an index or a tuple).
+        reduction: ``"sum"`` or ``"mean"``.
+
+    Returns:
+        The ``CompressedOperator`` on the kept axes (self-adjoint/PSD when A is).
+
+    Raises:
+        ShapeError: A is not square, or the axes are out of range, repeated or all of them.
+        ValueError: an unknown reduction.
+    """
     return CompressedOperator(A, axes, reduction)
 
 
-def partial_trace(A: LinearOperator, axes, reduction: str = "sum", chunk_size: int = 64) -> PartialTraceOperator:
-    """Textbook partial trace ``Tr_axes(A)``, matrix-free. See module docs for how it differs from
-    ``compression``."""
+@keyword_only(["reduction", "chunk_size"])
+def partial_trace(A: LinearOperator, axes, *, reduction: str = "sum", chunk_size: int = 64) -> PartialTraceOperator:
+    """Textbook partial trace ``Tr_axes(A)``, matrix-free. See module docs for how it differs from ``compression``.
+
+    Args:
+        A: square operator on a structured shape.
+        axes: the axes to trace out.
+        reduction: ``"sum"`` or ``"mean"``.
+        chunk_size: basis vectors of the reduced axes applied per call.
+
+    Returns:
+        The ``PartialTraceOperator`` on the kept axes.
+
+    Raises:
+        ShapeError: A is not square, or the axes are out of range, repeated or all of them.
+        ValueError: an unknown reduction.
+    """
     return PartialTraceOperator(A, axes, reduction, chunk_size)
 
 
@@ -144,15 +178,28 @@ def partial_trace(A: LinearOperator, axes, reduction: str = "sum", chunk_size: i
 VIEW_AXES = {"trial": (0,), "temporal": (0, 1), "time": (1,), "spatial": (2,), "hidden": (2,)}
 
 
-def view(A: LinearOperator, name: str, reduction: str = "sum") -> CompressedOperator:
+@keyword_only(["reduction"])
+def view(A: LinearOperator, name: str, *, reduction: str = "sum") -> CompressedOperator:
     """Compression of an operator on ``[B, T, H]`` keeping the axes of a named view.
 
     ``temporal`` keeps (trial, time) — the papers' ``partial_avg(-1)``; ``spatial``/``hidden`` keeps
     the hidden axis — ``partial_avg((0, 1))``; ``trial`` keeps trials; ``time`` keeps time only.
+
+    Args:
+        A: square operator on ``[B, T, H]`` tensors.
+        name: one of ``VIEW_AXES``.
+        reduction: ``"sum"`` or ``"mean"``.
+
+    Returns:
+        The ``CompressedOperator``.
+
+    Raises:
+        ValueError: an unknown view.
+        ShapeError: A is not on 3-axis tensors.
     """
     if name not in VIEW_AXES:
         raise ValueError(f"unknown view {name!r}; valid views: {sorted(VIEW_AXES)}")
     if len(A.shape_in) != 3:
         raise ShapeError(f"named views need an operator on [B, T, H] tensors, got shape_in={A.shape_in}")
     keep = VIEW_AXES[name]
-    return compression(A, tuple(i for i in range(3) if i not in keep), reduction)
+    return compression(A, tuple(i for i in range(3) if i not in keep), reduction=reduction)

@@ -412,7 +412,7 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
             if getattr(traj, "adjoint", None) is None:
                 return J, None
             J.vjps += 1  # P* e was recorded (one backward pass); Jθ* of it is the gradient
-            return J, Jtheta.adjoint_apply(traj.adjoint.detach().to(Jtheta.dtype))
+            return J, Jtheta.T.apply(traj.adjoint.detach().to(Jtheta.dtype))
         J = traj.cache.get("unrolled_jacobian") if hasattr(traj, "cache") else None
         if J is None or tuple(J.names) != tuple(self.param_names):
             J = UnrolledJacobian(traj.model, traj.params, self.param_names, traj.inputs, traj.z0)
@@ -563,10 +563,10 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
                 both = J.rmatmat(torch.stack([x, e]))
                 direction, grad = both[0], both[1]
             else:
-                direction = J.adjoint_apply(x)
+                direction = J.T.apply(x)
         else:
             if grad is None:
-                grad = J.adjoint_apply(e)
+                grad = J.T.apply(e)
             direction = damped_lowrank_solve(eig, lam, grad, scale=c, floor=floor)
         theta = self._flat_params().to(J.dtype)
         radius = None if group["trust_region"] is None else group["trust_region"] * max(
