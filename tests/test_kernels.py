@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import AFFINE as AFFINE_CELLS
+from cases import Case, build, cases, compare_operator, make_data, make_model
 
 from kpflow.kernels import (
     KroneckerCore,
@@ -23,79 +25,28 @@ from kpflow.kernels import (
     step_jacobians,
     time_shift,
 )
-from kpflow.models import GRU, LSTM, CellAdapter, LeakyRNN, NeuralODE, VanillaRNN
+from kpflow.models import GRU, VanillaRNN
 
 B, T, H, I, O = 3, 7, 5, 2, 2
 DT = torch.float64
 
 
 def _make(name: str):
-    torch.manual_seed(0)
-    kw = dict(dtype=DT)
-    if name == "rnn":
-        m = VanillaRNN(I, H, O, gain=1.3, **kw)
-    elif name == "leaky_current":
-        m = LeakyRNN(I, H, O, dt=0.3, form="current", gain=1.5, **kw)
-    elif name == "leaky_rate":
-        m = LeakyRNN(I, H, O, dt=0.3, form="rate", gain=1.5, **kw)
-    elif name == "gru":
-        m = GRU(I, H, O, **kw)
-    elif name == "lstm":
-        m = LSTM(I, 3, O, **kw)  # state [h; c] of size 6
-    elif name == "node":
-        m = NeuralODE(I, H, O, width=6, dt=0.4, method="rk4", **kw)
-    elif name == "node_euler":
-        m = NeuralODE(I, H, O, width=6, dt=0.4, method="euler", substeps=2, **kw)
-    elif name == "adapter":
-        m = CellAdapter(torch.nn.RNNCell(I, H, dtype=DT), output_dim=O)
-    else:
-        raise KeyError(name)
-    with torch.no_grad():  # nonzero biases so that bias terms are exercised
-        for k, p in m.named_parameters():
-            if k.endswith("b") or "bias" in k or k.endswith("b1") or k.endswith("b2"):
-                p.normal_(0, 0.3)
-    return m
+    return make_model(Case(name))
 
 
 CELLS = ["rnn", "leaky_current", "leaky_rate", "gru", "lstm", "node", "adapter"]
-AFFINE = ["rnn", "leaky_current", "leaky_rate", "gru", "lstm"]
+AFFINE = list(AFFINE_CELLS)
 
 
 def _data(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(B, T, model.input_dim, generator=g, dtype=DT)
-    z0 = 0.5 * torch.randn(B, model.state_dim, generator=g, dtype=DT)
-    y = torch.randn(B, T, model.output_dim, generator=g, dtype=DT)
-    return x, z0, y
-
-
-_CACHE: dict = {}
+    return make_data(Case("rnn"), model, seed)
 
 
 def _setup(name):
-    if name not in _CACHE:
-        m = _make(name)
-        x, z0, y = _data(m)
-        params = {k: v.detach() for k, v in m.cell_params().items()}
-        names = list(params)
-
-        def unroll_flat(theta):
-            sizes = [params[n].numel() for n in names]
-            parts = torch.split(theta, sizes)
-            p = {n: t.reshape(params[n].shape) for n, t in zip(names, parts, strict=True)}
-            return m.unroll(p, x, z0)
-
-        theta = torch.cat([params[n].reshape(-1) for n in names])
-        Jref = torch.func.jacrev(unroll_flat)(theta).reshape(-1, theta.numel())  # [BTH, P]
-
-        def unroll_z0(z):
-            return m.unroll(params, x, z)
-
-        _CACHE[name] = (m, x, z0, y, Jref, names)
-    # the jacrev reference is pure data and shared; the trajectory (with its operator caches) is fresh per
-    # test, so no test's path choice depends on what an earlier test did to a shared trajectory
-    m, x, z0, y, Jref, names = _CACHE[name]
-    return m, record(m, x, z0, targets=y), Jref, names
+    """A fresh recording of the named model and the jacrev reference of its states (no state shared)."""
+    b = build(Case(name))
+    return b.model, b.traj, b.jacobian(), b.names
 
 
 def _rel(a, b):
@@ -120,11 +71,21 @@ def _adjoint_check(op, seed=0):
 def test_state_jacobian_matches_jacrev(name, cache):
     """P Jθ equals jacrev of the unrolled states w.r.t. the parameters; P K P* equals J Jᵀ."""
     m, traj, Jref, names = _setup(name)
-    J = _dense(state_jacobian(traj, cache=cache))
-    assert J.shape == Jref.shape
-    assert _rel(J, Jref) < 1e-10
-    Theta = _dense(ntk(traj, method="autodiff", cache=cache))
-    assert _rel(Theta, Jref @ Jref.T) < 1e-10
+    compare_operator(state_jacobian(traj, cache=cache), Jref, rtol=1e-10)
+    compare_operator(ntk(traj, method="autodiff", cache=cache), Jref @ Jref.T, rtol=1e-10)
+
+
+@pytest.mark.parametrize("case", cases(models=("rnn", "gru", "lstm"), sizes=("tiny", "small"),
+                                       dtypes=(torch.float32, torch.float64)))
+def test_ntk_across_the_case_matrix(case):
+    """Θ = P K P* (autodiff and Kronecker K) against J Jᵀ from jacrev of the same model in float64: the
+    float32 operators agree to float32 precision, the float64 ones to float64 precision."""
+    ref = build(Case(case.model, case.size, torch.float64, case.device)).jacobian()
+    got = build(case)
+    assert got.traj.dtype == case.dtype and got.traj.device.type == case.device
+    tol = 1e-10 if case.dtype == torch.float64 else 2e-4
+    compare_operator(ntk(got.traj, method="autodiff"), ref @ ref.T, rtol=tol)
+    compare_operator(ntk(got.traj, method="kronecker"), ref @ ref.T, rtol=tol)
 
 
 @pytest.mark.parametrize("name", CELLS)

@@ -285,7 +285,7 @@ def _band(ax, x, mean, half, label, color=None, ls="-"):
 
 def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) -> Path:
     from kpflow.report import write_report
-    from kpflow.report.figures import _plt, _save
+    from kpflow.report.figures import pyplot, save_figure
     from kpflow.tracking.analyze import read_metrics_csv
 
     rows = []
@@ -307,7 +307,7 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
     def per_run(c, key):
         return sorted((r for r in rows if r["run"] == c.name and r["metric"] == key), key=lambda r: r["step"])
 
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), layout="constrained")
     summary_rows = []
     notes = []
@@ -328,7 +328,7 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
         ax.set(xlabel="initial recurrent weight scale g", ylabel="effective rank tr(A)²/‖A‖_F²", yscale="log",
                title=f"effective rank of {label}")
         ax.legend(fontsize=8, title=band_note if key == "K_erank" else None, title_fontsize=7)
-    figs = [_save(fig, sweep_dir / "figures", "sweep_effective_ranks")]
+    figs = [save_figure(fig, sweep_dir / "figures", "sweep_effective_ranks")]
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
     cmap = plt.get_cmap("viridis")
     for ax, key in zip(axes, ("PPstar_erank", "K_erank"), strict=True):
@@ -344,7 +344,7 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
                   color=cmap(i / max(1, len(gs) - 1)))
         ax.set(yscale="log", xlabel="GD step", ylabel=f"effective rank of {key.removesuffix('_erank')}", title=key)
         ax.legend(fontsize=7)
-    figs.append(_save(fig, sweep_dir / "figures", "sweep_trajectories"))
+    figs.append(save_figure(fig, sweep_dir / "figures", "sweep_trajectories"))
     notes.append(f"Each point is the {band_note}.")
     for g in gs:
         p0 = _summary(summary_rows, "PPstar_erank_initial", g)

@@ -33,7 +33,7 @@ from torch.func import jvp, vjp, vmap
 from kpflow.models.sites import JointLayout, SiteModel, Sites, Use
 from kpflow.operators import LinearOperator
 
-from .trajectory import NonFiniteStateError, _loss_value
+from .trajectory import NonFiniteStateError, loss_value
 
 #: ceiling on the entries of an N×N position Gram matrix (slot_grams, temporal_gram)
 GRAM_LIMIT = 2**26
@@ -199,7 +199,7 @@ def record_sites(model: SiteModel, inputs, *, targets: torch.Tensor | None = Non
                                  + f", got {tuple(mask.shape)}")
         with torch.enable_grad():
             z = states.clone().requires_grad_(True)
-            value = _loss_value(model.output(z, readout), targets, loss, mask)
+            value = loss_value(model.output(z, readout), targets, loss, mask)
             if value.dim() != 0:
                 raise ValueError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
             (e,) = torch.autograd.grad(value, z)

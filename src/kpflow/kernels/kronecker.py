@@ -31,7 +31,7 @@ from torch.func import jvp, vjp, vmap
 from kpflow.models.cells import AffineRecurrentModel
 from kpflow.operators import LinearOperator
 
-from .state_space import _rep
+from .linearization import apply_units, apply_units_adjoint, repeat_probes
 from .trajectory import Trajectory, resolve_param_names
 
 #: Ceiling on entries of intermediate tensors of the general (non-elementwise) exact Frobenius norm.
@@ -141,11 +141,11 @@ class KroneckerCore:
     def M(self, Z: dict[str, torch.Tensor]) -> torch.Tensor:
         """``Σ_s M_s Z_s`` for slot tangents ``[k, N, R_s]`` -> ``[k, N, H]``."""
         if self.structured:
-            return self._structured_M(self._D, Z)
+            return apply_units(self._D, Z, self.N, self.H)
         # probes folded into the batch axis (forward-mode AD under vmap is slower on CPU)
         k = next(iter(Z.values())).shape[0]
-        rep = {s: _rep(v, k) for s, v in self._slot_values.items()}
-        zr, xr = _rep(self._zp, k), _rep(self._x, k)
+        rep = {s: repeat_probes(v, k) for s, v in self._slot_values.items()}
+        zr, xr = repeat_probes(self._zp, k), repeat_probes(self._x, k)
 
         def f(sub):
             return self.traj.model.post({**rep, **sub}, zr, xr)
@@ -157,16 +157,7 @@ class KroneckerCore:
     def M_adjoint(self, Y: torch.Tensor) -> dict[str, torch.Tensor]:
         """``M_s* Y`` for every slot, ``Y`` ``[k, N, H]`` -> ``{slot: [k, N, R_s]}``."""
         if self.structured:
-            k = Y.shape[0]
-            out = {}
-            for s, Ds in self._D.items():
-                _, Ob, G, U = Ds.shape
-                Yr = Y.reshape(k, self.N, Ob, 1, U)
-                Zs = Ds[:, 0:1] * Yr[:, :, 0:1]  # [k, N, 1, G, U]
-                for o in range(1, Ob):
-                    Zs = Zs + Ds[:, o:o + 1] * Yr[:, :, o:o + 1]
-                out[s] = Zs.reshape(k, self.N, G * U)
-            return out
+            return apply_units_adjoint(self._D, Y, self.N)
         _, pullback = vjp(self._post, self._primal())
         return vmap(lambda y: pullback(y)[0])(Y)
 

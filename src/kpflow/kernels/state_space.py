@@ -30,6 +30,7 @@ from torch.func import jvp, vjp, vmap
 
 from kpflow.operators import LinearOperator
 
+from .linearization import repeat_probes
 from .trajectory import Trajectory, resolve_param_names
 
 #: Default memory budget for the dense step-Jacobian cache, in bytes.
@@ -71,11 +72,6 @@ class ParamLayout:
         return f"ParamLayout({', '.join(f'{n}{list(s)}' for n, s in self.shapes.items())}; numel={self.numel})"
 
 
-def _rep(t: torch.Tensor, k: int) -> torch.Tensor:
-    """``t`` [N, ...] repeated k times along the batch axis -> [k·N, ...] (probe-major)."""
-    return t.repeat(k, *([1] * (t.dim() - 1)))
-
-
 def step_jvp(model, params, z_prev: torch.Tensor, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``A V`` at sites ``(z_prev [N, H], x [N, I])`` for probes ``V`` [k, N, H].
 
@@ -83,7 +79,7 @@ def step_jvp(model, params, z_prev: torch.Tensor, x: torch.Tensor, V: torch.Tens
     instead of vmapped: forward-mode AD under ``vmap`` was measured 2-3x slower than this.
     """
     k, N, H = V.shape
-    zr, xr = _rep(z_prev, k), _rep(x, k)
+    zr, xr = repeat_probes(z_prev, k), repeat_probes(x, k)
     return jvp(lambda z: model.step(params, z, xr), (zr,), (V.reshape(k * N, H),))[1].reshape(k, N, -1)
 
 

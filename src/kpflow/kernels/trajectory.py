@@ -119,7 +119,22 @@ def _first_nonfinite(states: torch.Tensor) -> tuple[int, int] | None:
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _loss_value(outputs, targets, loss: str | LossFn, mask):
+def loss_value(outputs: torch.Tensor, targets, loss: str | LossFn, mask: torch.Tensor | None) -> torch.Tensor:
+    """The scalar loss ``record`` differentiates: the one definition shared by every caller.
+
+    Args:
+        outputs: readout ``[B, T, O]``.
+        targets: ``[B, T, O]`` for ``"mse"``; integer classes ``[B, T]`` for ``"ce"``.
+        loss: ``"mse"`` (mean over unmasked entries), ``"ce"``/``"cross_entropy"`` (mean cross-entropy)
+            or a callable ``loss(outputs, targets) -> scalar``.
+        mask: ``[B, T]`` or the outputs' shape (1 = counts), or None.
+
+    Returns:
+        The loss (a tensor, differentiable in ``outputs``).
+
+    Raises:
+        ValueError: targets of the wrong shape or dtype for the loss, or an unknown loss.
+    """
     if callable(loss):
         return loss(outputs, targets)
     if loss == "mse":
@@ -246,7 +261,7 @@ def record(
                              f"{list(traj.outputs.shape)}, got {tuple(mask.shape)}")
         with torch.enable_grad():
             z = states.clone().requires_grad_(True)
-            value = _loss_value(model.output(z, rp), targets, loss, mask)
+            value = loss_value(model.output(z, rp), targets, loss, mask)
             if value.dim() != 0:
                 raise ValueError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
             (e,) = torch.autograd.grad(value, z)

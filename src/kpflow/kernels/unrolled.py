@@ -22,7 +22,7 @@ import torch
 from kpflow.operators import LinearOperator
 
 from .state_space import param_jacobian, propagator
-from .trajectory import Trajectory, _loss_value
+from .trajectory import Trajectory, loss_value
 
 __all__ = ["CountingOperator", "UnrolledJacobian", "AutotunedJacobian", "kernel_jacobian", "record_for_step",
            "output_error"]
@@ -179,7 +179,7 @@ def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, 
     rp = {k: v.detach() for k, v in model.readout_params().items()}
     with torch.enable_grad():  # one backward pass gives e = ∂L/∂z, ∂L/∂y and the gradient J* e
         y = model.output(J._out, rp)
-        value = _loss_value(y, targets, loss, mask)
+        value = loss_value(y, targets, loss, mask)
         e, e_y, *grads = torch.autograd.grad(value, [J._out, y, *J._leaves], retain_graph=True,
                                              allow_unused=True)
     J.gradient = torch.cat([(torch.zeros_like(leaf) if g is None else g).reshape(-1)
@@ -203,6 +203,6 @@ def output_error(traj) -> torch.Tensor:
         return cached
     with torch.enable_grad():
         y = traj.outputs.detach().clone().requires_grad_(True)
-        value = _loss_value(y, traj.targets, traj.cache.get("loss", "mse"), traj.mask)
+        value = loss_value(y, traj.targets, traj.cache.get("loss", "mse"), traj.mask)
         (e_y,) = torch.autograd.grad(value, y)
     return e_y

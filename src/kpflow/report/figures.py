@@ -58,7 +58,12 @@ def legend_outside(ax, *, below: bool = False, fontsize: float = 8) -> None:
         ax.legend(handles, labels, fontsize=fontsize, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
-def _plt():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (no display needed); imported on first use.
+
+    Returns:
+        The ``matplotlib.pyplot`` module.
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -80,7 +85,7 @@ def series(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarr
     return out
 
 
-def _save(fig, folder: Path, stem: str) -> Path:
+def save_figure(fig, folder: Path, stem: str) -> Path:
     """PNG and SVG of ``fig`` (made with ``layout="constrained"``, so panels, labels and the legends outside
     the data do not overlap; the saved box is cropped to what was drawn)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -89,6 +94,10 @@ def _save(fig, folder: Path, stem: str) -> Path:
     fig.savefig(folder / f"{stem}.svg", bbox_inches="tight")
     _plt().close(fig)
     return png
+
+
+# the module's own short names for the two public helpers above (other modules import the public names)
+_plt, _save = pyplot, save_figure
 
 
 def _errorbar(ax, s, label, color=None, **kw):

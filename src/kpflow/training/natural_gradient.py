@@ -427,11 +427,11 @@ class LowRankNaturalGradient(torch.optim.Optimizer):
     def _readout_step(self, traj) -> None:
         if self.readout_lr is None or getattr(traj, "targets", None) is None:
             return
-        from kpflow.kernels.trajectory import _loss_value
+        from kpflow.kernels.trajectory import loss_value
 
         rp = dict(self.model.readout_params())
         with torch.enable_grad():
-            value = _loss_value(self.model.output(traj.states.detach(), rp), traj.targets,
+            value = loss_value(self.model.output(traj.states.detach(), rp), traj.targets,
                                 traj.cache.get("loss", "mse"), traj.mask)
             grads = torch.autograd.grad(value, list(rp.values()))
         with torch.no_grad():
