@@ -109,8 +109,8 @@ def main(argv=None) -> dict:
     traj = record(gru, x, z0, targets=y)
     Q = torch.randn(k, B, T, H, device=device, dtype=dtype)
     P = propagator(traj, cache=False)
-    Theta = P @ parameter_operator(traj, method="kronecker") @ P.T
-    Theta_ad = P @ parameter_operator(traj, method="autodiff") @ P.T
+    Theta = P @ parameter_operator(traj, backend="kronecker") @ P.T
+    Theta_ad = P @ parameter_operator(traj, backend="autodiff") @ P.T
 
     traj_c = record(gru, x, z0)
     t0 = time.perf_counter()
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
     Pc.matmat(Q[:1])
     _sync(device)
     t_build = time.perf_counter() - t0
-    Theta_c = Pc @ parameter_operator(traj_c, method="kronecker") @ Pc.T
+    Theta_c = Pc @ parameter_operator(traj_c, backend="kronecker") @ Pc.T
     med = _median_times({
         "fwd_bwd": _fwd_bwd(gru, x, z0, y),
         "P": lambda: P.matmat(Q),
@@ -153,7 +153,7 @@ def main(argv=None) -> dict:
     # ---------------------------------------------------------------- vanilla RNN: Kronecker vs autodiff K
     rnn = VanillaRNN(I, H, 1, dtype=dtype, device=device)
     traj_r = record(rnn, x, z0)
-    K_ad = parameter_operator(traj_r, method="autodiff")
+    K_ad = parameter_operator(traj_r, backend="autodiff")
     K_kr = kronecker_core(traj_r).operator()
     med = _median_times({"ad": lambda: K_ad.matmat(Q), "kr": lambda: K_kr.matmat(Q)}, device, repeats)
     t_kad, t_kkr = med["ad"], med["kr"]

@@ -126,16 +126,16 @@ def test_ntk_equals_dense_jjt(case):
         assert theta.is_psd and theta.path == path
         assert _rel(theta.to_matrix(), dense @ dense.T) < 1e-10, path
     assert ntk(traj).path == "parameters"
-    assert ntk(traj, method="kronecker").path == "joint"
+    assert ntk(traj, backend="kronecker").path == "joint"
 
 
 def test_kronecker_k_equals_autodiff_k_both_contractions(case):
     _, _, traj = case
-    Ja = param_jacobian(traj, method="autodiff").to_matrix()
+    Ja = param_jacobian(traj, backend="autodiff").to_matrix()
     Ka = Ja @ Ja.T
     gen = torch.Generator().manual_seed(4)
     X = torch.randn(3, *traj.joint_shape, generator=gen, dtype=DT)
-    Kop = parameter_operator(traj, method="autodiff")
+    Kop = parameter_operator(traj, backend="autodiff")
     assert _rel(Kop.matmat(X).reshape(3, -1), X.reshape(3, -1) @ Ka) < 1e-10
     for contraction in ("gram", "factored", "auto"):
         core = SiteKroneckerCore(traj, contraction=contraction)
@@ -153,11 +153,11 @@ def test_kronecker_k_equals_autodiff_k_both_contractions(case):
 def test_jacobians_autodiff_backend_and_adjoints(case):
     _, _, traj = case
     gen = torch.Generator().manual_seed(1)
-    J, Ja = param_jacobian(traj), param_jacobian(traj, method="autodiff")
+    J, Ja = param_jacobian(traj), param_jacobian(traj, backend="autodiff")
     assert _rel(J.to_matrix(), Ja.to_matrix()) < 1e-12
     ops = [J, Ja, SiteStateJacobian(traj), propagator(traj), joint_propagator(traj), inverse_propagator(traj),
            VisibleSelection(traj),
-           readout_jacobian(traj), parameter_operator(traj, method="kronecker"), ntk(traj), output_ntk(traj),
+           readout_jacobian(traj), parameter_operator(traj, backend="kronecker"), ntk(traj), output_ntk(traj),
            state_fisher(traj)]
     for op in ops:
         x = torch.randn(op.shape_in, generator=gen, dtype=DT)
@@ -259,10 +259,10 @@ def test_recurrent_operators_are_the_schur_complement_of_the_joint_ones(name):
     M = torch.stack(cols, 1)  # [B·T·H, n_q·B·T]
     CPEq = Pj.matmat(Eq).reshape(n_q * B * T, -1).T
     assert _rel(CPEq, propagator(rec).to_matrix() @ M) < 1e-10
-    Kq = parameter_operator(gen, method="kronecker").to_matrix()
+    Kq = parameter_operator(gen, backend="kronecker").to_matrix()
     sel = Eq.reshape(n_q * B * T, -1)
     Kqq = sel @ Kq @ sel.T
-    assert _rel(M @ Kqq @ M.T, parameter_operator(rec, method="kronecker").to_matrix()) < 1e-10
+    assert _rel(M @ Kqq @ M.T, parameter_operator(rec, backend="kronecker").to_matrix()) < 1e-10
 
 
 # ----------------------------------------------------------------------------- torch layouts

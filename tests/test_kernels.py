@@ -72,7 +72,7 @@ def test_state_jacobian_matches_jacrev(name, cache):
     """P Jθ equals jacrev of the unrolled states w.r.t. the parameters; P K P* equals J Jᵀ."""
     m, traj, Jref, names = _setup(name)
     compare_operator(state_jacobian(traj, cache=cache), Jref, rtol=1e-10)
-    compare_operator(ntk(traj, method="autodiff", cache=cache), Jref @ Jref.T, rtol=1e-10)
+    compare_operator(ntk(traj, backend="autodiff", cache=cache), Jref @ Jref.T, rtol=1e-10)
 
 
 @pytest.mark.parametrize("case", cases(models=("rnn", "gru", "lstm"), sizes=("tiny", "small"),
@@ -84,8 +84,8 @@ def test_ntk_across_the_case_matrix(case):
     got = build(case)
     assert got.traj.dtype == case.dtype and got.traj.device.type == case.device
     tol = 1e-10 if case.dtype == torch.float64 else 2e-4
-    compare_operator(ntk(got.traj, method="autodiff"), ref @ ref.T, rtol=tol)
-    compare_operator(ntk(got.traj, method="kronecker"), ref @ ref.T, rtol=tol)
+    compare_operator(ntk(got.traj, backend="autodiff"), ref @ ref.T, rtol=tol)
+    compare_operator(ntk(got.traj, backend="kronecker"), ref @ ref.T, rtol=tol)
 
 
 @pytest.mark.parametrize("name", CELLS)
@@ -153,7 +153,7 @@ def test_gradient_and_sgd_step(name):
     # also P* e against autograd w.r.t. the states of an unrolled graph is implied; check directly
     assert _rel(propagator(traj, cache=False).T.apply(traj.error), traj.adjoint) < 1e-12
     # SGD: z(θ - η g) - z(θ) = -η P K P* e + O(η²)
-    pred = ntk(traj, method="autodiff", cache=False).apply(traj.error)
+    pred = ntk(traj, backend="autodiff", cache=False).apply(traj.error)
     errs = []
     for eta in (1e-3, 5e-4):
         with torch.no_grad():
@@ -170,7 +170,7 @@ def test_kronecker_core_exact(name):
     m, traj, _, names = _setup(name)
     core = kronecker_core(traj)
     Kk = _dense(core.operator())
-    Kad = _dense(parameter_operator(traj, method="autodiff"))
+    Kad = _dense(parameter_operator(traj, backend="autodiff"))
     assert _rel(Kk, Kad) < 1e-10
     assert abs(core.trace() - float(torch.trace(Kad))) < 1e-10 * float(torch.trace(Kad))
     fro = float(torch.linalg.matrix_norm(Kad))
@@ -180,7 +180,7 @@ def test_kronecker_core_exact(name):
     total = torch.zeros_like(Kad)
     for n in names:
         Kw = _dense(kronecker_core(traj, param_names=[n]).operator())
-        Kw_ad = _dense(parameter_operator(traj, param_names=[n], method="autodiff"))
+        Kw_ad = _dense(parameter_operator(traj, param_names=[n], backend="autodiff"))
         assert _rel(Kw, Kw_ad) < 1e-10, n
         total += Kw
         bound = kronecker_core(traj, param_names=[n]).rank_bounds()[n]
@@ -192,8 +192,8 @@ def test_kronecker_core_exact(name):
         U = core.site_variables[n]
         assert torch.allclose(G[n].reshape(U.shape[0], -1), U @ U.T)
     # Jθ through the Kronecker structure equals Jθ by autodiff (both directions: dense matrices)
-    assert _rel(_dense(param_jacobian(traj)), _dense(param_jacobian(traj, method="autodiff"))) < 1e-12
-    assert _rel(_dense(param_jacobian(traj).T), _dense(param_jacobian(traj, method="autodiff").T)) < 1e-12
+    assert _rel(_dense(param_jacobian(traj)), _dense(param_jacobian(traj, backend="autodiff"))) < 1e-12
+    assert _rel(_dense(param_jacobian(traj).T), _dense(param_jacobian(traj, backend="autodiff").T)) < 1e-12
     # the generic (JVP/VJP of post) path agrees with the unit-structured one
     assert core.structured
     generic = KroneckerCore(traj)
@@ -203,7 +203,7 @@ def test_kronecker_core_exact(name):
     assert abs(generic.frobenius_norm() - fro) < 1e-10 * fro
     # ntk through the Kronecker core
     _, _, Jref, _ = _setup(name)
-    assert _rel(_dense(ntk(traj, method="kronecker")), Jref @ Jref.T) < 1e-10
+    assert _rel(_dense(ntk(traj, backend="kronecker")), Jref @ Jref.T) < 1e-10
 
 
 def test_rank_bound_is_tight_for_rank_deficient_grams():

@@ -98,3 +98,36 @@ def test_separately_built_propagators_keep_the_ntk_psd_and_the_trace_method():
     # propagators of two different recordings are different maps: no PSD claim
     other = record(model, x + 1.0)
     assert not (propagator(traj) @ K @ propagator(other).T).is_self_adjoint
+
+
+def test_backend_is_the_one_name_for_autodiff_or_kronecker_and_old_spellings_warn():
+    """``backend=`` selects autodiff or the Kronecker structure in every kernel constructor (same default, same
+    keyword-only position); ``method=`` and the old positional order still work for one release."""
+    from kpflow.kernels import parameter_operator
+    from kpflow.kernels.state_space import BACKENDS
+    from kpflow.models import NeuralODE
+
+    torch.manual_seed(0)
+    model = GRU(2, 4, 2, dtype=DT)
+    x, _ = _data(model)
+    traj = record(model, x)
+    ref = parameter_operator(traj, backend="autodiff").to_matrix()
+    for backend in BACKENDS:
+        K = parameter_operator(traj, backend=backend).to_matrix()
+        assert torch.allclose(K, ref, rtol=1e-10, atol=1e-12 * float(ref.abs().max())), backend
+        J = param_jacobian(traj, backend=backend)
+        assert J.backend == backend
+        assert torch.allclose(J.to_matrix(), param_jacobian(traj, backend="autodiff").to_matrix(), rtol=1e-12,
+                              atol=1e-13)
+    with pytest.warns(DeprecationWarning, match=r"parameter_operator\(method=...\) is deprecated.*backend="):
+        assert torch.equal(parameter_operator(traj, method="autodiff").to_matrix(), ref)
+    with pytest.warns(DeprecationWarning, match=r"passing chunk_size, backend to param_jacobian\(\) by position"):
+        J_old = param_jacobian(traj, None, 4, "autodiff")
+    assert J_old.backend == "autodiff" and J_old.chunk_size == 4
+    with pytest.raises(TypeError, match="got both method= .* and backend="):
+        parameter_operator(traj, method="autodiff", backend="auto")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        param_jacobian(traj, backend="jax")
+    node = NeuralODE(2, 3, 1, width=4, dtype=DT)
+    with pytest.raises(ValueError, match="backend='kronecker' needs a weight-based cell"):
+        param_jacobian(record(node, x), backend="kronecker")

@@ -28,6 +28,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch.func import jvp, vjp, vmap
 
+from kpflow.deprecation import keyword_only
 from kpflow.operators import LinearOperator
 
 from .linearization import repeat_probes
@@ -107,26 +108,32 @@ class ParamJacobian(_TrajectoryOperator):
     """``Jθ``: ``(Jθ v)_{b,t} = ∂F/∂θ (z_{t-1}, x_t; θ) · v`` (previous state held fixed).
 
     ``shape_in = (n_params,)`` (flat, in ``self.layout`` order); ``apply_dict``/``adjoint_dict`` work
-    with parameter dicts. Both directions evaluate all B·T sites at once. ``method="autodiff"`` uses
+    with parameter dicts. Both directions evaluate all B·T sites at once. ``backend="autodiff"`` uses
     JVP/VJP of the step; ``"auto"`` (default) uses, for the weight-based cells, the Kronecker structure
     ``Jθ v = M (Σ_W V_W u_W)``, ``(Jθ* y)_W = Σ_n (M* y)_n u_nᵀ`` (one matmul per weight, no autodiff).
     """
 
-    def __init__(self, traj: Trajectory, param_names=None, chunk_size=None, method: str = "auto"):
-        if method not in ("auto", "autodiff"):
-            raise ValueError(f"method must be 'auto' or 'autodiff', got {method!r}")
+    def __init__(self, traj: Trajectory, param_names=None, chunk_size=None, backend: str = "auto"):
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "kronecker":
+            from .kronecker import supports_kronecker
+
+            if not supports_kronecker(traj.model):
+                raise ValueError(f"backend='kronecker' needs a weight-based cell (VanillaRNN, LeakyRNN, GRU, LSTM); "
+                                 f"{type(traj.model).__name__} is not one. Use backend='autodiff' or 'auto'")
         names = resolve_param_names(traj.model, traj.param_names if param_names is None else param_names)
         self.layout = ParamLayout(traj.params, names)
         super().__init__(traj, (self.layout.numel,), traj.shape, chunk_size)
         self.param_names = names
-        self.method = method
+        self.backend = backend
 
     def structure(self):
         """``Jθ`` of one trajectory and one parameter subset is one map (autodiff or Kronecker path alike)."""
         return (id(self.traj), self.param_names)
 
     def _core(self):
-        if self.method != "auto":
+        if self.backend == "autodiff":
             return None
         from .kronecker import kronecker_core, supports_kronecker
 
@@ -484,38 +491,73 @@ def _refuse_site(traj, what: str) -> None:
                         "shift. Use inverse_propagator(traj) (∂Φ/∂h on the joint state) or propagator(traj)")
 
 
-def param_jacobian(traj: Trajectory, param_names=None, chunk_size: int | None = None,
-                   method: str = "auto") -> ParamJacobian:
-    """``Jθ`` (parameters, flat vector -> ``[B, T, H]``); ``param_names`` selects a subset;
-    ``method="autodiff"`` forces JVP/VJP of the step (else the Kronecker structure when available)."""
+#: autodiff-versus-Kronecker choices of ``param_jacobian``/``parameter_operator``/``ntk``/``output_ntk``
+BACKENDS = ("auto", "autodiff", "kronecker")
+_RENAMED = {"method": "backend"}
+
+
+@keyword_only(["chunk_size", "backend"], renamed=_RENAMED)
+def param_jacobian(traj: Trajectory, param_names=None, *, backend: str = "auto",
+                   chunk_size: int | None = None) -> ParamJacobian:
+    """``Jθ`` (parameters, flat vector -> ``[B, T, H]``).
+
+    Args:
+        traj: the recorded trajectory.
+        param_names: the parameters (default: the trajectory's).
+        backend: ``"autodiff"`` (JVP/VJP of the step), ``"kronecker"`` (one matmul per weight through
+            the site variables; weight-based cells only) or ``"auto"`` (Kronecker when the cell has it).
+        chunk_size: probes per vmapped call (None: all at once).
+
+    Returns:
+        The ``ParamJacobian`` (a site model's ``SiteParamJacobian`` for site trajectories).
+
+    Raises:
+        ValueError: an unknown backend or parameter name, or ``"kronecker"`` for a cell without the structure.
+    """
     if _is_site(traj):
         from .joint import SiteParamJacobian
 
-        return SiteParamJacobian(traj, param_names, "autodiff" if method == "autodiff" else "auto")
-    return ParamJacobian(traj, param_names, chunk_size, method)
+        return SiteParamJacobian(traj, param_names, "autodiff" if backend == "autodiff" else "auto")
+    return ParamJacobian(traj, param_names, chunk_size, backend)
 
 
-def parameter_operator(traj: Trajectory, param_names=None, method: str = "autodiff",
+@keyword_only(["backend", "chunk_size"], renamed=_RENAMED)
+def parameter_operator(traj: Trajectory, param_names=None, *, backend: str = "auto",
                        chunk_size: int | None = None) -> LinearOperator:
-    """``K = Jθ Jθ*`` on ``[B, T, H]`` (PSD). ``method="kronecker"`` uses the exact Kronecker core
-    (weight-based cells only); ``"auto"`` picks it when the cell supports it."""
-    if _is_site(traj):  # K on the joint state, through its Kronecker core unless method="autodiff"
+    """``K = Jθ Jθ*`` on ``[B, T, H]`` (PSD).
+
+    Args:
+        traj: the recorded trajectory.
+        param_names: the parameters (default: the trajectory's).
+        backend: ``"kronecker"`` (the exact Kronecker core; weight-based cells only), ``"autodiff"``
+            (``J @ J.T`` by JVP/VJP) or ``"auto"`` (Kronecker when the cell supports it).
+        chunk_size: probes per vmapped call of the autodiff path.
+
+    Returns:
+        The PSD operator.
+
+    Raises:
+        ValueError: an unknown backend.
+        TypeError: ``"kronecker"`` for a cell without the structure.
+    """
+    if _is_site(traj):  # K on the joint state, through its Kronecker core unless backend="autodiff"
         from .joint import site_parameter_operator
 
-        return site_parameter_operator(traj, param_names, "autodiff" if method == "autodiff" else "kronecker")
-    if method not in ("autodiff", "kronecker", "auto"):
-        raise ValueError(f"method must be 'autodiff', 'kronecker' or 'auto', got {method!r}")
-    if method != "autodiff":
+        return site_parameter_operator(traj, param_names, "autodiff" if backend == "autodiff" else "kronecker")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "autodiff":
         from .kronecker import kronecker_core, supports_kronecker
 
-        if method == "kronecker" or supports_kronecker(traj.model):
+        if backend == "kronecker" or supports_kronecker(traj.model):
             return kronecker_core(traj, param_names).operator()
-    J = param_jacobian(traj, param_names, chunk_size, method="autodiff")
+    J = param_jacobian(traj, param_names, chunk_size=chunk_size, backend="autodiff")
     return J @ J.T
 
 
-def step_jacobians(traj: Trajectory, cache="auto", memory_budget: int | None = None,
-                   chunk_size: int | None = None, *, path: str = "auto") -> StepJacobians:
+@keyword_only(["cache", "memory_budget", "chunk_size"])
+def step_jacobians(traj: Trajectory, *, cache="auto", memory_budget: int | None = None,
+                   chunk_size: int | None = None, path: str = "auto") -> StepJacobians:
     """``A`` (block diagonal per-site step Jacobians) on ``[B, T, H]``."""
     _refuse_site(traj, "step_jacobians (A)")
     return StepJacobians(traj, cache, memory_budget, chunk_size, path)
@@ -527,8 +569,9 @@ def time_shift(traj: Trajectory) -> TimeShift:
     return TimeShift(traj.shape, traj.dtype, traj.device)
 
 
-def propagator(traj: Trajectory, cache="auto", memory_budget: int | None = None,
-               chunk_size: int | None = None, *, path: str = "auto") -> Propagator:
+@keyword_only(["cache", "memory_budget", "chunk_size"])
+def propagator(traj: Trajectory, *, cache="auto", memory_budget: int | None = None,
+               chunk_size: int | None = None, path: str = "auto") -> Propagator:
     """``P = (I − A S)^{-1}``; ``propagator(traj).T`` is ``P*`` (backprop through time). ``path`` picks how
     ``A_t`` is applied (``"auto"``, ``"jvp"``, ``"coefficients"``, ``"dense"``; see ``Propagator``); the
     operator's ``last_path`` says which one ran."""
@@ -539,8 +582,9 @@ def propagator(traj: Trajectory, cache="auto", memory_budget: int | None = None,
     return Propagator(traj, cache, memory_budget, chunk_size, path)
 
 
-def inverse_propagator(traj: Trajectory, cache="auto", memory_budget: int | None = None,
-                       chunk_size: int | None = None, *, path: str = "auto") -> InversePropagator:
+@keyword_only(["cache", "memory_budget", "chunk_size"])
+def inverse_propagator(traj: Trajectory, *, cache="auto", memory_budget: int | None = None,
+                       chunk_size: int | None = None, path: str = "auto") -> InversePropagator:
     """``P^{-1} = I − A S``."""
     if _is_site(traj):  # ∂Φ/∂h on the joint state
         from .joint import InverseJointPropagator
@@ -549,7 +593,8 @@ def inverse_propagator(traj: Trajectory, cache="auto", memory_budget: int | None
     return InversePropagator(traj, cache, memory_budget, chunk_size, path)
 
 
-def readout_jacobian(traj: Trajectory, chunk_size: int | None = None) -> ReadoutJacobian:
+@keyword_only(["chunk_size"])
+def readout_jacobian(traj: Trajectory, *, chunk_size: int | None = None) -> ReadoutJacobian:
     """``C``: state perturbations ``[B, T, H]`` -> output perturbations ``[B, T, O]``."""
     if _is_site(traj):
         from .joint import SiteReadoutJacobian
@@ -558,34 +603,39 @@ def readout_jacobian(traj: Trajectory, chunk_size: int | None = None) -> Readout
     return ReadoutJacobian(traj, chunk_size)
 
 
-def state_jacobian(traj: Trajectory, param_names=None, cache="auto", chunk_size=None) -> LinearOperator:
+@keyword_only(["cache", "chunk_size"])
+def state_jacobian(traj: Trajectory, param_names=None, *, cache="auto", chunk_size=None) -> LinearOperator:
     """``J = dz/dθ = P Jθ``."""
-    return propagator(traj, cache, chunk_size=chunk_size) @ param_jacobian(traj, param_names, chunk_size)
+    return propagator(traj, cache=cache, chunk_size=chunk_size) @ param_jacobian(traj, param_names,
+                                                                                  chunk_size=chunk_size)
 
 
-def ntk(traj: Trajectory, param_names=None, method: str = "auto", cache="auto",
+@keyword_only(["backend", "cache", "chunk_size"], renamed=_RENAMED)
+def ntk(traj: Trajectory, param_names=None, *, backend: str = "auto", cache="auto",
         chunk_size: int | None = None) -> LinearOperator:
-    """State-space NTK ``Θ = P K P*`` on ``[B, T, H]`` (PSD); ``method`` as in ``parameter_operator``. For a
+    """State-space NTK ``Θ = P K P*`` on ``[B, T, H]`` (PSD); ``backend`` as in ``parameter_operator``. For a
     site trajectory the NTK of the visible states, ``kpflow.kernels.joint.site_ntk(traj, path="auto")``."""
     if _is_site(traj):
         from .joint import site_ntk
 
-        if method in ("kronecker", "autodiff"):
-            return site_ntk(traj, param_names, "joint", method)
+        if backend in ("kronecker", "autodiff"):
+            return site_ntk(traj, param_names, "joint", backend)
         return site_ntk(traj, param_names, "auto")
-    P = propagator(traj, cache, chunk_size=chunk_size)
-    return P @ parameter_operator(traj, param_names, method, chunk_size) @ P.T
+    P = propagator(traj, cache=cache, chunk_size=chunk_size)
+    return P @ parameter_operator(traj, param_names, backend=backend, chunk_size=chunk_size) @ P.T
 
 
-def output_ntk(traj: Trajectory, param_names=None, method: str = "auto", cache="auto",
+@keyword_only(["backend", "cache", "chunk_size"], renamed=_RENAMED)
+def output_ntk(traj: Trajectory, param_names=None, *, backend: str = "auto", cache="auto",
                chunk_size: int | None = None) -> LinearOperator:
     """Output-space NTK ``C Θ C*`` on ``[B, T, O]`` (PSD)."""
-    C = readout_jacobian(traj, chunk_size)
-    return C @ ntk(traj, param_names, method, cache, chunk_size) @ C.T
+    C = readout_jacobian(traj, chunk_size=chunk_size)
+    return C @ ntk(traj, param_names, backend=backend, cache=cache, chunk_size=chunk_size) @ C.T
 
 
-def state_fisher(traj: Trajectory, param_names=None, cache="auto", chunk_size=None) -> LinearOperator:
+@keyword_only(["cache", "chunk_size"])
+def state_fisher(traj: Trajectory, param_names=None, *, cache="auto", chunk_size=None) -> LinearOperator:
     """``Jθ* P* P Jθ`` on parameters (PSD): the Gauss–Newton/Fisher matrix of a unit state loss."""
-    J = param_jacobian(traj, param_names, chunk_size)
-    P = propagator(traj, cache, chunk_size=chunk_size)
+    J = param_jacobian(traj, param_names, chunk_size=chunk_size)
+    P = propagator(traj, cache=cache, chunk_size=chunk_size)
     return J.T @ P.T @ P @ J

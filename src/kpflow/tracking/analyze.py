@@ -196,7 +196,7 @@ def initial_reference(model, batch, cfg: RunConfig, rows: list[dict]) -> Referen
     b = batch.to(dtype=torch.float64)
     traj = record(m, b.inputs, targets=b.targets, loss=b.loss, mask=b.mask, param_names=cfg.track.param_names)
     P = propagator(traj)
-    ntk = P @ parameter_operator(traj, cfg.track.param_names, method="auto") @ P.T
+    ntk = P @ parameter_operator(traj, cfg.track.param_names, backend="auto") @ P.T
     fro = next(r for r in rows if r["metric"] == "NTK_fro")
     return Reference(ntk, Stat(fro["value"], fro["stderr"], fro["method"]))
 

@@ -126,7 +126,7 @@ def measure_checkpoint(model, task: Task, batch: TaskBatch, *, probes: int = 24,
     traj = record(model, batch.inputs, targets=batch.targets, loss=batch.loss, mask=batch.mask,
                   param_names=param_names)
     P = propagator(traj)
-    K = parameter_operator(traj, param_names, method="auto")
+    K = parameter_operator(traj, param_names, backend="auto")
     NTK = P @ K @ P.T
     PP = P @ P.T
     stats = {"K": _k_stats(traj, K, param_names, probes, seed, exact_k),

@@ -7,7 +7,7 @@
   ``Θ e = P K P* e`` (``kpflow.kernels.ntk``).
 * ``kronecker_core`` — ``K = M (G ⊗ I) M*`` exactly for weight-based cells (Global Empirical NTK,
   Kronecker-core theorem): kpflow's Kronecker-core K (``kpflow.kernels.kronecker_core``) against the
-  autodiff K = Jθ Jθ* (``parameter_operator(method="autodiff")``) on random probes, and its exact
+  autodiff K = Jθ Jθ* (``parameter_operator(backend="autodiff")``) on random probes, and its exact
   trace against the trace of the autodiff K's dense matrix, on a trained model of every built-in
   weight-based kind (vanilla RNN, leaky RNN, GRU, LSTM).
 """
@@ -78,7 +78,7 @@ def measure_kronecker(seed: int, size: str) -> dict:
         batch = eval_batch(task, pick(size, 2, 4), seed)
         traj = record(model, batch.inputs, targets=batch.targets)
         core = kronecker_core(traj)
-        K_ad = parameter_operator(traj, method="autodiff")
+        K_ad = parameter_operator(traj, backend="autodiff")
         V = torch.randn((4, *traj.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
         e_apply = rel_err(core.operator().matmat(V), K_ad.matmat(V))
         dense_tr = float(torch.trace(K_ad.to_matrix()))

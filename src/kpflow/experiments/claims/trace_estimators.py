@@ -52,7 +52,7 @@ def _compare(traj, seed: int, reruns: int) -> dict:
     err_one, err_hpp, rse = [], [], []
     for r in range(reruns):
         s = 1000 * seed + r
-        one = onesided_trace(J, num_probes=BUDGET, side="auto", seed=s)
+        one = onesided_trace(J, num_matvecs=BUDGET, side="auto", seed=s)
         hpp = hutchpp_trace(theta, num_matvecs=BUDGET // 2, seed=s)
         err_one.append(abs(one.value - exact) / exact)
         err_hpp.append(abs(hpp.value - exact) / exact)
