@@ -81,8 +81,16 @@ class ShardedExecutor:
 
 
 def as_executor(executor):
-    """``None`` stays ``None`` (serial); a ``distributed.Client`` becomes a ``ShardedExecutor``; anything else
+    """The executor an estimator's ``executor=`` argument stands for.
+
+    ``None`` stays ``None`` (serial); a ``distributed.Client`` becomes a ``ShardedExecutor``; anything else
     must already have an ordered ``map(fn, *iterables)``.
+
+    Args:
+        executor: None, a ``distributed.Client``, a ``ShardedExecutor`` or an object with an ordered ``map``.
+
+    Returns:
+        None or an object with an ordered ``map``.
 
     Raises:
         TypeError: for an object with no ``map``.
