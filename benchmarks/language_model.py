@@ -147,7 +147,7 @@ def main(argv=None):
 
     # --- exact tr K (Kronecker core) vs its one-sided autodiff estimate
     t_exact, exact = _t(lambda: kronecker_core(traj).trace())
-    Jt = param_jacobian(traj, method="autodiff")
+    Jt = param_jacobian(traj, backend="autodiff")
     est = onesided_statistics(Jt, kron_probes, side="reverse", seed=5, chunk_size=1).trace
     save(lm_kron_exact_vs_estimate_rel_diff=abs(est.value - exact) / exact,
          lm_kron_exact_vs_estimate_z=abs(est.value - exact) / est.stderr, lm_kron_exact_seconds=t_exact,

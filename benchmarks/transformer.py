@@ -110,7 +110,7 @@ def main(argv=None):
             times[p].append(tp)
             ratios[p].append(tp / tb)
     # exact K statistics vs probes to 1 %
-    K = parameter_operator(traj, method="kronecker")
+    K = parameter_operator(traj, backend="kronecker")
     speed, budgets, errs = [], [], []
     for r in range(1 if args.quick else max(1, rounds // 2)):
         traj.cache.clear()

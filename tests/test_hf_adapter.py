@@ -78,10 +78,10 @@ def test_hidden_and_logit_ntk_against_jacrev(preset, path):
     Jh = torch.cat([jh[n].reshape(-1, primal[n].numel()) for n in names], 1)
     Jl = torch.cat([jl[n].reshape(-1, primal[n].numel()) for n in names], 1)
     traj = record(model, ids)
-    theta = ntk(traj, method="kronecker" if path == "joint" else "auto")
+    theta = ntk(traj, backend="kronecker" if path == "joint" else "auto")
     assert theta.path == path
     assert _rel(theta.to_matrix(), Jh @ Jh.T) < TOL[preset]
-    logit = output_ntk(traj, method="kronecker" if path == "joint" else "auto")
+    logit = output_ntk(traj, backend="kronecker" if path == "joint" else "auto")
     assert _rel(logit.to_matrix(), Jl @ Jl.T) < TOL[preset]
 
 
@@ -89,7 +89,7 @@ def test_hidden_and_logit_ntk_against_jacrev(preset, path):
 def test_kronecker_core_against_autodiff_k(preset):
     _, model, ids = _setup(preset)
     traj = record(model, ids)
-    J = param_jacobian(traj, method="autodiff").to_matrix()  # Jθ of the joint state by autodiff (frozen sites)
+    J = param_jacobian(traj, backend="autodiff").to_matrix()  # Jθ of the joint state by autodiff (frozen sites)
     K = J @ J.T
     core = kronecker_core(traj)
     assert abs(core.trace() - float(torch.trace(K))) < 1e-10 * float(torch.trace(K))
@@ -110,7 +110,7 @@ def test_parameter_subset_by_pattern():
     traj = record(model, ids, param_names=attn)
     assert _rel(ntk(traj).to_matrix(), Jh @ Jh.T) < 1e-10
     core = kronecker_core(traj)
-    Jt = param_jacobian(traj, method="autodiff").to_matrix()
+    Jt = param_jacobian(traj, backend="autodiff").to_matrix()
     assert abs(core.trace() - float((Jt ** 2).sum())) < 1e-10 * core.trace()
     with pytest.raises(ValueError, match="matches none"):
         param_subset(model, "*.nonexistent.*")

@@ -326,7 +326,7 @@ def test_record_refuses_empty_nonfinite_or_mixed_dtype_input():
 def test_every_numerical_path_of_p_and_a_is_pinned_and_reported(name):
     m, traj, Jref, _ = _setup(name)
     ref = Jref @ Jref.T  # the NTK of the unrolled model
-    K = parameter_operator(traj, method="autodiff")
+    K = parameter_operator(traj, backend="autodiff")
     paths = ["jvp", "dense"] + (["coefficients"] if name in AFFINE else [])
     for path in paths:
         P = propagator(traj, path=path)
