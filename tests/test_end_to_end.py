@@ -81,7 +81,7 @@ def test_tiny_run_analyze_report(tmp_path):
     assert len(pngs) >= 5 and all(p.with_suffix(".svg").is_file() for p in pngs)
     embedded = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,', html)
     assert sorted(embedded) == sorted(p.stem for p in pngs)  # every figure embedded, nothing linked
-    assert "src=\"http" not in html and "Reading" in html and "KPFlow claim check" in html
+    assert "src=\"http" not in html and "Reading" in html and "KPFlow reading" in html
     assert "± " in html  # error bars in the metrics table
     # analyze again: cached, same table
     before = (run / "metrics.csv").read_text()
