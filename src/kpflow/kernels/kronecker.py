@@ -31,7 +31,7 @@ from torch.func import jvp, vjp, vmap
 from kpflow.models.cells import AffineRecurrentModel
 from kpflow.operators import LinearOperator
 
-from .linearization import apply_units, apply_units_adjoint, repeat_probes
+from .linearization import apply_units, apply_units_adjoint, repeat_probes, unit_coefficients
 from .trajectory import Trajectory, resolve_param_names
 
 #: Ceiling on entries of intermediate tensors of the general (non-elementwise) exact Frobenius norm.
@@ -95,6 +95,9 @@ class KroneckerCore:
     def _unit_coefficients(self) -> dict[str, torch.Tensor] | None:
         """``{slot: D_s [N, O_b, G_s, U]}`` for a cell that declares ``unit_size() > 0`` (verified), else None.
 
+        The coefficients come from ``linearization.unit_coefficients`` (one JVP per gate block of each
+        included slot, checked against one random JVP), the same extraction the step linearization uses.
+
         Raises:
             ValueError: the declared unit structure does not fit the sizes or a random JVP contradicts it.
         """
@@ -105,38 +108,11 @@ class KroneckerCore:
         if self.H % U or any(R % U for R in self.slot_sizes.values()):
             raise ValueError(f"{type(model).__name__} declares unit_size()={U}, which does not divide the state "
                              f"({self.H}) and the slots ({self.slot_sizes}); declare unit_size() = 0")
-        Ob = self.H // U
-        primal = self._primal()
-        D = {}
-        for s, R in self.slot_sizes.items():
-            G = R // U
-            cols = []
-            for g in range(G):
-                t = {q: torch.zeros_like(v) for q, v in primal.items()}
-                t[s][:, g * U:(g + 1) * U] = 1.0
-                cols.append(jvp(self._post, (primal,), (t,))[1].reshape(self.N, Ob, U))
-            D[s] = torch.stack(cols, 2).detach()  # [N, Ob, G, U]
-        # verify the structure with one random JVP (a cell whose unit j reads other units fails here)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        Z = {s: torch.randn(1, self.N, R, generator=gen, dtype=self.traj.dtype).to(self.traj.device)
-             for s, R in self.slot_sizes.items()}
-        ref = jvp(self._post, (primal,), ({s: z[0] for s, z in Z.items()},))[1]
-        got = self._structured_M(D, Z)[0]
-        if float((got - ref).norm()) > 1e-6 * float(ref.norm().clamp_min(1e-30)):
+        D = unit_coefficients(self._post, self._primal(), self.slot_sizes, self.N, self.H, U)
+        if D is None:
             raise ValueError(f"{type(model).__name__} declares unit_size()={U}, but a random JVP of its post disagrees "
                              "with the unit coefficients: its output units read other units; declare unit_size() = 0")
         return D
-
-    def _structured_M(self, D, Z):
-        k = next(iter(Z.values())).shape[0]
-        out = None
-        for s, Ds in D.items():
-            _, Ob, G, U = Ds.shape
-            Zs = Z[s].reshape(k, self.N, 1, G, U)
-            for g in range(G):  # a loop over gates avoids a [k, N, Ob, G, U] intermediate
-                term = Ds[:, :, g] * Zs[:, :, :, g]  # [k, N, Ob, U]
-                out = term if out is None else out + term
-        return out.reshape(k, self.N, self.H)
 
     def M(self, Z: dict[str, torch.Tensor]) -> torch.Tensor:
         """``Σ_s M_s Z_s`` for slot tangents ``[k, N, R_s]`` -> ``[k, N, H]``."""
