@@ -1,7 +1,9 @@
-"""State-space operators of a recorded run: Jθ, K, A, S, P, P⁻¹, J = P Jθ, Θ = P K P*, C Θ C*, the
-state-space Fisher, and the exact Kronecker core of K for weight-based cells — for recurrences in their
-Schur-complement form on the states, for every site model (MLP, transformer, adapted nn.Module) on the
-joint state of the global implicit constraint (``kpflow.kernels.joint``)."""
+"""State-space operators of a recorded run.
+
+Jθ, K, A, S, P, P⁻¹, J = P Jθ, Θ = P K P*, C Θ C*, the state-space Fisher, and the exact Kronecker core of K for
+weight-based cells — for recurrences in their Schur-complement form on the states, for every site model (MLP,
+transformer, adapted nn.Module) on the joint state of the global implicit constraint (``kpflow.kernels.joint``).
+"""
 
 from .joint import (
     InverseJointPropagator,

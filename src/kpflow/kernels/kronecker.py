@@ -39,8 +39,17 @@ FROBENIUS_LIMIT = 2**27
 
 
 def supports_kronecker(model) -> bool:
-    """True for models whose weights the library sees as sites: the affine-slot cells (VanillaRNN, LeakyRNN,
-    GRU, LSTM) and every site model (DeepMLP, Transformer, ModuleAdapter)."""
+    """Whether ``kronecker_core`` applies to ``model``.
+
+    True for models whose weights the library sees as sites: the affine-slot cells (VanillaRNN, LeakyRNN,
+    GRU, LSTM) and every site model (DeepMLP, Transformer, ModuleAdapter).
+
+    Args:
+        model: any model.
+
+    Returns:
+        True when ``model`` is an ``AffineRecurrentModel`` or a ``SiteModel``.
+    """
     from kpflow.models.sites import SiteModel
 
     return isinstance(model, (AffineRecurrentModel, SiteModel))
@@ -98,6 +107,10 @@ class KroneckerCore:
         The coefficients come from ``linearization.unit_coefficients`` (one JVP per gate block of each
         included slot, checked against one random JVP), the same extraction the step linearization uses.
 
+        Returns:
+            ``{slot: D_s}`` with ``D_s[n, o, g, j] = ∂post_{o·U+j}/∂a_{s, g·U+j}`` at site n, or None for a
+            cell that declares ``unit_size() = 0``.
+
         Raises:
             ValueError: the declared unit structure does not fit the sizes or a random JVP contradicts it.
         """
@@ -115,7 +128,17 @@ class KroneckerCore:
         return D
 
     def M(self, Z: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``Σ_s M_s Z_s`` for slot tangents ``[k, N, R_s]`` -> ``[k, N, H]``."""
+        """``Σ_s M_s Z_s``: the per-site Jacobian of ``post`` with respect to the slots, applied to tangents.
+
+        Uses the stored unit coefficients for unit-structured cells, else one JVP of ``post`` with the k
+        probes folded into the site axis.
+
+        Args:
+            Z: ``{slot: [k, N, R_s]}`` tangents of every included slot.
+
+        Returns:
+            ``[k, N, H]``.
+        """
         if self.structured:
             return apply_units(self._D, Z, self.N, self.H)
         # probes folded into the batch axis (forward-mode AD under vmap is slower on CPU)
@@ -131,7 +154,14 @@ class KroneckerCore:
         return jvp(f, (primal,), (tangent,))[1].reshape(k, self.N, -1)
 
     def M_adjoint(self, Y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``M_s* Y`` for every slot, ``Y`` ``[k, N, H]`` -> ``{slot: [k, N, R_s]}``."""
+        """``M_s* Y`` for every included slot (the adjoint of ``M``).
+
+        Args:
+            Y: ``[k, N, H]`` state cotangents per site.
+
+        Returns:
+            ``{slot: [k, N, R_s]}``.
+        """
         if self.structured:
             return apply_units_adjoint(self._D, Y, self.N)
         _, pullback = vjp(self._post, self._primal())
@@ -139,7 +169,14 @@ class KroneckerCore:
 
     # ------------------------------------------------------------------ Jθ through the structure
     def param_jvp(self, V: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``Jθ v = M (Σ_W V_W u_W)`` for parameter tangents ``{W: [k, *shape]}`` -> ``[k, N, H]``."""
+        """``Jθ v = M (Σ_W V_W u_W)``: the parameter Jacobian through the structure.
+
+        Args:
+            V: ``{W: [k, *shape_W]}`` tangents of every included weight (a bias: ``[k, R_s]``).
+
+        Returns:
+            ``[k, N, H]``.
+        """
         Z: dict[str, torch.Tensor] = {}
         for name, slot_names in self.slots.items():
             for n in slot_names:
@@ -149,7 +186,14 @@ class KroneckerCore:
         return self.M(Z)
 
     def param_vjp(self, Y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Jθ* y``: ``{W: Σ_n (M* y)_n u_nᵀ}`` (a bias gets ``Σ_n (M* y)_n``) for ``Y`` ``[k, N, H]``."""
+        """``Jθ* y``: the adjoint of ``param_jvp``.
+
+        Args:
+            Y: ``[k, N, H]`` state cotangents per site.
+
+        Returns:
+            ``{W: Σ_n (M* y)_n u_nᵀ}`` ``[k, *shape_W]`` (a bias gets ``Σ_n (M* y)_n``).
+        """
         Z = self.M_adjoint(Y)
         out = {}
         for slot, names in self.slots.items():
@@ -161,7 +205,14 @@ class KroneckerCore:
 
     # ------------------------------------------------------------------ Gram matrices
     def slot_gram(self, slot: str) -> torch.Tensor:
-        """``G_s = U_s U_sᵀ`` ``[N, N]`` (summed over the slot's included weights)."""
+        """The Gram matrix ``G_s = U_s U_sᵀ`` of a slot's site variables (cached).
+
+        Args:
+            slot: a slot with at least one included weight (a key of ``slot_sizes``).
+
+        Returns:
+            ``[N, N]``, summed over the slot's included weights.
+        """
         if slot not in self._G:
             self._G[slot] = self._U[slot] @ self._U[slot].T
         return self._G[slot]
@@ -179,14 +230,25 @@ class KroneckerCore:
         return torch.einsum("nc,kcr->knr", U, torch.einsum("nc,knr->kcr", U, Z))
 
     def apply(self, Y: torch.Tensor) -> torch.Tensor:
-        """``K Y`` for ``Y`` ``[k, B, T, H]``."""
+        """``K Y = Σ_s M_s (G_s ⊗ I)(M_s* Y)``: ``K`` applied through the core.
+
+        Args:
+            Y: ``[k, B, T, H]``.
+
+        Returns:
+            ``K Y``, same shape as ``Y``.
+        """
         k = Y.shape[0]
         Z = self.M_adjoint(Y.reshape(k, self.N, self.H))
         Z = {s: self._apply_gram(s, z) for s, z in Z.items()}
         return self.M(Z).reshape(Y.shape)
 
     def operator(self) -> LinearOperator:
-        """``K`` as a PSD ``LinearOperator`` on ``[B, T, H]``."""
+        """``K`` as a ``LinearOperator``.
+
+        Returns:
+            A PSD ``KroneckerKernel`` on ``[B, T, H]``.
+        """
         return KroneckerKernel(self)
 
     # ------------------------------------------------------------------ exact scalars
@@ -226,12 +288,27 @@ class KroneckerCore:
         return out
 
     def trace(self) -> float:
-        """Exact ``tr K = Σ_s Σ_n ‖u_{s,n}‖² ‖M_{s,n}‖_F²``."""
+        """Exact trace (no probes).
+
+        Returns:
+            ``tr K = Σ_s Σ_n ‖u_{s,n}‖² ‖M_{s,n}‖_F²``.
+        """
         norms = self._site_sq_norms()
         return float(sum(((self._U[s] ** 2).sum(1) * norms[s]).sum() for s in self.slots))
 
     def frobenius_norm(self) -> float:
-        """Exact ``‖K‖_F`` (no probes; O(N² · gates² · U) for unit-structured cells)."""
+        """Exact Frobenius norm (no probes).
+
+        ``‖K‖_F² = Σ_{s,s'} Σ_{n,m} G_s[n,m] G_s'[n,m] ‖M_{s,n}ᵀ M_{s',m}‖_F²``; O(N² · gates² · U) for
+        unit-structured cells, dense per-site Jacobians otherwise.
+
+        Returns:
+            ``‖K‖_F``.
+
+        Raises:
+            MemoryError: for a cell without unit structure whose per-site Jacobian products exceed
+                ``FROBENIUS_LIMIT`` entries (use the randomized estimators instead).
+        """
         if self.structured:
             total = torch.zeros((), dtype=self.traj.dtype, device=self.traj.device)
             for s, Ds in self._D.items():
@@ -251,16 +328,35 @@ class KroneckerCore:
         return float(total.clamp_min(0).sqrt())
 
     def effective_rank(self) -> float:
-        """Exact participation ratio ``tr(K)² / ‖K‖_F²``."""
+        """Exact participation ratio.
+
+        Returns:
+            ``tr(K)² / ‖K‖_F²`` (0 for ``K = 0``).
+        """
         fro = self.frobenius_norm()
         return self.trace() ** 2 / fro ** 2 if fro > 0 else 0.0
 
     def gram_ranks(self, rtol: float | None = None) -> dict[str, int]:
-        """``rank(G_W) = rank(U_W)`` for every included weight."""
+        """Ranks of the per-weight Gram matrices.
+
+        Args:
+            rtol: relative tolerance passed to ``torch.linalg.matrix_rank`` (None: its default).
+
+        Returns:
+            ``{param: rank(G_W) = rank(U_W)}`` for every included weight.
+        """
         return {n: int(torch.linalg.matrix_rank(U, rtol=rtol)) for n, U in self.site_variables.items()}
 
     def rank_bounds(self, rtol: float | None = None) -> dict[str, int]:
-        """Per weight: ``rank K_W ≤ min(rank(G_W)·R_W, N·H)`` (``R_W`` = rows of W, = H for RNNs)."""
+        """Per-weight rank bounds of ``K``.
+
+        Args:
+            rtol: relative tolerance of the Gram ranks (see ``gram_ranks``).
+
+        Returns:
+            ``{param: min(rank(G_W)·R_W, N·H)}``, an upper bound on ``rank K_W`` (``R_W`` = rows of W,
+            = H for RNNs).
+        """
         ranks = self.gram_ranks(rtol)
         out = {}
         for n, r in ranks.items():
@@ -269,7 +365,14 @@ class KroneckerCore:
         return out
 
     def rank_bound(self, rtol: float | None = None) -> int:
-        """``rank K ≤ min(Σ_W rank(G_W)·R_W, N·H, #parameters)``."""
+        """Upper bound on the rank of ``K``.
+
+        Args:
+            rtol: relative tolerance of the Gram ranks (see ``gram_ranks``).
+
+        Returns:
+            ``min(Σ_W rank(G_W)·R_W, N·H, #parameters)``.
+        """
         n_params = sum(self.traj.params[n].numel() for n in self.param_names)
         return min(sum(self.rank_bounds(rtol).values()), self.N * self.H, n_params)
 
@@ -293,8 +396,16 @@ class KroneckerKernel(LinearOperator):
 
 
 def kronecker_core(traj: Trajectory, param_names=None) -> KroneckerCore:
-    """The exact Kronecker core of ``K`` for a weight-based cell (cached on the trajectory); for a site
-    trajectory the joint-state core ``kpflow.kernels.joint.SiteKroneckerCore``."""
+    """The exact Kronecker core of ``K`` (cached on the trajectory).
+
+    Args:
+        traj: a recorded trajectory of a weight-based cell or a site model.
+        param_names: the weights included (None: the trajectory's own).
+
+    Returns:
+        A ``KroneckerCore`` for an affine-slot cell; for a site trajectory the joint-state core
+        ``kpflow.kernels.joint.SiteKroneckerCore``.
+    """
     from .joint import is_site_trajectory, site_kronecker_core
 
     if is_site_trajectory(traj):

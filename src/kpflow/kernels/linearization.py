@@ -39,9 +39,20 @@ def repeat_probes(t: torch.Tensor, k: int) -> torch.Tensor:
 def unit_coefficients(fn, primal: torch.Tensor | dict, sizes: dict | int, N: int, H: int, U: int):
     """Per-unit coefficients of a unit-structured linear map ``d fn`` at ``primal``.
 
-    ``fn`` maps a dict of ``[N, R_s]`` tensors (or one ``[N, R]`` tensor) to ``[N, H]``. Returns
-    ``{s: [N, H/U, R_s/U, U]}`` (or one tensor) with ``out[n, o·U + j] = Σ_{s,g} C_s[n, o, g, j] ·
-    in_s[n, g·U + j]``, or None when the sizes do not fit or a random JVP disagrees.
+    The coefficients are read off with one JVP per gate block (a one-hot tangent on block g of slot s)
+    and checked against one random JVP (relative error ≤ 1e-6, seed 0).
+
+    Args:
+        fn: maps a dict of ``[N, R_s]`` tensors (or one ``[N, R]`` tensor) to ``[N, H]``.
+        primal: the point of linearization, of the form ``fn`` takes.
+        sizes: ``{s: R_s}`` (or one ``R``) widths of the inputs.
+        N: number of sites.
+        H: output width.
+        U: unit size (the output unit j of each block reads only entries j of each input block).
+
+    Returns:
+        ``{s: C_s [N, H/U, R_s/U, U]}`` (or one tensor) with ``out[n, o·U + j] = Σ_{s,g} C_s[n, o, g, j] ·
+        in_s[n, g·U + j]``, or None when ``U ≤ 0``, U does not divide the sizes, or the random JVP disagrees.
     """
     single = not isinstance(primal, dict)
     prim = {"_": primal} if single else primal
@@ -116,7 +127,14 @@ class StepLinearization:
 
     @staticmethod
     def build(traj: Trajectory) -> StepLinearization | None:
-        """The stored coefficients of ``A`` for a cell that declares ``unit_size() > 0``; None for the others.
+        """The stored coefficients of ``A`` for a cell that declares ``unit_size() > 0``.
+
+        Args:
+            traj: a recorded trajectory.
+
+        Returns:
+            The ``StepLinearization``, or None for a cell that is not an ``AffineRecurrentModel`` or
+            declares ``unit_size() = 0``.
 
         Raises:
             ValueError: a cell whose declared unit structure a random JVP contradicts, or whose

@@ -65,10 +65,12 @@ class Trajectory:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the recorded states."""
         return self.states.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the recorded states."""
         return self.states.device
 
     @property
@@ -77,12 +79,20 @@ class Trajectory:
         return torch.cat([self.z0.unsqueeze(1), self.states[:, :-1]], 1)
 
     def sites(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Previous states ``[N, H]`` and inputs ``[N, I]`` of all N = B·T sites (b-major)."""
+        """The sites of the recording, flattened.
+
+        Returns:
+            Previous states ``[N, H]`` and inputs ``[N, I]`` of all N = B·T sites (b-major).
+        """
         B, T, H = self.shape
         return self.prev_states.reshape(B * T, H), self.inputs.reshape(B * T, -1)
 
     def readout_params(self) -> dict[str, torch.Tensor]:
-        """The readout parameters of the snapshot (not the model's live ones)."""
+        """The readout parameters of the snapshot.
+
+        Returns:
+            A new dict of the snapshot's readout tensors (not the model's live ones).
+        """
         return dict(self.readout)
 
 
@@ -92,7 +102,18 @@ def _snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def resolve_param_names(model: RecurrentModel, names: Sequence[str] | str | None) -> tuple[str, ...]:
-    """Validate a subset of cell-parameter names (None = all, in the model's order)."""
+    """Validate a subset of cell-parameter names.
+
+    Args:
+        model: the model whose ``cell_params()`` name the valid choices.
+        names: one name, a sequence of names, or None for all.
+
+    Returns:
+        The chosen names in the model's order.
+
+    Raises:
+        ValueError: a name that is not a cell parameter of ``model``, or an empty selection.
+    """
     own = list(model.cell_params())
     if names is None:
         return tuple(own)

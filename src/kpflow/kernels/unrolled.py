@@ -122,11 +122,13 @@ class UnrolledJacobian(LinearOperator):
 
 
 class AutotunedJacobian(LinearOperator):
-    """``J`` with ``J*`` on the recording's autograd graph and ``J v`` from whichever is faster here:
-    the double-backward pass of :class:`UnrolledJacobian` or the forward-mode ``P Jθ`` of
-    :mod:`kpflow.kernels`. ``choice`` is a dict shared across steps: on the first two products both
-    are timed on the same probes (their results agree to rounding; the tests check both against
-    ``jacrev``; the first call of each is a warm-up) and the faster one is kept."""
+    """``J`` with ``J*`` on the recording's autograd graph and ``J v`` from the faster of two paths.
+
+    ``J v`` comes from whichever is faster here: the double-backward pass of :class:`UnrolledJacobian` or the
+    forward-mode ``P Jθ`` of :mod:`kpflow.kernels`. ``choice`` is a dict shared across steps: on the first two
+    products both are timed on the same probes (their results agree to rounding; the tests check both against
+    ``jacrev``; the first call of each is a warm-up) and the faster one is kept.
+    """
 
     def __init__(self, unrolled: UnrolledJacobian, traj, names: Sequence[str], choice: dict):
         super().__init__(unrolled.shape_in, unrolled.shape_out, unrolled.dtype, unrolled.device)
@@ -162,10 +164,28 @@ class AutotunedJacobian(LinearOperator):
 
 
 def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, loss="mse", z0=None):
-    """Record a batch for one optimizer step: a :class:`kpflow.kernels.Trajectory` (without the adjoint,
-    which the step does not need) and the :class:`UnrolledJacobian` whose forward pass produced it.
-    The gradient ``J* e`` comes from the same backward pass as ``e`` (as in SGD), so a step that
-    reuses its basis costs no product beyond it."""
+    """Record a batch for one optimizer step.
+
+    The gradient ``J* e`` comes from the same backward pass as ``e = ∂L/∂z`` (as in SGD), so a step that
+    reuses its basis costs no product beyond it.
+
+    Args:
+        model: the recurrent model.
+        names: the cell parameters the step updates.
+        inputs: ``[B, T, I]``.
+        targets: the loss targets (as for ``kpflow.kernels.record``).
+        mask: optional loss mask.
+        loss: a loss name or callable (as for ``kpflow.kernels.record``).
+        z0: initial state ``[B, H]`` (None: the model's own).
+
+    Returns:
+        ``(traj, J)``: a :class:`kpflow.kernels.Trajectory` (without the adjoint, which the step does not
+        need; ``traj.loss`` and ``e`` filled in) and the :class:`UnrolledJacobian` whose forward pass
+        produced it, with ``J.gradient = J* e``.
+
+    Raises:
+        FloatingPointError: the states became non-finite on this batch.
+    """
     model.check_inputs(inputs, z0)
     inputs = inputs.detach()
     if z0 is None:
