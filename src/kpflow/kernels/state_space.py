@@ -53,7 +53,15 @@ class ParamLayout:
         self.numel = off
 
     def flatten(self, params: Mapping[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
-        """Dict -> vector ``[*batch, numel]`` (``batch_dims`` leading axes are kept)."""
+        """Flatten a parameter dict into one vector in the layout's order.
+
+        Args:
+            params: ``{name: [*batch, *shape]}`` holding at least the layout's names.
+            batch_dims: number of leading batch axes to keep.
+
+        Returns:
+            ``[*batch, numel]``.
+        """
         parts = []
         for n in self.names:
             p = params[n]
@@ -61,7 +69,17 @@ class ParamLayout:
         return torch.cat(parts, -1)
 
     def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Vector ``[*batch, numel]`` -> dict of ``[*batch, *shape]`` views."""
+        """Split a flat vector into the layout's parameters (inverse of ``flatten``).
+
+        Args:
+            vector: ``[*batch, numel]``.
+
+        Returns:
+            ``{name: [*batch, *shape]}`` views of ``vector``.
+
+        Raises:
+            ValueError: the last axis of ``vector`` does not have ``numel`` entries.
+        """
         if vector.shape[-1] != self.numel:
             raise ValueError(f"parameter vector has {vector.shape[-1]} entries, expected {self.numel} "
                              f"(parameters {list(self.names)})")
@@ -74,10 +92,20 @@ class ParamLayout:
 
 
 def step_jvp(model, params, z_prev: torch.Tensor, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``A V`` at sites ``(z_prev [N, H], x [N, I])`` for probes ``V`` [k, N, H].
+    """``A V``: the step Jacobian ``∂F/∂z_prev`` at every site applied to probes, by one JVP.
 
     The probes are folded into the batch axis (the step is evaluated at k copies of the sites)
     instead of vmapped: forward-mode AD under ``vmap`` was measured 2-3x slower than this.
+
+    Args:
+        model: the recurrent model.
+        params: its cell parameters.
+        z_prev: previous states ``[N, H]`` of the sites.
+        x: inputs ``[N, I]`` of the sites.
+        V: probes ``[k, N, H]``.
+
+    Returns:
+        ``[k, N, H]``.
     """
     k, N, H = V.shape
     zr, xr = repeat_probes(z_prev, k), repeat_probes(x, k)
@@ -173,13 +201,27 @@ class ParamJacobian(_TrajectoryOperator):
         return self.layout.flatten(grads, batch_dims=1)
 
     def apply_dict(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``Jθ v`` for a parameter perturbation given as a dict (missing names count as 0)."""
+        """``Jθ v`` for a parameter perturbation given as a dict.
+
+        Args:
+            params: ``{name: tensor of the parameter's shape}``; missing names count as 0.
+
+        Returns:
+            ``Jθ v`` ``[B, T, H]``.
+        """
         full = {n: params[n] if n in params else torch.zeros(self.layout.shapes[n], dtype=self.dtype,
                                                                device=self.device) for n in self.layout.names}
         return self.apply(self.layout.flatten(full))
 
     def adjoint_dict(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Jθ* y`` as a parameter dict."""
+        """``Jθ* y`` as a parameter dict.
+
+        Args:
+            y: a state cotangent ``[B, T, H]``.
+
+        Returns:
+            ``{name: tensor of the parameter's shape}``.
+        """
         return self.layout.unflatten(self.T.apply(y))
 
 
@@ -208,15 +250,27 @@ class StepJacobianCache:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the dense cache, ``B·T·H²`` entries of the states' dtype."""
         B, T, H = self.traj.shape
         return B * T * H * H * self.traj.states.element_size()
 
     @property
     def fits(self) -> bool:
+        """Whether the dense cache fits ``memory_budget``."""
         return self.nbytes <= self.memory_budget
 
     def get(self, probes: int) -> torch.Tensor | None:
-        """The dense Jacobians if the policy wants them now (counting ``probes`` more probes)."""
+        """The dense Jacobians if the policy wants them now.
+
+        Args:
+            probes: probes about to be pushed through ``A``/``P``/``P*`` (added to ``probes_seen``).
+
+        Returns:
+            ``[B, T, H, H]`` (built now if the policy says so), or None while the JVP/coefficient path is cheaper.
+
+        Raises:
+            MemoryError: policy True and the cache does not fit ``memory_budget``.
+        """
         if self.dense is not None:
             return self.dense
         self.probes_seen += probes
@@ -259,7 +313,15 @@ def _linearization_of(traj: Trajectory):
 
 
 def dense_step_jacobians(traj: Trajectory, chunk: int | None = None) -> torch.Tensor:
-    """All step Jacobians ``A[b, t, i, j] = ∂F_i/∂z_{t-1, j}`` as one ``[B, T, H, H]`` tensor."""
+    """All step Jacobians of a recurrence, densely, by VJPs with the basis vectors at all sites.
+
+    Args:
+        traj: the recorded trajectory.
+        chunk: basis vectors per vmapped VJP (None: as many as keep ``[chunk, N, H]`` under 2**24 entries).
+
+    Returns:
+        ``A[b, t, i, j] = ∂F_i/∂z_{t-1, j}`` as one ``[B, T, H, H]`` tensor.
+    """
     B, T, H = traj.shape
     zp, x = traj.sites()
     model, params = traj.model, traj.params
@@ -355,8 +417,10 @@ class TimeShift(LinearOperator):
 
 
 class Propagator(_TrajectoryOperator):
-    """``P = (I − A S)^{-1}``: forward recursion ``δz_t = A_t δz_{t-1} + q_t``; the adjoint is the
-    backward recursion ``λ_t = y_t + A_{t+1}ᵀ λ_{t+1}`` (BPTT). Batched over trials and probes.
+    """``P = (I − A S)^{-1}``: forward recursion ``δz_t = A_t δz_{t-1} + q_t``.
+
+    The adjoint is the backward recursion ``λ_t = y_t + A_{t+1}ᵀ λ_{t+1}`` (BPTT). Batched over trials
+    and probes.
 
     ``path`` chooses how each ``A_t`` is applied: ``"jvp"`` (JVP/VJP of the step), ``"coefficients"``
     (stored per-unit coefficients; cells that declare ``unit_size() > 0``), ``"dense"`` (the dense
@@ -437,7 +501,9 @@ class Propagator(_TrajectoryOperator):
 
 class InversePropagator(_TrajectoryOperator):
     """``P^{-1} = I − A S``: ``(P^{-1} q)_t = q_t − A_t q_{t-1}``; adjoint ``y_t − A_{t+1}ᵀ y_{t+1}``.
-    No recursion: one batched JVP (VJP) over all sites."""
+
+    No recursion: one batched JVP (VJP) over all sites.
+    """
 
     def __init__(self, traj: Trajectory, cache="auto", memory_budget=None, chunk_size=None, path: str = "auto"):
         super().__init__(traj, traj.shape, traj.shape, chunk_size)
@@ -478,8 +544,13 @@ class ReadoutJacobian(_TrajectoryOperator):
 
 # ----------------------------------------------------------------------------- public constructors
 def _is_site(traj) -> bool:
-    """True for a recorded site model (``kpflow.kernels.joint``): the constructors below then build the
-    joint-state operators of the general formulation."""
+    """True for a recorded site model (``kpflow.kernels.joint``).
+
+    The constructors below then build the joint-state operators of the general formulation.
+
+    Returns:
+        Whether ``traj`` records a site model.
+    """
     from .joint import is_site_trajectory
 
     return is_site_trajectory(traj)
@@ -558,13 +629,40 @@ def parameter_operator(traj: Trajectory, param_names=None, *, backend: str = "au
 @keyword_only(["cache", "memory_budget", "chunk_size"])
 def step_jacobians(traj: Trajectory, *, cache="auto", memory_budget: int | None = None,
                    chunk_size: int | None = None, path: str = "auto") -> StepJacobians:
-    """``A`` (block diagonal per-site step Jacobians) on ``[B, T, H]``."""
+    """``A`` on ``[B, T, H]``: block diagonal, ``(A q)_{b,t} = A_{b,t} q_{b,t}`` with ``A_{b,t} = ∂F/∂z_{t-1}``.
+
+    Args:
+        traj: the recorded trajectory of a recurrence.
+        cache: policy of the dense step-Jacobian cache: ``"auto"`` (ski rental), True or False
+            (see ``StepJacobianCache``).
+        memory_budget: bytes the dense cache may take (None: ``CACHE_BUDGET_BYTES``).
+        chunk_size: probes per vmapped call (None: all at once).
+        path: how ``A_t`` is applied: ``"auto"``, ``"jvp"``, ``"coefficients"`` or ``"dense"`` (see ``Propagator``).
+
+    Returns:
+        The ``StepJacobians`` operator.
+
+    Raises:
+        TypeError: a site-model trajectory (its state has no time shift).
+        ValueError: an unknown path or cache policy, or ``"coefficients"`` for a cell without declared unit
+            structure.
+    """
     _refuse_site(traj, "step_jacobians (A)")
     return StepJacobians(traj, cache, memory_budget, chunk_size, path)
 
 
 def time_shift(traj: Trajectory) -> TimeShift:
-    """``S`` on ``[B, T, H]``: ``(S z)_t = z_{t-1}``."""
+    """The time shift ``S`` on ``[B, T, H]``: ``(S z)_t = z_{t-1}``, ``(S z)_0 = 0``.
+
+    Args:
+        traj: the recorded trajectory of a recurrence (gives shape, dtype and device).
+
+    Returns:
+        The ``TimeShift`` operator.
+
+    Raises:
+        TypeError: a site-model trajectory (its state has no time shift).
+    """
     _refuse_site(traj, "time_shift (S)")
     return TimeShift(traj.shape, traj.dtype, traj.device)
 
@@ -572,9 +670,25 @@ def time_shift(traj: Trajectory) -> TimeShift:
 @keyword_only(["cache", "memory_budget", "chunk_size"])
 def propagator(traj: Trajectory, *, cache="auto", memory_budget: int | None = None,
                chunk_size: int | None = None, path: str = "auto") -> Propagator:
-    """``P = (I − A S)^{-1}``; ``propagator(traj).T`` is ``P*`` (backprop through time). ``path`` picks how
-    ``A_t`` is applied (``"auto"``, ``"jvp"``, ``"coefficients"``, ``"dense"``; see ``Propagator``); the
-    operator's ``last_path`` says which one ran."""
+    """The propagator ``P = (I − A S)^{-1}``; ``propagator(traj).T`` is ``P*`` (backprop through time).
+
+    Args:
+        traj: the recorded trajectory of a recurrence.
+        cache: policy of the dense step-Jacobian cache: ``"auto"`` (ski rental), True or False
+            (see ``StepJacobianCache``).
+        memory_budget: bytes the dense cache may take (None: ``CACHE_BUDGET_BYTES``).
+        chunk_size: probes per vmapped call (None: all at once).
+        path: how ``A_t`` is applied: ``"auto"``, ``"jvp"``, ``"coefficients"`` or ``"dense"`` (see ``Propagator``).
+            The operator's ``last_path`` says which one ran.
+
+    Returns:
+        The ``Propagator``; for a site trajectory ``C P`` (joint perturbations -> visible states), so that
+        ``P @ K @ P.T`` is the visible NTK.
+
+    Raises:
+        ValueError: an unknown path or cache policy, or ``"coefficients"`` for a cell without declared unit
+            structure.
+    """
     if _is_site(traj):  # C P: joint perturbations -> visible states, so that P @ K @ P.T is the visible NTK
         from .joint import site_propagator
 
@@ -585,7 +699,23 @@ def propagator(traj: Trajectory, *, cache="auto", memory_budget: int | None = No
 @keyword_only(["cache", "memory_budget", "chunk_size"])
 def inverse_propagator(traj: Trajectory, *, cache="auto", memory_budget: int | None = None,
                        chunk_size: int | None = None, path: str = "auto") -> InversePropagator:
-    """``P^{-1} = I − A S``."""
+    """The inverse propagator ``P^{-1} = I − A S`` (no recursion).
+
+    Args:
+        traj: the recorded trajectory of a recurrence.
+        cache: policy of the dense step-Jacobian cache: ``"auto"`` (ski rental), True or False
+            (see ``StepJacobianCache``).
+        memory_budget: bytes the dense cache may take (None: ``CACHE_BUDGET_BYTES``).
+        chunk_size: probes per vmapped call (None: all at once).
+        path: how ``A_t`` is applied: ``"auto"``, ``"jvp"``, ``"coefficients"`` or ``"dense"`` (see ``Propagator``).
+
+    Returns:
+        The ``InversePropagator``; for a site trajectory ``∂Φ/∂h`` on the joint state.
+
+    Raises:
+        ValueError: an unknown path or cache policy, or ``"coefficients"`` for a cell without declared unit
+            structure.
+    """
     if _is_site(traj):  # ∂Φ/∂h on the joint state
         from .joint import InverseJointPropagator
 
@@ -595,7 +725,15 @@ def inverse_propagator(traj: Trajectory, *, cache="auto", memory_budget: int | N
 
 @keyword_only(["chunk_size"])
 def readout_jacobian(traj: Trajectory, *, chunk_size: int | None = None) -> ReadoutJacobian:
-    """``C``: state perturbations ``[B, T, H]`` -> output perturbations ``[B, T, O]``."""
+    """The readout Jacobian ``C = ∂y/∂z``: state perturbations ``[B, T, H]`` -> output perturbations ``[B, T, O]``.
+
+    Args:
+        traj: the recorded trajectory (the readout of its snapshot).
+        chunk_size: probes per vmapped call (None: all at once).
+
+    Returns:
+        The ``ReadoutJacobian`` (a site model's ``SiteReadoutJacobian`` for site trajectories).
+    """
     if _is_site(traj):
         from .joint import SiteReadoutJacobian
 
@@ -605,7 +743,17 @@ def readout_jacobian(traj: Trajectory, *, chunk_size: int | None = None) -> Read
 
 @keyword_only(["cache", "chunk_size"])
 def state_jacobian(traj: Trajectory, param_names=None, *, cache="auto", chunk_size=None) -> LinearOperator:
-    """``J = dz/dθ = P Jθ``."""
+    """The state Jacobian ``J = dz/dθ = P Jθ``.
+
+    Args:
+        traj: the recorded trajectory.
+        param_names: the parameters (default: the trajectory's).
+        cache: dense step-Jacobian cache policy of ``P`` (see ``propagator``).
+        chunk_size: probes per vmapped call.
+
+    Returns:
+        ``P @ Jθ``, from flat parameter vectors to ``[B, T, H]``.
+    """
     return propagator(traj, cache=cache, chunk_size=chunk_size) @ param_jacobian(traj, param_names,
                                                                                   chunk_size=chunk_size)
 
@@ -613,8 +761,19 @@ def state_jacobian(traj: Trajectory, param_names=None, *, cache="auto", chunk_si
 @keyword_only(["backend", "cache", "chunk_size"], renamed=_RENAMED)
 def ntk(traj: Trajectory, param_names=None, *, backend: str = "auto", cache="auto",
         chunk_size: int | None = None) -> LinearOperator:
-    """State-space NTK ``Θ = P K P*`` on ``[B, T, H]`` (PSD); ``backend`` as in ``parameter_operator``. For a
-    site trajectory the NTK of the visible states, ``kpflow.kernels.joint.site_ntk(traj, path="auto")``."""
+    """State-space NTK ``Θ = P K P*`` on ``[B, T, H]`` (PSD).
+
+    Args:
+        traj: the recorded trajectory.
+        param_names: the parameters (default: the trajectory's).
+        backend: how ``K`` is applied, as in ``parameter_operator``.
+        cache: dense step-Jacobian cache policy of ``P`` (see ``propagator``).
+        chunk_size: probes per vmapped call.
+
+    Returns:
+        ``P @ K @ P.T``; for a site trajectory the NTK of the visible states,
+        ``kpflow.kernels.joint.site_ntk(traj, path="auto")``.
+    """
     if _is_site(traj):
         from .joint import site_ntk
 
@@ -628,14 +787,35 @@ def ntk(traj: Trajectory, param_names=None, *, backend: str = "auto", cache="aut
 @keyword_only(["backend", "cache", "chunk_size"], renamed=_RENAMED)
 def output_ntk(traj: Trajectory, param_names=None, *, backend: str = "auto", cache="auto",
                chunk_size: int | None = None) -> LinearOperator:
-    """Output-space NTK ``C Θ C*`` on ``[B, T, O]`` (PSD)."""
+    """Output-space NTK ``C Θ C*`` on ``[B, T, O]`` (PSD).
+
+    Args:
+        traj: the recorded trajectory.
+        param_names: the parameters (default: the trajectory's).
+        backend: how ``K`` is applied, as in ``parameter_operator``.
+        cache: dense step-Jacobian cache policy of ``P`` (see ``propagator``).
+        chunk_size: probes per vmapped call.
+
+    Returns:
+        ``C @ Θ @ C.T``.
+    """
     C = readout_jacobian(traj, chunk_size=chunk_size)
     return C @ ntk(traj, param_names, backend=backend, cache=cache, chunk_size=chunk_size) @ C.T
 
 
 @keyword_only(["cache", "chunk_size"])
 def state_fisher(traj: Trajectory, param_names=None, *, cache="auto", chunk_size=None) -> LinearOperator:
-    """``Jθ* P* P Jθ`` on parameters (PSD): the Gauss–Newton/Fisher matrix of a unit state loss."""
+    """The state-space Fisher ``Jθ* P* P Jθ`` on parameters (PSD): Gauss–Newton matrix of a unit state loss.
+
+    Args:
+        traj: the recorded trajectory.
+        param_names: the parameters (default: the trajectory's).
+        cache: dense step-Jacobian cache policy of ``P`` (see ``propagator``).
+        chunk_size: probes per vmapped call.
+
+    Returns:
+        ``Jθ.T @ P.T @ P @ Jθ`` on flat parameter vectors.
+    """
     J = param_jacobian(traj, param_names, chunk_size=chunk_size)
     P = propagator(traj, cache=cache, chunk_size=chunk_size)
     return J.T @ P.T @ P @ J
