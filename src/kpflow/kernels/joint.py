@@ -85,17 +85,28 @@ class SiteTrajectory:
 
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype of the recorded joint state."""
         return self.joint.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the recorded joint state."""
         return self.joint.device
 
     def readout_params(self) -> dict[str, torch.Tensor]:
-        """The readout's parameters at recording time."""
+        """The readout's parameters at recording time.
+
+        Returns:
+            A new dict of the snapshot's readout tensors (not the model's live ones).
+        """
         return dict(self.readout)
 
     def recorded(self) -> dict:
+        """What the recording holds beyond the visible states.
+
+        Returns:
+            ``{"joint": [B, T, Hj] joint state, "uses": the weight uses (site variables) of the run}``.
+        """
         return {"joint": self.joint, "uses": self.uses}
 
 
@@ -138,8 +149,9 @@ def record_sites(model: SiteModel, inputs, *, targets: torch.Tensor | None = Non
         model: a ``kpflow.models.sites.SiteModel`` (``DeepMLP``, ``Transformer``, ``ModuleAdapter``,
             ``RecurrentSites``).
         inputs: what ``model`` takes (checked by ``model.check_inputs``).
-        targets, loss, mask: as in ``kpflow.kernels.record``; ``mask`` has the outputs' shape or, for
-            per-token outputs ``[B, T, O]``, ``[B, T]``.
+        targets: the loss targets, as in ``kpflow.kernels.record``.
+        loss: a loss name or callable, as in ``kpflow.kernels.record``.
+        mask: optional loss mask with the outputs' shape or, for per-token outputs ``[B, T, O]``, ``[B, T]``.
         param_names: the parameters the operators differentiate by default (None = all but the readout).
         params: overrides of the model's parameters (shapes checked).
 
@@ -329,19 +341,35 @@ class SiteParamJacobian(_SiteOperator):
         return sites.joint()
 
     def apply_dict(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``Jθ v`` for a parameter perturbation given as a dict (missing names count as 0)."""
+        """``Jθ v`` for a parameter perturbation given as a dict.
+
+        Args:
+            params: ``{name: tensor of the parameter's shape}``; missing names count as 0.
+
+        Returns:
+            ``Jθ v`` on the joint state ``[B, T, Hj]``.
+        """
         full = {n: params[n] if n in params else torch.zeros(self.layout.shapes[n], dtype=self.dtype,
                                                                device=self.device) for n in self.layout.names}
         return self.apply(self.layout.flatten(full))
 
     def adjoint_dict(self, y: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``Jθ* y`` as a parameter dict."""
+        """``Jθ* y`` as a parameter dict.
+
+        Args:
+            y: a joint-state cotangent ``[B, T, Hj]``.
+
+        Returns:
+            ``{name: tensor of the parameter's shape}``.
+        """
         return self.layout.unflatten(self.T.apply(y))
 
 
 # ----------------------------------------------------------------------------- P, P⁻¹, C
 class JointPropagator(_SiteOperator):
-    """``P = (∂Φ/∂h)⁻¹``: ``P q`` is the JVP of the forward pass with ``q`` injected at every joint variable
+    """``P = (∂Φ/∂h)⁻¹`` on the joint state, by autodiff of the forward pass with injections.
+
+    ``P q`` is the JVP of the forward pass with ``q`` injected at every joint variable
     (``h_i = f_i(h_<i) + q_i``); ``P* y`` the VJP. With ``visible=True`` the output is restricted to the
     visible states, i.e. the operator is ``C P`` (joint -> visible).
 
@@ -407,9 +435,12 @@ class JointPropagator(_SiteOperator):
 
 
 class InverseJointPropagator(_SiteOperator):
-    """``P⁻¹ = ∂Φ/∂h = I − ∂f/∂h`` on the joint state: ``(∂f/∂h) v`` is the JVP of the forward pass in which
-    every joint variable is pinned to its recorded value plus ``v`` (so each ``f_i`` sees ``v`` only through
-    its direct parents). Its adjoint is the matching VJP."""
+    """``P⁻¹ = ∂Φ/∂h = I − ∂f/∂h`` on the joint state.
+
+    ``(∂f/∂h) v`` is the JVP of the forward pass in which every joint variable is pinned to its recorded
+    value plus ``v`` (so each ``f_i`` sees ``v`` only through its direct parents). Its adjoint is the
+    matching VJP.
+    """
 
     def __init__(self, traj: SiteTrajectory):
         super().__init__(traj, traj.joint_shape, traj.joint_shape)
@@ -464,9 +495,11 @@ class SiteReadoutJacobian(_SiteOperator):
 
 
 class SiteStateJacobian(_SiteOperator):
-    """``J = dh_vis/dθ = C P Jθ`` by plain autodiff of the forward pass in θ (no injection): ``J w`` is a JVP
-    (vmapped over probes), ``J* y`` a VJP whose graph is kept between calls. The reference for
-    ``C P Jθ`` and, for wide models, the faster way to apply the NTK (``site_ntk(path="parameters")``)."""
+    """``J = dh_vis/dθ = C P Jθ`` by plain autodiff of the forward pass in θ (no injection).
+
+    ``J w`` is a JVP (vmapped over probes), ``J* y`` a VJP whose graph is kept between calls. The reference
+    for ``C P Jθ`` and, for wide models, the faster way to apply the NTK (``site_ntk(path="parameters")``).
+    """
 
     def __init__(self, traj: SiteTrajectory, param_names=None):
         from .state_space import ParamLayout
@@ -498,18 +531,26 @@ NTK_PATHS = ("auto", "joint", "parameters")
 
 
 def site_ntk(traj: SiteTrajectory, param_names=None, path: str = "auto", backend: str = "kronecker") -> LinearOperator:
-    """The NTK of the visible states, ``Θ = C P K P* C* = J J*`` (PSD), by one of two paths:
+    """The NTK of the visible states, ``Θ = C P K P* C* = J J*`` (PSD).
+
+    By one of two paths:
 
     * ``"joint"``: ``(C P) K (C P)*`` — the VJP of the forward pass with injections, the exact Kronecker
       core, the JVP with injections (the general formulation's factorisation);
     * ``"parameters"``: ``J J*`` with ``J = dh_vis/dθ`` by autodiff in θ (a VJP with its graph kept, then a JVP);
     * ``"auto"``: ``"parameters"`` (measured faster on the built-in transformer, ``benchmarks/transformer.py``).
 
-    The path taken is the returned operator's ``path`` attribute; ``backend`` is that of K on the joint path
-    (``"kronecker"`` or ``"autodiff"``).
+    Args:
+        traj: the site trajectory.
+        param_names: the parameters (None: the trajectory's).
+        path: ``"joint"``, ``"parameters"`` or ``"auto"`` (above).
+        backend: how K is applied on the joint path, ``"kronecker"`` or ``"autodiff"``.
+
+    Returns:
+        The PSD operator on ``[B, T, Hv]``; the path taken is its ``path`` attribute.
 
     Raises:
-        ValueError: an unknown path.
+        ValueError: an unknown path (or, on the joint path, an unknown backend).
     """
     if path not in NTK_PATHS:
         raise ValueError(f"path must be one of {NTK_PATHS}, got {path!r}")
@@ -579,7 +620,14 @@ class SiteKroneckerCore:
         return self._grams[w]
 
     def apply(self, Y: torch.Tensor) -> torch.Tensor:
-        """``K Y`` for ``Y`` ``[k, B, T, Hj]``."""
+        """``K Y = Σ_W Σ_uses J_W (G_W or U(Uᵀ·)) J_W* Y``: ``K`` applied through the core.
+
+        Args:
+            Y: ``[k, B, T, Hj]`` joint-state probes.
+
+        Returns:
+            ``K Y``, same shape as ``Y``.
+        """
         traj = self.traj
         B, T, _ = traj.joint_shape
         layout = traj.layout
@@ -604,13 +652,24 @@ class SiteKroneckerCore:
         return out
 
     def operator(self) -> LinearOperator:
-        """``K`` as a PSD ``LinearOperator`` on the joint state ``[B, T, Hj]``."""
+        """``K`` as a ``LinearOperator``.
+
+        Returns:
+            A PSD ``SiteKroneckerKernel`` on the joint state ``[B, T, Hj]``.
+        """
         return SiteKroneckerKernel(self)
 
     # ------------------------------------------------------------------ exact scalars
     def _stats(self):
-        """Per slot: ``(Ũ_s [N, ΣC] (dense weights and biases, rows at the N = B·T positions), [D_W [N, R] of the
-        elementwise weights], R_s)``."""
+        """The per-slot statistics of the exact scalars (cached).
+
+        Returns:
+            ``{slot: (Ũ_s [N, ΣC] (dense weights and biases, rows at the N = B·T positions), [D_W [N, R] of
+            the elementwise weights], R_s)}``.
+
+        Raises:
+            ValueError: a weight that writes two slots (the exact statistics assume one).
+        """
         if self._slot_stats is not None:
             return self._slot_stats
         traj = self.traj
@@ -652,19 +711,43 @@ class SiteKroneckerCore:
         return Ut @ Ut.T
 
     def slot_grams(self) -> dict[str, torch.Tensor]:
-        """``{slot: G_s = Ũ_s Ũ_sᵀ}`` ``[B·T, B·T]`` (dense weights and biases of the slot)."""
+        """The position Gram matrices of the slots.
+
+        Returns:
+            ``{slot: G_s = Ũ_s Ũ_sᵀ}`` ``[B·T, B·T]`` (dense weights and biases of the slot).
+
+        Raises:
+            MemoryError: a Gram matrix over ``GRAM_LIMIT`` entries.
+            ValueError: a weight that writes two slots.
+        """
         return {s: self._gram_of(v[0]) for s, v in self._stats().items()}
 
     def trace(self) -> float:
-        """Exact ``tr K = Σ_s R_s ‖Ũ_s‖_F² + Σ_{elementwise W} ‖d_W‖²``."""
+        """Exact trace (no probes).
+
+        Returns:
+            ``tr K = Σ_s R_s ‖Ũ_s‖_F² + Σ_{elementwise W} ‖d_W‖²``.
+
+        Raises:
+            ValueError: a weight that writes two slots.
+        """
         total = 0.0
         for Ut, diag, R in self._stats().values():
             total += R * float((Ut ** 2).sum()) + sum(float((D ** 2).sum()) for D in diag)
         return total
 
     def frobenius_norm(self) -> float:
-        """Exact ``‖K‖_F``: per slot ``R ‖ŨᵀŨ‖² + 2 Σ_W ‖Ũᵀ d_W‖² + Σ_r ‖Σ_W d_{W,r} d_{W,r}ᵀ‖²`` — contracted on
-        the smaller side (``‖Ũ Ũᵀ‖_F = ‖Ũᵀ Ũ‖_F``), O(N C²) per slot and no N×N matrix."""
+        """Exact Frobenius norm (no probes).
+
+        Per slot ``R ‖ŨᵀŨ‖² + 2 Σ_W ‖Ũᵀ d_W‖² + Σ_r ‖Σ_W d_{W,r} d_{W,r}ᵀ‖²``, contracted on the smaller side
+        (``‖Ũ Ũᵀ‖_F = ‖Ũᵀ Ũ‖_F``): O(N C²) per slot and no N×N matrix.
+
+        Returns:
+            ``‖K‖_F``.
+
+        Raises:
+            ValueError: a weight that writes two slots.
+        """
         total = 0.0
         for Ut, diag, R in self._stats().values():
             small = Ut.T @ Ut if Ut.shape[1] <= Ut.shape[0] else Ut @ Ut.T
@@ -678,13 +761,24 @@ class SiteKroneckerCore:
         return math.sqrt(max(total, 0.0))
 
     def effective_rank(self) -> float:
-        """Exact participation ratio ``tr(K)² / ‖K‖_F²``."""
+        """Exact participation ratio.
+
+        Returns:
+            ``tr(K)² / ‖K‖_F²`` (0 for ``K = 0``).
+        """
         fro = self.frobenius_norm()
         return self.trace() ** 2 / fro ** 2 if fro > 0 else 0.0
 
     def temporal_gram(self) -> torch.Tensor:
-        """The exact position ("temporal"/token) view of ``K``: ``Σ_s (R_s G_s + Σ_W d_W d_Wᵀ)`` ``[B·T, B·T]``,
-        equal to ``kpflow.operators.view(K, "temporal")`` as a matrix."""
+        """The exact position ("temporal"/token) view of ``K``.
+
+        Returns:
+            ``Σ_s (R_s G_s + Σ_W d_W d_Wᵀ)`` ``[B·T, B·T]``, equal to ``kpflow.operators.view(K, "temporal")``
+            as a matrix.
+
+        Raises:
+            MemoryError: a Gram matrix over ``GRAM_LIMIT`` entries.
+        """
         out = None
         for Ut, diag, R in self._stats().values():
             G = self._gram_of(Ut)
@@ -693,7 +787,14 @@ class SiteKroneckerCore:
         return out
 
     def rank_bound(self, rtol: float | None = None) -> int:
-        """``rank K ≤ min(Σ_s rank(Ũ_s) R_s + Σ_{elementwise W} #W, #parameters, dim of the joint state)``."""
+        """Upper bound on the rank of ``K``.
+
+        Args:
+            rtol: relative tolerance passed to ``torch.linalg.matrix_rank`` (None: its default).
+
+        Returns:
+            ``min(Σ_s rank(Ũ_s) R_s + Σ_{elementwise W} R_s, #parameters, dim of the joint state)``.
+        """
         bound = 0
         for Ut, diag, R in self._stats().values():
             bound += (int(torch.linalg.matrix_rank(Ut, rtol=rtol)) if Ut.shape[1] else 0) * R + len(diag) * R
@@ -718,7 +819,16 @@ class SiteKroneckerKernel(LinearOperator):
 
 # ----------------------------------------------------------------------------- constructors
 def site_kronecker_core(traj: SiteTrajectory, param_names=None, contraction: str = "auto") -> SiteKroneckerCore:
-    """The exact Kronecker core of ``K`` (cached on the trajectory per parameter subset and contraction)."""
+    """The exact Kronecker core of ``K`` (cached on the trajectory per parameter subset and contraction).
+
+    Args:
+        traj: the site trajectory.
+        param_names: the weights included (None: the trajectory's).
+        contraction: ``"auto"``, ``"gram"`` or ``"factored"`` (see ``SiteKroneckerCore``).
+
+    Returns:
+        The ``SiteKroneckerCore``.
+    """
     key = ("site_core", _resolve(traj.model, traj.param_names if param_names is None else param_names), contraction)
     core = traj.cache.get(key)
     if core is None:
@@ -727,18 +837,45 @@ def site_kronecker_core(traj: SiteTrajectory, param_names=None, contraction: str
 
 
 def site_propagator(traj: SiteTrajectory, path: str = "auto") -> JointPropagator:
-    """``C P``: joint perturbations -> visible states (``.T`` is ``P* C*``)."""
+    """``C P``: joint perturbations -> visible states (``.T`` is ``P* C*``).
+
+    Args:
+        traj: the site trajectory.
+        path: ``"fold"``, ``"vmap"`` or ``"auto"`` (see ``JointPropagator``).
+
+    Returns:
+        The ``JointPropagator`` with ``visible=True``.
+    """
     return JointPropagator(traj, visible=True, path=path)
 
 
 def joint_propagator(traj: SiteTrajectory, path: str = "auto") -> JointPropagator:
-    """``P = (∂Φ/∂h)⁻¹`` on the joint state."""
+    """``P = (∂Φ/∂h)⁻¹`` on the joint state.
+
+    Args:
+        traj: the site trajectory.
+        path: ``"fold"``, ``"vmap"`` or ``"auto"`` (see ``JointPropagator``).
+
+    Returns:
+        The ``JointPropagator`` (joint -> joint).
+    """
     return JointPropagator(traj, visible=False, path=path)
 
 
 def site_parameter_operator(traj: SiteTrajectory, param_names=None, backend: str = "auto") -> LinearOperator:
-    """``K`` on the joint state: through the Kronecker core (``"auto"``/``"kronecker"``) or as ``Jθ Jθ*`` by
-    autodiff (``"autodiff"``)."""
+    """``K = Jθ Jθ*`` on the joint state.
+
+    Args:
+        traj: the site trajectory.
+        param_names: the weights included (None: the trajectory's).
+        backend: ``"auto"``/``"kronecker"`` (through the Kronecker core) or ``"autodiff"`` (``Jθ @ Jθ.T``).
+
+    Returns:
+        The PSD operator on ``[B, T, Hj]``.
+
+    Raises:
+        ValueError: an unknown backend.
+    """
     if backend == "autodiff":
         J = SiteParamJacobian(traj, param_names, "autodiff")
         return J @ J.T
