@@ -5,8 +5,8 @@ Setting: a small GPT-2 (Hugging Face ``GPT2LMHeadModel`` through ``kpflow.models
 2 heads, MLP 64, float32) trained on next-token prediction over a corpus the code generates (seeded
 sentences of a small grammar, character tokens). The output scale α sets the regime (Chizat, Oyallon &
 Bach 2019, "lazy training"): the trained model is ``α (f_θ − f_θ₀)`` with loss ``CE / α²`` and plain SGD at
-one learning rate, so that the function moves at the same initial rate for every α while the parameters
-move ∝ 1/α. Rich: α = 1; lazy: α = 100. After training, the hidden-state NTK ``Θ_T = J_T J_T*`` (``J =
+one learning rate (``LR`` = 0.3), so that the function moves at the same initial rate for every α while the
+parameters move ∝ 1/α. Rich: α = 1; lazy: α = 100. After training, the hidden-state NTK ``Θ_T = J_T J_T*`` (``J =
 ∂h/∂θ``, the hidden states of every layer on a fixed evaluation batch) is compared with ``Θ_0`` by
 ``cos(Θ_0, Θ_T)`` (``factor_alignment``: VJPs only, jackknife standard error).
 
@@ -37,6 +37,10 @@ from .registry import Claim, all_of, column, register_claim, threshold_verdict
 
 ALPHAS = {"rich": 1.0, "lazy": 100.0}
 THRESHOLD = 0.05  # cos_lazy − cos_rich
+# SGD learning rate of both regimes. Changed from 1.0 after the first two quick runs (before any verdict was
+# computed over seeds): at 1.0 the rich run of seed 1 diverged (non-finite weights) and the lazy run of seed 0
+# raised its held-out cross-entropy; 0.3 was chosen for stability, not for the effect (seed 0 at 1.0: 0.98)
+LR = 0.3
 N_DISTILL = 4  # training windows the student sees
 SKETCH = 8  # random directions of the sketched NTK alignment
 LAMBDA = 1.0  # weight of the alignment regulariser
@@ -141,7 +145,7 @@ def measure_rich_lazy(seed: int, size: str) -> dict:
     out = {"steps": steps, "vocab": len(tok), "parameters": sum(p.numel() for p in hf0.parameters())}
     for regime, alpha in ALPHAS.items():
         hf = copy.deepcopy(hf0)
-        first, last = _train(hf, alpha, ids, steps, lr=1.0, batch=batch, length=length, seed=seed)
+        first, last = _train(hf, alpha, ids, steps, lr=LR, batch=batch, length=length, seed=seed)
         JT = hidden_jacobian(record(HFLanguageModel(hf.eval()), evalb))
         cos = factor_alignment(J0, JT, 4 * pairs, seed=40_000 + seed)
         with torch.no_grad():
@@ -151,6 +155,7 @@ def measure_rich_lazy(seed: int, size: str) -> dict:
                 f"{regime}_ce_first": first, f"{regime}_ce_last": last, f"{regime}_param_distance": moved}
     out["effect"] = out["lazy_cos"] - out["rich_cos"]
     out["rich_ce_drop"] = out["rich_ce_first"] - out["rich_ce_last"]
+    out["lazy_ce_drop"] = out["lazy_ce_first"] - out["lazy_ce_last"]
     return out
 
 
@@ -171,7 +176,7 @@ register_claim(Claim(
               f"the rich run lowered the held-out cross-entropy by more than {LOSS_DROP:g} nats",
     measure=measure_rich_lazy, verdict=verdict_rich_lazy,
     setting="Hugging Face GPT-2, 2 layers × d_model 32, generated grammar corpus (character tokens), windows of 24 "
-            "tokens, batch 8, SGD lr 1 on CE(α(f−f₀))/α², 150 (quick) / 600 (full) steps; alignment on 2 × 12 "
+            "tokens, batch 8, SGD lr 0.3 on CE(α(f−f₀))/α², 150 (quick) / 600 (full) steps; alignment on 2 × 12 "
             "tokens with 12 (quick) / 30 (full) probe pairs; float32",
     seeds=3, quick_seeds=3,
 ))
