@@ -88,7 +88,8 @@ def test_composition(s1, s2, s3, seed):
     compare_operator(C.T, (MA @ MB).T, seed=seed)
 
 
-@given(shapes, shapes, seeds, st.floats(-3, 3, allow_nan=False))
+# scales below 1e-100 (subnormals included) make c·M underflow, where relative comparisons mean nothing
+@given(shapes, shapes, seeds, st.floats(-3, 3, allow_nan=False).filter(lambda c: c == 0 or abs(c) > 1e-100))
 def test_sum_difference_scale_neg(si, so, seed, c):
     A, MA = dense(si, so, seed)
     B, MB = dense(si, so, seed + 3)
