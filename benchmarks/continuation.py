@@ -40,6 +40,7 @@ from kpflow.dynamics import (
     normal_form,
     parameter_path,
 )
+from kpflow.files import atomic_write_text
 from kpflow.models import GRU
 from kpflow.models.base import RecurrentModel
 
@@ -166,7 +167,7 @@ def main(argv=None) -> dict:
     results |= gru_timing(H, rounds, g_range)
     payload = {"results": results, "normal_forms": rows, "quick": args.quick, "torch": torch.__version__,
                "python": sys.version.split()[0], "platform": platform.platform(), "threads": torch.get_num_threads()}
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    atomic_write_text(out, json.dumps(payload, indent=2) + "\n")
     for k, v in results.items():
         if isinstance(v, float):
             print(f"{k}={v:.3g}")

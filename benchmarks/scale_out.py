@@ -52,6 +52,7 @@ import yaml
 
 from kpflow.experiments.distributed import local_cluster, run_tasks
 from kpflow.experiments.pipeline import study_task, sweep_configs
+from kpflow.files import atomic_write_text
 from kpflow.training import validate_config
 
 HERE = Path(__file__).resolve().parent
@@ -211,8 +212,7 @@ def main(argv=None) -> dict:
     results |= sharded(32 if args.quick else 96)
     results |= {"load_average_start": load0, "load_average_end": os.getloadavg()[0], "cores": os.cpu_count(),
                 "torch": torch.__version__, "python": platform.python_version(), "quick": bool(args.quick)}
-    out.write_text(json.dumps(results, indent=1) + "\n")
-    os.chmod(out, 0o644)
+    atomic_write_text(out, json.dumps(results, indent=1) + "\n")
     for k, v in results.items():
         print(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
     return results

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from kpflow.estimators import ConvergenceWarning, top_eigenpairs
+from kpflow.files import atomic_write_text
 from kpflow.operators import DenseOperator
 
 DT = torch.float64
@@ -87,7 +88,7 @@ def main() -> None:
                       f"converged={row['n_converged']}/{args.k} matvecs={row['matvecs']:5d} "
                       f"t={row['median_seconds']:.3f}s honest={row['honest']}")
     out = pathlib.Path(__file__).with_suffix(".json")
-    out.write_text(json.dumps({"n": n, "k": args.k, "rounds": rounds, "rows": rows}, indent=1))
+    atomic_write_text(out, json.dumps({"n": n, "k": args.k, "rounds": rounds, "rows": rows}, indent=1))
     lan = [r for r in rows if r["method"] == "lanczos"]
     ran = [r for r in rows if r["method"] == "randomized"]
     print(f"honest_runs={sum(r['honest'] for r in rows)}/{len(rows)}")

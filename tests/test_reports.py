@@ -159,6 +159,28 @@ def _legends_clear_of_the_data(fig) -> list[str]:
             if ax.get_legend() is not None and ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())]
 
 
+def test_nothing_drawn_falls_outside_the_saved_figure(tmp_path, monkeypatch):
+    # the figures are saved without bbox_inches="tight" (one layout pass): every artist, the legends outside
+    # the axes included, must lie inside the figure the layout engine filled
+    import kpflow.experiments.pipeline  # noqa: F401  (the sweep figures use the same save_figure)
+
+    outside = {}
+    save = F._save
+
+    def capture(fig, folder, stem):
+        path = save(fig, folder, stem)  # saved first: the layout is the one written to disk
+        box, page = fig.get_tightbbox(), fig.bbox_inches
+        outside[stem] = [round(v, 3) for v in (box.x0, box.y0, page.x1 - box.x1, page.y1 - box.y1) if v < -0.01]
+        return path
+
+    monkeypatch.setattr(F, "_save", capture)
+    run_figures(rows(), [(1, 1.0), (2, 0.5)], tmp_path, dims=DIMS)
+    assert set(outside) >= {"training", "effective_ranks", "axis_effective_ranks", "trace_and_norm", "alignments",
+                            "interference"}
+    assert {stem: v for stem, v in outside.items() if v} == {}
+    assert all((tmp_path / f"{stem}.svg").stat().st_size > 0 for stem in outside)
+
+
 def test_legends_do_not_cover_the_data(tmp_path, monkeypatch):
     # defect: the bifurcation report's legends overlapped the data (and so did the run report's)
     import kpflow.experiments.bifurcation as bif

@@ -86,12 +86,26 @@ def series(rows: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def save_figure(fig, folder: Path, stem: str) -> Path:
-    """PNG and SVG of ``fig`` (made with ``layout="constrained"``, so panels, labels and the legends outside
-    the data do not overlap; the saved box is cropped to what was drawn)."""
+    """Write ``fig`` as PNG and SVG and close it.
+
+    The figure is made with ``layout="constrained"``, which places panels, labels and the legends outside
+    the data inside the figure; that layout is computed once, for the PNG, and kept for the SVG (the engine
+    is frozen after the first draw). Without ``bbox_inches="tight"`` each file is drawn once instead of
+    twice: together a third of the time of a small run's report was spent laying out figures again.
+
+    Args:
+        fig: a matplotlib figure with the constrained layout engine.
+        folder: where the files go (created).
+        stem: the file name without suffix.
+
+    Returns:
+        The PNG's path (the SVG lies beside it).
+    """
     folder.mkdir(parents=True, exist_ok=True)
     png = folder / f"{stem}.png"
-    fig.savefig(png, dpi=110, bbox_inches="tight")
-    fig.savefig(folder / f"{stem}.svg", bbox_inches="tight")
+    fig.savefig(png, dpi=110)
+    fig.set_layout_engine("none")  # keep the layout just computed; text sizes are in points, so it holds at any dpi
+    fig.savefig(folder / f"{stem}.svg")
     _plt().close(fig)
     return png
 
@@ -199,6 +213,7 @@ def figure_interference(rows, folder: Path) -> Path | None:
     n = len(names)
     picks = [steps[0], steps[len(steps) // 2], steps[-1]] if len(steps) >= 3 else steps
     fig, axes = plt.subplots(1, len(picks), figsize=(4.2 * len(picks), 3.8), squeeze=False, layout="constrained")
+    fig.get_layout_engine().set(h_pad=0.1)  # the constrained layout under-counts the rotated tick labels by ~0.02 in
     for ax, step in zip(axes[0], picks, strict=True):
         M = np.full((n, n), np.nan)
         for r in inter:
@@ -206,7 +221,7 @@ def figure_interference(rows, folder: Path) -> Path | None:
                 a, b = r["metric"][len("interference["):-1].split(",")
                 M[names.index(a), names.index(b)] = r["value"]
         im = ax.imshow(M, vmin=-1, vmax=1, cmap="RdBu_r")
-        ax.set_xticks(range(n), names, rotation=45, ha="right", fontsize=7)
+        ax.set_xticks(range(n), names, rotation=45, ha="right", rotation_mode="anchor", fontsize=7)
         ax.set_yticks(range(n), names, fontsize=7)
         ax.set_title(f"step {step}: cos(δz_i←j, δz_i←i)", fontsize=9)
         ax.set_xlabel("task j (whose error drives the change)", fontsize=8)
