@@ -1,0 +1,125 @@
+"""The fast paths of the built-in cells against their torch.func references, in float64, on random shapes.
+
+* ``K`` through the Kronecker core (gate groups, both contractions ``G Z`` and ``U (Uᵀ Z)``, probes in
+  column blocks) against ``Jθ Jθ*`` with ``Jθ`` from ``torch.func.jacrev`` of the step at every site, and
+  against ``parameter_operator(backend="autodiff")``.
+* ``P``/``P*`` on the coefficient path against ``path="jvp"`` and against the jacrev Jacobian of the unroll.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import jacrev
+
+from kpflow.kernels import kronecker, kronecker_core, ntk, parameter_operator, propagator, record
+from kpflow.models import GRU, LSTM, LeakyRNN, VanillaRNN
+
+DT = torch.float64
+CELLS = ("rnn", "leaky_current", "leaky_rate", "gru", "lstm")
+
+
+def _model(name: str, I: int, H: int, seed: int):
+    torch.manual_seed(seed)
+    kw = dict(dtype=DT)
+    m = {"rnn": lambda: VanillaRNN(I, H, 2, gain=1.3, **kw),
+         "leaky_current": lambda: LeakyRNN(I, H, 2, dt=0.3, form="current", gain=1.5, **kw),
+         "leaky_rate": lambda: LeakyRNN(I, H, 2, dt=0.3, form="rate", gain=1.5, **kw),
+         "gru": lambda: GRU(I, H, 2, **kw),
+         "lstm": lambda: LSTM(I, H, 2, **kw)}[name]()
+    with torch.no_grad():
+        for k, p in m.named_parameters():
+            if k.endswith("b") or "bias" in k:
+                p.normal_(0, 0.3)
+    return m
+
+
+def _traj(name, B, T, I, H, seed):
+    m = _model(name, I, H, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    x = torch.randn(B, T, I, generator=g, dtype=DT)
+    z0 = 0.5 * torch.randn(B, m.state_dim, generator=g, dtype=DT)
+    return m, record(m, x, z0)
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _site_jacobian(traj, names):
+    """``Jθ`` ``[N·H, n_params]`` by jacrev of the step at all sites (previous states held fixed)."""
+    zp, x = traj.sites()
+    p = traj.params
+    sizes = [p[n].numel() for n in names]
+
+    def f(theta):
+        parts = {n: t.reshape(p[n].shape) for n, t in zip(names, theta.split(sizes), strict=True)}
+        return traj.model.step({**p, **parts}, zp, x).reshape(-1)
+
+    return jacrev(f)(torch.cat([p[n].reshape(-1) for n in names]))
+
+
+def _shapes(seed):
+    g = torch.Generator().manual_seed(seed)
+    B, T, I = (int(torch.randint(1, 4, (), generator=g)), int(torch.randint(2, 7, (), generator=g)),
+               int(torch.randint(1, 4, (), generator=g)))
+    H = int(torch.randint(2, 7, (), generator=g))
+    return B, T, I, H
+
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kronecker_apply_matches_jacrev_and_autodiff(name, seed, monkeypatch):
+    B, T, I, H = _shapes(seed)
+    # the two contractions: the Gram form needs N = B·T < 2·C, C = H + 1 for the recurrent slot
+    monkeypatch.setattr(kronecker, "CPU_COLUMNS", 2 * H)  # U = H: 5 probes in blocks of 2, 2, 1
+    for BT in ((B, T), (1, 2)):
+        m, traj = _traj(name, *BT, I, H, seed)
+        names = list(traj.param_names)
+        subsets = [names, [n for n in names if n.startswith("W") or n == "weight_hh"]]
+        for sub in subsets:
+            core = kronecker_core(traj, sub)
+            assert core.structured
+            J = _site_jacobian(traj, sub)
+            Kref = J @ J.T
+            Kk = core.operator().to_matrix()
+            assert _rel(Kk, Kref) < 1e-12, (name, BT, sub)
+            assert _rel(Kk, parameter_operator(traj, sub, backend="autodiff").to_matrix()) < 1e-12
+            # probes: the batched apply equals the matrix (and the adjoint, K being symmetric)
+            Y = torch.randn(5, *traj.shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
+            got = core.apply(Y).reshape(5, -1)
+            assert _rel(got, Y.reshape(5, -1) @ Kref.T) < 1e-12
+    if name == "gru":  # the r and z gates of ih and hh share their coefficients: 4 contractions, not 6
+        assert len(kronecker_core(traj)._gate_groups()) == 4
+        assert len(kronecker_core(traj, ["weight_hh"])._gate_groups()) == 3
+
+
+@pytest.mark.parametrize("name", CELLS)
+@pytest.mark.parametrize("seed", [0, 3])
+def test_coefficient_propagator_matches_jvp_and_jacrev(name, seed):
+    B, T, I, H = _shapes(seed)
+    m, traj = _traj(name, B, T, I, H, seed)
+    n = traj.states.numel()
+    Pc, Pj = propagator(traj, path="coefficients"), propagator(traj, path="jvp")
+    Q = torch.randn(4, *traj.shape, dtype=DT, generator=torch.Generator().manual_seed(seed))
+    assert _rel(Pc.matmat(Q), Pj.matmat(Q)) < 1e-12
+    assert _rel(Pc.T.matmat(Q), Pj.T.matmat(Q)) < 1e-12
+    assert Pc.last_path == "coefficients" and Pj.last_path == "jvp"
+    # the reference: P = dz/dq of the unroll with an additive perturbation q_t of every step
+    x, z0 = traj.inputs, traj.z0
+
+    def unroll_q(q):
+        z, out = z0, []
+        for t in range(T):
+            z = m.step(traj.params, z, x[:, t]) + q[:, t]
+            out.append(z)
+        return torch.stack(out, 1).reshape(-1)
+
+    Pref = jacrev(unroll_q)(torch.zeros(traj.shape, dtype=DT))
+    assert _rel(Pc.to_matrix(), Pref.reshape(n, n)) < 1e-12
+    assert _rel(Pc.T.to_matrix(), Pref.reshape(n, n).T) < 1e-12
+    # Θ with the public defaults equals P Jθ Jθ* P*
+    J = _site_jacobian(traj, list(traj.param_names))
+    Pm = Pref.reshape(n, n)
+    ref = Pm @ J @ J.T @ Pm.T
+    assert _rel(ntk(traj).to_matrix(), ref) < 1e-11
