@@ -123,3 +123,22 @@ def test_coefficient_propagator_matches_jvp_and_jacrev(name, seed):
     Pm = Pref.reshape(n, n)
     ref = Pm @ J @ J.T @ Pm.T
     assert _rel(ntk(traj).to_matrix(), ref) < 1e-11
+
+
+def test_default_path_needs_no_torch_func_warm_up():
+    """record + Θ with the public defaults on the built-in cells use no torch.func transform and no
+    grad_outputs tensor: their first use imports torch._dynamo / sympy (~1.5 s), 50x one forward pass."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from kpflow.kernels import ntk, record\n"
+        "from kpflow.models import GRU, LSTM, LeakyRNN, VanillaRNN\n"
+        "for m in (GRU(2, 4), LSTM(2, 3), VanillaRNN(2, 4), LeakyRNN(2, 4)):\n"
+        "    traj = record(m, torch.randn(2, 3, 2), targets=torch.randn(2, 3, 1))\n"
+        "    ntk(traj).matmat(torch.randn(2, *traj.shape))\n"
+        "print(sorted(k for k in ('torch._dynamo', 'sympy') if k in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

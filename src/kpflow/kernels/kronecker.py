@@ -18,9 +18,10 @@ and ``K = Σ_W K_W``. Weights sharing a slot share ``M_s``, so ``K = Σ_s M_s (G
 ``M`` is *unit-structured* for all four built-in cells: output unit j at a site depends only on the
 entries j of each gate block of the slots (vanilla/leaky RNN: one block, M diagonal; GRU: gates r, z,
 n; LSTM: gates i, f, g, o feeding h and c). The core then stores the per-site, per-unit coefficients
-``D_s[n, o, g, j] = ∂z_{n, o·U + j} / ∂a_{s, n, g·U + j}`` (read off with one JVP per gate block and
-verified against a random JVP), so ``M``/``M*`` are a few elementwise products and the exact scalars
-cost O(N² · gates² · U). Cells without this structure fall back to JVP/VJP of ``post``.
+``D_s[n, o, g, j] = ∂z_{n, o·U + j} / ∂a_{s, n, g·U + j}`` (``linearization.post_coefficients``: read off
+with one reverse-mode pass per output block and verified with a random cotangent), so ``M``/``M*`` are a
+few elementwise products and the exact scalars cost O(N² · gates² · U).
+Cells without this structure fall back to JVP/VJP of ``post``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch.func import jvp, vjp, vmap
 from kpflow.models.cells import AffineRecurrentModel
 from kpflow.operators import LinearOperator
 
-from .linearization import apply_units, apply_units_adjoint, repeat_probes, unit_coefficients
+from .linearization import apply_units, apply_units_adjoint, post_coefficients, repeat_probes
 from .trajectory import Trajectory, resolve_param_names
 
 #: Columns (probes × units) per contraction of a K apply on the CPU: the site matmuls ``U (Uᵀ Z)`` run
@@ -92,12 +93,16 @@ class KroneckerCore:
             self.slots.setdefault(slot, []).append(name)
         all_sizes = model.slot_sizes()
         self.slot_sizes = {s: all_sizes[s] for s in self.slots}
-        with torch.no_grad():
-            self._slot_values = {k: v.detach() for k, v in model.slots(traj.params, zp, x).items()}
         self._U = {s: torch.cat([self.site_variables[n] for n in names], 1) for s, names in self.slots.items()}
         self._G: dict = {}
         self._groups = None
-        self._D = self._unit_coefficients()
+        self._D = None
+        if int(model.unit_size()) > 0:  # the coefficients of the step linearization (one extraction, shared)
+            self._slot_values, D, _ = post_coefficients(traj)
+            self._D = {s: D[s] for s in self.slots}
+        else:
+            with torch.no_grad():
+                self._slot_values = {k: v.detach() for k, v in model.slots(traj.params, zp, x).items()}
         self.structured = self._D is not None
 
     # ------------------------------------------------------------------ M and M*
@@ -106,32 +111,6 @@ class KroneckerCore:
 
     def _primal(self):
         return {s: self._slot_values[s] for s in self.slots}
-
-    def _unit_coefficients(self) -> dict[str, torch.Tensor] | None:
-        """``{slot: D_s [N, O_b, G_s, U]}`` for a cell that declares ``unit_size() > 0`` (verified), else None.
-
-        The coefficients come from ``linearization.unit_coefficients`` (one JVP per gate block of each
-        included slot, checked against one random JVP), the same extraction the step linearization uses.
-
-        Returns:
-            ``{slot: D_s}`` with ``D_s[n, o, g, j] = ∂post_{o·U+j}/∂a_{s, g·U+j}`` at site n, or None for a
-            cell that declares ``unit_size() = 0``.
-
-        Raises:
-            ValueError: the declared unit structure does not fit the sizes or a random JVP contradicts it.
-        """
-        model = self.traj.model
-        U = int(model.unit_size())
-        if U <= 0:
-            return None
-        if self.H % U or any(R % U for R in self.slot_sizes.values()):
-            raise ValueError(f"{type(model).__name__} declares unit_size()={U}, which does not divide the state "
-                             f"({self.H}) and the slots ({self.slot_sizes}); declare unit_size() = 0")
-        D = unit_coefficients(self._post, self._primal(), self.slot_sizes, self.N, self.H, U)
-        if D is None:
-            raise ValueError(f"{type(model).__name__} declares unit_size()={U}, but a random JVP of its post disagrees "
-                             "with the unit coefficients: its output units read other units; declare unit_size() = 0")
-        return D
 
     def M(self, Z: dict[str, torch.Tensor]) -> torch.Tensor:
         """``Σ_s M_s Z_s``: the per-site Jacobian of ``post`` with respect to the slots, applied to tangents.

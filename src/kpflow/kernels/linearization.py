@@ -7,12 +7,15 @@ entries j of each gate block of the slots and of ``z_{t-1}``. Hence
     ``A_t v = Σ_s D_s ⊙ (Σ_{W→s} W (∂u_W/∂z) v)  +  E ⊙ v``
 
 with per-site, per-unit coefficients ``D_s = ∂post/∂a_s`` ``[N, O_b, G_s, U]`` and
-``E = ∂post/∂z_prev`` ``[N, O_b, O_b, U]`` read off once with one JVP per gate block (and checked
-against a random JVP). Applying ``A`` or ``Aᵀ`` is then one matmul per weight plus a few elementwise
-products; the site variables (``z``, ``φ(z)``, a slice of z) are differentiated with a cheap JVP/VJP.
+``E = ∂post/∂z_prev`` ``[N, O_b, O_b, U]`` read off once with one reverse-mode pass per output block
+(and checked with a random cotangent); the state site variables (``z``, ``φ(z)``, the h half of the LSTM
+state) get coefficients ``F_u = ∂u/∂z`` the same way. Applying ``A`` or ``Aᵀ`` is then one matmul per weight
+plus a few elementwise products, with no autodiff.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch.func import jvp, vjp
@@ -39,8 +42,13 @@ def repeat_probes(t: torch.Tensor, k: int) -> torch.Tensor:
 def unit_coefficients(fn, primal: torch.Tensor | dict, sizes: dict | int, N: int, H: int, U: int):
     """Per-unit coefficients of a unit-structured linear map ``d fn`` at ``primal``.
 
-    The coefficients are read off with one JVP per gate block (a one-hot tangent on block g of slot s)
-    and checked against one random JVP (relative error ≤ 1e-6, seed 0).
+    For a unit-structured map (output unit j of every U-wide block reads only entry j of every U-wide input
+    block) the gradient of output block o (cotangent 1 on its U entries at every site) is, at input entry
+    ``g·U + j``, exactly ``C[n, o, g, j]``. So the coefficients are read off with one reverse-mode pass per
+    *output* block (one for the GRU, vanilla and leaky RNN, two for the LSTM), with plain ``torch.autograd``
+    (no ``torch.func`` transform, whose first use costs an import of ``torch._dynamo``), and checked against
+    one more pass with a random cotangent (relative error ≤ 1e-6, seed 0): ``Jᵀ y = Cᵀ y`` for random ``y``
+    holds with probability one only if ``J = C``.
 
     Args:
         fn: maps a dict of ``[N, R_s]`` tensors (or one ``[N, R]`` tensor) to ``[N, H]``.
@@ -48,37 +56,83 @@ def unit_coefficients(fn, primal: torch.Tensor | dict, sizes: dict | int, N: int
         sizes: ``{s: R_s}`` (or one ``R``) widths of the inputs.
         N: number of sites.
         H: output width.
-        U: unit size (the output unit j of each block reads only entries j of each input block).
+        U: unit size.
 
     Returns:
         ``{s: C_s [N, H/U, R_s/U, U]}`` (or one tensor) with ``out[n, o·U + j] = Σ_{s,g} C_s[n, o, g, j] ·
-        in_s[n, g·U + j]``, or None when ``U ≤ 0``, U does not divide the sizes, or the random JVP disagrees.
+        in_s[n, g·U + j]``, or None when ``U ≤ 0``, U does not divide the sizes, or the random check disagrees.
     """
     single = not isinstance(primal, dict)
     prim = {"_": primal} if single else primal
     sz = {"_": sizes} if single else sizes
     if U <= 0 or H % U or any(R % U for R in sz.values()):
         return None
-
-    def f(d):
-        return fn(d["_"]) if single else fn(d)
-
     Ob = H // U
-    C = {}
-    for s, R in sz.items():
-        cols = []
-        for g in range(R // U):
-            t = {q: torch.zeros_like(v) for q, v in prim.items()}
-            t[s][:, g * U:(g + 1) * U] = 1.0
-            cols.append(jvp(f, (prim,), (t,))[1].reshape(N, Ob, U))
-        C[s] = torch.stack(cols, 2).detach()
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    Z = {s: torch.randn(N, R, generator=gen, dtype=prim[s].dtype).to(prim[s].device) for s, R in sz.items()}
-    ref = jvp(f, (prim,), (Z,))[1]
-    got = apply_units(C, {s: z.unsqueeze(0) for s, z in Z.items()}, N, H)[0]
-    if float((got - ref).norm()) > 1e-6 * float(ref.norm().clamp_min(1e-30)):
+    names = list(prim)
+    with torch.enable_grad():
+        leaves = {q: v.detach().requires_grad_(True) for q, v in prim.items()}
+        out = fn(leaves["_"]) if single else fn(leaves)
+
+        def pull(cot):
+            # a scalar ⟨cot, out⟩ rather than grad_outputs=cot: autograd.grad's check of a grad_outputs tensor
+            # imports sympy (~0.6 s on first use); the gradient is the same
+            grads = torch.autograd.grad((out * cot).sum(), [leaves[q] for q in names], retain_graph=True,
+                                        allow_unused=True)
+            return {q: torch.zeros_like(leaves[q]) if g is None else g for q, g in zip(names, grads, strict=True)}
+
+        C = {q: torch.empty(N, Ob, sz[q] // U, U, dtype=out.dtype, device=out.device) for q in names}
+        for o in range(Ob):
+            cot = torch.zeros_like(out)
+            cot[:, o * U:(o + 1) * U] = 1.0
+            for q, g in pull(cot).items():
+                C[q][:, o] = g.reshape(N, -1, U)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        y = torch.randn(tuple(out.shape), generator=gen, dtype=out.dtype).to(out.device)
+        ref = pull(y)
+    got = apply_units_adjoint(C, y.unsqueeze(0), N)
+    err = sum(float((got[q][0] - ref[q]).norm()) ** 2 for q in names) ** 0.5
+    scale = sum(float(ref[q].norm()) ** 2 for q in names) ** 0.5
+    if not math.isfinite(err) or err > 1e-6 * max(scale, 1e-30):
         return None
     return C["_"] if single else C
+
+
+def post_coefficients(traj: Trajectory):
+    """``D_s = ∂post/∂a_s`` and ``E = ∂post/∂z_prev`` of an affine unit-structured cell at every site (cached).
+
+    One extraction per trajectory, shared by the step linearization (``A``) and the Kronecker core of ``K``.
+
+    Args:
+        traj: a recorded trajectory of an ``AffineRecurrentModel`` with ``unit_size() > 0``.
+
+    Returns:
+        ``(slots, D, E)``: the slot values ``{s: [N, R_s]}``, ``{s: [N, O_b, G_s, U]}`` and ``[N, O_b, O_b, U]``.
+
+    Raises:
+        ValueError: the declared unit size does not divide the state and slot sizes, or the random check of
+            ``unit_coefficients`` contradicts the declared structure.
+    """
+    if "post_coefficients" not in traj.cache:
+        model = traj.model
+        U = int(model.unit_size())
+        B, T, H = traj.shape
+        N = B * T
+        zp, x = traj.sites()
+        with torch.no_grad():
+            slots = {k: v.detach() for k, v in model.slots(traj.params, zp, x).items()}
+        sizes = {s: v.shape[1] for s, v in slots.items()}
+        if U <= 0 or H % U or any(R % U for R in sizes.values()):
+            raise ValueError(f"{type(model).__name__} declares unit_size()={U}, which does not divide the state "
+                             f"({H}) and the slots ({sizes}); declare unit_size() = 0")
+        both = unit_coefficients(lambda d: model.post({s: d[s] for s in slots}, d["__z_prev__"], x),
+                                 {**slots, "__z_prev__": zp}, {**sizes, "__z_prev__": H}, N, H, U)
+        if both is None:
+            raise ValueError(f"{type(model).__name__} declares unit_size()={U}, but its post is not unit-structured "
+                             f"with blocks of {U} (state {H}, slots {sizes}; a random check disagrees with the unit "
+                             "coefficients: its output units read other units): declare unit_size() = 0")
+        E = both.pop("__z_prev__")
+        traj.cache["post_coefficients"] = (slots, both, E)
+    return traj.cache["post_coefficients"]
 
 
 def apply_units(C: dict, Z: dict, N: int, H: int) -> torch.Tensor:
@@ -111,19 +165,26 @@ def apply_units_adjoint(C: dict, Y: torch.Tensor, N: int) -> dict:
 class StepLinearization:
     """``A`` of an affine-slot, unit-structured cell from stored coefficients (see module docstring).
 
-    ``StepLinearization.build(traj)`` returns None for cells without that structure; the operators
-    then fall back to JVP/VJP of the whole step.
+    ``A_t v = Σ_s D_s ⊙ (Σ_{W→s} W u̇_W) + E ⊙ v`` with ``u̇_W = (∂u_W/∂z) v``; the state site variables of the
+    built-in cells (``z``, ``φ(z)``, the ``h`` half of the LSTM state) are unit-structured in ``z`` too, so
+    ``∂u/∂z`` is stored as per-unit coefficients ``F_u`` as well and a step is one matmul per weight plus a few
+    elementwise products, with no autodiff. Site variables that are not unit-structured are differentiated with
+    a JVP/VJP per step. ``StepLinearization.build(traj)`` returns None for cells without unit structure; the
+    operators then fall back to JVP/VJP of the whole step.
     """
 
-    def __init__(self, traj: Trajectory, D: dict, E: torch.Tensor, zsites: tuple[str, ...]):
+    def __init__(self, traj: Trajectory, D: dict, E: torch.Tensor, zsites: tuple[str, ...], F: dict | None = None):
         B, T, H = traj.shape
         self.traj, self.B, self.T, self.H = traj, B, T, H
         self.D = {s: v.reshape(B, T, *v.shape[1:]) for s, v in D.items()}
         self.E = E.reshape(B, T, *E.shape[1:])
+        self.F = None if F is None else {s: v.reshape(B, T, *v.shape[1:]) for s, v in F.items()}
         self.zsites = zsites
         model = traj.model
         self.terms = [(name, slot, site) for name, (slot, site) in model.affine_terms.items() if site in zsites]
         self.prev = traj.prev_states
+        # the weights that act on state sites, transposed once: ``u̇ @ Wᵀ`` is then a plain row-major matmul
+        self._weights_T = {name: traj.params[name].T.contiguous() for name, _, _ in self.terms}
 
     @staticmethod
     def build(traj: Trajectory) -> StepLinearization | None:
@@ -137,7 +198,7 @@ class StepLinearization:
             declares ``unit_size() = 0``.
 
         Raises:
-            ValueError: a cell whose declared unit structure a random JVP contradicts, or whose
+            ValueError: a cell whose declared unit structure the random check contradicts, or whose
                 ``state_sites`` are not among its site variables.
         """
         from kpflow.models.cells import AffineRecurrentModel
@@ -149,21 +210,21 @@ class StepLinearization:
         B, T, H = traj.shape
         N = B * T
         zp, x = traj.sites()
+        _, D, E = post_coefficients(traj)
         with torch.no_grad():
-            slots = {k: v.detach() for k, v in model.slots(traj.params, zp, x).items()}
-        D = unit_coefficients(lambda a: model.post(a, zp, x), slots, {s: v.shape[1] for s, v in slots.items()},
-                              N, H, U)
-        E = None if D is None else unit_coefficients(lambda z: model.post(slots, z, x), zp, H, N, H, U)
-        if D is None or E is None:
-            raise ValueError(f"{type(model).__name__} declares unit_size()={U}, but its post is not unit-structured "
-                             f"with blocks of {U} (state {H}, slots {({s: v.shape[1] for s, v in slots.items()})}; a "
-                             "random JVP disagrees with the unit coefficients): declare unit_size() = 0")
-        names = set(model.site_variables(zp[:1], x[:1]))
+            u = model.site_variables(zp, x)
         zsites = tuple(model.state_sites)
-        if not zsites or not set(zsites) <= names:
+        if not zsites or not set(zsites) <= set(u):
             raise ValueError(f"{type(model).__name__}.state_sites = {zsites} must name the site variables that depend "
-                             f"on the previous state, among {sorted(names)}")
-        return StepLinearization(traj, D, E, zsites)
+                             f"on the previous state, among {sorted(u)}")
+        F = {}
+        for site in zsites:
+            F[site] = unit_coefficients(lambda z, site=site: model.site_variables(z, x)[site], zp, H, N,
+                                        u[site].shape[1], U)
+            if F[site] is None:  # not unit-structured in z: JVP/VJP of the site variables per step
+                F = None
+                break
+        return StepLinearization(traj, D, E, zsites, F)
 
     # ------------------------------------------------------------------ one time step (all trials)
     def _sites_fn(self, t: int, k: int):
@@ -181,23 +242,42 @@ class StepLinearization:
         return {s: v[:, t] for s, v in self.D.items()}, {"_": self.E[:, t]}
 
     def step(self, t: int, V: torch.Tensor) -> torch.Tensor:
-        """``A_t V`` for ``V`` ``[k, B, H]`` (site (b, t) for every trial b)."""
+        """``A_t V`` for ``V`` ``[k, B, H]`` (site (b, t) for every trial b).
+
+        Args:
+            t: the time step.
+            V: ``[k, B, H]``.
+
+        Returns:
+            ``[k, B, H]``.
+        """
         k, B, H = V.shape
-        params = self.traj.params
         D, E = self._coeffs(t)
-        udot = jvp(self._sites_fn(t, k), (repeat_probes(self.prev[:, t], k),), (V.reshape(k * B, H),))[1]
+        if self.F is not None:
+            udot = {s: apply_units({"_": F[:, t]}, {"_": V}, B, F.shape[2] * F.shape[4]).reshape(k * B, -1)
+                    for s, F in self.F.items()}
+        else:
+            udot = jvp(self._sites_fn(t, k), (repeat_probes(self.prev[:, t], k),), (V.reshape(k * B, H),))[1]
         adot = {}
         for name, slot, site in self.terms:
-            term = udot[site] @ params[name].T
-            adot[slot] = term if slot not in adot else adot[slot] + term
+            term = udot[site] @ self._weights_T[name]
+            adot[slot] = term if slot not in adot else adot[slot].add_(term)
         out = apply_units(E, {"_": V}, B, H)
         if adot:
-            out = out + apply_units({s: D[s] for s in adot}, {s: a.reshape(k, B, -1) for s, a in adot.items()},
-                                    B, H)
+            out = out.add_(apply_units({s: D[s] for s in adot}, {s: a.reshape(k, B, -1) for s, a in adot.items()},
+                                       B, H))
         return out
 
     def step_adjoint(self, t: int, Y: torch.Tensor) -> torch.Tensor:
-        """``A_tᵀ Y`` for ``Y`` ``[k, B, H]``."""
+        """``A_tᵀ Y`` for ``Y`` ``[k, B, H]``.
+
+        Args:
+            t: the time step.
+            Y: ``[k, B, H]``.
+
+        Returns:
+            ``[k, B, H]``.
+        """
         k, B, H = Y.shape
         params = self.traj.params
         D, E = self._coeffs(t)
@@ -205,15 +285,19 @@ class StepLinearization:
         ubar = {}
         for name, slot, site in self.terms:
             term = cot[slot].reshape(k * B, -1) @ params[name]
-            ubar[site] = term if site not in ubar else ubar[site] + term
+            ubar[site] = term if site not in ubar else ubar[site].add_(term)
         out = apply_units_adjoint(E, Y, B)["_"]
-        if ubar:
-            _, pullback = vjp(self._sites_fn(t, k), repeat_probes(self.prev[:, t], k))
-            full = {s: ubar.get(s, None) for s in self.zsites}
-            full = {s: (v if v is not None else torch.zeros(k * B, self._site_width(s), dtype=Y.dtype,
-                                                             device=Y.device)) for s, v in full.items()}
-            out = out + pullback(full)[0].reshape(k, B, H)
-        return out
+        if not ubar:
+            return out
+        if self.F is not None:
+            for s, v in ubar.items():
+                out = out.add_(apply_units_adjoint({"_": self.F[s][:, t]}, v.reshape(k, B, -1), B)["_"])
+            return out
+        _, pullback = vjp(self._sites_fn(t, k), repeat_probes(self.prev[:, t], k))
+        full = {s: ubar.get(s, None) for s in self.zsites}
+        full = {s: (v if v is not None else torch.zeros(k * B, self._site_width(s), dtype=Y.dtype,
+                                                         device=Y.device)) for s, v in full.items()}
+        return out + pullback(full)[0].reshape(k, B, H)
 
     def _site_width(self, site):
         zp, x = self.prev[:, 0], self.traj.inputs[:, 0]

@@ -303,7 +303,7 @@ class GRU(_TorchGated):
         r = torch.sigmoid(ai[:, :H] + ah[:, :H])
         z = torch.sigmoid(ai[:, H:2 * H] + ah[:, H:2 * H])
         n = torch.tanh(ai[:, 2 * H:] + r * ah[:, 2 * H:])
-        return (1 - z) * n + z * z_prev
+        return n + z * (z_prev - n)  # as torch.nn.GRUCell: (1 − z) n + z h
 
 
 class LSTM(_TorchGated):
