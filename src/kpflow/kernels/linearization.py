@@ -39,20 +39,25 @@ def repeat_probes(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.repeat(k, *([1] * (t.dim() - 1)))
 
 
+#: sites (spread evenly over the run) at which ``unit_coefficients`` checks the extracted coefficients
+CHECK_SITES = 64
+
+
 def unit_coefficients(fn, primal: torch.Tensor | dict, sizes: dict | int, N: int, H: int, U: int):
     """Per-unit coefficients of a unit-structured linear map ``d fn`` at ``primal``.
 
     For a unit-structured map (output unit j of every U-wide block reads only entry j of every U-wide input
-    block) the gradient of output block o (cotangent 1 on its U entries at every site) is, at input entry
-    ``g·U + j``, exactly ``C[n, o, g, j]``. So the coefficients are read off with one reverse-mode pass per
-    *output* block (one for the GRU, vanilla and leaky RNN, two for the LSTM), with plain ``torch.autograd``
-    (no ``torch.func`` transform, whose first use costs an import of ``torch._dynamo``), and checked against
-    one more pass with a random cotangent (relative error ≤ 1e-6, seed 0): ``Jᵀ y = Cᵀ y`` for random ``y``
-    holds with probability one only if ``J = C``.
+    block) the gradient of the sum of output block o is, at input entry ``g·U + j``, exactly ``C[n, o, g, j]``.
+    So the coefficients are read off with one reverse-mode pass per *output* block (one for the GRU, vanilla
+    and leaky RNN, two for the LSTM), with plain ``torch.autograd`` (no ``torch.func`` transform, whose first
+    use costs an import of ``torch._dynamo``). They are checked with a random cotangent ``y`` at
+    ``CHECK_SITES`` sites spread over the run (seed 0, relative error ≤ 1e-6): ``Jᵀ y = Cᵀ y`` for a random
+    ``y`` holds with probability one only if ``J = C`` there, which a map that mixes units violates.
 
     Args:
-        fn: maps a dict of ``[N, R_s]`` tensors (or one ``[N, R]`` tensor) to ``[N, H]``.
-        primal: the point of linearization, of the form ``fn`` takes.
+        fn: ``fn(inputs, rows)`` maps a dict of ``[n, R_s]`` tensors (or one ``[n, R]`` tensor) of the sites
+            ``rows`` (None: all N; else an index tensor) to ``[n, H]``, site by site.
+        primal: the point of linearization at all N sites, of the form ``fn`` takes.
         sizes: ``{s: R_s}`` (or one ``R``) widths of the inputs.
         N: number of sites.
         H: output width.
@@ -69,27 +74,30 @@ def unit_coefficients(fn, primal: torch.Tensor | dict, sizes: dict | int, N: int
         return None
     Ob = H // U
     names = list(prim)
+
+    def graph(rows):
+        leaves = {q: (v if rows is None else v[rows]).detach().requires_grad_(True) for q, v in prim.items()}
+        return leaves, fn(leaves["_"] if single else leaves, rows)
+
+    def pull(leaves, scalar):
+        # a scalar output rather than grad_outputs=cot: autograd.grad's check of a grad_outputs tensor imports
+        # sympy (~0.6 s on first use); the gradient is the same
+        grads = torch.autograd.grad(scalar, [leaves[q] for q in names], retain_graph=True, allow_unused=True)
+        return {q: torch.zeros_like(leaves[q]) if g is None else g for q, g in zip(names, grads, strict=True)}
+
     with torch.enable_grad():
-        leaves = {q: v.detach().requires_grad_(True) for q, v in prim.items()}
-        out = fn(leaves["_"]) if single else fn(leaves)
-
-        def pull(cot):
-            # a scalar ⟨cot, out⟩ rather than grad_outputs=cot: autograd.grad's check of a grad_outputs tensor
-            # imports sympy (~0.6 s on first use); the gradient is the same
-            grads = torch.autograd.grad((out * cot).sum(), [leaves[q] for q in names], retain_graph=True,
-                                        allow_unused=True)
-            return {q: torch.zeros_like(leaves[q]) if g is None else g for q, g in zip(names, grads, strict=True)}
-
+        leaves, out = graph(None)
         C = {q: torch.empty(N, Ob, sz[q] // U, U, dtype=out.dtype, device=out.device) for q in names}
         for o in range(Ob):
-            cot = torch.zeros_like(out)
-            cot[:, o * U:(o + 1) * U] = 1.0
-            for q, g in pull(cot).items():
+            for q, g in pull(leaves, out[:, o * U:(o + 1) * U].sum()).items():
                 C[q][:, o] = g.reshape(N, -1, U)
+        del leaves, out
+        rows = torch.linspace(0, N - 1, min(N, CHECK_SITES), device=C[names[0]].device).round().long().unique()
+        leaves, out = graph(rows)
         gen = torch.Generator(device="cpu").manual_seed(0)
         y = torch.randn(tuple(out.shape), generator=gen, dtype=out.dtype).to(out.device)
-        ref = pull(y)
-    got = apply_units_adjoint(C, y.unsqueeze(0), N)
+        ref = pull(leaves, (out * y).sum())
+    got = apply_units_adjoint({q: c[rows] for q, c in C.items()}, y.unsqueeze(0), len(rows))
     err = sum(float((got[q][0] - ref[q]).norm()) ** 2 for q in names) ** 0.5
     scale = sum(float(ref[q].norm()) ** 2 for q in names) ** 0.5
     if not math.isfinite(err) or err > 1e-6 * max(scale, 1e-30):
@@ -124,7 +132,8 @@ def post_coefficients(traj: Trajectory):
         if U <= 0 or H % U or any(R % U for R in sizes.values()):
             raise ValueError(f"{type(model).__name__} declares unit_size()={U}, which does not divide the state "
                              f"({H}) and the slots ({sizes}); declare unit_size() = 0")
-        both = unit_coefficients(lambda d: model.post({s: d[s] for s in slots}, d["__z_prev__"], x),
+        both = unit_coefficients(lambda d, rows: model.post({s: d[s] for s in slots}, d["__z_prev__"],
+                                                            x if rows is None else x[rows]),
                                  {**slots, "__z_prev__": zp}, {**sizes, "__z_prev__": H}, N, H, U)
         if both is None:
             raise ValueError(f"{type(model).__name__} declares unit_size()={U}, but its post is not unit-structured "
@@ -219,8 +228,8 @@ class StepLinearization:
                              f"on the previous state, among {sorted(u)}")
         F = {}
         for site in zsites:
-            F[site] = unit_coefficients(lambda z, site=site: model.site_variables(z, x)[site], zp, H, N,
-                                        u[site].shape[1], U)
+            F[site] = unit_coefficients(lambda z, rows, site=site: model.site_variables(
+                z, x if rows is None else x[rows])[site], zp, H, N, u[site].shape[1], U)
             if F[site] is None:  # not unit-structured in z: JVP/VJP of the site variables per step
                 F = None
                 break
