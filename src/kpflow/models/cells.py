@@ -75,7 +75,7 @@ class AffineRecurrentModel(RecurrentModel):
         entry j of every U-wide gate block of the slots and of ``z_prev`` — else 0 (the default).
 
         A cell that declares U > 0 gets per-site coefficient kernels for ``A`` and the Kronecker core's ``M``;
-        the declaration is verified once per trajectory with a random JVP and a wrong one is an error, never a
+        the declaration is verified once per trajectory with a random cotangent and a wrong one is an error, never a
         silent fallback. With 0 the operators use JVPs/VJPs of ``post``.
         """
         return 0
