@@ -151,9 +151,11 @@ def apply_units(C: dict, Z: dict, N: int, H: int) -> torch.Tensor:
         _, Ob, G, U = Cs.shape
         k = Z[s].shape[0]
         Zs = Z[s].reshape(k, N, 1, G, U)
-        for g in range(G):
-            term = Cs[:, :, g] * Zs[:, :, :, g]
-            out = term if out is None else out + term
+        for g in range(G):  # fused multiply-adds into one buffer
+            if out is None:
+                out = Cs[:, :, g] * Zs[:, :, :, g]
+            else:
+                out.addcmul_(Cs[:, :, g], Zs[:, :, :, g])
     return out.reshape(out.shape[0], N, H)
 
 
@@ -166,7 +168,7 @@ def apply_units_adjoint(C: dict, Y: torch.Tensor, N: int) -> dict:
         Yr = Y.reshape(k, N, Ob, 1, U)
         Zs = Cs[:, 0:1] * Yr[:, :, 0:1]
         for o in range(1, Ob):
-            Zs = Zs + Cs[:, o:o + 1] * Yr[:, :, o:o + 1]
+            Zs.addcmul_(Cs[:, o:o + 1], Yr[:, :, o:o + 1])
         out[s] = Zs.reshape(k, N, G * U)
     return out
 
