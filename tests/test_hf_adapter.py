@@ -135,19 +135,19 @@ def test_safetensors_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- bad input
 def test_unsupported_architecture_is_named(tmp_path):
-    with pytest.raises(ValueError, match=r"unsupported architecture 'opt'.*gpt2.*gpt_neox.*llama"):
+    supported = r"causal LM families \['gpt2', 'gpt_neox', 'llama'\].*masked LM families \['bert', 'roberta'\]"
+    with pytest.raises(ValueError, match=r"unsupported architecture 'opt'.*" + supported):
         lm_config("opt")
     cfg = tmp_path / "config.json"
-    cfg.write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
-    with pytest.raises(ValueError, match=r"unsupported architecture 'bert'.*supports"):
+    cfg.write_text(json.dumps({"model_type": "distilbert", "dim": 8}))
+    with pytest.raises(ValueError, match=r"unsupported architecture 'distilbert'.*" + supported):
         build_lm(cfg)
     import transformers
 
-    bert = transformers.BertForMaskedLM(transformers.BertConfig(hidden_size=8, num_hidden_layers=1,
-                                                                num_attention_heads=2, intermediate_size=8,
-                                                                vocab_size=10))
-    with pytest.raises(ValueError, match="unsupported architecture 'bert'"):
-        HFLanguageModel(bert)
+    distil = transformers.DistilBertForMaskedLM(transformers.DistilBertConfig(dim=8, n_layers=1, n_heads=2,
+                                                                              hidden_dim=8, vocab_size=10))
+    with pytest.raises(ValueError, match="unsupported architecture 'distilbert'"):
+        HFLanguageModel(distil)
 
 
 def test_config_folder_without_weights(tmp_path):
@@ -196,3 +196,177 @@ def test_cli_lm_stats(tmp_path):
     assert "± " in res.output and "(exact)" in res.output
     bad = CliRunner().invoke(app, ["lm", "stats", str(tmp_path / "m"), "--text", str(text)])
     assert bad.exit_code == 2 and "no *.safetensors weights" in bad.output
+
+
+# ----------------------------------------------------------------------------- masked LMs (BERT, RoBERTa)
+MASKED = ["bert-tiny", "roberta-tiny"]
+
+
+def _masked_setup(preset, seed=0):
+    """Two sequences of 5 tokens, the second padded after 3 (pad id at padded positions), token types for BERT.
+
+    Real ids avoid the pad id: Hugging Face's ``nn.Embedding(padding_idx=pad)`` gives the pad row no gradient (a
+    training convention), the adapter differentiates every row.
+    """
+    from kpflow.models.hf import masked_inputs
+
+    hf = build_lm(preset, dtype=torch.float64, seed=seed)
+    model = HFLanguageModel(hf)
+    pad = hf.config.pad_token_id
+    g = torch.Generator().manual_seed(seed + 1)
+    ids = torch.randint(3, model.vocab_size - 1, (2, 5), generator=g)
+    attn = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    ids[attn == 0] = pad
+    ids[0, 1] = ids[1, 2] = model.mask_token_id
+    types = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]) if hf.config.type_vocab_size > 1 else None
+    return hf, model, ids, attn, types, masked_inputs(ids, attn, types)
+
+
+def _hf_masked(hf, ids, attn, types):
+    """Hugging Face's own hidden states (zeroed at padding) and logits as a function of θ (head fixed)."""
+    fixed = dict(hf.named_parameters())
+    m = attn.to(torch.float64).unsqueeze(-1)
+
+    def f(sub):
+        out = functional_call(hf, {**fixed, **sub}, (), {"input_ids": ids, "attention_mask": attn,
+                              "token_type_ids": types, "output_hidden_states": True}, tie_weights=False)
+        return torch.cat(out.hidden_states, -1) * m, out.logits
+    return f
+
+
+@pytest.mark.parametrize("preset", MASKED)
+@pytest.mark.parametrize("path", ["parameters", "joint"])
+def test_masked_lm_ntks_against_jacrev(preset, path):
+    from kpflow.experiments.language_model import logit_jacobian
+
+    hf, model, ids, attn, types, x = _masked_setup(preset)
+    z, logits = (t.detach() for t in model(x))
+    f = _hf_masked(hf, ids, attn, types)
+    names = list(model.cell_params())
+    primal = {n: p.detach() for n, p in model.cell_params().items()}
+    h_ref, l_ref = f(primal)
+    assert _rel(z, h_ref) < 1e-12
+    real = attn.bool()
+    assert _rel(logits[real], l_ref[real]) < 1e-12
+    jh = jacrev(lambda p: f(p)[0])(primal)
+    jl = jacrev(lambda p: f(p)[1])(primal)
+    Jh = torch.cat([jh[n].reshape(-1, primal[n].numel()) for n in names], 1)
+    Jl = torch.cat([jl[n].reshape(*ids.shape, -1, primal[n].numel()) for n in names], -1)
+    traj = record(model, x)
+    theta = ntk(traj, backend="kronecker" if path == "joint" else "auto")
+    assert theta.path == path
+    assert _rel(theta.to_matrix(), Jh @ Jh.T) < 1e-10
+    # logit NTK over all real positions and over the [MASK] positions only
+    for positions, sel in (("all", real), ("masked", real & (ids == model.mask_token_id))):
+        Js = (Jl * sel[..., None, None]).reshape(-1, Jl.shape[-1])
+        CJ = logit_jacobian(traj, positions=positions).to_matrix()
+        assert _rel(CJ @ CJ.T, Js @ Js.T) < 1e-10
+    assert int(model.masked_positions(x).sum()) == 2
+    logit = output_ntk(traj, backend="kronecker" if path == "joint" else "auto").to_matrix()
+    Jr = (Jl * real[..., None, None]).reshape(-1, Jl.shape[-1])
+    assert _rel(logit, Jr @ Jr.T) < 1e-10  # padded logits are constant: zero rows
+
+
+@pytest.mark.parametrize("preset", MASKED)
+def test_masked_lm_kronecker_core_against_autodiff_k(preset):
+    _, model, ids, attn, types, x = _masked_setup(preset)
+    traj = record(model, x)
+    J = param_jacobian(traj, backend="autodiff").to_matrix()
+    K = J @ J.T
+    core = kronecker_core(traj)
+    assert abs(core.trace() - float(torch.trace(K))) < 1e-10 * float(torch.trace(K))
+    assert abs(core.frobenius_norm() - float(K.norm())) < 1e-10 * float(K.norm())
+    assert _rel(core.operator().to_matrix(), K) < 1e-10
+    # θ = the base model (word embeddings in their input use); the tied decoder is in the fixed readout
+    assert set(core.param_names) == set(model.cell_params())
+    assert not any(n.startswith(("cls.", "lm_head.")) for n in core.param_names)
+    head = model.readout_params()
+    emb = model.base.embeddings.word_embeddings.weight
+    assert any(v is emb for v in head.values())  # the tie, read-only in C
+
+
+@pytest.mark.parametrize("preset", MASKED)
+def test_padding_is_respected(preset):
+    """Changing the ids (and token types) at padded positions changes no state, NTK or K statistic."""
+    from kpflow.models.hf import masked_inputs
+
+    _, model, ids, attn, types, x = _masked_setup(preset)
+    ids2 = ids.clone()
+    ids2[1, 3:] = torch.tensor([5, 7])
+    types2 = None if types is None else types.clone()
+    if types2 is not None:
+        types2[1, 3:] = 1
+    x2 = masked_inputs(ids2, attn, types2)
+    a, b = record(model, x), record(model, x2)
+    assert torch.equal(model.hidden_states(x), model.hidden_states(x2))
+    assert _rel(ntk(b).to_matrix(), ntk(a).to_matrix()) < 1e-12
+    assert _rel(output_ntk(b).to_matrix(), output_ntk(a).to_matrix()) < 1e-12
+    ka, kb = kronecker_core(a), kronecker_core(b)
+    assert abs(ka.trace() - kb.trace()) < 1e-12 * ka.trace()
+    assert abs(ka.frobenius_norm() - kb.frobenius_norm()) < 1e-12 * ka.frobenius_norm()
+    # while a real token's id does change them
+    ids3 = ids.clone()
+    ids3[1, 0] = 4 if int(ids[1, 0]) != 4 else 5
+    assert _rel(ntk(record(model, masked_inputs(ids3, attn, types))).to_matrix(), ntk(a).to_matrix()) > 1e-6
+
+
+def test_masked_lm_bad_input():
+    from kpflow.experiments.language_model import logit_jacobian
+    from kpflow.models.hf import mask_tokens, masked_inputs
+
+    _, model, ids, attn, types, x = _masked_setup("bert-tiny")
+    with pytest.raises(ValueError, match=r"attention_mask must have the ids' shape \[B, T\] = \[2, 5\], got \(2, 4\)"):
+        masked_inputs(ids, attn[:, :4])
+    with pytest.raises(ValueError, match=r"token_type_ids must have the ids' shape"):
+        masked_inputs(ids, attn, torch.zeros(5, 2, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"\[B, T, 3\] \(ids, attention mask, token types"):
+        record(model, torch.zeros(2, 5, 2, dtype=torch.int64))
+    bad = x.clone()
+    bad[0, 0, 1] = 2
+    with pytest.raises(ValueError, match="attention mask must be 1 .* or 0"):
+        record(model, bad)
+    bad = x.clone()
+    bad[1, :, 1] = 0
+    with pytest.raises(ValueError, match="sequence 1 is all padding"):
+        record(model, bad)
+    bad = x.clone()
+    bad[0, 0, 2] = 2
+    with pytest.raises(ValueError, match=r"token-type ids must lie in \[0, 2\)"):
+        record(model, bad)
+    with pytest.raises(ValueError, match=r"9 tokens are longer than the model's 8 positions"):
+        record(model, torch.zeros(1, 9, dtype=torch.int64))
+    with pytest.raises(ValueError, match="no \\[MASK\\] token"):
+        logit_jacobian(record(model, masked_inputs(ids.clamp_max(model.vocab_size - 2), attn)), positions="masked")
+    _, causal, cids = _setup("gpt2-tiny")
+    with pytest.raises(ValueError, match="masked LMs only"):
+        record(causal, masked_inputs(cids))
+    with pytest.raises(ValueError, match="causal LM: it has no \\[MASK\\] positions"):
+        logit_jacobian(record(causal, cids), positions="masked")
+    with pytest.raises(ValueError, match="only masked LMs"):
+        mask_tokens(cids, causal)
+    with pytest.raises(ValueError, match="mask_token_id is for masked LMs"):
+        HFLanguageModel(build_lm("gpt2-tiny"), mask_token_id=3)
+    import transformers
+
+    with pytest.raises(ValueError, match="no masked-LM head"):
+        HFLanguageModel(transformers.BertModel(lm_config("bert", hidden_size=8, num_hidden_layers=1,
+                                                         num_attention_heads=2, intermediate_size=8, vocab_size=10)))
+
+
+def test_mask_tokens_is_seeded_and_skips_padding():
+    from kpflow.models.hf import mask_tokens
+
+    _, model, ids, attn, types, x = _masked_setup("bert-tiny")
+    a, b = mask_tokens(x, model, 0.5, seed=3), mask_tokens(x, model, 0.5, seed=3)
+    assert torch.equal(a, b)
+    chosen = a[..., 0] == model.mask_token_id
+    assert int(chosen[0].sum()) >= 3 and int(chosen[1].sum()) >= 2  # ceil(0.5 · 5), ceil(0.5 · 3), or already [MASK]
+    assert not bool(chosen[attn == 0].any()) and torch.equal(a[..., 1:], x[..., 1:])
+
+
+def test_masked_safetensors_round_trip(tmp_path):
+    hf, model, ids, attn, types, x = _masked_setup("roberta-tiny")
+    hf.save_pretrained(tmp_path / "m", safe_serialization=True)
+    again = HFLanguageModel(load_lm(tmp_path / "m", dtype=torch.float64))
+    assert type(again.hf).__name__ == "RobertaForMaskedLM"
+    assert torch.equal(again(x)[0], model(x)[0]) and torch.equal(again(x)[1], model(x)[1])

@@ -1,12 +1,13 @@
 """Language-model statistics (``kpflow lm stats``): NTK trace, Frobenius norm, effective rank and alignment of a
-Hugging Face causal LM on a text, each with its standard error, from one-sided probes.
+Hugging Face causal or masked LM on a text, each with its standard error, from one-sided probes.
 
 For token windows ``ids [B, T]`` of the text and θ the base model's parameters (``kpflow.models.hf``):
 
 * hidden-state NTK ``Θ = J J*``, ``J = ∂h/∂θ`` with ``h`` the hidden states of every layer
   ``[B, T, (L + 1) D]``: ``tr Θ = E‖J* v‖²``, ``‖Θ‖_F² = Var(‖J* v‖²)/2`` for Gaussian ``v`` — one VJP per
   probe through the kept graph of one forward pass (Hazelden 2025, one-sided estimators; DESIGN.md §2);
-* logit NTK ``C Θ C*`` with ``C = ∂logits/∂h`` (LM head fixed): the same with ``C J``;
+* logit NTK ``S C Θ C* S`` with ``C = ∂logits/∂h`` (LM head fixed) and ``S`` the selection of the logit
+  positions (``positions``: all positions, or a masked LM's ``[MASK]`` positions): the same with ``S C J``;
 * alignment ``cos(Θ_attn, Θ_mlp) = tr(Θ_attn Θ_mlp)/(‖Θ_attn‖_F ‖Θ_mlp‖_F)`` of the NTKs of the attention
   and of the MLP parameters, from VJPs only (``factor_alignment``: how much the two parameter groups move
   the hidden states in the same directions);
@@ -25,14 +26,19 @@ from kpflow.estimators.result import exact_estimate
 from kpflow.kernels import kronecker_core, readout_jacobian, record
 from kpflow.kernels.joint import SiteStateJacobian
 from kpflow.models.hf import HFLanguageModel, param_subset
-from kpflow.operators import LinearOperator
+from kpflow.operators import FunctionOperator, LinearOperator
 
 #: glob patterns of the attention and MLP parameters per family (for the alignment)
 GROUPS = {
     "gpt2": ("*.attn.*", "*.mlp.*"),
     "gpt_neox": ("*.attention.*", "*.mlp.*"),
     "llama": ("*.self_attn.*", "*.mlp.*"),
+    "bert": ("*.attention.*", ("*.intermediate.*", "*[0-9].output.*")),
+    "roberta": ("*.attention.*", ("*.intermediate.*", "*[0-9].output.*")),
 }
+
+#: the logit positions of ``logit_jacobian``
+POSITIONS = ("auto", "all", "masked")
 
 
 class _Progress(LinearOperator):
@@ -58,9 +64,38 @@ def hidden_jacobian(traj, param_names=None) -> LinearOperator:
     return SiteStateJacobian(traj, param_names)
 
 
-def logit_jacobian(traj, param_names=None) -> LinearOperator:
-    """``C J = ∂logits/∂θ`` with the LM head fixed (parameters -> ``[B, T, V]``)."""
-    return readout_jacobian(traj) @ SiteStateJacobian(traj, param_names)
+def logit_jacobian(traj, param_names=None, positions: str = "auto") -> LinearOperator:
+    """``S C J = ∂logits/∂θ`` with the LM head fixed (parameters -> ``[B, T, V]``), on the chosen positions.
+
+    ``S`` zeroes the logits outside the chosen positions, so ``(S C J)(S C J)*`` is the logit NTK over them
+    (its trace, ‖·‖_F and effective rank are those of the NTK restricted to those positions).
+
+    Args:
+        traj: a recorded trajectory of an ``HFLanguageModel``.
+        param_names: θ (None: the trajectory's).
+        positions: ``"all"`` (every real position), ``"masked"`` (a masked LM's ``[MASK]`` positions,
+            ``HFLanguageModel.masked_positions``) or ``"auto"`` (masked for a masked LM, all for a causal one).
+
+    Returns:
+        The operator.
+
+    Raises:
+        ValueError: an unknown ``positions``, ``"masked"`` for a causal LM or for inputs without a ``[MASK]``.
+    """
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+    CJ = readout_jacobian(traj) @ SiteStateJacobian(traj, param_names)
+    model = traj.model
+    if positions == "all" or (positions == "auto" and not model.masked):
+        return CJ
+    sel = model.masked_positions(traj.inputs)
+    if not bool(sel.any()):
+        raise ValueError(f"the inputs have no [MASK] token (id {model.mask_token_id}); mask some with "
+                         "kpflow.models.hf.mask_tokens or use positions='all'")
+    s = sel.to(CJ.dtype).unsqueeze(-1)
+    S = FunctionOperator(lambda y: y * s, None, CJ.shape_out, CJ.shape_out, CJ.dtype, CJ.device, batched=True,
+                         is_self_adjoint=True, is_psd=True)
+    return S @ CJ
 
 
 def describe_estimate(e: Estimate) -> str:
@@ -72,7 +107,7 @@ def describe_estimate(e: Estimate) -> str:
 
 def lm_statistics(model: HFLanguageModel, ids: torch.Tensor, *, num_probes: int = 30, seed: int = 0,
                   chunk_size: int = 1, param_names=None, alignment: bool = True, logits: bool = True,
-                  exact_k: bool = True, progress: bool = True) -> dict[str, Estimate]:
+                  exact_k: bool = True, progress: bool = True, positions: str = "auto") -> dict[str, Estimate]:
     """The statistics of the module docstring for one batch of token windows.
 
     Args:
@@ -84,6 +119,7 @@ def lm_statistics(model: HFLanguageModel, ids: torch.Tensor, *, num_probes: int 
         param_names: θ (None: every base-model parameter); see ``kpflow.models.hf.param_subset``.
         alignment, logits, exact_k: include those parts.
         progress: show a progress bar over the probes.
+        positions: the logit positions of the logit NTK (see ``logit_jacobian``).
 
     Returns:
         ``{name: Estimate}`` with names ``hidden_trace``, ``hidden_fro``, ``hidden_erank``, ``logit_trace``,
@@ -103,8 +139,8 @@ def lm_statistics(model: HFLanguageModel, ids: torch.Tensor, *, num_probes: int 
         out["hidden_trace"], out["hidden_erank"] = s.trace, s.effective_rank
         out["hidden_fro"] = sqrt_estimate(s.frobenius_sq)
         if logits:
-            s = onesided_statistics(_Progress(logit_jacobian(traj), bar), num_probes, side="reverse",
-                                    seed=seed + 1, chunk_size=chunk_size)
+            s = onesided_statistics(_Progress(logit_jacobian(traj, positions=positions), bar), num_probes,
+                                    side="reverse", seed=seed + 1, chunk_size=chunk_size)
             out["logit_trace"], out["logit_erank"] = s.trace, s.effective_rank
             out["logit_fro"] = sqrt_estimate(s.frobenius_sq)
         if alignment:
