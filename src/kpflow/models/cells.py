@@ -28,7 +28,18 @@ _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 
 
 def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The elementwise nonlinearity called ``name`` (tanh, relu, sigmoid, softplus, identity)."""
+    """The elementwise nonlinearity ``φ`` called ``name``.
+
+    Args:
+        name: one of ``"tanh"``, ``"relu"``, ``"sigmoid"``, ``"softplus"``, ``"identity"``, or a callable
+            ``φ(v)``, which is returned as it is.
+
+    Returns:
+        The function ``v ↦ φ(v)``, applied entrywise.
+
+    Raises:
+        ValueError: ``name`` is not one of the names above (the message lists them).
+    """
     if callable(name):
         return name
     try:
@@ -38,7 +49,13 @@ def activation(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 class ParameterCell(nn.Module):
-    """A plain container of named parameters (the ``cell`` of a built-in model)."""
+    """A plain container of named parameters (the ``cell`` of a built-in model).
+
+    Args:
+        shapes: ``{name: shape}`` of the parameters to register (left uninitialised; the model fills them).
+        dtype: their dtype (torch's default when None).
+        device: their device (torch's default when None).
+    """
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], dtype=None, device=None):
         super().__init__()
@@ -63,32 +80,66 @@ class AffineRecurrentModel(RecurrentModel):
     state_sites: tuple[str, ...] = ()
 
     def site_variables(self, z_prev: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The site variables ``{name: u [N, C]}`` that the weights multiply (``affine_terms`` names them)."""
+        """The site variables ``u`` that the weights multiply (``affine_terms`` names them).
+
+        Args:
+            z_prev: the previous state, ``[N, H]``.
+            x: the input at this step, ``[N, I]``.
+
+        Returns:
+            ``{name: u}`` with ``u`` of shape ``[N, C]`` (``C`` = the columns of the weights that multiply it).
+        """
         raise NotImplementedError
 
     def post(self, slots: Mapping[str, torch.Tensor], z_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The parameter-free map from the pre-activation slots ``{slot: [N, R_s]}`` to the new state ``[N, H]``."""
+        """The parameter-free map from the pre-activation slots ``a`` and ``(z_{t-1}, x_t)`` to the new state ``z_t``.
+
+        Args:
+            slots: ``{slot: a_s}`` with ``a_s`` of shape ``[N, R_s]`` (see ``slots``).
+            z_prev: the previous state, ``[N, H]``.
+            x: the input at this step, ``[N, I]``.
+
+        Returns:
+            The new state ``z_t``, ``[N, H]``.
+        """
         raise NotImplementedError
 
     def unit_size(self) -> int:
-        """``U`` when ``post`` is *unit-structured* — output unit j of every U-wide block of the state reads only
-        entry j of every U-wide gate block of the slots and of ``z_prev`` — else 0 (the default).
+        """The unit width ``U`` of ``post``, or 0 when it has none.
 
-        A cell that declares U > 0 gets per-site coefficient kernels for ``A`` and the Kronecker core's ``M``;
-        the declaration is verified once per trajectory with a random cotangent and a wrong one is an error, never a
-        silent fallback. With 0 the operators use JVPs/VJPs of ``post``.
+        ``U > 0`` declares ``post`` *unit-structured*: output unit j of every U-wide block of the state reads only
+        entry j of every U-wide gate block of the slots and of ``z_prev``. A cell that declares U > 0 gets
+        per-site coefficient kernels for ``A`` and the Kronecker core's ``M``; the declaration is verified once
+        per trajectory with a random cotangent and a wrong one is an error, never a silent fallback. With 0
+        (the default) the operators use JVPs/VJPs of ``post``.
+
+        Returns:
+            ``U`` (an int), or 0 for a cell without that structure.
         """
         return 0
 
     def slot_sizes(self) -> dict[str, int]:
-        """Size of every pre-activation slot (the number of rows of the weights that feed it)."""
+        """Size ``R_s`` of every pre-activation slot (the number of rows of the weights that feed it).
+
+        Returns:
+            ``{slot: R_s}`` for the slots named in ``affine_terms``.
+        """
         sizes: dict[str, int] = {}
         for name, (slot, _site) in self.affine_terms.items():
             sizes[slot] = self.cell_params()[name].shape[0]
         return sizes
 
     def slots(self, params: Params, z_prev: torch.Tensor, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The pre-activations ``a_s = Σ_W W u_W`` of every slot, shape ``[N, R_s]``."""
+        """The pre-activations ``a_s = Σ_W W u_W (+ b_s)`` of every slot.
+
+        Args:
+            params: the cell's parameters ``{name: tensor}`` (``affine_terms`` says where each enters).
+            z_prev: the previous state, ``[N, H]``.
+            x: the input at this step, ``[N, I]``.
+
+        Returns:
+            ``{slot: a_s}`` with ``a_s`` of shape ``[N, R_s]``.
+        """
         u = self.site_variables(z_prev, x)
         out: dict[str, torch.Tensor] = {}
         for name, (slot, site) in self.affine_terms.items():
@@ -98,12 +149,21 @@ class AffineRecurrentModel(RecurrentModel):
         return out
 
     def step(self, params: Params, z_prev: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """One step ``z_t = post(slots(params, z_{t-1}, x_t), z_{t-1}, x_t)``; the same contract as the base."""
         return self.post(self.slots(params, z_prev, x_t), z_prev, x_t)
 
     def run_sites(self, params: Params, inputs: torch.Tensor, sites, z0: torch.Tensor | None = None) -> None:
-        """The unroll written against ``kpflow.models.sites.Sites``: at every step t each slot ``a_s`` is a
-        weight site (``sites.affine(s, {W: u_W}, at=t)``) and the new state is the visible state ``"z"``.
-        This makes the recurrence an instance of the general joint-state formulation (see ``as_site_model``).
+        """The unroll written against ``kpflow.models.sites.Sites``.
+
+        At every step t each slot ``a_s`` is a weight site (``sites.affine(s, {W: u_W}, at=t)``) and the new
+        state is the visible state ``"z"``. This makes the recurrence an instance of the general joint-state
+        formulation (see ``as_site_model``).
+
+        Args:
+            params: the cell's parameters (unused here: ``sites.affine`` supplies the weights).
+            inputs: the input sequence, ``[N, T, I]``.
+            sites: the ``Sites`` recorder that owns the weights and records every site and state.
+            z0: the initial state ``[N, H]`` (the model's ``initial_state`` when None).
         """
         z = self.initial_state(inputs.shape[0], inputs.dtype, inputs.device) if z0 is None else z0
         groups: dict[str, dict[str, str | None]] = {}
@@ -150,17 +210,20 @@ class VanillaRNN(AffineRecurrentModel):
     state_sites = ("z",)
 
     def unit_size(self) -> int:
+        """``U = H``: unit j of the new state reads only entry j of every gate block (see the base)."""
         return self.hidden_dim
 
     def site_variables(self, z_prev, x):
+        """``{"z": h_{t-1}, "x": x_t}``."""
         return {"z": z_prev, "x": x}
 
     def post(self, slots, z_prev, x):
+        """``h_t = φ(a)``."""
         return self.phi(slots["a"])
 
 
 class LeakyRNN(AffineRecurrentModel):
-    """Euler step of a continuous-time RNN, in either common form (``dt`` = Δt/τ):
+    """Euler step of a continuous-time RNN, in either common form (``dt`` = Δt/τ).
 
     * ``form="current"``: ``z_t = z + dt (−z + W φ(z) + U x_t + b)``  (state = currents/voltages)
     * ``form="rate"``:    ``z_t = z + dt (−z + φ(W z + U x_t + b))``  (state = firing rates)
@@ -194,20 +257,32 @@ class LeakyRNN(AffineRecurrentModel):
         self.state_sites = (site,)
 
     def unit_size(self) -> int:
+        """``U = H``: unit j of the new state reads only entry j of every gate block (see the base)."""
         return self.hidden_dim
 
     def site_variables(self, z_prev, x):
+        """``{"phi_z": φ(z), "x": x_t}`` (current form) or ``{"z": z, "x": x_t}`` (rate form)."""
         if self.form == "current":
             return {"phi_z": self.phi(z_prev), "x": x}
         return {"z": z_prev, "x": x}
 
     def post(self, slots, z_prev, x):
+        """``z_t = z + dt (−z + a)`` (current form) or ``z + dt (−z + φ(a))`` (rate form)."""
         a = slots["a"]
         drive = a if self.form == "current" else self.phi(a)
         return z_prev + self.dt * (drive - z_prev)
 
     def vector_field(self, params: Params, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``f(z, x)`` with ``z_t = z + dt f(z, x_t)``."""
+        """The vector field ``f(z, x)`` of the flow, ``z_t = z + dt f(z, x_t)``.
+
+        Args:
+            params: the cell's parameters.
+            z: the state, ``[N, H]``.
+            x: the input, ``[N, I]``.
+
+        Returns:
+            ``f(z, x) = (step(params, z, x) − z) / dt``, shape ``[N, H]``.
+        """
         return (self.step(params, z, x) - z) / self.dt
 
 
@@ -239,6 +314,7 @@ class _TorchGated(AffineRecurrentModel):
     state_sites = ("h",)
 
     def unit_size(self) -> int:
+        """``U = H``: unit j of the new state reads only entry j of every gate block (see the base)."""
         return self.hidden_dim
 
     def _build(self, hidden_dim: int, bias: bool, dtype, device):
@@ -258,7 +334,20 @@ class _TorchGated(AffineRecurrentModel):
 
     @classmethod
     def from_torch(cls, module: nn.Module, output_dim: int = 1):
-        """A kpflow model with the parameters (copied) of ``nn.{GRU,LSTM}`` or its ``Cell``."""
+        """A kpflow model with the parameters (copied) of ``nn.{GRU,LSTM}`` or its ``Cell``.
+
+        Args:
+            module: an ``nn.GRU``/``nn.GRUCell`` (for ``GRU``) or ``nn.LSTM``/``nn.LSTMCell`` (for ``LSTM``);
+                a layer must be single-layer, unidirectional and (LSTM) without ``proj_size``.
+            output_dim: the output size of the new (randomly initialised) linear readout.
+
+        Returns:
+            The model, on the dtype and device of ``module``'s weights; its ``step`` equals the module's.
+
+        Raises:
+            TypeError: ``module`` is not one of the two torch classes of this cell.
+            ValueError: the layer has more than one layer, is bidirectional or has ``proj_size > 0``.
+        """
         layer_cls, cell_cls = (nn.GRU, nn.GRUCell) if cls is GRU else (nn.LSTM, nn.LSTMCell)
         tensors = _check_torch_rnn(module, cls.kind, cell_cls, layer_cls)
         w = tensors["weight_ih"]
@@ -268,7 +357,12 @@ class _TorchGated(AffineRecurrentModel):
         return model
 
     def to_torch(self) -> nn.Module:
-        """An ``nn.GRUCell`` / ``nn.LSTMCell`` holding a copy of this cell's parameters."""
+        """An ``nn.GRUCell`` / ``nn.LSTMCell`` holding a copy of this cell's parameters.
+
+        Returns:
+            The torch cell (same dtype and device); ``cell(x, h)`` equals this model's ``step`` (for the LSTM,
+            ``cell(x, (h, c))`` gives ``(h', c')`` of the state ``[h; c]``).
+        """
         cell_cls = nn.GRUCell if isinstance(self, GRU) else nn.LSTMCell
         p = self.cell_params()
         w = p["weight_ih"]
@@ -280,7 +374,7 @@ class _TorchGated(AffineRecurrentModel):
 
 
 class GRU(_TorchGated):
-    """Gated recurrent unit, exactly ``torch.nn.GRUCell`` (gates r, z, n; ``b_hn`` inside ``r ⊙ (·)``):
+    """Gated recurrent unit, exactly ``torch.nn.GRUCell`` (gates r, z, n; ``b_hn`` inside ``r ⊙ (·)``).
 
     ``r = σ(W_ir x + b_ir + W_hr h + b_hr)``, ``z = σ(W_iz x + b_iz + W_hz h + b_hz)``,
     ``n = tanh(W_in x + b_in + r ⊙ (W_hn h + b_hn))``, ``h' = (1 − z) ⊙ n + z ⊙ h``.
@@ -295,9 +389,11 @@ class GRU(_TorchGated):
         self._build(self.hidden_dim, bias, dtype, device)
 
     def site_variables(self, z_prev, x):
+        """``{"x": x_t, "h": h_{t-1}}``."""
         return {"x": x, "h": z_prev}
 
     def post(self, slots, z_prev, x):
+        """``h' = (1 − z) ⊙ n + z ⊙ h`` from the slots ``ih = W_i x + b_i`` and ``hh = W_h h + b_h``."""
         H = self.hidden_dim
         ai, ah = slots["ih"], slots["hh"]
         r = torch.sigmoid(ai[:, :H] + ah[:, :H])
@@ -307,9 +403,11 @@ class GRU(_TorchGated):
 
 
 class LSTM(_TorchGated):
-    """Long short-term memory, exactly ``torch.nn.LSTMCell`` (gates i, f, g, o). The state is
-    ``z = [h; c]`` (size 2H): ``c' = f ⊙ c + i ⊙ g``, ``h' = o ⊙ tanh(c')``. The readout acts on the
-    whole state ``[h; c]`` (zero its ``c`` columns for an ``h``-only readout)."""
+    """Long short-term memory, exactly ``torch.nn.LSTMCell`` (gates i, f, g, o).
+
+    The state is ``z = [h; c]`` (size 2H): ``c' = f ⊙ c + i ⊙ g``, ``h' = o ⊙ tanh(c')``. The readout acts on
+    the whole state ``[h; c]`` (zero its ``c`` columns for an ``h``-only readout).
+    """
 
     n_gates, kind = 4, "LSTM"
 
@@ -322,9 +420,11 @@ class LSTM(_TorchGated):
         self.affine_terms = {k: ("a", site) for k, (_slot, site) in self.affine_terms.items()}
 
     def site_variables(self, z_prev, x):
+        """``{"x": x_t, "h": h_{t-1}}`` (``h`` is the first half of the state ``[h; c]``)."""
         return {"x": x, "h": z_prev[:, :self.hidden_dim]}
 
     def post(self, slots, z_prev, x):
+        """``[o ⊙ tanh(c'); c']`` with ``c' = f ⊙ c + i ⊙ g``, gates read from the one slot ``a``."""
         H = self.hidden_dim
         a = slots["a"]
         i, f = torch.sigmoid(a[:, :H]), torch.sigmoid(a[:, H:2 * H])
