@@ -370,3 +370,24 @@ def test_masked_safetensors_round_trip(tmp_path):
     again = HFLanguageModel(load_lm(tmp_path / "m", dtype=torch.float64))
     assert type(again.hf).__name__ == "RobertaForMaskedLM"
     assert torch.equal(again(x)[0], model(x)[0]) and torch.equal(again(x)[1], model(x)[1])
+
+
+def test_cli_lm_stats_masked(tmp_path):
+    from typer.testing import CliRunner
+
+    from kpflow.cli import app
+
+    cfg = lm_config("bert", hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                    vocab_size=256, max_position_embeddings=16)
+    cfg.save_pretrained(tmp_path / "m")
+    text = tmp_path / "t.txt"
+    text.write_text("kpflow measures the operators of learning. " * 4)
+    args = ["lm", "stats", str(tmp_path / "m" / "config.json"), "--text", str(text), "--batch", "2", "--tokens", "6",
+            "--probes", "4", "--dtype", "float64", "--mask-fraction", "0.3"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "4 of them [MASK] (id 255)" in res.output  # ceil(0.3 · 6) = 2 per window
+    for key in ("hidden_trace", "logit_trace", "attn_mlp_alignment", "k_erank"):
+        assert f"{key} = " in res.output
+    bad = CliRunner().invoke(app, args + ["--logit-positions", "first"])
+    assert bad.exit_code == 2 and "positions must be one of" in bad.output

@@ -315,7 +315,8 @@ class HFLanguageModel(SiteModel):
             ``*ForCausalLM`` of those families) or a ``BertForMaskedLM`` / ``RobertaForMaskedLM``, in eval mode.
         mask_token_id: the ``[MASK]`` id of a masked model (None: the config's ``mask_token_id`` if it has
             one, else the last id ``vocab_size - 1``, which byte-tokenised text never uses when
-            ``vocab_size > 256``; give the tokenizer's ``mask_token_id`` for a real vocabulary).
+            ``vocab_size >= 256``: byte 0xFF is not UTF-8; give the tokenizer's ``mask_token_id`` for a real
+            vocabulary).
 
     Raises:
         TypeError: not a Hugging Face model.
