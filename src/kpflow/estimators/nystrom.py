@@ -1,5 +1,7 @@
-"""Randomized eigensolvers for PSD operators: Nyström with warm-started subspace iteration, and
-Rayleigh–Ritz on a given subspace from products with a factor ``J*`` only.
+"""Randomized eigensolvers for PSD operators.
+
+Nyström with warm-started subspace iteration, and Rayleigh–Ritz on a given subspace from products with a
+factor ``J*`` only.
 
 * :func:`nystrom_eigh` — top-``r`` eigenpairs of a PSD operator ``A`` from ``(q + 1)·k`` products with
   ``A`` (Halko, Martinsson & Tropp 2011, Alg. 4.3/5.5; the stable Nyström of Tropp, Yurtsever, Udell &
@@ -35,27 +37,57 @@ class LowRankEig:
 
     @property
     def rank(self) -> int:
+        """The number r of kept eigenpairs."""
         return int(self.eigenvalues.shape[0])
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of one basis vector (the operator's ``shape_in``)."""
         return tuple(self.basis.shape[1:])
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
-        """``U* x`` for one tensor ``x`` of the basis shape -> [r]."""
+        """The coordinates ``U* x`` of ``x`` in the orthonormal basis.
+
+        Args:
+            x: one tensor of the basis shape.
+
+        Returns:
+            ``U* x``, shape ``[r]``.
+        """
         return self.basis.reshape(self.rank, -1) @ x.reshape(-1)
 
     def combine(self, c: torch.Tensor) -> torch.Tensor:
-        """``U c`` for coefficients ``c`` [r] -> one tensor of the basis shape."""
+        """The combination ``U c`` of the basis vectors.
+
+        Args:
+            c: coefficients, shape ``[r]``.
+
+        Returns:
+            ``U c``, one tensor of the basis shape.
+        """
         return (c @ self.basis.reshape(self.rank, -1)).reshape(self.shape)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """``U Λ U* x``."""
+        """The low-rank product ``U Λ U* x``.
+
+        Args:
+            x: one tensor of the basis shape.
+
+        Returns:
+            ``U diag(Λ) U* x``, of the basis shape.
+        """
         return self.combine(self.eigenvalues * self.coefficients(x))
 
 
 def orthonormal_rows(X: torch.Tensor) -> torch.Tensor:
-    """Orthonormalize the k probes of ``X`` [k, *shape] (thin QR of the n×k matrix)."""
+    """Orthonormalize the k probes of ``X`` (thin Householder QR of the n×k matrix of their columns).
+
+    Args:
+        X: ``[k, *shape]``, k ≤ n = prod(shape) linearly independent probes.
+
+    Returns:
+        ``Q`` of the same shape with orthonormal rows spanning the rows of ``X`` (Gram–Schmidt order).
+    """
     k = X.shape[0]
     Q, _ = torch.linalg.qr(X.reshape(k, -1).T)
     return Q.T.reshape(X.shape)
@@ -86,6 +118,24 @@ def nystrom_eigh(
     slowly moving operator; Gaussian probes fill the rest. Costs ``(power_iters + 1) · k`` products
     with ``A``. For an exact spectral gap ``λ_r > λ_{r+1}`` the basis converges to the top-r
     eigenspace at the rate ``(λ_{r+1}/λ_r)^q`` in the number q of passes.
+
+    Args:
+        A: a square PSD ``LinearOperator`` (PSD is assumed, not checked).
+        rank: the number r of eigenpairs wanted, ``0 ≤ r ≤ n``.
+        oversample: extra probes beyond ``rank`` (k = min(rank + oversample, n)).
+        power_iters: subspace-iteration passes q before the sketch.
+        init: ``[m, *shape_in]`` starting probes (e.g. the previous basis) for a warm start.
+        generator: the ``torch.Generator`` of the Gaussian probes.
+
+    Returns:
+        ``LowRankEig`` with the r largest Nyström eigenvalues (descending, ≥ 0) and an orthonormal basis, in
+        the operator's dtype and device.
+
+    Raises:
+        TypeError: ``A`` is not a kpflow ``LinearOperator``.
+        ShapeError: ``A`` is not square, or ``init``'s probe shape is not the operator's.
+        ValueError: a negative ``rank``, ``oversample`` or ``power_iters``, or ``rank > n``.
+        FloatingPointError: the operator returned non-finite values.
     """
     _check_psd_operator(A)
     rank, oversample, power_iters = int(rank), int(oversample), int(power_iters)
@@ -145,6 +195,19 @@ def damped_lowrank_solve(eig: LowRankEig, damping: float, x: torch.Tensor, scale
     directions outside the basis get the curvature of the weakest kept one instead of none, which
     keeps the step in the unexplored complement from growing like 1/λ. The complement is formed
     before dividing (and dropped for a complete basis), so a small λ does not amplify rounding error.
+
+    Args:
+        eig: the low-rank pairs ``U, Λ``.
+        damping: λ > 0.
+        x: the right-hand side, of the basis shape.
+        scale: the factor c of the curvature.
+        floor: the curvature assumed on the complement of the basis (0, or λ_r for the preconditioner).
+
+    Returns:
+        The solution, of the shape of ``x``.
+
+    Raises:
+        ValueError: ``damping`` is not positive.
     """
     damping = float(damping)
     if not damping > 0:
@@ -160,9 +223,11 @@ def damped_lowrank_solve(eig: LowRankEig, damping: float, x: torch.Tensor, scale
 
 @dataclass
 class RitzSketch:
-    """Rayleigh–Ritz pairs of ``Θ = J J*`` on an orthonormal state-space subspace ``Q`` (``m`` rows):
+    """Rayleigh–Ritz pairs of ``Θ = J J*`` on an orthonormal state-space subspace ``Q`` (``m`` rows).
+
     ``Q* Θ Q = (J* Q)(J* Q)* = Z diag(values) Z*``. ``state_basis = Z_r* Q`` (Ritz vectors, orthonormal),
-    ``adjoint_basis = J* state_basis = Z_r* (J* Q)`` and ``gradient = J* e`` (``e`` spans Q's first row)."""
+    ``adjoint_basis = J* state_basis = Z_r* (J* Q)`` and ``gradient = J* e`` (``e`` spans Q's first row).
+    """
 
     values: torch.Tensor
     state_basis: torch.Tensor
@@ -170,8 +235,17 @@ class RitzSketch:
     gradient: torch.Tensor
 
     def eig(self, form: str) -> LowRankEig:
-        """The state form's ``Θ_S = U Λ U*`` or the parameter form's ``F_S = J* Q Q* J = V Λ V*`` with
-        ``V = J* U Λ^{-1/2}`` (orthonormal; the same nonzero spectrum, push-through identity)."""
+        """The state form ``Θ_S = U Λ U*`` or the parameter form ``F_S = J* Q Q* J = V Λ V*``.
+
+        ``V = J* U Λ^{-1/2}`` is orthonormal and ``F_S`` has the same nonzero spectrum as ``Θ_S``
+        (push-through identity).
+
+        Args:
+            form: ``"state"`` for ``Θ_S``; any other value gives the parameter form ``F_S``.
+
+        Returns:
+            ``LowRankEig`` of the chosen form.
+        """
         if form == "state":
             return LowRankEig(self.values, self.state_basis)
         tiny = torch.finfo(self.values.dtype).tiny ** 0.5
@@ -188,6 +262,16 @@ def ritz_sketch(J: LinearOperator, error: torch.Tensor, sketch: Sequence[torch.T
     the sketch holds the previous Ritz vectors and ``Θ``-images such as the state secant
     ``z_k − z_{k−1} ≈ J Δθ``). Ritz values are lower bounds of the top eigenvalues of Θ (Cauchy
     interlacing), exact when ``span(Q)`` contains the top-``rank`` eigenspace, and ``J* Q Q* J ⪯ F``.
+
+    Args:
+        J: the factor ``J`` (parameters → states) as a ``LinearOperator``; only ``J.rmatmat`` is called.
+        error: the state-space vector ``e`` (e.g. the loss gradient with respect to the states).
+        sketch: further state-space directions of the shape of ``error``.
+        rank: the number of Ritz pairs kept (at most ``m``).
+
+    Returns:
+        ``RitzSketch`` with the top ``min(rank, m)`` Ritz values (descending), their state and adjoint
+        bases, and the gradient ``J* e``.
     """
     rows = [error.reshape(-1)] + [v.reshape(-1).to(error.dtype) for v in sketch]
     X = torch.stack(rows, 1)  # [n, m]
@@ -207,9 +291,21 @@ def ritz_sketch(J: LinearOperator, error: torch.Tensor, sketch: Sequence[torch.T
 
 
 def ritz_update(J: LinearOperator, state_basis: torch.Tensor, rank: int, form: str):
-    """Rayleigh–Ritz of ``Θ = J J*`` on span(state_basis) with ``k`` VJPs only: ``W = J* U``,
-    ``U* Θ U = W W*`` = Z S Z*; returns the top-``rank`` pairs (state or parameter side) and the
-    rotated state basis. Keeps the curvature along the tracked directions current between refreshes."""
+    """Rayleigh–Ritz of ``Θ = J J*`` on span(state_basis) with ``k`` VJPs only (Parlett 1998, §11.4).
+
+    ``W = J* U``, ``U* Θ U = W W* = Z S Z*``. Keeps the curvature along the tracked directions current
+    between refreshes.
+
+    Args:
+        J: the factor ``J`` as a ``LinearOperator``; only ``J.rmatmat`` is called.
+        state_basis: ``[k, *shape_out]`` orthonormal state-space rows ``U``.
+        rank: the number of pairs kept.
+        form: ``"state"`` for the pairs of ``Θ`` on the state side; any other value gives the parameter side
+            ``V = J* U Z Λ^{-1/2}``.
+
+    Returns:
+        ``(LowRankEig of the top min(rank, k) pairs, the rotated state basis Z* U)``.
+    """
     W = J.rmatmat(state_basis)  # [k, n_params]
     k = W.shape[0]
     G = W.reshape(k, -1) @ W.reshape(k, -1).T

@@ -60,7 +60,15 @@ class ShardedExecutor:
         return max(1, sum(self.client.nthreads().values()))
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any]) -> list:
-        """``[fn(*args) for args in zip(*iterables)]``, one Dask task per item, results in order."""
+        """``[fn(*args) for args in zip(*iterables)]``, one Dask task per item, results in order.
+
+        Args:
+            fn: the function of one item (scattered to the workers once).
+            *iterables: its arguments, zipped strictly (equal lengths).
+
+        Returns:
+            The results in the order of the items; the first failing task's error is raised here.
+        """
         from distributed import wait
 
         items = list(zip(*iterables, strict=True))

@@ -155,9 +155,17 @@ def _floor(dtype: torch.dtype, n: int, anorm: float) -> float:
 
 
 def _orth_against(V: torch.Tensor, X: torch.Tensor, fresh: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """Rows of X made orthonormal to the rows of V and to each other: classical Gram–Schmidt applied
-    twice ("twice is enough", Giraud et al. 2005). A row that vanishes (V spans an invariant subspace
-    containing it) is replaced by a fresh random direction, so the basis keeps growing."""
+    """Rows of X made orthonormal to the rows of V and to each other.
+
+    Classical Gram–Schmidt applied twice ("twice is enough", Giraud et al. 2005). A row that vanishes (V spans
+    an invariant subspace containing it) is replaced by a fresh random direction, so the basis keeps growing.
+
+    Returns:
+        The new orthonormal rows, ``[len(X), N]``.
+
+    Raises:
+        RuntimeError: four fresh directions in a row fell inside ``span(V)`` (the dimension is exhausted).
+    """
     basis, out = V, []
     for x in X:
         for _attempt in range(4):
@@ -188,8 +196,9 @@ class _Ritz:
 
 
 def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1) -> _Ritz:
-    """Block thick-restart Lanczos with full reorthogonalisation (Wu & Simon 2000; Stewart's
-    Krylov–Schur; block form as in Zhou & Saad 2008).
+    """Block thick-restart Lanczos with full reorthogonalisation.
+
+    References: Wu & Simon 2000; Stewart's Krylov–Schur; the block form as in Zhou & Saad 2008.
 
     The basis V (rows, orthonormal) and W = A V are kept together, so Rayleigh–Ritz T = V Wᵀ and the
     residuals W s − θ V s need no extra matvecs. The next block is always the part of A·(last block)
@@ -204,6 +213,9 @@ def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1) -> _R
     the claimed k-th value by a relative gap g is found when the confirmation's Chebyshev factor
     T_{m−k}(1 + 2g) beats the fresh vector's small component along it; an exact multiplicity r costs
     about r confirmation cycles.
+
+    Returns:
+        The ``k`` wanted Ritz pairs (float64) with the cycles and matvecs spent and the norm estimate.
     """
     m = min(N, max(2 * k + 1, k + 20, k + 2 * block))
     keep = max(k, (m + k) // 2)
@@ -253,6 +265,9 @@ def _subspace(mv, N, k, which, tol, max_iters, p, src, device, dtype) -> _Ritz:
     ``largest_magnitude``: σ = 0. ``largest`` (``smallest``): σ = max(0, −θ_min) (σ = θ_max) over the
     Ritz values seen so far, which makes B positive semi-definite on everything seen and turns the wanted
     end into B's largest-magnitude end; σ only grows, and the test is trusted only once σ has settled.
+
+    Returns:
+        The ``k`` wanted Ritz pairs (float64) with the iterations and matvecs spent and the norm estimate.
     """
     sign = -1.0 if which == "smallest" else 1.0
     Q = torch.linalg.qr(src.gaussian(p).reshape(p, N).double().to(device).T).Q.T
@@ -500,7 +515,7 @@ class SpectralDensity:
         return out
 
     def integrate(self, f) -> Estimate:
-        """tr f(A) ≈ n · mean over probes of Σ τ² f(θ), with an error bar that includes quadrature error.
+        """Estimate tr f(A) ≈ n · mean over probes of Σ τ² f(θ), with an error bar that includes quadrature error.
 
         ``stderr = s + q``: s is the standard error over probes (Hutchinson), q = n · mean over probes
         of max_{⌈m/2⌉ ≤ d < m} |Q_m(f) − Q_d(f)|, how far each probe's Gauss rule still moved over the
@@ -587,7 +602,18 @@ class SpectralDensity:
                                  "quadrature_halfwidth": h, "t": t})
 
     def density(self, grid: torch.Tensor, sigma: float | None = None) -> torch.Tensor:
-        """Gaussian-smoothed spectral density on ``grid`` (integrates to ≈ 1)."""
+        """Gaussian-smoothed spectral density ``ρ(x) ≈ (1/n) Σⱼ N(x; λⱼ, σ²)`` on ``grid`` (integrates to ≈ 1).
+
+        Every probe's Gauss rule stands in for its spectral measure: ``ρ(x) = mean over probes of
+        Σᵢ τᵢ² N(x; θᵢ, σ²)`` (Lin, Saad & Yang 2016, *Approximating spectral densities of large matrices*).
+
+        Args:
+            grid: the points x (any 1-D tensor or sequence; read as float64).
+            sigma: the smoothing width; default 1/100 of the span of the Gauss nodes.
+
+        Returns:
+            ``ρ(grid)``, a float64 tensor of the grid's length.
+        """
         grid = torch.as_tensor(grid, dtype=torch.float64)
         if sigma is None:
             span = float(self.nodes.max() - self.nodes.min())
@@ -685,8 +711,10 @@ def _psd_tolerance(dtype: torch.dtype, n: int, anorm: float) -> float:
 
 def modes_for_variance(A, fraction: float = 0.95, *, num_matvecs: int = 200, max_modes: int | None = None,
                        method: str = "lanczos", seed=None) -> Estimate:
-    """The number of leading eigenmodes that carry ``fraction`` of tr(A) for PSD A (papers' "modes for
-    95 % of the variance"): the smallest k with λ₁ + … + λ_k ≥ fraction · tr(A), λ descending.
+    """The number of leading eigenmodes that carry ``fraction`` of tr(A) for PSD A.
+
+    This is the papers' "modes for 95 % of the variance": the smallest k with λ₁ + … + λ_k ≥ fraction · tr(A),
+    λ descending.
 
     Only defined for positive semi-definite A (for indefinite A the partial sums are not monotone and
     the count is meaningless). Dense eigendecomposition up to dimension ``DENSE_EIG_LIMIT``; above it,

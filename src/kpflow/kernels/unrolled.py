@@ -49,7 +49,15 @@ class CountingOperator(LinearOperator):
 
 
 def kernel_jacobian(traj, param_names: Sequence[str]):
-    """``J = P Jθ`` from :mod:`kpflow.kernels`, and ``Jθ`` alone (to reuse the recorded ``P* e``)."""
+    """``J = P Jθ`` from :mod:`kpflow.kernels`, and ``Jθ`` alone (to reuse the recorded ``P* e``).
+
+    Args:
+        traj: a recorded trajectory.
+        param_names: the cell parameters θ that ``J`` differentiates with respect to.
+
+    Returns:
+        ``(P @ Jθ, Jθ)`` as ``LinearOperator``s (parameters → states).
+    """
     Jtheta = param_jacobian(traj, list(param_names))
     return propagator(traj) @ Jtheta, Jtheta
 
@@ -217,7 +225,14 @@ def record_for_step(model, names: Sequence[str], inputs, targets, *, mask=None, 
 
 
 def output_error(traj) -> torch.Tensor:
-    """``∂L/∂y`` of the recorded loss (kept by ``record_for_step``, else recomputed from the outputs)."""
+    """``∂L/∂y`` of the recorded loss (kept by ``record_for_step``, else recomputed from the outputs).
+
+    Args:
+        traj: a recorded trajectory with ``targets`` (the loss is ``traj.cache["loss"]``, MSE by default).
+
+    Returns:
+        ``∂L/∂y``, the shape of ``traj.outputs``.
+    """
     cached = traj.cache.get("output_error") if hasattr(traj, "cache") else None
     if cached is not None:
         return cached

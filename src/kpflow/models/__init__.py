@@ -1,6 +1,8 @@
-"""Models: recurrent cells as pure functions ``step(params, z_prev, x_t)`` plus a linear readout, and
-weight-based site models (``kpflow.models.sites``: deep MLP, transformer, any ``nn.Module`` of
-``nn.Linear`` layers) whose forward pass names its weight sites — the general joint-state formulation."""
+"""Models: recurrent cells as pure functions ``step(params, z_prev, x_t)`` plus a linear readout.
+
+Also weight-based site models (``kpflow.models.sites``: deep MLP, transformer, any ``nn.Module`` of
+``nn.Linear`` layers) whose forward pass names its weight sites — the general joint-state formulation.
+"""
 
 from .adapter import CellAdapter, ModuleAdapter
 from .base import Params, RecurrentModel

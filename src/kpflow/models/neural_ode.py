@@ -11,8 +11,11 @@ from .cells import ParameterCell, activation
 
 
 class NeuralODE(RecurrentModel):
-    """``dz/dt = f(z, x) = W2 φ(W1 z + U1 x + b1) + b2``, integrated over one step of length ``dt``
-    with ``substeps`` fixed steps of ``method`` ("euler" or "rk4"), the input held constant.
+    """A neural ODE ``dz/dt = f(z, x) = W2 φ(W1 z + U1 x + b1) + b2``, one model step per ``dt``.
+
+    Each step integrates over a length ``dt`` with ``substeps`` fixed steps of ``method`` ("euler", or the
+    classical 4th-order Runge–Kutta "rk4"), the input held constant (Chen et al. 2018, *Neural Ordinary
+    Differential Equations*, with a fixed-step solver instead of an adaptive one).
 
     Parameters: ``W1`` [width, H], ``U1`` [width, I], ``b1`` [width], ``W2`` [H, width], ``b2`` [H].
     """
@@ -43,11 +46,21 @@ class NeuralODE(RecurrentModel):
             self.cell.b2.zero_()
 
     def vector_field(self, params: Params, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``f(z, x)`` on ``[N, H]`` / ``[N, I]``."""
+        """The vector field ``f(z, x) = W2 φ(W1 z + U1 x + b1) + b2``.
+
+        Args:
+            params: the cell's parameters ``W1, U1, b1, W2, b2``.
+            z: the state, ``[N, H]``.
+            x: the input, ``[N, I]``.
+
+        Returns:
+            ``f(z, x)``, ``[N, H]``.
+        """
         hidden = self.phi(z @ params["W1"].T + x @ params["U1"].T + params["b1"])
         return hidden @ params["W2"].T + params["b2"]
 
     def step(self, params: Params, z_prev: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """``substeps`` Euler or RK4 steps of size ``dt / substeps`` of ``dz/dt = f(z, x_t)`` from ``z_prev``."""
         h = self.dt / self.substeps
         z = z_prev
         for _ in range(self.substeps):
