@@ -14,8 +14,15 @@ the config (nothing is downloaded), float32, eager attention, on batch 2 × 128 
 * ``<prefix>_trace_5pct_minutes``: wall time from recording the batch to a hidden-state NTK trace with
   relative standard error ≤ 5 % (``onesided_statistics(..., rtol=0.05)``, one probe per VJP), in minutes.
   Target ≤ 15 (410M, 2 cores).
-* ``<prefix>_peak_rss_gb``: the process's peak resident memory over the whole run (``ru_maxrss``),
-  model and trajectory included. Target ≤ 16.
+* ``<prefix>_peak_rss_gb``: the process's peak resident memory over the causal-model part of the run
+  (``ru_maxrss``), model and trajectory included (``peak_rss_gb_with_masked_lm``: after the masked LM).
+  Target ≤ 16.
+* ``lm_bert_mini_onesided_probe_over_fwd_bwd`` (both runs): the same ratio for a masked LM —
+  ``BertForMaskedLM`` with BERT-mini's sizes (4 layers, d_model 256, 4 heads, MLP 1024, vocabulary 30522;
+  random weights), batch 2 × 128 tokens, the second sequence padded after 96 tokens (attention mask),
+  15 % of the real tokens ``[MASK]`` (seeded); the forward + backward is Hugging Face's with the MLM
+  cross-entropy over the ``[MASK]`` positions. Median of interleaved per-round ratios, target ≤ 1.5
+  like the causal one.
 * ``lm_kron_exact_vs_estimate_rel_diff`` and ``lm_kron_exact_vs_estimate_z``: exact ``tr K`` of the
   parameter operator on the joint state from the Kronecker core (site-variable Grams, no probes) against
   its one-sided estimate ``E‖Jθ* v‖²`` with ``Jθ*`` by autodiff of the forward pass (the frozen-site VJP,
@@ -49,7 +56,7 @@ from torch.nn import functional as F
 from kpflow.estimators import onesided_statistics
 from kpflow.experiments.language_model import hidden_jacobian
 from kpflow.kernels import kronecker_core, param_jacobian, record
-from kpflow.models.hf import HFLanguageModel, build_lm, describe, num_parameters
+from kpflow.models.hf import HFLanguageModel, build_lm, describe, mask_tokens, masked_inputs, num_parameters
 
 HERE = pathlib.Path(__file__).resolve().parent
 
@@ -71,6 +78,47 @@ def fwd_bwd(hf, ids):
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
     loss.backward()
     hf.zero_grad(set_to_none=True)
+
+
+def masked_fwd_bwd(hf, x, labels):
+    """One MLM training step's forward + backward (cross-entropy at the [MASK] positions), gradients discarded."""
+    hf.zero_grad(set_to_none=True)
+    logits = hf(input_ids=x[..., 0], attention_mask=x[..., 1], token_type_ids=x[..., 2]).logits
+    F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100).backward()
+    hf.zero_grad(set_to_none=True)
+
+
+def interleaved(probe, step, rounds, label):
+    """Median over interleaved rounds of (one probe time) / (one fwd+bwd time), and the median times."""
+    step()  # warm-up
+    ratios, t_probe, t_fb = [], [], []
+    for r in range(rounds):
+        tb, _ = _t(step)
+        tp, _ = _t(lambda r=r: probe(r))
+        t_fb.append(tb)
+        t_probe.append(tp)
+        ratios.append(tp / tb)
+        print(f"{label} round {r}: probe {tp:.2f} s, fwd+bwd {tb:.2f} s", flush=True)
+    return statistics.median(ratios), statistics.median(t_probe), statistics.median(t_fb)
+
+
+def masked_lm_ratio(batch: int, tokens: int, rounds: int, gen) -> dict:
+    """The masked-LM figure of the module docstring (BERT-mini sizes, one padded sequence, 15 % [MASK])."""
+    hf = build_lm("bert-mini", dtype=torch.float32, seed=0)
+    model = HFLanguageModel(hf)
+    print(describe(model), flush=True)
+    ids = torch.randint(1000, model.vocab_size - 1, (batch, tokens), generator=gen)
+    attn = torch.ones_like(ids)
+    attn[-1, (3 * tokens) // 4:] = 0
+    ids[attn == 0] = hf.config.pad_token_id
+    x = mask_tokens(masked_inputs(ids, attn), model, 0.15, seed=0)
+    labels = torch.where(model.masked_positions(x), ids, torch.full_like(ids, -100))
+    J = hidden_jacobian(record(model, x))
+    V = torch.randn(rounds + 1, 1, *J.shape_out, generator=gen)
+    J.rmatmat(V[-1])  # builds the kept graph
+    ratio, tp, tb = interleaved(lambda r: J.rmatmat(V[r]), lambda: masked_fwd_bwd(hf, x, labels), rounds, "bert")
+    return {"lm_bert_mini_onesided_probe_over_fwd_bwd": ratio, "bert_mini_probe_seconds_median": tp,
+            "bert_mini_fwd_bwd_seconds_median": tb}
 
 
 def main(argv=None):
@@ -99,8 +147,8 @@ def main(argv=None):
 
     def save(**items):
         """Record figures as soon as they are measured (a run stopped by a timeout keeps what it measured)."""
-        out.update(items)
         out[f"{prefix}_peak_rss_gb"] = _rss_gb()
+        out.update(items)
         out["load_avg_now"] = os.getloadavg()[0]
         fd, tmp = tempfile.mkstemp(dir=HERE, suffix=".json")
         with os.fdopen(fd, "w") as f:
@@ -125,17 +173,9 @@ def main(argv=None):
     save(record_seconds=t_record, first_probe_seconds=t_graph)
 
     # --- one probe vs one forward+backward, interleaved (J's graph is already kept)
-    fwd_bwd(hf, ids)  # warm-up
-    ratios, t_probe, t_fb = [], [], []
-    for r in range(rounds):
-        tb, _ = _t(lambda: fwd_bwd(hf, ids))
-        tp, _ = _t(lambda r=r: J.rmatmat(V[r]))
-        t_fb.append(tb)
-        t_probe.append(tp)
-        ratios.append(tp / tb)
-        print(f"round {r}: probe {tp:.2f} s, fwd+bwd {tb:.2f} s", flush=True)
-    save(**{f"{prefix}_onesided_probe_over_fwd_bwd": statistics.median(ratios), "rounds": rounds,
-            "probe_seconds_median": statistics.median(t_probe), "fwd_bwd_seconds_median": statistics.median(t_fb)})
+    ratio, tp, tb = interleaved(lambda r: J.rmatmat(V[r]), lambda: fwd_bwd(hf, ids), rounds, prefix)
+    save(**{f"{prefix}_onesided_probe_over_fwd_bwd": ratio, "rounds": rounds, "probe_seconds_median": tp,
+            "fwd_bwd_seconds_median": tb})
 
     # --- 5 % trace: record + graph + the probes the stopping rule needs (the graph is the one built above)
     t_probes, stats = _t(lambda: onesided_statistics(J, args.max_probes, side="reverse", seed=0, chunk_size=1,
@@ -148,10 +188,16 @@ def main(argv=None):
     # --- exact tr K (Kronecker core) vs its one-sided autodiff estimate
     t_exact, exact = _t(lambda: kronecker_core(traj).trace())
     Jt = param_jacobian(traj, backend="autodiff")
-    est = onesided_statistics(Jt, kron_probes, side="reverse", seed=5, chunk_size=1).trace
+    # probes in batched VJPs of 5 (the same estimate, fewer passes)
+    est = onesided_statistics(Jt, kron_probes, side="reverse", seed=5, chunk_size=min(5, kron_probes)).trace
     save(lm_kron_exact_vs_estimate_rel_diff=abs(est.value - exact) / exact,
          lm_kron_exact_vs_estimate_z=abs(est.value - exact) / est.stderr, lm_kron_exact_seconds=t_exact,
          lm_kron_probes=kron_probes)
+
+    # --- the masked LM (BERT-mini sizes; after the causal figures, so <prefix>_peak_rss_gb stays theirs)
+    rss = out[f"{prefix}_peak_rss_gb"]
+    save(**masked_lm_ratio(args.batch, args.tokens, 3, gen))
+    save(**{f"{prefix}_peak_rss_gb": rss, "peak_rss_gb_with_masked_lm": _rss_gb()})
     save(complete=True, load_avg_end=os.getloadavg()[0])
     print("--- headline")
     for k, v in out.items():
