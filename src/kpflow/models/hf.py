@@ -129,12 +129,12 @@ def _transformers():
     return transformers
 
 
-def _unsupported(kind: str) -> ValueError:
+def _unsupported(kind: str) -> str:
     causal = sorted(k for k, v in FAMILIES.items() if v[3] == "causal")
     masked = sorted(k for k, v in FAMILIES.items() if v[3] == "masked")
-    return ValueError(f"unsupported architecture {kind!r}; kpflow's language-model adapter supports the causal LM "
-                      f"families {causal} (GPT-2, GPT-NeoX/Pythia, Llama-style: *ForCausalLM) and the masked LM "
-                      f"families {masked} (BERT, RoBERTa: *ForMaskedLM)")
+    return (f"unsupported architecture {kind!r}; kpflow's language-model adapter supports the causal LM "
+            f"families {causal} (GPT-2, GPT-NeoX/Pythia, Llama-style: *ForCausalLM) and the masked LM "
+            f"families {masked} (BERT, RoBERTa: *ForMaskedLM)")
 
 
 def lm_config(family: str, **sizes):
@@ -148,13 +148,14 @@ def lm_config(family: str, **sizes):
         The ``PretrainedConfig``.
 
     Raises:
-        ValueError: an unsupported family.
+        ValueError: an unsupported family (the message names the supported ones).
+        ImportError: ``transformers`` is not installed.
     """
     tf = _transformers()
     classes = {"gpt2": tf.GPT2Config, "gpt_neox": tf.GPTNeoXConfig, "llama": tf.LlamaConfig, "bert": tf.BertConfig,
                "roberta": tf.RobertaConfig}
     if family not in classes:
-        raise _unsupported(family)
+        raise ValueError(_unsupported(family))
     cfg = classes[family](**(_NO_DROPOUT[family] | sizes))
     cfg._attn_implementation = "eager"
     return cfg
@@ -201,7 +202,7 @@ def _auto_class(tf, kind: str):
 def _check_family(config) -> str:
     kind = getattr(config, "model_type", None)
     if kind not in FAMILIES:
-        raise _unsupported(kind)
+        raise ValueError(_unsupported(kind))
     return kind
 
 
@@ -212,7 +213,7 @@ def _read_config(path: Path):
         raise ValueError(f"cannot read a model config from {path}: {exc}") from exc
     kind = data.get("model_type")
     if kind not in FAMILIES:
-        raise _unsupported(kind)
+        raise ValueError(_unsupported(kind))
     data = {k: v for k, v in data.items() if k != "model_type"}
     return lm_config(kind, **data)
 
@@ -222,7 +223,8 @@ def load_lm(path, *, dtype: torch.dtype = torch.float32, device=None) -> nn.Modu
 
     Args:
         path: the folder (as written by ``save_pretrained(..., safe_serialization=True)``).
-        dtype, device: of the loaded parameters.
+        dtype: of the loaded parameters.
+        device: where to put them (None: CPU).
 
     Returns:
         The model, in eval mode.
@@ -261,14 +263,41 @@ class ByteTokenizer:
         return self.vocab_size
 
     def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of ``text``.
+
+        Args:
+            text: the string.
+
+        Returns:
+            Its bytes as ids in [0, 256).
+        """
         return list(text.encode("utf-8"))
 
     def decode(self, ids) -> str:
+        """The text of byte ids (invalid UTF-8 replaced by U+FFFD).
+
+        Args:
+            ids: byte ids.
+
+        Returns:
+            The decoded string.
+        """
         return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
 def load_tokenizer(path=None):
-    """``ByteTokenizer()`` (``path=None``) or a tokenizer from a local folder (``AutoTokenizer``, no network)."""
+    """``ByteTokenizer()`` (``path=None``) or a tokenizer from a local folder (``AutoTokenizer``, no network).
+
+    Args:
+        path: a local tokenizer folder, or None for UTF-8 bytes.
+
+    Returns:
+        The tokenizer (``len(tok)`` its vocabulary size, ``tok.encode(text)`` its ids).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a folder.
+        ImportError: ``transformers`` is not installed (a folder given).
+    """
     if path is None:
         return ByteTokenizer()
     tf = _transformers()
@@ -279,6 +308,17 @@ def load_tokenizer(path=None):
 
 def tokenize(text: str, tokenizer, model: HFLanguageModel, batch: int, length: int, *, offset: int = 0) -> torch.Tensor:
     """``batch`` windows of ``length`` consecutive tokens of ``text`` (``[batch, length]`` int64).
+
+    Args:
+        text: the text.
+        tokenizer: ``ByteTokenizer`` or a Hugging Face tokenizer (``len``, ``encode``).
+        model: the adapted model (its vocabulary and positions are checked).
+        batch: windows (sequences).
+        length: tokens per window.
+        offset: first token used.
+
+    Returns:
+        Token ids ``[batch, length]``.
 
     Raises:
         ValueError: the tokenizer's vocabulary is larger than the model's, the windows are longer than the
@@ -715,7 +755,15 @@ def param_subset(model: HFLanguageModel, patterns: str | Sequence[str]) -> tuple
     """The parameter names of ``model`` that match any of the glob ``patterns`` (``fnmatch``), in model order.
 
     Examples: ``"*.attn.*"`` (GPT-2 attention), ``"*.attention.*"`` (Pythia), ``"*self_attn*"`` (Llama),
-    ``"*.layers.0.*"`` (one layer), ``"*mlp*"``.
+    ``"*.layers.0.*"`` (one layer), ``"*mlp*"``, ``"*.attention.*"`` (BERT/RoBERTa attention; their MLP is
+    ``"*.intermediate.*"`` and ``"*[0-9].output.*"``).
+
+    Args:
+        model: the adapted model.
+        patterns: one glob pattern or several.
+
+    Returns:
+        The matching names of θ.
 
     Raises:
         ValueError: a pattern that matches nothing (the message lists a few names).
@@ -730,20 +778,43 @@ def param_subset(model: HFLanguageModel, patterns: str | Sequence[str]) -> tuple
 
 
 def suggested_chunk(model: HFLanguageModel, memory_bytes: float = 4e9) -> int:
-    """Probes per batched reverse-mode application so that their parameter-sized gradients fit in ``memory_bytes``."""
+    """Probes per batched reverse-mode application so that their parameter-sized gradients fit in ``memory_bytes``.
+
+    Args:
+        model: the adapted model.
+        memory_bytes: what the gradients of one batched application may take.
+
+    Returns:
+        Probes per application, in [1, 64].
+    """
     p = next(iter(model.cell_params().values()))
     size = sum(v.numel() for v in model.cell_params().values()) * p.element_size()
     return max(1, min(64, int(memory_bytes // max(size, 1))))
 
 
 def num_parameters(model: HFLanguageModel, names: Sequence[str] | None = None) -> int:
-    """Number of parameters in θ (or in ``names``)."""
+    """Number of parameters in θ (or in ``names``).
+
+    Args:
+        model: the adapted model.
+        names: a subset of θ's names (None: all of θ).
+
+    Returns:
+        The count of scalars.
+    """
     params = model.cell_params()
     return sum(params[n].numel() for n in (params if names is None else names))
 
 
 def describe(model: HFLanguageModel) -> str:
-    """One line: family, layers, width, parameters, dtype."""
+    """One line: family, layers, width, parameters, dtype.
+
+    Args:
+        model: the adapted model.
+
+    Returns:
+        The line.
+    """
     p = next(iter(model.cell_params().values()))
     return (f"{model.family}: {model.n_layers} layers × d_model {model.d_model}, vocab {model.vocab_size}, "
             f"{num_parameters(model) / 1e6:.2f}M parameters (θ, head excluded), {p.dtype}")
