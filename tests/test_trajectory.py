@@ -1,12 +1,12 @@
-"""``record`` takes a snapshot, and refuses inputs it cannot linearise around with clear errors."""
+"""``record`` takes a snapshot (recurrent and site models alike), and refuses inputs it cannot linearise around."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kpflow.kernels import ntk, param_jacobian, propagator, record
-from kpflow.models import GRU, VanillaRNN
+from kpflow.kernels import RecordedRun, SiteTrajectory, ntk, param_jacobian, propagator, record
+from kpflow.models import GRU, DeepMLP, Transformer, VanillaRNN
 
 DT = torch.float64
 
@@ -131,3 +131,70 @@ def test_backend_is_the_one_name_for_autodiff_or_kronecker_and_old_spellings_war
     node = NeuralODE(2, 3, 1, width=4, dtype=DT)
     with pytest.raises(ValueError, match="backend='kronecker' needs a weight-based cell"):
         param_jacobian(record(node, x), backend="kronecker")
+
+
+def _recurrent(dtype=DT):
+    torch.manual_seed(0)
+    return GRU(2, 4, 2, dtype=dtype), torch.randn(3, 5, 2, dtype=dtype)
+
+
+def _mlp(dtype=DT):
+    torch.manual_seed(0)
+    return DeepMLP(3, 4, 3, 2, "tanh", dtype=dtype), torch.randn(5, 3, dtype=dtype)
+
+
+def _transformer(dtype=DT):
+    torch.manual_seed(0)
+    return Transformer(3, 4, 2, 2, 4, 2, max_len=4, causal=True, dtype=dtype), torch.randn(2, 3, 3, dtype=dtype)
+
+
+MAKERS = {"gru": _recurrent, "mlp": _mlp, "transformer": _transformer}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_every_recording_speaks_one_vocabulary(name, dtype):
+    """``Trajectory`` and ``SiteTrajectory`` are both ``RecordedRun``s: shape/dtype/device of the visible
+    states, the operators in that dtype, and a readout and parameters that are copies, not the live tensors."""
+    model, x = MAKERS[name](dtype)
+    traj = record(model, x)
+    assert isinstance(traj, RecordedRun)
+    assert isinstance(traj, SiteTrajectory) == (name != "gru")
+    assert traj.shape == tuple(traj.states.shape) and len(traj.shape) == 3
+    assert traj.dtype == traj.states.dtype == dtype and traj.device == traj.states.device == x.device
+    K = ntk(traj)
+    assert (K.dtype, K.device, K.shape_in) == (traj.dtype, traj.device, traj.shape)
+    rp, live = traj.readout_params(), model.readout_params()
+    assert rp is not traj.readout and sorted(rp) == sorted(live) == ["bias", "weight"]
+    for k, v in rp.items():
+        assert torch.equal(v, live[k].detach()) and v.data_ptr() != live[k].data_ptr() and not v.requires_grad
+    for k, v in traj.params.items():
+        assert v.data_ptr() != model.cell_params()[k].data_ptr()
+
+
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_training_in_place_after_record_changes_no_operator(name):
+    """The snapshot rule for both kinds of recording: after an in-place SGD step on every parameter, the NTK,
+    the adjoint and the readout of the old recording are bit for bit what they were, and equal a recording of
+    the pre-step model (a twin); a fresh recording sees the step."""
+    model, x = MAKERS[name]()
+    twin, _ = MAKERS[name]()
+    twin.load_state_dict(model.state_dict())
+    y = torch.randn_like(record(model, x).outputs)
+    traj = record(model, x, targets=y)
+    before, adjoint_before = ntk(traj).to_matrix().clone(), traj.adjoint.clone()
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sum((p * p + p).sum() for p in model.parameters()).backward()
+    opt.step()  # in place, on the cell and the readout: every entry moves (gradient 2p + 1)
+    assert all(not torch.equal(a, b) for a, b in zip(model.parameters(), twin.parameters(), strict=True))
+
+    after = ntk(traj).to_matrix()
+    assert torch.equal(after, before) and torch.equal(traj.adjoint, adjoint_before)
+    reference = record(twin, x, targets=y)
+    assert torch.allclose(after, ntk(reference).to_matrix(), rtol=1e-12, atol=1e-12 * float(before.abs().max()))
+    assert torch.allclose(traj.adjoint, reference.adjoint, rtol=1e-12, atol=1e-13)
+    for k, v in traj.readout_params().items():
+        assert torch.equal(v, twin.readout_params()[k].detach())
+    fresh = ntk(record(model, x, targets=y)).to_matrix()
+    assert float((fresh - before).norm() / before.norm()) > 1e-3

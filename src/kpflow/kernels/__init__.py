@@ -39,10 +39,10 @@ from .state_space import (
     step_jacobians,
     time_shift,
 )
-from .trajectory import NonFiniteStateError, Trajectory, loss_value, record, resolve_param_names
+from .trajectory import NonFiniteStateError, RecordedRun, Trajectory, loss_value, record, resolve_param_names, snapshot
 
 __all__ = [
-    "record", "Trajectory", "NonFiniteStateError", "resolve_param_names", "loss_value",
+    "record", "RecordedRun", "Trajectory", "NonFiniteStateError", "resolve_param_names", "loss_value", "snapshot",
     "param_jacobian", "parameter_operator", "step_jacobians", "time_shift", "propagator",
     "inverse_propagator", "readout_jacobian", "state_jacobian", "ntk", "output_ntk", "state_fisher",
     "dense_step_jacobians", "kronecker_core", "supports_kronecker",

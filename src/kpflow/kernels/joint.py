@@ -33,7 +33,8 @@ from torch.func import jvp, vjp, vmap
 from kpflow.models.sites import JointLayout, SiteModel, Sites, Use
 from kpflow.operators import LinearOperator
 
-from .trajectory import NonFiniteStateError, loss_value
+from .trajectory import NonFiniteStateError, RecordedRun, loss_value, snapshot
+from .trajectory import resolve_param_names as _resolve
 
 #: ceiling on the entries of an N×N position Gram matrix (slot_grams, temporal_gram)
 GRAM_LIMIT = 2**26
@@ -42,8 +43,11 @@ PATHS = ("auto", "fold", "vmap")
 
 
 @dataclass
-class SiteTrajectory:
+class SiteTrajectory(RecordedRun):
     """A recorded forward pass of a site model: the joint state and everything the operators need.
+
+    A snapshot with the vocabulary of ``kpflow.kernels.trajectory.RecordedRun`` (``shape``, ``dtype``,
+    ``device``, ``readout_params()``); ``joint_shape`` and ``recorded()`` add the joint state.
 
     Attributes:
         model: the ``SiteModel``.
@@ -74,32 +78,9 @@ class SiteTrajectory:
     cache: dict = field(default_factory=dict, repr=False)
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        """``(B, T, Hv)`` of the visible states."""
-        return tuple(self.states.shape)
-
-    @property
     def joint_shape(self) -> tuple[int, int, int]:
         """``(B, T, Hj)`` of the joint state."""
         return tuple(self.joint.shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the recorded joint state."""
-        return self.joint.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the recorded joint state."""
-        return self.joint.device
-
-    def readout_params(self) -> dict[str, torch.Tensor]:
-        """The readout's parameters at recording time.
-
-        Returns:
-            A new dict of the snapshot's readout tensors (not the model's live ones).
-        """
-        return dict(self.readout)
 
     def recorded(self) -> dict:
         """What the recording holds beyond the visible states.
@@ -113,19 +94,6 @@ class SiteTrajectory:
 def is_site_trajectory(traj) -> bool:
     """True for a recorded site model (the general joint-state path)."""
     return isinstance(traj, SiteTrajectory)
-
-
-def _resolve(model: SiteModel, names) -> tuple[str, ...]:
-    own = list(model.cell_params())
-    if names is None:
-        return tuple(own)
-    names = (names,) if isinstance(names, str) else tuple(names)
-    unknown = [n for n in names if n not in own]
-    if unknown:
-        raise ValueError(f"unknown parameter name(s) {unknown} for {type(model).__name__}; choose from {own}")
-    if not names:
-        raise ValueError(f"param_names is empty; choose at least one of {own}")
-    return tuple(n for n in own if n in names)
 
 
 def _first_nonfinite(joint: torch.Tensor, layout: JointLayout) -> str | None:
@@ -167,10 +135,10 @@ def record_sites(model: SiteModel, inputs, *, targets: torch.Tensor | None = Non
     if inputs.is_floating_point() and not bool(torch.isfinite(inputs).all()):
         idx = tuple(int(i) for i in torch.nonzero(~torch.isfinite(inputs))[0])
         raise ValueError(f"inputs contain NaN/Inf (first at index {idx}); the model cannot be run on them")
-    live = {k: v.detach().clone() for k, v in model.cell_params().items()}
+    live = snapshot(model.cell_params())
     if params is not None:
         model.check_params(params)
-        live |= {k: v.detach().clone() for k, v in params.items()}
+        live |= snapshot(params)
     if not live:
         raise ValueError(f"{type(model).__name__} has no parameters outside its readout: nothing to differentiate")
     p0 = next(iter(live.values()))
@@ -195,7 +163,7 @@ def record_sites(model: SiteModel, inputs, *, targets: torch.Tensor | None = Non
     if unseen:
         raise ValueError(f"parameter(s) {unseen} never enter the forward pass through a weight site; the joint-state "
                          "operators see parameters only as W u (affine/lookup/scale). Exclude them with param_names")
-    readout = {k: v.detach().clone() for k, v in model.readout_params().items()}
+    readout = snapshot(model.readout_params())
     states = sites.visible()
     with torch.no_grad():
         outputs = model.output(states, readout)

@@ -1,4 +1,10 @@
-"""A recorded run of a recurrent model: everything the state-space operators linearise around."""
+"""A recorded run of a model: everything the state-space operators linearise around.
+
+``RecordedRun`` is the vocabulary every recording shares — the recurrent ``Trajectory`` here and the
+joint-state ``kpflow.kernels.joint.SiteTrajectory`` — so operators and estimators rely on ``traj.shape``,
+``traj.dtype``, ``traj.device``, ``traj.readout_params()`` and on a recording being a snapshot, whatever
+model made it.
+"""
 
 from __future__ import annotations
 
@@ -16,13 +22,67 @@ class NonFiniteStateError(ValueError):
     """The recorded states contain NaN or inf."""
 
 
+class RecordedRun:
+    """What every recorded run offers, whichever model made it: a snapshot with one vocabulary.
+
+    *Snapshot*: the recording keeps copies of the parameters (``params``) and of the readout (``readout``)
+    that it ran with, so training the model in place afterwards (``optimizer.step()``) changes neither the
+    recording nor any operator built on it; record again to linearise around the new parameters. ``shape``,
+    ``dtype`` and ``device`` are those of the recorded (visible) states, which every operator on the
+    recording acts on.
+
+    Subclasses (dataclasses) hold at least these attributes:
+
+    Attributes:
+        model: the model that produced the run (its pure functions are used, never its live parameters).
+        params: copies of the parameters the run used (the linearisation point).
+        readout: copies of the readout parameters ``{"weight", "bias"}`` of ``y = C z + d``.
+        inputs: what the model ran on.
+        states: the visible states ``[B, T, H]``; outputs: the readout of them.
+        targets, mask, error, adjoint, loss: the loss's targets and mask, ``e = ∂L/∂states``, ``P* e``
+            and the loss value (None without targets).
+        param_names: the parameters the operators differentiate by default.
+        cache: derived quantities memoised on the recording (pure functions of the snapshot).
+    """
+
+    model: object
+    params: dict[str, torch.Tensor]
+    readout: dict[str, torch.Tensor] | None
+    inputs: torch.Tensor
+    states: torch.Tensor
+    outputs: torch.Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(B, T, H)`` of the visible states."""
+        return tuple(self.states.shape)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the recorded states (and of every operator built on them)."""
+        return self.states.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the recorded states (and of every operator built on them)."""
+        return self.states.device
+
+    def readout_params(self) -> dict[str, torch.Tensor]:
+        """The readout parameters of the snapshot.
+
+        Returns:
+            A new dict of the snapshot's readout tensors (not the model's live ones).
+        """
+        return dict(self.readout)
+
+
 @dataclass
-class Trajectory:
+class Trajectory(RecordedRun):
     """States ``[B, T, H]`` of a model run, with its inputs, outputs, error and adjoint.
 
-    A trajectory is a *snapshot*: ``record`` stores copies of the cell and readout parameters, so
-    training the model in place afterwards (``optimizer.step()``) changes neither the trajectory
-    nor any operator built on it. Record again to linearise around the new parameters.
+    A trajectory is a *snapshot* (see ``RecordedRun``): ``record`` stores copies of the cell and readout
+    parameters, so training the model in place afterwards (``optimizer.step()``) changes neither the
+    trajectory nor any operator built on it. Record again to linearise around the new parameters.
 
     Attributes:
         model: the ``RecurrentModel`` that produced the run (its pure functions are used, never its
@@ -56,22 +116,7 @@ class Trajectory:
 
     def __post_init__(self):
         if self.readout is None:
-            self.readout = _snapshot(self.model.readout_params())
-
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        """``(B, T, H)``."""
-        return tuple(self.states.shape)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the recorded states."""
-        return self.states.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The device of the recorded states."""
-        return self.states.device
+            self.readout = snapshot(self.model.readout_params())
 
     @property
     def prev_states(self) -> torch.Tensor:
@@ -87,17 +132,16 @@ class Trajectory:
         B, T, H = self.shape
         return self.prev_states.reshape(B * T, H), self.inputs.reshape(B * T, -1)
 
-    def readout_params(self) -> dict[str, torch.Tensor]:
-        """The readout parameters of the snapshot.
 
-        Returns:
-            A new dict of the snapshot's readout tensors (not the model's live ones).
-        """
-        return dict(self.readout)
+def snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached copies that no later in-place update of ``params`` can reach (what a recording keeps).
 
+    Args:
+        params: tensors by name (e.g. ``model.cell_params()``, live parameters).
 
-def _snapshot(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Detached copies that no later in-place update of ``params`` can reach."""
+    Returns:
+        ``{name: tensor.detach().clone()}``: new memory, no autograd history.
+    """
     return {k: v.detach().clone() for k, v in params.items()}
 
 
@@ -105,7 +149,8 @@ def resolve_param_names(model: RecurrentModel, names: Sequence[str] | str | None
     """Validate a subset of cell-parameter names.
 
     Args:
-        model: the model whose ``cell_params()`` name the valid choices.
+        model: the model (a ``RecurrentModel`` or a ``SiteModel``) whose ``cell_params()`` name the valid
+            choices.
         names: one name, a sequence of names, or None for all.
 
     Returns:
@@ -241,16 +286,16 @@ def record(
         raise ValueError(f"inputs have an empty batch (shape {tuple(inputs.shape)}); record needs at least one "
                          "trial, inputs of shape [B, T, I] with B >= 1")
     # a snapshot: copies, so that an in-place optimizer step on the model cannot reach the trajectory
-    live = _snapshot(model.cell_params())
+    live = snapshot(model.cell_params())
     if params is not None:
         model.check_params(params)
-        live |= _snapshot(params)
+        live |= snapshot(params)
     model.check_params(live, complete=True)
     p0 = next(iter(live.values()))
     if inputs.dtype != p0.dtype or inputs.device != p0.device:
         raise ValueError(f"inputs are {inputs.dtype} on {inputs.device} but the model's parameters are "
                          f"{p0.dtype} on {p0.device}; convert one of them (e.g. inputs.to(model_dtype))")
-    readout = _snapshot(model.readout_params())
+    readout = snapshot(model.readout_params())
     odd = {k: (v.dtype, v.device) for k, v in readout.items() if (v.dtype, v.device) != (p0.dtype, p0.device)}
     if odd:
         raise ValueError(f"the readout parameters {sorted(odd)} are {next(iter(odd.values()))[0]} on "
