@@ -22,11 +22,19 @@ class DeepMLP(SiteModel):
     ``[B, O]``. Parameters ``layers.l.weight`` (``[width, I]`` for l = 0, else ``[width, width]``),
     ``layers.l.bias`` ``[width]``; weights start ``N(0, gain²/fan_in)``, biases at 0.
 
+    With ``seq_len = S`` the network maps whole sequences (what the sequence tasks of ``kpflow.tasks``
+    give): the input ``x [B, S, I]`` is read flattened, ``x̄ = vec(x) ∈ R^{S·I}`` (so ``W_0`` is
+    ``[width, S·I]``), and the readout ``[S·O, width]`` is read back as per-step outputs ``[B, S, O]``
+    (``y[b, s] = (C z_L + d)[s·O:(s+1)·O]``). Every output step sees the whole sequence (no causality);
+    positions of the operators are still depth, not the task's time.
+
     Args:
-        input_dim, width, depth, output_dim: sizes (depth >= 1).
+        input_dim, width, depth, output_dim: sizes (depth >= 1); with ``seq_len`` the per-step widths.
         nonlinearity: ``"relu"``, ``"tanh"``, ``"gelu"`` or ``"identity"``.
         bias: include the biases.
         gain: scale of the initial weights.
+        seq_len: if given, inputs are sequences ``[B, seq_len, input_dim]`` and outputs ``[B, seq_len,
+            output_dim]`` (see above); None: inputs ``[B, input_dim]``, outputs ``[B, output_dim]``.
         dtype, device: of the parameters.
 
     Raises:
@@ -34,20 +42,25 @@ class DeepMLP(SiteModel):
     """
 
     def __init__(self, input_dim: int, width: int, depth: int, output_dim: int = 1, nonlinearity: str = "relu",
-                 bias: bool = True, gain: float = 1.0, dtype=None, device=None):
+                 bias: bool = True, gain: float = 1.0, seq_len: int | None = None, dtype=None, device=None):
         super().__init__()
         if min(int(input_dim), int(width), int(depth), int(output_dim)) < 1:
             raise ValueError(f"input_dim, width, depth and output_dim must be >= 1, got {input_dim}, {width}, "
                              f"{depth}, {output_dim}")
+        if seq_len is not None and int(seq_len) < 1:
+            raise ValueError(f"seq_len must be >= 1 or None, got {seq_len!r}")
         if nonlinearity not in _ACT:
             raise ValueError(f"unknown nonlinearity {nonlinearity!r}; choose one of {sorted(_ACT)}")
         self.input_dim, self.width = int(input_dim), int(width)
         self.depth, self.output_dim = int(depth), int(output_dim)
         self.nonlinearity, self.phi, self.bias = nonlinearity, _ACT[nonlinearity], bool(bias)
+        self.seq_len = None if seq_len is None else int(seq_len)
+        steps = 1 if self.seq_len is None else self.seq_len
         self.layers = nn.ModuleList(
-            nn.Linear(self.input_dim if i == 0 else self.width, self.width, bias=bias, dtype=dtype, device=device)
+            nn.Linear(steps * self.input_dim if i == 0 else self.width, self.width, bias=bias, dtype=dtype,
+                      device=device)
             for i in range(self.depth))
-        self.readout = nn.Linear(self.width, self.output_dim, dtype=dtype, device=device)
+        self.readout = nn.Linear(self.width, steps * self.output_dim, dtype=dtype, device=device)
         with torch.no_grad():
             for lin in self.layers:
                 lin.weight.normal_(0.0, gain / math.sqrt(lin.in_features))
@@ -59,9 +72,19 @@ class DeepMLP(SiteModel):
         return self.width
 
     def check_inputs(self, inputs) -> None:
-        if not isinstance(inputs, torch.Tensor) or inputs.dim() != 2 or inputs.shape[1] != self.input_dim:
+        """Raise if ``inputs`` is not ``[B, input_dim]`` (``[B, seq_len, input_dim]`` with ``seq_len``).
+
+        Raises:
+            ValueError: another shape (a sequence of another length names the length the MLP was built
+                for), or an empty batch.
+        """
+        want = (self.input_dim,) if self.seq_len is None else (self.seq_len, self.input_dim)
+        if not isinstance(inputs, torch.Tensor) or tuple(inputs.shape[1:]) != want:
             shape = tuple(inputs.shape) if isinstance(inputs, torch.Tensor) else type(inputs).__name__
-            raise ValueError(f"DeepMLP inputs must be [B, {self.input_dim}], got {shape}")
+            hint = "" if self.seq_len is None else (f" (built for sequences of seq_len={self.seq_len} steps: an MLP "
+                                                    "reads the whole sequence at once, so every batch needs that "
+                                                    "length)")
+            raise ValueError(f"DeepMLP inputs must be [B, {', '.join(map(str, want))}], got {shape}{hint}")
         if inputs.shape[0] < 1:
             raise ValueError("the batch is empty (B = 0)")
 
@@ -69,14 +92,15 @@ class DeepMLP(SiteModel):
         return int(inputs.shape[0]), self.depth
 
     def run_sites(self, params: Params, inputs: torch.Tensor, sites: Sites) -> None:
-        z = inputs
+        z = inputs.reshape(inputs.shape[0], -1)
         for i in range(self.depth):
             a = sites.linear("a", f"layers.{i}.weight", z, f"layers.{i}.bias" if self.bias else None, at=i)
             z = sites.state("z", self.phi(a), at=i)
 
     def output(self, states: torch.Tensor, readout_params: Params | None = None) -> torch.Tensor:
         p = self.readout_params() if readout_params is None else readout_params
-        return states[:, -1] @ p["weight"].T + p["bias"]
+        y = states[:, -1] @ p["weight"].T + p["bias"]
+        return y if self.seq_len is None else y.reshape(y.shape[0], self.seq_len, self.output_dim)
 
     def to_torch(self) -> nn.Sequential:
         """An ``nn.Sequential`` of ``nn.Linear`` and activation layers (and the readout) with copies of the
@@ -88,8 +112,11 @@ class DeepMLP(SiteModel):
                             device=lin.weight.device)
             new.load_state_dict(lin.state_dict())
             mods += [new, act()]
-        ro = nn.Linear(self.width, self.output_dim, dtype=self.readout.weight.dtype, device=self.readout.weight.device)
+        ro = nn.Linear(self.width, self.readout.out_features, dtype=self.readout.weight.dtype,
+                       device=self.readout.weight.device)
         ro.load_state_dict(self.readout.state_dict())
+        if self.seq_len is not None:
+            return nn.Sequential(nn.Flatten(1), *mods, ro, nn.Unflatten(1, (self.seq_len, self.output_dim)))
         return nn.Sequential(*mods, ro)
 
     @classmethod

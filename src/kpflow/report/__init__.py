@@ -10,9 +10,9 @@ from .html import environment, reading, write_report
 
 def run_dimensions(run_dir: str | Path) -> Dimensions | None:
     """The sizes the effective ranks are judged against, from the run's config: the evaluation batch's
-    trials B, time steps T and state size H (the state space has N = B·T·H dimensions, a bound on the rank of
-    P P* and of the NTK) and the number of trained cell parameters (K = Jθ Jθ* has rank at most
-    min(N, #params)). None when the config cannot be read."""
+    trials B, positions T (time steps; tokens of a transformer; depth of an MLP) and state size H (the state
+    space has N = B·T·H dimensions, a bound on the rank of P P* and of the NTK) and the number of trained
+    cell parameters (K = Jθ Jθ* has rank at most min(N, #params)). None when the config cannot be read."""
     from kpflow.tracking.analyze import build_from_config, run_config
 
     try:
@@ -24,7 +24,9 @@ def run_dimensions(run_dir: str | Path) -> Dimensions | None:
     cell = model.cell_params()
     names = cfg.track.param_names or list(cell)
     n_params = sum(cell[n].numel() for n in names if n in cell)
-    B, T = int(batch.inputs.shape[0]), int(batch.inputs.shape[1])
+    positions = getattr(model, "positions", None)  # site models: the operators' position space
+    B, T = positions(batch.inputs) if positions is not None else batch.inputs.shape[:2]
+    B, T = int(B), int(T)
     return Dimensions(trials=B, steps=T, state=int(model.state_dim), params=int(n_params))
 
 

@@ -28,10 +28,12 @@ COLUMNS = ("run", "step", "metric", "value", "stderr", "method")
 
 
 def build_from_config(cfg: RunConfig):
-    """The task and a freshly initialised model of a run config (float32 unless the config says otherwise)."""
+    """The task and a freshly initialised model of a run config (float32 unless the config says otherwise);
+    models built for a sequence length (transformer, mlp) get the task's ``seq_len``."""
     task = make_task(cfg.task.name, **cfg.task.params)
     model = build_model(cfg.model.name, task.input_dim, cfg.model.hidden, task.output_dim, g=cfg.model.g,
-                        seed=cfg.seed, device=cfg.device, dtype=cfg.torch_dtype(), **cfg.model.params)
+                        seed=cfg.seed, device=cfg.device, dtype=cfg.torch_dtype(),
+                        seq_len=getattr(task, "seq_len", None), **cfg.model.params)
     return task, model
 
 

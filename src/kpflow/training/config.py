@@ -55,7 +55,9 @@ class TaskConfig(_Section):
 
 
 class ModelConfig(_Section):
-    """The recurrent model: cell ``name``, ``hidden`` units, initial recurrent weight scale ``g``."""
+    """The model: ``name`` (a recurrent cell, ``transformer`` or ``mlp``), its size ``hidden`` (state size;
+    ``d_model`` of a transformer; width of an MLP), initial recurrent weight scale ``g`` (recurrent cells
+    only) and its own ``params`` (see ``kpflow.training.models``)."""
 
     name: str = "gru"
     hidden: int = Field(64, ge=1)
@@ -70,6 +72,19 @@ class ModelConfig(_Section):
         if v.lower() not in model_names():
             raise ValueError(f"unknown model; valid models: {', '.join(model_names())}")
         return v.lower()
+
+    @field_validator("params")
+    @classmethod
+    def _known_model_params(cls, v, info):
+        from .models import model_parameters, unknown_parameters_message
+
+        name = info.data.get("name")
+        allowed = None if name is None else model_parameters(name)
+        if allowed is not None:
+            unknown = [k for k in v if k not in allowed]
+            if unknown:
+                raise ValueError(unknown_parameters_message(name, unknown, allowed))
+        return v
 
 
 class OptimizerConfig(_Section):
