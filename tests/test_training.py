@@ -166,7 +166,7 @@ def test_cross_entropy_loss_matches_torch():
 
 @pytest.mark.parametrize("bad, key, fragment", [
     ({"task": {"name": "flip"}}, "task.name = 'flip'", "valid tasks: context_integration"),
-    ({"model": {"name": "transformer"}}, "model.name = 'transformer'", "valid models: gru"),
+    ({"model": {"name": "transformerx"}}, "model.name = 'transformerx'", "valid models: gru"),
     ({"optimizer": {"name": "adamm"}}, "optimizer.name = 'adamm'", "valid optimizers: adadelta"),
     ({"train": {"steps": -3}}, "train.steps = -3", "greater than or equal to 0"),
     ({"train": {"loss": "l1"}}, "train.loss = 'l1'", "'auto', 'mse' or 'ce'"),
