@@ -133,6 +133,20 @@ def test_g_scales_the_recurrent_weight():
     assert torch.count_nonzero(rnn0.cell.W) == 0 and torch.equal(rnn0.cell.U, rnn1.cell.U)
 
 
+@pytest.mark.parametrize("cls, kw, expected", [
+    ("VanillaRNN", {}, ["cell.W"]), ("LeakyRNN", {"form": "current"}, ["cell.W"]),
+    ("LeakyRNN", {"form": "rate"}, ["cell.W"]), ("GRU", {}, ["cell.weight_hh"]), ("LSTM", {}, ["cell.weight_hh"]),
+])
+def test_recurrent_weights_are_read_off_the_declared_state_sites(cls, kw, expected):
+    """The affine cells name their recurrent weights through ``affine_terms`` and ``state_sites``."""
+    import kpflow.models as models
+    from kpflow.training import recurrent_weight_names
+
+    model = getattr(models, cls)(2, 3, **kw)
+    assert recurrent_weight_names(model) == expected
+    assert all(model.affine_terms[n[len("cell."):]][1] in model.state_sites for n in expected)
+
+
 def test_any_torch_optimizer_and_registered_ones(tmp_path):
     cfg = tiny_config(steps=3)
     for name in ("sgd", "rmsprop", "adamw", "lbfgs"):

@@ -27,6 +27,8 @@ from collections.abc import Callable
 
 import torch
 
+from kpflow.models.cells import AffineRecurrentModel
+
 #: config name -> class name in kpflow.models
 BUILTIN_MODELS = {"rnn": "VanillaRNN", "leaky_rnn": "LeakyRNN", "gru": "GRU", "lstm": "LSTM",
                   "neural_ode": "NeuralODE"}
@@ -182,15 +184,14 @@ def model_parameters(name: str) -> dict[str, object] | None:
 
 def recurrent_weight_names(model: torch.nn.Module) -> list[str]:
     """Names of the recurrent weight matrices: ``model.recurrent_weight_names`` when the model declares
-    them, else the weights whose site variable is the previous state (``affine_terms`` of the built-in
-    cells), else 2-D cell parameters named ``W`` or containing a recurrent marker (``weight_hh``, ``W_rec``)."""
+    them, else the weights whose site variable is one of the ``state_sites`` (``affine_terms`` of an
+    ``AffineRecurrentModel``), else 2-D cell parameters named ``W`` or containing a recurrent marker
+    (``weight_hh``, ``W_rec``)."""
     declared = getattr(model, "recurrent_weight_names", None)
     if declared:
         return list(declared() if callable(declared) else declared)
-    terms = getattr(model, "affine_terms", None)
-    if isinstance(terms, dict):
-        state_sites = {"z", "h", "phi_z"}
-        hits = [f"cell.{n}" for n, (_slot, site) in terms.items() if site in state_sites]
+    if isinstance(model, AffineRecurrentModel):  # the declared protocol: weights whose site is a state site
+        hits = [f"cell.{n}" for n, (_slot, site) in model.affine_terms.items() if site in model.state_sites]
         if hits:
             return hits
     names = [n for n, p in model.named_parameters() if n.startswith("cell.") and p.dim() == 2]
