@@ -355,7 +355,7 @@ class JointPropagator(_SiteOperator):
     def __init__(self, traj: SiteTrajectory, visible: bool = False, path: str = "auto"):
         if path not in PATHS:
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
-        independent = bool(getattr(traj.model, "batch_independent", False))
+        independent = bool(traj.model.batch_independent)  # declared on SiteModel (True unless trials interact)
         if path == "fold" and not independent:
             raise ValueError(f"{type(traj.model).__name__} does not declare batch_independent=True; its trials may "
                              "interact, so probes cannot be folded into the batch (use path='vmap')")
