@@ -498,7 +498,8 @@ class SiteStateJacobian(_SiteOperator):
 NTK_PATHS = ("auto", "joint", "parameters")
 
 
-def site_ntk(traj: SiteTrajectory, param_names=None, path: str = "auto", backend: str = "kronecker") -> LinearOperator:
+def site_ntk(traj: SiteTrajectory, param_names=None, *, path: str = "auto",
+             backend: str = "kronecker") -> LinearOperator:
     """The NTK of the visible states, ``Θ = C P K P* C* = J J*`` (PSD).
 
     By one of two paths:
@@ -525,7 +526,7 @@ def site_ntk(traj: SiteTrajectory, param_names=None, path: str = "auto", backend
     chosen = "parameters" if path == "auto" else path
     if chosen == "joint":
         P = site_propagator(traj)
-        op = P @ site_parameter_operator(traj, param_names, backend) @ P.T
+        op = P @ site_parameter_operator(traj, param_names, backend=backend) @ P.T
     else:
         J = SiteStateJacobian(traj, param_names)
         op = J @ J.T
@@ -786,7 +787,7 @@ class SiteKroneckerKernel(LinearOperator):
 
 
 # ----------------------------------------------------------------------------- constructors
-def site_kronecker_core(traj: SiteTrajectory, param_names=None, contraction: str = "auto") -> SiteKroneckerCore:
+def site_kronecker_core(traj: SiteTrajectory, param_names=None, *, contraction: str = "auto") -> SiteKroneckerCore:
     """The exact Kronecker core of ``K`` (cached on the trajectory per parameter subset and contraction).
 
     Args:
@@ -804,7 +805,7 @@ def site_kronecker_core(traj: SiteTrajectory, param_names=None, contraction: str
     return core
 
 
-def site_propagator(traj: SiteTrajectory, path: str = "auto") -> JointPropagator:
+def site_propagator(traj: SiteTrajectory, *, path: str = "auto") -> JointPropagator:
     """``C P``: joint perturbations -> visible states (``.T`` is ``P* C*``).
 
     Args:
@@ -817,7 +818,7 @@ def site_propagator(traj: SiteTrajectory, path: str = "auto") -> JointPropagator
     return JointPropagator(traj, visible=True, path=path)
 
 
-def joint_propagator(traj: SiteTrajectory, path: str = "auto") -> JointPropagator:
+def joint_propagator(traj: SiteTrajectory, *, path: str = "auto") -> JointPropagator:
     """``P = (∂Φ/∂h)⁻¹`` on the joint state.
 
     Args:
@@ -830,7 +831,7 @@ def joint_propagator(traj: SiteTrajectory, path: str = "auto") -> JointPropagato
     return JointPropagator(traj, visible=False, path=path)
 
 
-def site_parameter_operator(traj: SiteTrajectory, param_names=None, backend: str = "auto") -> LinearOperator:
+def site_parameter_operator(traj: SiteTrajectory, param_names=None, *, backend: str = "auto") -> LinearOperator:
     """``K = Jθ Jθ*`` on the joint state.
 
     Args:

@@ -614,7 +614,7 @@ def parameter_operator(traj: Trajectory, param_names=None, *, backend: str = "au
     if _is_site(traj):  # K on the joint state, through its Kronecker core unless backend="autodiff"
         from .joint import site_parameter_operator
 
-        return site_parameter_operator(traj, param_names, "autodiff" if backend == "autodiff" else "kronecker")
+        return site_parameter_operator(traj, param_names, backend="autodiff" if backend == "autodiff" else "kronecker")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "autodiff":
@@ -778,8 +778,8 @@ def ntk(traj: Trajectory, param_names=None, *, backend: str = "auto", cache="aut
         from .joint import site_ntk
 
         if backend in ("kronecker", "autodiff"):
-            return site_ntk(traj, param_names, "joint", backend)
-        return site_ntk(traj, param_names, "auto")
+            return site_ntk(traj, param_names, path="joint", backend=backend)
+        return site_ntk(traj, param_names, path="auto")
     P = propagator(traj, cache=cache, chunk_size=chunk_size)
     return P @ parameter_operator(traj, param_names, backend=backend, chunk_size=chunk_size) @ P.T
 
