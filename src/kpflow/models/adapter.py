@@ -1,5 +1,8 @@
-"""Adapters: a user's recurrent cell (``CellAdapter``) or any ``nn.Module`` built from ``nn.Linear`` layers
-(``ModuleAdapter``) as a kpflow model."""
+"""Adapters: a user's model as a kpflow model.
+
+A recurrent cell becomes a ``RecurrentModel`` (``CellAdapter``); any ``nn.Module`` built from
+``nn.Linear`` layers and parameter-free operations becomes a ``SiteModel`` (``ModuleAdapter``).
+"""
 
 from __future__ import annotations
 
@@ -37,6 +40,20 @@ class CellAdapter(RecurrentModel):
         self.readout.to(dtype=p.dtype, device=p.device)
 
     def step(self, params: Params, z_prev: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
+        """``z_t = cell(x_t, z_{t-1}; params)`` through ``torch.func.functional_call``.
+
+        Args:
+            params: the cell's parameters by name.
+            z_prev: the previous state ``[B, H]``.
+            x_t: the input ``[B, I]``.
+
+        Returns:
+            The cell's output ``[B, H]``: the new state (or the flow's vector field with ``is_flow``).
+
+        Raises:
+            TypeError: the cell returns something other than one tensor.
+            ValueError: the cell returns another shape than the state's.
+        """
         out = functional_call(self.cell, dict(params), (x_t, z_prev))
         if not isinstance(out, torch.Tensor):
             raise TypeError(
@@ -119,9 +136,19 @@ class ModuleAdapter(SiteModel):
                              "module.eval() (or set p=0)")
 
     def cell_params(self) -> dict[str, torch.Tensor]:
+        """The module's parameters except the frozen ones, by name (``module.`` prefix), as live tensors.
+
+        Returns:
+            ``{name: parameter}``.
+        """
         return {k: v for k, v in self.named_parameters() if k[len("module."):] not in self._frozen}
 
     def readout_params(self) -> dict[str, torch.Tensor]:
+        """No readout: the module's output is the output.
+
+        Returns:
+            ``{}``.
+        """
         return {}
 
     def _call(self, params, inputs, sites_hook):
@@ -138,6 +165,21 @@ class ModuleAdapter(SiteModel):
         return out
 
     def positions(self, inputs) -> tuple[int, int]:
+        """The position space ``(B, T)``: batch × the sequence length every site sees (1 without one).
+
+        The first call per input shape runs the module twice and refuses what the operators cannot
+        linearise.
+
+        Args:
+            inputs: the module's input, batch first.
+
+        Returns:
+            ``(B, T)``.
+
+        Raises:
+            ValueError: dropout in train mode, in-place updates (BatchNorm statistics), a random forward
+                pass, a site with another batch axis or rank, sites of different sequence lengths.
+        """
         key = (tuple(inputs.shape), inputs.dtype)
         if key not in self._shapes:
             self._check_training_mode()
@@ -179,6 +221,18 @@ class ModuleAdapter(SiteModel):
         return self._shapes[key]
 
     def run_sites(self, params, inputs, sites) -> None:
+        """The module's forward pass, every ``nn.Linear`` writing a weight site.
+
+        Every visible submodule's output is marked as a visible state.
+
+        Args:
+            params: the module's parameters by name.
+            inputs: the module's input.
+            sites: the recorder.
+
+        Raises:
+            ValueError: an ``nn.Linear`` called twice in one pass (weight sharing).
+        """
         called: set[str] = set()
 
         def hook_for(name):

@@ -69,6 +69,7 @@ class DeepMLP(SiteModel):
 
     @property
     def state_dim(self) -> int:
+        """The width of the visible state ``z_l`` (the layer width)."""
         return self.width
 
     def check_inputs(self, inputs) -> None:
@@ -89,22 +90,50 @@ class DeepMLP(SiteModel):
             raise ValueError("the batch is empty (B = 0)")
 
     def positions(self, inputs) -> tuple[int, int]:
+        """The position space ``(B, T)``: samples × depth.
+
+        Args:
+            inputs: as for ``forward``.
+
+        Returns:
+            ``(B, T)``.
+        """
         return int(inputs.shape[0]), self.depth
 
     def run_sites(self, params: Params, inputs: torch.Tensor, sites: Sites) -> None:
+        """``a_l = W_l z_{l-1} + b_l`` (slot ``a``) and ``z_l = φ(a_l)`` (visible) at position l.
+
+        Args:
+            params: the model's parameters by name (the θ of the operators).
+            inputs: as for ``forward``.
+            sites: the recorder every weight site and visible state is written to.
+        """
         z = inputs.reshape(inputs.shape[0], -1)
         for i in range(self.depth):
             a = sites.linear("a", f"layers.{i}.weight", z, f"layers.{i}.bias" if self.bias else None, at=i)
             z = sites.state("z", self.phi(a), at=i)
 
     def output(self, states: torch.Tensor, readout_params: Params | None = None) -> torch.Tensor:
+        """The readout ``y = C z_L + d`` of the last layer.
+
+        Args:
+            states: the visible states ``[B, T, Hv]``.
+            readout_params: the readout's parameters (None: the model's own).
+
+        Returns:
+            ``[B, O]`` (``[B, seq_len, O]`` with ``seq_len``).
+        """
         p = self.readout_params() if readout_params is None else readout_params
         y = states[:, -1] @ p["weight"].T + p["bias"]
         return y if self.seq_len is None else y.reshape(y.shape[0], self.seq_len, self.output_dim)
 
     def to_torch(self) -> nn.Sequential:
-        """An ``nn.Sequential`` of ``nn.Linear`` and activation layers (and the readout) with copies of the
-        parameters."""
+        """The same network as an ``nn.Sequential`` of torch layers, with copies of the parameters.
+
+        Returns:
+            ``nn.Sequential(Linear, act, ..., Linear)`` (the last Linear is the readout); with ``seq_len``
+            wrapped in ``nn.Flatten(1)`` … ``nn.Unflatten(1, (seq_len, O))``.
+        """
         act = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "identity": nn.Identity}[self.nonlinearity]
         mods: list[nn.Module] = []
         for lin in self.layers:
@@ -121,11 +150,19 @@ class DeepMLP(SiteModel):
 
     @classmethod
     def from_torch(cls, seq: nn.Sequential) -> DeepMLP:
-        """A ``DeepMLP`` from ``nn.Sequential(Linear, act, ..., Linear, act, Linear)`` (the last Linear is the
-        readout; all hidden layers of one width and one activation among ReLU/Tanh/GELU/Identity).
+        """A ``DeepMLP`` with copies of the parameters of ``nn.Sequential(Linear, act, ..., Linear)``.
+
+        The last Linear is the readout; all hidden layers have one width and one activation among
+        ReLU/Tanh/GELU (exact)/Identity.
+
+        Args:
+            seq: the torch network.
+
+        Returns:
+            The ``DeepMLP`` (inputs ``[B, I]``).
 
         Raises:
-            TypeError, ValueError: a layer sequence of another form.
+            ValueError: a layer sequence of another form.
         """
         names = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.GELU: "gelu", nn.Identity: "identity"}
         mods = list(seq)

@@ -43,8 +43,10 @@ from .base import Params
 
 @dataclass(frozen=True)
 class Slot:
-    """One block of the joint state: ``width`` channels at offset ``offset``; ``kind`` is ``"site"``
-    (written by weights) or ``"state"`` (a visible state marked by the model)."""
+    """One block of the joint state: ``width`` channels at offset ``offset``.
+
+    ``kind`` is ``"site"`` (written by weights) or ``"state"`` (a visible state marked by the model).
+    """
 
     name: str
     width: int
@@ -54,10 +56,13 @@ class Slot:
 
 @dataclass
 class Use:
-    """One application of a weight at a site: ``weight`` writes ``slot`` at ``at`` (int or None = all
-    positions) with site variable ``u`` ``[n, C]`` (n = B or B·T rows, b-major). ``form``: ``"rc"``
-    (weight ``[R, C]``, ``out = u Wᵀ``), ``"r"`` (bias ``[R]``, u = 1), ``"cr"`` (table ``[C, R]``,
-    ``out = u W`` with one-hot u), ``"diag"`` (elementwise ``[R]``, ``out = u ⊙ w``, u ``[n, R]``)."""
+    """One application of a weight at a site.
+
+    ``weight`` writes ``slot`` at ``at`` (int or None = all positions) with site variable ``u``
+    ``[n, C]`` (n = B or B·T rows, b-major). ``form``: ``"rc"`` (weight ``[R, C]``, ``out = u Wᵀ``),
+    ``"r"`` (bias ``[R]``, u = 1), ``"cr"`` (table ``[C, R]``, ``out = u W`` with one-hot u),
+    ``"diag"`` (elementwise ``[R]``, ``out = u ⊙ w``, u ``[n, R]``).
+    """
 
     weight: str
     slot: str
@@ -77,7 +82,14 @@ class JointLayout:
         self.visible_width = sum(s.width for s in self.visible)
 
     def visible_index(self, device=None) -> torch.Tensor:
-        """Channel indices of the visible states inside the joint state."""
+        """Channel indices of the visible states inside the joint state.
+
+        Args:
+            device: of the index tensor.
+
+        Returns:
+            ``[Hv]`` long indices.
+        """
         idx = [torch.arange(s.offset, s.offset + s.width) for s in self.visible]
         return torch.cat(idx).to(device) if idx else torch.zeros(0, dtype=torch.long, device=device)
 
@@ -120,7 +132,17 @@ class Sites:
 
     # ------------------------------------------------------------------ public primitives
     def param(self, name: str) -> torch.Tensor:
-        """The parameter ``name`` (raises a KeyError naming the known ones)."""
+        """The parameter ``name``.
+
+        Args:
+            name: the parameter's name.
+
+        Returns:
+            The tensor.
+
+        Raises:
+            KeyError: an unknown name (naming the known ones).
+        """
         try:
             return self.params[name]
         except KeyError:
@@ -129,9 +151,10 @@ class Sites:
 
     def affine(self, slot: str, terms: Mapping[str, torch.Tensor | None], at: int | None = None,
                lookups: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """``Σ_W u_W Wᵀ (+ Σ_E E[index_E])`` over ``terms = {weight: site variable u [B, (T,) C] or None for a
-        bias}`` and ``lookups = {table [V, R]: integer index [B, (T)]}`` (embeddings: a weight site whose
-        site variable is one-hot).
+        """``Σ_W u_W Wᵀ (+ Σ_E E[index_E])``: the pre-activation written by the weights of one slot.
+
+        ``terms = {weight: site variable u [B, (T,) C] or None for a bias}`` and ``lookups = {table [V, R]:
+        integer index [B, (T)]}`` (embeddings: a weight site whose site variable is one-hot).
 
         Args:
             slot: the joint-state block this pre-activation occupies.
@@ -183,9 +206,25 @@ class Sites:
 
     def linear(self, slot: str, weight: str, u: torch.Tensor, bias: str | None = None,
                at: int | None = None, transposed: bool = False) -> torch.Tensor:
-        """``u Wᵀ (+ b)``: shorthand for ``affine(slot, {weight: u, bias: None}, at)``. With ``transposed=True``
-        the weight is stored ``[C, R]`` and applied as ``u W (+ b)`` (Hugging Face GPT-2's ``Conv1D``); the
-        site is the same ``W u`` site, recorded in the ``"cr"`` form."""
+        """``u Wᵀ (+ b)``: shorthand for ``affine(slot, {weight: u, bias: None}, at)``.
+
+        With ``transposed=True`` the weight is stored ``[C, R]`` and applied as ``u W (+ b)`` (Hugging Face
+        GPT-2's ``Conv1D``); the site is the same ``W u`` site, recorded in the ``"cr"`` form.
+
+        Args:
+            slot: the joint-state block written.
+            weight: the weight's name.
+            u: the site variable ``[B, (T,) C]``.
+            bias: the bias's name, or None.
+            at: the position written, or None for all.
+            transposed: the weight is stored ``[C, R]``.
+
+        Returns:
+            The pre-activation ``[B, (T,) R]`` (plus the injection in inject/local mode).
+
+        Raises:
+            ValueError: a weight that cannot act on ``u``.
+        """
         if not transposed:
             return self.affine(slot, {weight: u} | ({bias: None} if bias is not None else {}), at)
         W = self.param(weight)
@@ -204,7 +243,17 @@ class Sites:
         return self._emit(slot, out, at, "site")
 
     def lookup(self, slot: str, weight: str, index: torch.Tensor, at: int | None = None) -> torch.Tensor:
-        """Rows ``W[index]`` of a table ``W [V, R]``: ``affine(slot, {}, at, lookups={weight: index})``."""
+        """Rows ``W[index]`` of a table ``W [V, R]``: ``affine(slot, {}, at, lookups={weight: index})``.
+
+        Args:
+            slot: the joint-state block written.
+            weight: the table's name.
+            index: integer indices ``[B, (T)]``.
+            at: the position written, or None for all.
+
+        Returns:
+            ``[B, (T,) R]``.
+        """
         return self.affine(slot, {}, at, lookups={weight: index})
 
     def scale(self, slot: str, weight: str, u: torch.Tensor, bias: str | None = None,
@@ -212,12 +261,17 @@ class Sites:
         """``u ⊙ w (+ b)`` with an elementwise weight ``w [R]`` (e.g. LayerNorm's affine part).
 
         Args:
-            slot, at: as in ``affine``.
-            weight: the name of ``w`` ``[R]``; bias: the name of ``b`` ``[R]`` or None.
+            slot: the joint-state block written, as in ``affine``.
+            weight: the name of ``w`` ``[R]``.
             u: ``[B, (T,) R]``.
+            bias: the name of ``b`` ``[R]`` or None.
+            at: the position written, or None for all, as in ``affine``.
 
         Returns:
             ``[B, (T,) R]``.
+
+        Raises:
+            ValueError: a weight that is not ``[R]`` with ``R`` the width of ``u``.
         """
         w = self.param(weight)
         if w.dim() != 1 or u.shape[-1] != w.shape[0]:
@@ -231,24 +285,49 @@ class Sites:
         return self._emit(slot, out, at, "site")
 
     def state(self, slot: str, h: torch.Tensor, at: int | None = None) -> torch.Tensor:
-        """Mark ``h`` ``[B, (T,) R]`` as a visible state (a block of the joint state the NTK is taken on)."""
+        """Mark ``h`` ``[B, (T,) R]`` as a visible state (a block of the joint state the NTK is taken on).
+
+        Args:
+            slot: the joint-state block.
+            h: the state.
+            at: the position written, or None for all.
+
+        Returns:
+            ``h`` (the recorded value in frozen mode; plus the injection in inject/local mode).
+        """
         if self.mode == "frozen":
             return self._emit(slot, self._recorded_value(slot, at), at, "state")
         return self._emit(slot, h, at, "state")
 
     # ------------------------------------------------------------------ assembled results
     def joint(self, dtype=None, device=None) -> torch.Tensor:
-        """All slot values as one joint tensor ``[B, T, Hj]`` (positions never written are 0)."""
+        """All slot values as one joint tensor ``[B, T, Hj]`` (positions never written are 0).
+
+        Args:
+            dtype: unused (the values' own dtype is kept).
+            device: unused (the values' own device is kept).
+
+        Returns:
+            ``[B, T, Hj]``.
+        """
         layout = self.layout if self.layout is not None else self.recorded_layout()
         return self._assemble(layout.slots.values(), dtype, device)
 
     def visible(self) -> torch.Tensor:
-        """The visible states ``[B, T, Hv]`` (the ``state`` slots side by side)."""
+        """The visible states (the ``state`` slots side by side).
+
+        Returns:
+            ``[B, T, Hv]``.
+        """
         layout = self.layout if self.layout is not None else self.recorded_layout()
         return self._assemble(layout.visible, None, None)
 
     def recorded_layout(self) -> JointLayout:
-        """The layout this run wrote (slots in order of first appearance)."""
+        """The layout this run wrote (slots in order of first appearance).
+
+        Returns:
+            The ``JointLayout``.
+        """
         return JointLayout(self.order, self.T)
 
     # ------------------------------------------------------------------ internals
@@ -337,32 +416,73 @@ class SiteModel(nn.Module):
     batch_independent: bool = True
 
     def positions(self, inputs) -> tuple[int, int]:
-        """The position space ``(B, T)`` of a forward pass on ``inputs``."""
+        """The position space ``(B, T)`` of a forward pass on ``inputs``.
+
+        Args:
+            inputs: what the model takes.
+
+        Returns:
+            ``(B, T)``.
+        """
         raise NotImplementedError
 
     def run_sites(self, params: Params, inputs: torch.Tensor, sites: Sites) -> None:
-        """The forward pass, written against ``sites`` (weights via ``affine``/``lookup``/``scale``,
-        visible states via ``state``)."""
+        """The forward pass, written against ``sites``.
+
+        Weights enter via ``affine``/``lookup``/``scale``, visible states via ``state``.
+
+        Args:
+            params: the model's parameters by name.
+            inputs: what the model takes.
+            sites: the recorder.
+        """
         raise NotImplementedError
 
     def output(self, states: torch.Tensor, readout_params: Params | None = None) -> torch.Tensor:
-        """The readout of the visible states ``[B, T, Hv]``."""
+        """The readout of the visible states.
+
+        Args:
+            states: ``[B, T, Hv]``.
+            readout_params: the readout's parameters (None: the model's own).
+
+        Returns:
+            The outputs.
+        """
         raise NotImplementedError
 
     def check_inputs(self, inputs) -> None:
-        """Raise a ValueError describing what is wrong with ``inputs`` (default: accept)."""
+        """Raise a ValueError describing what is wrong with ``inputs`` (default: accept).
+
+        Args:
+            inputs: what the model takes.
+        """
 
     def cell_params(self) -> dict[str, torch.Tensor]:
-        """The model's parameters except the readout's, by name, as live tensors."""
+        """The model's parameters except the readout's, by name, as live tensors.
+
+        Returns:
+            ``{name: parameter}``.
+        """
         return {k: v for k, v in self.named_parameters() if not k.startswith("readout.")}
 
     def readout_params(self) -> dict[str, torch.Tensor]:
-        """The readout's parameters (prefix ``readout.`` stripped)."""
+        """The readout's parameters (prefix ``readout.`` stripped).
+
+        Returns:
+            ``{name: parameter}``.
+        """
         return {k[len("readout."):]: v for k, v in self.named_parameters() if k.startswith("readout.")}
 
     def check_params(self, params: Params, complete: bool = False) -> None:
-        """Raise a ValueError naming parameters of ``params`` unknown to the model or of the wrong shape
-        (with ``complete=True`` also the missing ones)."""
+        """Refuse parameters unknown to the model or of the wrong shape.
+
+        Args:
+            params: parameters by name.
+            complete: also refuse missing ones.
+
+        Raises:
+            ValueError: naming the offending parameters and the model's own.
+        """
         own = {k: tuple(v.shape) for k, v in self.cell_params().items()}
         unknown = sorted(set(params) - set(own))
         if unknown:
@@ -375,7 +495,15 @@ class SiteModel(nn.Module):
             raise ValueError(f"missing parameter(s) {missing} for {type(self).__name__}")
 
     def visible_states(self, params: Params, inputs) -> torch.Tensor:
-        """The visible states ``[B, T, Hv]`` of a forward pass (pure in ``params``)."""
+        """The visible states of a forward pass (pure in ``params``).
+
+        Args:
+            params: the model's parameters by name.
+            inputs: what the model takes.
+
+        Returns:
+            ``[B, T, Hv]``.
+        """
         B, T = self.positions(inputs)
         sites = Sites(params, B, T)
         self.run_sites(params, inputs, sites)
@@ -389,8 +517,9 @@ class SiteModel(nn.Module):
 
 
 class RecurrentSites(SiteModel):
-    """An ``AffineRecurrentModel`` (vanilla/leaky RNN, GRU, LSTM) seen as a site model: positions are
-    trials × time, slots the pre-activations, the visible state ``z``. Shares the recurrent model's
+    """An ``AffineRecurrentModel`` (vanilla/leaky RNN, GRU, LSTM) seen as a site model.
+
+    Positions are trials × time, slots the pre-activations, the visible state ``z``. Shares the recurrent model's
     parameters (no copy); ``z0`` is the initial state ``[B, H]`` (None: the model's default).
 
     Args:
@@ -414,29 +543,81 @@ class RecurrentSites(SiteModel):
         self.batch_independent = z0 is None  # a given z0 is tied to the batch it was made for
 
     def cell_params(self) -> dict[str, torch.Tensor]:
+        """The recurrent model's cell parameters (shared, not copied).
+
+        Returns:
+            ``{name: parameter}``.
+        """
         return self.rnn.cell_params()
 
     def readout_params(self) -> dict[str, torch.Tensor]:
+        """The recurrent model's readout parameters.
+
+        Returns:
+            ``{name: parameter}``.
+        """
         return self.rnn.readout_params()
 
     def check_params(self, params: Params, complete: bool = False) -> None:
+        """The recurrent model's check (``RecurrentModel.check_params``).
+
+        Args:
+            params: parameters by name.
+            complete: also refuse missing ones.
+        """
         self.rnn.check_params(params, complete)
 
     def check_inputs(self, inputs) -> None:
+        """The recurrent model's check of ``[B, T, I]`` inputs (with this view's ``z0``).
+
+        Args:
+            inputs: ``[B, T, I]``.
+        """
         self.rnn.check_inputs(inputs, self.z0)
 
     def positions(self, inputs) -> tuple[int, int]:
+        """The position space ``(B, T)``: trials × time.
+
+        Args:
+            inputs: ``[B, T, I]``.
+
+        Returns:
+            ``(B, T)``.
+        """
         return int(inputs.shape[0]), int(inputs.shape[1])
 
     def run_sites(self, params: Params, inputs: torch.Tensor, sites: Sites) -> None:
+        """The recurrent model's unroll, writing its pre-activation slots and the state ``z``.
+
+        Args:
+            params: the cell parameters by name.
+            inputs: ``[B, T, I]``.
+            sites: the recorder.
+        """
         self.rnn.run_sites(params, inputs, sites, self.z0)
 
     def output(self, states: torch.Tensor, readout_params: Params | None = None) -> torch.Tensor:
+        """The recurrent model's readout.
+
+        Args:
+            states: ``[B, T, H]``.
+            readout_params: the readout's parameters (None: the model's own).
+
+        Returns:
+            ``[B, T, O]``.
+        """
         return self.rnn.output(states, readout_params)
 
 
 def as_site_model(model, z0: torch.Tensor | None = None) -> SiteModel:
     """``model`` itself if it is a ``SiteModel``, else its site-model view (``RecurrentSites``).
+
+    Args:
+        model: a ``SiteModel`` or an ``AffineRecurrentModel``.
+        z0: the initial state of the recurrent view (None: the model's default).
+
+    Returns:
+        The site model.
 
     Raises:
         TypeError: a model without weight sites the library can see.

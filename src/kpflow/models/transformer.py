@@ -91,10 +91,20 @@ class Transformer(SiteModel):
 
     @property
     def state_dim(self) -> int:
+        """The width of the visible state: the residual streams ``h0, ..., h_L`` side by side."""
         return (self.n_layers + 1) * self.d_model
 
     # ------------------------------------------------------------------ inputs
     def check_inputs(self, inputs) -> None:
+        """Refuse inputs the transformer cannot take.
+
+        Args:
+            inputs: ``[B, T, input_dim]`` reals, or ``[B, T]`` integer tokens with ``vocab_size``.
+
+        Raises:
+            ValueError: a list of sequences (pad them), another shape or dtype, tokens out of range, an
+                empty batch, more tokens than ``max_len``.
+        """
         if isinstance(inputs, (list, tuple)):
             lengths = [int(x.shape[0]) for x in inputs]
             raise ValueError(f"inputs is a list of {len(inputs)} sequences of lengths {lengths}; pass one tensor "
@@ -118,6 +128,14 @@ class Transformer(SiteModel):
                              "(the rows of the positional embedding)")
 
     def positions(self, inputs) -> tuple[int, int]:
+        """The position space ``(B, T)``: sequences × tokens.
+
+        Args:
+            inputs: as for ``forward``.
+
+        Returns:
+            ``(B, T)``.
+        """
         return int(inputs.shape[0]), int(inputs.shape[1])
 
     # ------------------------------------------------------------------ forward pass
@@ -145,6 +163,13 @@ class Transformer(SiteModel):
                             pre + "linear2.bias" if self.bias else None)
 
     def run_sites(self, params: Params, inputs: torch.Tensor, sites: Sites) -> None:
+        """Embedding, then every block (module docstring), each residual stream marked visible.
+
+        Args:
+            params: the model's parameters by name (the θ of the operators).
+            inputs: as for ``forward``.
+            sites: the recorder every weight site and visible state is written to.
+        """
         B, T = self.positions(inputs)
         pos = torch.arange(T, device=inputs.device)
         if self.vocab_size is not None:
@@ -167,14 +192,25 @@ class Transformer(SiteModel):
             h = sites.state(f"block{l}.h", h)
 
     def output(self, states: torch.Tensor, readout_params: Params | None = None) -> torch.Tensor:
+        """The per-token linear readout of the last block's residual stream.
+
+        Args:
+            states: the visible states ``[B, T, Hv]``.
+            readout_params: the readout's parameters (None: the model's own).
+
+        Returns:
+            ``[B, T, O]``.
+        """
         p = self.readout_params() if readout_params is None else readout_params
         out = states[..., -self.d_model:] @ p["weight"].T
         return out + p["bias"] if "bias" in p else out
 
     # ------------------------------------------------------------------ torch layouts
     def to_torch(self) -> TorchTransformer:
-        """The same network built from torch's own layers (``nn.TransformerEncoderLayer``, dropout 0), with
-        copies of the parameters.
+        """The same network built from torch's own layers, with copies of the parameters.
+
+        Returns:
+            The ``TorchTransformer`` (``nn.TransformerEncoderLayer`` blocks, dropout 0).
 
         Raises:
             ValueError: without LayerNorm (torch's encoder layer always has it).
@@ -199,8 +235,20 @@ class Transformer(SiteModel):
         ``nn.TransformerEncoderLayer`` (the blocks are copied; embedding, positions and readout are drawn
         fresh, ``input_dim`` is then required).
 
+        Args:
+            module: the torch network.
+            input_dim: width of the inputs (for encoder layers alone).
+            output_dim: readout width (for encoder layers alone).
+            max_len: rows of the positional embedding (for encoder layers alone).
+            causal: causal attention (torch's layers do not store it).
+
+        Returns:
+            The ``Transformer``.
+
         Raises:
-            TypeError, ValueError: other modules, dropout > 0, layers of different shapes or options.
+            TypeError: other modules.
+            ValueError: no ``input_dim`` for encoder layers, not ``batch_first``, dropout > 0, an activation
+                other than GELU/ReLU.
         """
         if isinstance(module, TorchTransformer):
             c = module.config
@@ -234,9 +282,12 @@ class Transformer(SiteModel):
 
 
 class TorchTransformer(nn.Module):
-    """The reference network in torch's own layers: embedding (+ positions), ``nn.TransformerEncoderLayer``
-    blocks (dropout 0, ``batch_first``), linear readout. Its ``forward(inputs)`` returns the readout
-    ``[B, T, O]``; ``encode(inputs)`` the last block's output."""
+    """The reference network in torch's own layers.
+
+    Embedding (+ positions), ``nn.TransformerEncoderLayer`` blocks (dropout 0, ``batch_first``), linear
+    readout. Its ``forward(inputs)`` returns the readout ``[B, T, O]``; ``encode(inputs)`` the last block's
+    output.
+    """
 
     def __init__(self, input_dim, d_model, n_heads, n_layers, d_ff, output_dim, max_len, *, vocab_size=None,
                  causal=False, norm_first=False, activation="gelu", bias=True, dtype=None, device=None):
@@ -255,6 +306,14 @@ class TorchTransformer(nn.Module):
         self.readout = nn.Linear(d_model, output_dim, dtype=dtype, device=device)
 
     def encode(self, inputs):
+        """The last block's output.
+
+        Args:
+            inputs: ``[B, T, I]`` (or ``[B, T]`` tokens).
+
+        Returns:
+            ``[B, T, d_model]``.
+        """
         T = inputs.shape[1]
         h = self.embed(inputs) + self.pos[:T]
         mask = nn.Transformer.generate_square_subsequent_mask(T, dtype=h.dtype, device=h.device) if self.causal \
@@ -264,4 +323,12 @@ class TorchTransformer(nn.Module):
         return h
 
     def forward(self, inputs):
+        """The readout of ``encode(inputs)``.
+
+        Args:
+            inputs: ``[B, T, I]`` (or ``[B, T]`` tokens).
+
+        Returns:
+            ``[B, T, O]``.
+        """
         return self.readout(self.encode(inputs))
