@@ -166,7 +166,7 @@ class BifurcationEvent:
 
 
 # ----------------------------------------------------------------------------- local derivatives
-def _directional_derivatives(fmap: ConstantInputMap, z: torch.Tensor, q: torch.Tensor):
+def directional_derivatives(fmap: ConstantInputMap, z: torch.Tensor, q: torch.Tensor):
     """``B(q,q) = D²F[q,q]`` and ``C(q,q,q) = D³F[q,q,q]`` at ``z`` (nested forward mode)."""
     def F(y):
         return fmap(y.unsqueeze(0))[0]
@@ -182,10 +182,10 @@ def _directional_derivatives(fmap: ConstantInputMap, z: torch.Tensor, q: torch.T
     return B, C
 
 
-def _bilinear(fmap: ConstantInputMap, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def bilinear(fmap: ConstantInputMap, z: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """``B(u, v)`` by polarisation: ``¼[B(u+v,u+v) − B(u−v,u−v)]``."""
-    Bp, _ = _directional_derivatives(fmap, z, u + v)
-    Bm, _ = _directional_derivatives(fmap, z, u - v)
+    Bp, _ = directional_derivatives(fmap, z, u + v)
+    Bm, _ = directional_derivatives(fmap, z, u - v)
     return 0.25 * (Bp - Bm)
 
 
@@ -231,10 +231,10 @@ def classify_crossing(fmap: ConstantInputMap, z: torch.Tensor, pa, pb, s: float,
     # real critical eigenvalue: work with real vectors, p^T q = 1, |q| = 1
     qr = q.real / q.real.norm()
     pr = p.real / torch.dot(p.real, qr)
-    B, C = _directional_derivatives(fm, z, qr)
+    B, C = directional_derivatives(fm, z, qr)
     if not fm.is_flow and lam_c.real < 0:
         w = torch.linalg.solve(eye - A, B)
-        c = float(torch.dot(pr, C + 3 * _bilinear(fm, z, qr, w))) / 6.0
+        c = float(torch.dot(pr, C + 3 * bilinear(fm, z, qr, w))) / 6.0
         coeffs["c"] = c
         return "flip", lam_c, lam, qr, pr, coeffs, ("supercritical" if c > 0 else "subcritical")
     # λ = +1 (maps) / λ = 0 (flows): use F (same zeros and the same ratios as f = (F - z)/dt)
@@ -257,7 +257,7 @@ def classify_crossing(fmap: ConstantInputMap, z: torch.Tensor, pa, pb, s: float,
     w = torch.linalg.lstsq((eye - A).unsqueeze(0), rhs.reshape(1, -1, 1)).solution.reshape(-1) \
         if A.device.type == "cpu" else torch.linalg.pinv(eye - A) @ rhs
     w = w - torch.dot(pr, w) * qr
-    c = float(torch.dot(pr, C + 3 * _bilinear(fm, z, qr, w))) / 6.0
+    c = float(torch.dot(pr, C + 3 * bilinear(fm, z, qr, w))) / 6.0
     coeffs["c"] = c
     c_rel = abs(c) / (pn * float(C.norm()) + 1e-300) if float(C.norm()) > 0 else 0.0
     if c_rel <= zero_tol and abs(c) < 1e-12:

@@ -338,7 +338,7 @@ def normal_form_match(traj, fixed_point: torch.Tensor, direction: torch.Tensor, 
     """
     from kpflow.kernels import param_jacobian, state_jacobian
 
-    from .bifurcations import _bilinear, _directional_derivatives
+    from .bifurcations import bilinear, directional_derivatives
     from .fixedpoints import constant_input_map, eig_with_left
 
     model, params = traj.model, traj.params
@@ -359,7 +359,7 @@ def normal_form_match(traj, fixed_point: torch.Tensor, direction: torch.Tensor, 
         # C(q,q,q̄) for q = u + iv is C(u,u,u) + C(u,v,v) + i[C(u,u,v) + C(v,v,v)]; the mixed terms come
         # from polarisation, C(u±v) = C(u) ± 3C(u,u,v) + 3C(u,v,v) ± C(v) (C symmetric trilinear).
         def C3(x):
-            return _directional_derivatives(fmap, zb, x)[1]
+            return directional_derivatives(fmap, zb, x)[1]
 
         Cu, Cv, Cp, Cm = C3(qr), C3(qi), C3(qr + qi), C3(qr - qi)
         Cuuv, Cuvv = (Cp - Cm - 2 * Cv) / 6.0, (Cp + Cm - 2 * Cu) / 6.0
@@ -370,13 +370,13 @@ def normal_form_match(traj, fixed_point: torch.Tensor, direction: torch.Tensor, 
         q = q / q.norm()
         p = L[:, i].real
         p = p / torch.dot(p, q)
-        Bqq, Cqqq = _directional_derivatives(fmap, zb, q)
+        Bqq, Cqqq = directional_derivatives(fmap, zb, q)
         a = 0.5 * float(torch.dot(p, Bqq))
         rhs = Bqq - 2 * a * q
         w2 = torch.linalg.lstsq((eye - A).unsqueeze(0), rhs.reshape(1, -1, 1)).solution.reshape(-1) \
             if device.type == "cpu" else torch.linalg.pinv(eye - A) @ rhs
         w2 = w2 - torch.dot(p, w2) * q
-        cubic = float(torch.dot(p, Cqqq + 3 * _bilinear(fmap, zb, q, w2))) / 6.0
+        cubic = float(torch.dot(p, Cqqq + 3 * bilinear(fmap, zb, q, w2))) / 6.0
         if cubic == 0.0:
             cubic = -1e-12
     # ∂λ/∂θ · w  (eigenvalue perturbation, pᴴq = 1)

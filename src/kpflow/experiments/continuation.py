@@ -141,17 +141,18 @@ def continue_run(run_dir: str | Path, param: str, *, s_range: str | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "branches.json", json.dumps(result.to_dict(), indent=1, default=str))
     rows = result.table()
-    _write_csv(folder / "special_points.csv", rows, atomic_write_text)
+    write_records_csv(folder / "special_points.csv", rows, atomic_write_text)
     plot_bifurcation_diagram(result, folder / "diagram.png",
                              title=f"{cfg.name}: fixed points along {path.label} ({where})")
     learn = None
     if learning and result.branches:
         learn = learning_along_branch(model, result, 0, T=20, probes=16, progress=progress)
-        _write_csv(folder / "learning.csv", learn, atomic_write_text)
+        write_records_csv(folder / "learning.csv", learn, atomic_write_text)
     return {"out": folder, "result": result, "special_points": rows, "learning": learn}
 
 
-def _write_csv(path: Path, rows: list[dict], writer) -> None:
+def write_records_csv(path: Path, rows: list[dict], writer) -> None:
+    """Write dict rows as CSV (columns: the union of their keys in first-seen order) with ``writer(path, text)``."""
     keys: list[str] = []
     for r in rows:
         keys += [k for k in r if k not in keys]

@@ -92,7 +92,7 @@ def run_continuation_study(out: str | Path = "runs", *, progress: bool = True, *
     from kpflow.training import validate_config
     from kpflow.training.checkpoints import list_checkpoints, load_checkpoint
 
-    from .continuation import _write_csv
+    from .continuation import write_records_csv
     from .pipeline import run_pipeline
 
     cfg = validate_config(study_config(out, **kw))
@@ -160,8 +160,8 @@ def run_continuation_study(out: str | Path = "runs", *, progress: bool = True, *
                "steps": steps, "special_points": len(special), "failures": failures,
                "kinds": sorted({r["kind"] for r in special})}
     atomic_write_text(run_dir / "continuation_study.json", json.dumps(summary, indent=1, default=str))
-    _write_csv(run_dir / "special_points.csv", special, atomic_write_text)
-    _write_csv(run_dir / "amplification.csv", amp_rows, atomic_write_text)
+    write_records_csv(run_dir / "special_points.csv", special, atomic_write_text)
+    write_records_csv(run_dir / "amplification.csv", amp_rows, atomic_write_text)
     figures = [_figure_amplification(run_dir / "figures" / "ntk_and_special_points.png", ntk_rows, special)]
     if diagram_result is not None:
         figures.append(run_dir / "figures" / "bifurcation_diagram.png")

@@ -94,7 +94,7 @@ class Task:
     def accuracy(self, outputs: torch.Tensor, batch: TaskBatch) -> torch.Tensor:
         """Per-trial success ``[B]`` in [0, 1] (default: fraction of scored steps and channels within 0.5
         of the target for MSE tasks; fraction of scored steps with the right class for CE tasks)."""
-        mask = _mask_or_ones(batch)
+        mask = mask_or_ones(batch)
         if batch.loss == "ce":
             hit = (outputs.argmax(-1) == batch.targets).to(outputs.dtype)
         else:
@@ -115,7 +115,8 @@ def _jsonable(v) -> bool:
         isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str, bool)) for x in v))
 
 
-def _mask_or_ones(batch: TaskBatch) -> torch.Tensor:
+def mask_or_ones(batch: TaskBatch) -> torch.Tensor:
+    """The batch's loss mask ``[B, T]`` in the inputs' dtype, or ones (every step scored) without one."""
     if batch.mask is not None:
         return batch.mask.to(batch.inputs.dtype)
     return torch.ones(batch.inputs.shape[:2], dtype=batch.inputs.dtype, device=batch.inputs.device)
@@ -127,7 +128,7 @@ def task_loss(outputs: torch.Tensor, batch: TaskBatch, loss: str | None = None) 
     kind = loss or batch.loss
     if kind not in LOSSES:
         raise ValueError(f"unknown loss {kind!r}; valid losses: {', '.join(LOSSES)}")
-    mask = _mask_or_ones(batch)
+    mask = mask_or_ones(batch)
     if kind == "mse":
         if batch.targets.shape != outputs.shape:
             raise ValueError(f"MSE needs targets shaped like the outputs {tuple(outputs.shape)}, got "

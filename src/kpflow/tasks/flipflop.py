@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Task, TaskBatch, _mask_or_ones
+from .base import Task, TaskBatch, mask_or_ones
 
 
 class FlipFlop(Task):
@@ -46,6 +46,6 @@ class FlipFlop(Task):
     def accuracy(self, outputs, batch):
         """Fraction of scored (step, bit) pairs after a bit's first pulse whose output has the target's sign."""
         held = batch.targets != 0
-        mask = _mask_or_ones(batch).unsqueeze(-1) * held
+        mask = mask_or_ones(batch).unsqueeze(-1) * held
         hit = (torch.sign(outputs) == torch.sign(batch.targets)).to(outputs.dtype)
         return (hit * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1)

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .base import Task, TaskBatch, _mask_or_ones
+from .base import Task, TaskBatch, mask_or_ones
 
 SPECTRA = ("orthogonal", "planted")
 
@@ -113,7 +113,7 @@ class StudentTeacher(Task):
 
     def accuracy(self, outputs, batch):
         """Per-trial fraction of target variance explained, clipped to [0, 1]."""
-        mask = _mask_or_ones(batch).unsqueeze(-1)
+        mask = mask_or_ones(batch).unsqueeze(-1)
         resid = (((outputs - batch.targets) ** 2) * mask).sum((1, 2))
         var = (((batch.targets - batch.targets.mean(1, keepdim=True)) ** 2) * mask).sum((1, 2))
         return (1 - resid / var.clamp_min(1e-12)).clamp(0, 1)
