@@ -189,7 +189,9 @@ class StepLinearization:
         self.traj, self.B, self.T, self.H = traj, B, T, H
         self.D = {s: v.reshape(B, T, *v.shape[1:]) for s, v in D.items()}
         self.E = E.reshape(B, T, *E.shape[1:])
-        self.F = None if F is None else {s: v.reshape(B, T, *v.shape[1:]) for s, v in F.items()}
+        # F[site]: per-unit coefficients of ∂u/∂z, None for the identity (u = z); F None: JVP/VJP of the sites
+        self.F = None if F is None else {s: None if v is None else v.reshape(B, T, *v.shape[1:])
+                                         for s, v in F.items()}
         self.zsites = zsites
         model = traj.model
         self.terms = [(name, slot, site) for name, (slot, site) in model.affine_terms.items() if site in zsites]
@@ -230,6 +232,9 @@ class StepLinearization:
                              f"on the previous state, among {sorted(u)}")
         F = {}
         for site in zsites:
+            if u[site] is zp:  # the site variable is the previous state itself: ∂u/∂z = I
+                F[site] = None
+                continue
             F[site] = unit_coefficients(lambda z, rows, site=site: model.site_variables(
                 z, x if rows is None else x[rows])[site], zp, H, N, u[site].shape[1], U)
             if F[site] is None:  # not unit-structured in z: JVP/VJP of the site variables per step
@@ -265,7 +270,8 @@ class StepLinearization:
         k, B, H = V.shape
         D, E = self._coeffs(t)
         if self.F is not None:
-            udot = {s: apply_units({"_": F[:, t]}, {"_": V}, B, F.shape[2] * F.shape[4]).reshape(k * B, -1)
+            udot = {s: V.reshape(k * B, H) if F is None else
+                    apply_units({"_": F[:, t]}, {"_": V}, B, F.shape[2] * F.shape[4]).reshape(k * B, -1)
                     for s, F in self.F.items()}
         else:
             udot = jvp(self._sites_fn(t, k), (repeat_probes(self.prev[:, t], k),), (V.reshape(k * B, H),))[1]
@@ -302,7 +308,9 @@ class StepLinearization:
             return out
         if self.F is not None:
             for s, v in ubar.items():
-                out = out.add_(apply_units_adjoint({"_": self.F[s][:, t]}, v.reshape(k, B, -1), B)["_"])
+                F = self.F[s]
+                out = out.add_(v.reshape(k, B, H) if F is None else
+                               apply_units_adjoint({"_": F[:, t]}, v.reshape(k, B, -1), B)["_"])
             return out
         _, pullback = vjp(self._sites_fn(t, k), repeat_probes(self.prev[:, t], k))
         full = {s: ubar.get(s, None) for s in self.zsites}
