@@ -15,7 +15,8 @@ every ratio is formed per round and the median over rounds is reported):
   same weights, as a function of its parameters through ``torch.func.functional_call``: one ``vjp`` (its
   forward is set-up, not timed), ``vmap`` of the pullback over the k probes, then ``vmap`` over the k
   parameter tangents of ``jvp`` — or of the ``linearize``d function; both are timed and the faster is kept
-  as the contender (``torch_func_variant``). Checked once (untimed) against kpflow's Θ q:
+  as the contender (``torch_func_variant``). On CUDA it runs with cuDNN disabled (cuDNN's fused RNN has no
+  forward-mode derivative); the fwd+bwd references keep cuDNN. Checked once (untimed) against kpflow's Θ q:
   ``torch_func_rel_diff`` = ‖Θ_kpflow Q − Θ_torch.func Q‖ / ‖Θ_torch.func Q‖.
 * ``fwd_bwd_512`` / ``fwd_bwd_B``: ``nn.GRU`` forward + backward (to the parameters) at the probes'
   effective batch B·k (reported divided by k: ``fwd_bwd_512_per_probe_ms``) and at batch B.
@@ -39,6 +40,7 @@ Other figures:
   i.e. everything the first application builds except the probe work. "first" is the first trajectory of
   the process (lazy imports, compilation, caches count), "later" a new ``record`` of the same model after
   its weights changed. Both divided by one kpflow forward pass (``model(x, z0)`` under ``no_grad``, median).
+  The import of ``kpflow.kernels`` in that process is reported apart (``import_kpflow_s``).
 * ``time_exponent_T``: least-squares slope of log(time of Θ on k probes) on log T, T in {25, 50, 100, 200}
   ({10, 20, 40} with ``--quick``), timed in the same rounds.
 * memory: each contender in its OWN subprocess: ``ru_maxrss`` after the contender ran once, minus
@@ -58,6 +60,7 @@ script (``operators_quick.json`` with ``--quick``), atomically.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -160,25 +163,32 @@ def _setup(device, T: int, only=None, seed: int = 0):
         params = {n: p.detach() for n, p in tgru.named_parameters()}
         h0 = z0.unsqueeze(0)
 
+        def plain():  # cuDNN's fused RNN has no forward-mode derivative: torch.func runs the native kernels
+            return (torch.backends.cudnn.flags(enabled=False) if device.type == "cuda"
+                    else contextlib.nullcontext())
+
         def states(prm):
             return functional_call(tgru, prm, (x, h0))[0]
 
-        _, pullback = vjp(states, params)  # one forward per trajectory: set-up, as kpflow's record
+        with plain():
+            _, pullback = vjp(states, params)  # one forward per trajectory: set-up, as kpflow's record
 
         def tf_jvp(Qs):
-            (g_,) = vmap(pullback)(Qs)
-            return vmap(lambda t: jvp(states, (params,), (t,))[1])(g_)
+            with plain():
+                (g_,) = vmap(pullback)(Qs)
+                return vmap(lambda t: jvp(states, (params,), (t,))[1])(g_)
 
         env["tf_jvp"] = tf_jvp
         fns["torch_func_jvp"] = lambda: tf_jvp(Q)
         if "torch_func_linearize" in only:
-            with warnings.catch_warnings():  # make_fx's constant folding warns about its own graph
+            with warnings.catch_warnings(), plain():  # make_fx's constant folding warns about its own graph
                 warnings.simplefilter("ignore", UserWarning)
                 push = linearize(states, params)[1]  # built once per trajectory, like the pullback
 
             def tf_lin():
-                (g_,) = vmap(pullback)(Q)
-                return vmap(push)(g_)
+                with plain():
+                    (g_,) = vmap(pullback)(Q)
+                    return vmap(push)(g_)
 
             fns["torch_func_linearize"] = tf_lin
 
@@ -322,9 +332,11 @@ def worker_setup(args) -> dict:
     """Set-up of the first trajectory in this fresh process, then of a later one (module docstring)."""
     import torch
 
+    t0 = time.perf_counter()
     from kpflow.kernels import ntk, record
     from kpflow.models import GRU
 
+    t_import = time.perf_counter() - t0
     device = torch.device(args.device)
     T = (QUICK if args.quick else FULL)["T"]
     torch.manual_seed(0)
@@ -366,7 +378,8 @@ def worker_setup(args) -> dict:
     setup_first = first - later_probe
     setup_later = statistics.median(a - b for a, b in seconds)
     return {"figures": {"setup_first_over_fwd": setup_first / t_fwd, "setup_over_fwd": setup_later / t_fwd,
-                        "setup_first_s": setup_first, "setup_later_s": setup_later, "kpflow_fwd_B_ms": t_fwd * 1e3}}
+                        "setup_first_s": setup_first, "setup_later_s": setup_later, "kpflow_fwd_B_ms": t_fwd * 1e3,
+                        "import_kpflow_s": t_import}}
 
 
 def worker_memory(args) -> dict:
