@@ -43,10 +43,11 @@ Other figures:
   The import of ``kpflow.kernels`` in that process is reported apart (``import_kpflow_s``).
 * ``time_exponent_T``: least-squares slope of log(time of Θ on k probes) on log T, T in {25, 50, 100, 200}
   ({10, 20, 40} with ``--quick``), timed in the same rounds.
-* memory: each contender in its OWN subprocess: ``ru_maxrss`` after the contender ran once, minus
-  ``ru_maxrss`` after its set-up (model, record, operators built, probes drawn) (on CUDA
-  ``max_memory_allocated`` minus ``memory_allocated`` after set-up). ``memory_per_step_over_output`` =
-  (least-squares slope over T of Θ's peak increase) / (bytes of the probe output per step, k·B·H·4).
+* memory: each contender in its OWN subprocess (two such subprocesses run side by side): ``ru_maxrss``
+  after the contender ran once, minus ``ru_maxrss`` after its set-up (model, record, operators built,
+  probes drawn; on CUDA ``max_memory_allocated`` minus ``memory_allocated`` after set-up).
+  ``memory_per_step_over_output`` = (least-squares slope over T of Θ's peak increase) / (bytes of the
+  probe output per step, k·B·H·4).
 
 Threads: every timing/memory figure is measured at 1 and 2 torch threads, each in its own subprocess
 (``torch.set_num_threads`` before anything else); the keys ``..._1t`` and ``..._2t`` hold them and the plain
@@ -72,6 +73,7 @@ import sys
 import tempfile
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 I_DIM, H_DIM, B_DIM, PROBES = 3, 256, 16, 32
@@ -473,15 +475,18 @@ def main(argv=None) -> dict:
                  "flops_per_probe": tim["flops_per_probe"]}
         print(f"== {th} thread(s): set-up (fresh subprocess)", flush=True)
         fig |= _run_worker(args, th, "setup")["figures"]
-        print(f"== {th} thread(s): memory (one subprocess per contender)", flush=True)
+        print(f"== {th} thread(s): memory (one subprocess per contender, two at a time)", flush=True)
+        jobs = [(c, T) for c in MEMORY] + [("ntk", Tj) for Tj in cfg["T_list"] if Tj != T]
+        # peak memory is per process, so two can run side by side (only the timings need a quiet machine)
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            got = list(pool.map(lambda j, th=th: _run_worker(args, th, "memory", "--contender", j[0], "--T", str(j[1])),
+                                jobs))
+        mem = {j: r["bytes"] for j, r in zip(jobs, got, strict=True)}
         for c in MEMORY:
-            b = _run_worker(args, th, "memory", "--contender", c, "--T", str(T))["bytes"]
-            fig[f"{c}_peak_memory_mb"] = b / 2**20
-        mem_T = []
-        for Tj in cfg["T_list"]:
-            mem_T.append(fig["ntk_peak_memory_mb"] * 2**20 if Tj == T else
-                         _run_worker(args, th, "memory", "--contender", "ntk", "--T", str(Tj))["bytes"])
-            fig[f"ntk_peak_memory_T{Tj}_mb"] = mem_T[-1] / 2**20
+            fig[f"{c}_peak_memory_mb"] = mem[(c, T)] / 2**20
+        mem_T = [mem[("ntk", Tj)] for Tj in cfg["T_list"]]
+        for Tj, m in zip(cfg["T_list"], mem_T, strict=True):
+            fig[f"ntk_peak_memory_T{Tj}_mb"] = m / 2**20
         per_step = _slope(list(cfg["T_list"]), mem_T)
         fig["ntk_memory_per_step_mb"] = per_step / 2**20
         fig["memory_per_step_over_output"] = per_step / (PROBES * B_DIM * H_DIM * 4)
