@@ -15,7 +15,7 @@ every ratio is formed per round and the median over rounds is reported):
   same weights, as a function of its parameters through ``torch.func.functional_call``: one ``vjp`` (its
   forward is set-up, not timed), ``vmap`` of the pullback over the k probes, then ``vmap`` over the k
   parameter tangents of ``jvp`` — or of the ``linearize``d function; both are timed and the faster is kept
-  as the contender (``torch_func_variant``). On CUDA it runs with cuDNN disabled (cuDNN's fused RNN has no
+  as the contender (``torch_func_variant_1t``/``_2t``). On CUDA it runs with cuDNN disabled (cuDNN's fused RNN has no
   forward-mode derivative); the fwd+bwd references keep cuDNN. Checked once (untimed) against kpflow's Θ q:
   ``torch_func_rel_diff`` = ‖Θ_kpflow Q − Θ_torch.func Q‖ / ‖Θ_torch.func Q‖.
 * ``fwd_bwd_512`` / ``fwd_bwd_B``: ``nn.GRU`` forward + backward (to the parameters) at the probes'
@@ -471,7 +471,7 @@ def main(argv=None) -> dict:
         print(f"== {th} thread(s): timing (own subprocess)", flush=True)
         tim = _run_worker(args, th, "timing")
         fig |= tim["figures"]
-        meta |= {"torch_func_variant": tim["torch_func_variant"], "onesided_side": tim["onesided_side"],
+        meta |= {f"torch_func_variant_{th}t": tim["torch_func_variant"], "onesided_side": tim["onesided_side"],
                  "flops_per_probe": tim["flops_per_probe"]}
         print(f"== {th} thread(s): set-up (fresh subprocess)", flush=True)
         fig |= _run_worker(args, th, "setup")["figures"]
