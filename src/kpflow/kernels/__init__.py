@@ -17,6 +17,7 @@ from .joint import (
     site_kronecker_core,
 )
 from .kronecker import KroneckerCore, KroneckerKernel, kronecker_core, supports_kronecker
+from .recording import record
 from .state_space import (
     InversePropagator,
     ParamJacobian,
@@ -39,7 +40,7 @@ from .state_space import (
     step_jacobians,
     time_shift,
 )
-from .trajectory import NonFiniteStateError, RecordedRun, Trajectory, loss_value, record, resolve_param_names, snapshot
+from .trajectory import NonFiniteStateError, RecordedRun, Trajectory, loss_value, resolve_param_names, snapshot
 
 __all__ = [
     "record", "RecordedRun", "Trajectory", "NonFiniteStateError", "resolve_param_names", "loss_value", "snapshot",

@@ -33,7 +33,7 @@ from torch.func import jvp, vjp, vmap
 from kpflow.models.sites import JointLayout, SiteModel, Sites, Use
 from kpflow.operators import LinearOperator
 
-from .trajectory import NonFiniteStateError, RecordedRun, loss_value, snapshot
+from .trajectory import NonFiniteStateError, ParamLayout, RecordedRun, loss_value, snapshot
 from .trajectory import resolve_param_names as _resolve
 
 #: ceiling on the entries of an N×N position Gram matrix (slot_grams, temporal_gram)
@@ -263,8 +263,6 @@ class SiteParamJacobian(_SiteOperator):
     def __init__(self, traj: SiteTrajectory, param_names=None, backend: str = "auto"):
         if backend not in ("auto", "kronecker", "autodiff"):
             raise ValueError(f"backend must be 'auto', 'kronecker' or 'autodiff', got {backend!r}")
-        from .state_space import ParamLayout
-
         names = _resolve(traj.model, traj.param_names if param_names is None else param_names)
         self.layout = ParamLayout(traj.params, names)
         super().__init__(traj, (self.layout.numel,), traj.joint_shape)
@@ -470,8 +468,6 @@ class SiteStateJacobian(_SiteOperator):
     """
 
     def __init__(self, traj: SiteTrajectory, param_names=None):
-        from .state_space import ParamLayout
-
         names = _resolve(traj.model, traj.param_names if param_names is None else param_names)
         self.layout = ParamLayout(traj.params, names)
         super().__init__(traj, (self.layout.numel,), traj.shape)

@@ -30,8 +30,10 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from kpflow.models.cells import AffineRecurrentModel
+from kpflow.models.sites import SiteModel
 from kpflow.operators import LinearOperator
 
+from .joint import is_site_trajectory, site_kronecker_core
 from .linearization import apply_units, apply_units_adjoint, post_coefficients, repeat_probes
 from .trajectory import Trajectory, resolve_param_names
 
@@ -56,8 +58,6 @@ def supports_kronecker(model) -> bool:
     Returns:
         True when ``model`` is an ``AffineRecurrentModel`` or a ``SiteModel``.
     """
-    from kpflow.models.sites import SiteModel
-
     return isinstance(model, (AffineRecurrentModel, SiteModel))
 
 
@@ -451,8 +451,6 @@ def kronecker_core(traj: Trajectory, param_names=None) -> KroneckerCore:
         A ``KroneckerCore`` for an affine-slot cell; for a site trajectory the joint-state core
         ``kpflow.kernels.joint.SiteKroneckerCore``.
     """
-    from .joint import is_site_trajectory, site_kronecker_core
-
     if is_site_trajectory(traj):
         return site_kronecker_core(traj, param_names)
     key = ("kronecker_core", resolve_param_names(traj.model, traj.param_names if param_names is None

@@ -20,6 +20,8 @@ import math
 import torch
 from torch.func import jvp, vjp
 
+from kpflow.models.cells import AffineRecurrentModel
+
 from .trajectory import Trajectory
 
 
@@ -214,8 +216,6 @@ class StepLinearization:
             ValueError: a cell whose declared unit structure the random check contradicts, or whose
                 ``state_sites`` are not among its site variables.
         """
-        from kpflow.models.cells import AffineRecurrentModel
-
         model = traj.model
         if not isinstance(model, AffineRecurrentModel) or model.unit_size() <= 0:
             return None

@@ -22,8 +22,7 @@ budget and is expected to pay for itself (see ``StepJacobianCache``).
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 from torch.func import jvp, vjp, vmap
@@ -31,64 +30,21 @@ from torch.func import jvp, vjp, vmap
 from kpflow.deprecation import keyword_only
 from kpflow.operators import LinearOperator
 
-from .linearization import repeat_probes
-from .trajectory import Trajectory, resolve_param_names
+from .joint import (
+    InverseJointPropagator,
+    SiteParamJacobian,
+    SiteReadoutJacobian,
+    is_site_trajectory,
+    site_ntk,
+    site_parameter_operator,
+    site_propagator,
+)
+from .kronecker import kronecker_core, supports_kronecker
+from .linearization import StepLinearization, repeat_probes
+from .trajectory import ParamLayout, Trajectory, resolve_param_names
 
 #: Default memory budget for the dense step-Jacobian cache, in bytes.
 CACHE_BUDGET_BYTES = 512 * 2**20
-
-
-# ----------------------------------------------------------------------------- parameter layout
-class ParamLayout:
-    """Order, shapes and offsets of a parameter dict flattened into one vector."""
-
-    def __init__(self, params: Mapping[str, torch.Tensor], names: Sequence[str]):
-        self.names = tuple(names)
-        self.shapes = {n: tuple(params[n].shape) for n in self.names}
-        self.sizes = {n: math.prod(self.shapes[n]) for n in self.names}
-        self.offsets, off = {}, 0
-        for n in self.names:
-            self.offsets[n] = off
-            off += self.sizes[n]
-        self.numel = off
-
-    def flatten(self, params: Mapping[str, torch.Tensor], batch_dims: int = 0) -> torch.Tensor:
-        """Flatten a parameter dict into one vector in the layout's order.
-
-        Args:
-            params: ``{name: [*batch, *shape]}`` holding at least the layout's names.
-            batch_dims: number of leading batch axes to keep.
-
-        Returns:
-            ``[*batch, numel]``.
-        """
-        parts = []
-        for n in self.names:
-            p = params[n]
-            parts.append(p.reshape(*p.shape[:batch_dims], -1))
-        return torch.cat(parts, -1)
-
-    def unflatten(self, vector: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Split a flat vector into the layout's parameters (inverse of ``flatten``).
-
-        Args:
-            vector: ``[*batch, numel]``.
-
-        Returns:
-            ``{name: [*batch, *shape]}`` views of ``vector``.
-
-        Raises:
-            ValueError: the last axis of ``vector`` does not have ``numel`` entries.
-        """
-        if vector.shape[-1] != self.numel:
-            raise ValueError(f"parameter vector has {vector.shape[-1]} entries, expected {self.numel} "
-                             f"(parameters {list(self.names)})")
-        lead = vector.shape[:-1]
-        return {n: vector[..., self.offsets[n]:self.offsets[n] + self.sizes[n]].reshape(tuple(lead) + self.shapes[n])
-                for n in self.names}
-
-    def __repr__(self):
-        return f"ParamLayout({', '.join(f'{n}{list(s)}' for n, s in self.shapes.items())}; numel={self.numel})"
 
 
 def step_jvp(model, params, z_prev: torch.Tensor, x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
@@ -145,8 +101,6 @@ class ParamJacobian(_TrajectoryOperator):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         if backend == "kronecker":
-            from .kronecker import supports_kronecker
-
             if not supports_kronecker(traj.model):
                 raise ValueError(f"backend='kronecker' needs a weight-based cell (VanillaRNN, LeakyRNN, GRU, LSTM); "
                                  f"{type(traj.model).__name__} is not one. Use backend='autodiff' or 'auto'")
@@ -163,7 +117,6 @@ class ParamJacobian(_TrajectoryOperator):
     def _core(self):
         if self.backend == "autodiff":
             return None
-        from .kronecker import kronecker_core, supports_kronecker
 
         if not supports_kronecker(self.traj.model):
             return None
@@ -306,8 +259,6 @@ def _cache_for(traj: Trajectory, cache, memory_budget) -> StepJacobianCache:
 def _linearization_of(traj: Trajectory):
     """The trajectory's ``StepLinearization`` (built once; None for cells without the structure)."""
     if "linearization" not in traj.cache:
-        from .linearization import StepLinearization
-
         traj.cache["linearization"] = StepLinearization.build(traj)
     return traj.cache["linearization"]
 
@@ -551,8 +502,6 @@ def _is_site(traj) -> bool:
     Returns:
         Whether ``traj`` records a site model.
     """
-    from .joint import is_site_trajectory
-
     return is_site_trajectory(traj)
 
 
@@ -586,8 +535,6 @@ def param_jacobian(traj: Trajectory, param_names=None, *, backend: str = "auto",
         ValueError: an unknown backend or parameter name, or ``"kronecker"`` for a cell without the structure.
     """
     if _is_site(traj):
-        from .joint import SiteParamJacobian
-
         return SiteParamJacobian(traj, param_names, "autodiff" if backend == "autodiff" else "auto")
     return ParamJacobian(traj, param_names, chunk_size, backend)
 
@@ -612,14 +559,11 @@ def parameter_operator(traj: Trajectory, param_names=None, *, backend: str = "au
         TypeError: ``"kronecker"`` for a cell without the structure.
     """
     if _is_site(traj):  # K on the joint state, through its Kronecker core unless backend="autodiff"
-        from .joint import site_parameter_operator
 
         return site_parameter_operator(traj, param_names, backend="autodiff" if backend == "autodiff" else "kronecker")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend != "autodiff":
-        from .kronecker import kronecker_core, supports_kronecker
-
         if backend == "kronecker" or supports_kronecker(traj.model):
             return kronecker_core(traj, param_names).operator()
     J = param_jacobian(traj, param_names, chunk_size=chunk_size, backend="autodiff")
@@ -690,7 +634,6 @@ def propagator(traj: Trajectory, *, cache="auto", memory_budget: int | None = No
             structure.
     """
     if _is_site(traj):  # C P: joint perturbations -> visible states, so that P @ K @ P.T is the visible NTK
-        from .joint import site_propagator
 
         return site_propagator(traj)
     return Propagator(traj, cache, memory_budget, chunk_size, path)
@@ -717,7 +660,6 @@ def inverse_propagator(traj: Trajectory, *, cache="auto", memory_budget: int | N
             structure.
     """
     if _is_site(traj):  # ∂Φ/∂h on the joint state
-        from .joint import InverseJointPropagator
 
         return InverseJointPropagator(traj)
     return InversePropagator(traj, cache, memory_budget, chunk_size, path)
@@ -735,8 +677,6 @@ def readout_jacobian(traj: Trajectory, *, chunk_size: int | None = None) -> Read
         The ``ReadoutJacobian`` (a site model's ``SiteReadoutJacobian`` for site trajectories).
     """
     if _is_site(traj):
-        from .joint import SiteReadoutJacobian
-
         return SiteReadoutJacobian(traj)
     return ReadoutJacobian(traj, chunk_size)
 
@@ -775,8 +715,6 @@ def ntk(traj: Trajectory, param_names=None, *, backend: str = "auto", cache="aut
         ``kpflow.kernels.joint.site_ntk(traj, path="auto")``.
     """
     if _is_site(traj):
-        from .joint import site_ntk
-
         if backend in ("kronecker", "autodiff"):
             return site_ntk(traj, param_names, path="joint", backend=backend)
         return site_ntk(traj, param_names, path="auto")
