@@ -41,6 +41,7 @@ from kpflow.models import (
     Transformer,
     VanillaRNN,
 )
+from kpflow.models.sites import SiteModel
 from kpflow.operators import view
 
 DT = torch.float64
@@ -54,8 +55,38 @@ def _bias_noise(m):
     return m
 
 
+class _Shared(SiteModel):
+    """One weight writing several slots: ``a = E x + c``, ``b = W tanh(a) + c``, ``d = W tanh(b)``,
+    ``n = g ⊙ tanh(d)``, ``m = g ⊙ tanh(n)`` (``W``, ``c`` and the elementwise ``g`` each write two slots),
+    visible ``m``."""
+
+    def __init__(self):
+        super().__init__()
+        self.E = nn.Parameter(torch.randn(4, 3, dtype=DT) / 2)
+        self.W = nn.Parameter(torch.randn(4, 4, dtype=DT) / 2)
+        self.c = nn.Parameter(torch.randn(4, dtype=DT) / 3)
+        self.g = nn.Parameter(1 + torch.randn(4, dtype=DT) / 3)
+        self.readout = nn.Linear(4, 2, dtype=DT)
+
+    def positions(self, inputs):
+        return int(inputs.shape[0]), int(inputs.shape[1])
+
+    def run_sites(self, params, inputs, sites):
+        a = sites.affine("a", {"E": inputs, "c": None})
+        b = sites.affine("b", {"W": torch.tanh(a), "c": None})
+        d = sites.affine("d", {"W": torch.tanh(b)})
+        n = sites.scale("n", "g", torch.tanh(d))
+        sites.state("z", torch.tanh(sites.scale("m", "g", torch.tanh(n))))
+
+    def output(self, states, readout_params=None):
+        p = self.readout_params() if readout_params is None else readout_params
+        return states @ p["weight"].T + p["bias"]
+
+
 def _make(name):
     torch.manual_seed(0)
+    if name == "shared":
+        return _Shared(), torch.randn(2, 3, 3, dtype=DT)
     if name.startswith("mlp"):
         act = name.split("_")[1]
         return _bias_noise(DeepMLP(3, 4, 3, 2, act, dtype=DT)), torch.randn(5, 3, dtype=DT)
@@ -82,7 +113,7 @@ def _make(name):
 
 
 MODELS = ["mlp_relu", "mlp_tanh", "mlp_gelu", "attn_bidir", "attn_causal", "attn_causal_pre", "attn_noln_relu",
-          "attn_tokens_causal", "adapter", "adapter_seq"]
+          "attn_tokens_causal", "adapter", "adapter_seq", "shared"]
 
 
 def _rel(a, b):

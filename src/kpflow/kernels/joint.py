@@ -626,45 +626,61 @@ class SiteKroneckerCore:
 
     # ------------------------------------------------------------------ exact scalars
     def _stats(self):
-        """The per-slot statistics of the exact scalars (cached).
+        """The statistics of the exact scalars per slot group (cached).
+
+        A *group* is a set of slots linked by weights that write more than one of them (one slot when
+        no weight is shared). With the group's slots ``s_1..s_m`` stacked, its rows are the ``m·N``
+        (slot, position) pairs and every weight's site variables fill the rows of the slots it writes:
+        ``J_W δW`` puts ``δW u`` at every use, so ``K_W[(s,p,r), (s',p',r')] = u_{s,p}·u_{s',p'} δ_rr'`` —
+        the Kronecker form ``Ũ Ũᵀ ⊗ I_R`` of a single slot, over the stacked rows (the cross-slot blocks
+        are the cross terms of the sum over sites). Weights of different groups touch disjoint channels,
+        so K is block-diagonal over groups.
 
         Returns:
-            ``{slot: (Ũ_s [N, ΣC] (dense weights and biases, rows at the N = B·T positions), [D_W [N, R] of
-            the elementwise weights], R_s)}``.
-
-        Raises:
-            ValueError: a weight that writes two slots (the exact statistics assume one).
+            ``{group name ("s" or "s_1+s_2+…"): (Ũ [m·N, ΣC] (dense weights and biases), [D_W [m·N, R] of the
+            elementwise weights], R, m)}``.
         """
         if self._slot_stats is not None:
             return self._slot_stats
         traj = self.traj
         B, T, _ = traj.joint_shape
         N = B * T
-        owner: dict[str, str] = {}
-        for w, us in self.uses.items():
-            for u in us:
-                if owner.setdefault(w, u.slot) != u.slot:
-                    raise ValueError(f"weight {w!r} writes two slots ({owner[w]!r}, {u.slot!r}); the exact statistics "
-                                     "assume each weight writes one slot (use the randomized estimators)")
+        parent = {sl: sl for sl in self.slots}
+
+        def root(sl):
+            while parent[sl] != sl:
+                sl = parent[sl]
+            return sl
+
+        for us in self.uses.values():
+            first = root(us[0].slot)
+            for u in us[1:]:
+                parent[root(u.slot)] = first
+        groups: dict[str, list[str]] = {}
+        for sl in self.slots:
+            groups.setdefault(root(sl), []).append(sl)
         stats = {}
-        for s, ws in self.slots.items():
-            R = self.slot_widths[s]
+        for members in groups.values():
+            R = self.slot_widths[members[0]]
+            row = {sl: i * N for i, sl in enumerate(members)}
+            rows = len(members) * N
+            weights = [w for w in self.uses if self.uses[w][0].slot in row]
             cols, diag = [], []
-            for w in ws:
+            for w in weights:
                 us = self.uses[w]
                 if us[0].form == "diag":
-                    D = torch.zeros(N, R, dtype=traj.dtype, device=traj.device)
+                    D = torch.zeros(rows, R, dtype=traj.dtype, device=traj.device)
                     for u in us:
-                        _add_rows(D, u, u.u, B, T)
+                        _add_rows(D[row[u.slot]:row[u.slot] + N], u, u.u, B, T)
                     diag.append(D)
                     continue
                 C = 1 if us[0].form == "r" else us[0].u.shape[1]
-                Uf = torch.zeros(N, C, dtype=traj.dtype, device=traj.device)
+                Uf = torch.zeros(rows, C, dtype=traj.dtype, device=traj.device)
                 for u in us:
-                    _add_rows(Uf, u, 1.0 if u.form == "r" else u.u, B, T)
+                    _add_rows(Uf[row[u.slot]:row[u.slot] + N], u, 1.0 if u.form == "r" else u.u, B, T)
                 cols.append(Uf)
-            Ut = torch.cat(cols, 1) if cols else torch.zeros(N, 0, dtype=traj.dtype, device=traj.device)
-            stats[s] = (Ut, diag, R)
+            Ut = torch.cat(cols, 1) if cols else torch.zeros(rows, 0, dtype=traj.dtype, device=traj.device)
+            stats["+".join(members)] = (Ut, diag, R, len(members))
         self._slot_stats = stats
         return stats
 
@@ -676,14 +692,14 @@ class SiteKroneckerCore:
         return Ut @ Ut.T
 
     def slot_grams(self) -> dict[str, torch.Tensor]:
-        """The position Gram matrices of the slots.
+        """The position Gram matrices of the slot groups (see ``_stats``: one slot unless weights are shared).
 
         Returns:
-            ``{slot: G_s = Ũ_s Ũ_sᵀ}`` ``[B·T, B·T]`` (dense weights and biases of the slot).
+            ``{group: G = Ũ Ũᵀ}`` ``[m·B·T, m·B·T]`` (dense weights and biases; rows: the group's m slots in
+            turn, each at its B·T positions).
 
         Raises:
             MemoryError: a Gram matrix over ``GRAM_LIMIT`` entries.
-            ValueError: a weight that writes two slots.
         """
         return {s: self._gram_of(v[0]) for s, v in self._stats().items()}
 
@@ -691,30 +707,24 @@ class SiteKroneckerCore:
         """Exact trace (no probes).
 
         Returns:
-            ``tr K = Σ_s R_s ‖Ũ_s‖_F² + Σ_{elementwise W} ‖d_W‖²``.
-
-        Raises:
-            ValueError: a weight that writes two slots.
+            ``tr K = Σ_groups R ‖Ũ‖_F² + Σ_{elementwise W} ‖d_W‖²``.
         """
         total = 0.0
-        for Ut, diag, R in self._stats().values():
+        for Ut, diag, R, _ in self._stats().values():
             total += R * float((Ut ** 2).sum()) + sum(float((D ** 2).sum()) for D in diag)
         return total
 
     def frobenius_norm(self) -> float:
         """Exact Frobenius norm (no probes).
 
-        Per slot ``R ‖ŨᵀŨ‖² + 2 Σ_W ‖Ũᵀ d_W‖² + Σ_r ‖Σ_W d_{W,r} d_{W,r}ᵀ‖²``, contracted on the smaller side
-        (``‖Ũ Ũᵀ‖_F = ‖Ũᵀ Ũ‖_F``): O(N C²) per slot and no N×N matrix.
+        Per slot group ``R ‖ŨᵀŨ‖² + 2 Σ_W ‖Ũᵀ d_W‖² + Σ_r ‖Σ_W d_{W,r} d_{W,r}ᵀ‖²``, contracted on the smaller
+        side (``‖Ũ Ũᵀ‖_F = ‖Ũᵀ Ũ‖_F``): O(N C²) per group and no N×N matrix.
 
         Returns:
             ``‖K‖_F``.
-
-        Raises:
-            ValueError: a weight that writes two slots.
         """
         total = 0.0
-        for Ut, diag, R in self._stats().values():
+        for Ut, diag, R, _ in self._stats().values():
             small = Ut.T @ Ut if Ut.shape[1] <= Ut.shape[0] else Ut @ Ut.T
             total += R * float((small ** 2).sum())
             for D in diag:
@@ -738,16 +748,19 @@ class SiteKroneckerCore:
         """The exact position ("temporal"/token) view of ``K``.
 
         Returns:
-            ``Σ_s (R_s G_s + Σ_W d_W d_Wᵀ)`` ``[B·T, B·T]``, equal to ``kpflow.operators.view(K, "temporal")``
-            as a matrix.
+            ``Σ_groups (R G_f + Σ_W d_f d_fᵀ)`` ``[B·T, B·T]`` with ``Ũ_f``, ``d_f`` the group's rows summed
+            over its slots (the view sums the channels of all of them), equal to
+            ``kpflow.operators.view(K, "temporal")`` as a matrix.
 
         Raises:
             MemoryError: a Gram matrix over ``GRAM_LIMIT`` entries.
         """
+        B, T, _ = self.traj.joint_shape
         out = None
-        for Ut, diag, R in self._stats().values():
-            G = self._gram_of(Ut)
-            term = R * G + sum((D @ D.T for D in diag), torch.zeros_like(G))
+        for Ut, diag, R, m in self._stats().values():
+            G = self._gram_of(Ut.reshape(m, B * T, Ut.shape[1]).sum(0))
+            folded = (D.reshape(m, B * T, R).sum(0) for D in diag)
+            term = R * G + sum((Df @ Df.T for Df in folded), torch.zeros_like(G))
             out = term if out is None else out + term
         return out
 
@@ -758,10 +771,10 @@ class SiteKroneckerCore:
             rtol: relative tolerance passed to ``torch.linalg.matrix_rank`` (None: its default).
 
         Returns:
-            ``min(Σ_s rank(Ũ_s) R_s + Σ_{elementwise W} R_s, #parameters, dim of the joint state)``.
+            ``min(Σ_groups rank(Ũ) R + Σ_{elementwise W} R, #parameters, dim of the joint state)``.
         """
         bound = 0
-        for Ut, diag, R in self._stats().values():
+        for Ut, diag, R, _ in self._stats().values():
             bound += (int(torch.linalg.matrix_rank(Ut, rtol=rtol)) if Ut.shape[1] else 0) * R + len(diag) * R
         n_params = sum(self.traj.params[n].numel() for n in self.param_names)
         return min(bound, n_params, math.prod(self.traj.joint_shape))
