@@ -212,7 +212,8 @@ def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1) -> _R
     survive that confirmation cycle unchanged (within the tolerance). A missing copy separated from
     the claimed k-th value by a relative gap g is found when the confirmation's Chebyshev factor
     T_{m−k}(1 + 2g) beats the fresh vector's small component along it; an exact multiplicity r costs
-    about r confirmation cycles.
+    about r confirmation cycles. For that degree to hold with a block of b directions the basis holds
+    up to k + (m − k)·b vectors (with a fixed m the degree fell to (m − k)/b and copies were missed).
 
     Returns:
         The ``k`` wanted Ritz pairs (float64) with the cycles and matvecs spent and the norm estimate.
@@ -225,7 +226,10 @@ def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1) -> _R
     x = _orth_against(V, src.gaussian(block).reshape(block, N).double().to(device), fresh)
     matvecs, cycles, anorm, claimed, confirmations = 0, 0, 0.0, None, 0
     while True:
-        while V.shape[0] + x.shape[0] <= m:
+        # the basis grows with the block, so every direction of the block (a confirmation's fresh one
+        # included) gets a Krylov degree of about m − k, not (m − k) / block
+        cap = min(N, max(m, k + (m - k) * x.shape[0]))
+        while V.shape[0] + x.shape[0] <= cap:
             ax = mv(x)
             matvecs += x.shape[0]
             V, W = torch.cat([V, x]), torch.cat([W, ax])
@@ -250,8 +254,8 @@ def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1) -> _R
         cycles += 1
         if confirm:
             claimed, confirmations = theta[:k].clone(), confirmations + 1
-        grow = 1 if confirm and x.shape[0] + 1 <= m - k and V.shape[0] + x.shape[0] < N else 0
-        kept = k if confirm else min(keep, m - x.shape[0] - grow)  # a confirmation refills the whole basis
+        grow = 1 if confirm and V.shape[0] + x.shape[0] < N else 0
+        kept = k if confirm else min(max(keep, cap - (m - keep)), cap - x.shape[0] - grow)  # a confirmation refills the whole basis
         V, W = S[:, :kept].T @ V, S[:, :kept].T @ W  # x stays orthogonal to the new, smaller span
         if grow:
             x = torch.cat([x, _orth_against(torch.cat([V, x]), fresh()[None], fresh)])
