@@ -255,7 +255,8 @@ def _lanczos(mv, N, k, which, tol, max_iters, src, device, dtype, block=1) -> _R
         if confirm:
             claimed, confirmations = theta[:k].clone(), confirmations + 1
         grow = 1 if confirm and V.shape[0] + x.shape[0] < N else 0
-        kept = k if confirm else min(max(keep, cap - (m - keep)), cap - x.shape[0] - grow)  # a confirmation refills the whole basis
+        # a confirmation refills the whole basis from the k converged vectors
+        kept = k if confirm else min(max(keep, cap - (m - keep)), cap - x.shape[0] - grow)
         V, W = S[:, :kept].T @ V, S[:, :kept].T @ W  # x stays orthogonal to the new, smaller span
         if grow:
             x = torch.cat([x, _orth_against(torch.cat([V, x]), fresh()[None], fresh)])
