@@ -142,3 +142,34 @@ def test_default_path_needs_no_torch_func_warm_up():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_gru_closed_form_coefficients_equal_the_reverse_mode_extraction():
+    # the GRU's elementwise ∂h'/∂(ih, hh), ∂h'/∂h against one reverse-mode pass per output block (float64)
+    from kpflow.kernels.linearization import unit_coefficients
+
+    torch.manual_seed(3)
+    model = GRU(4, 7, 2, dtype=torch.float64)
+    zp, x = torch.randn(30, 7, dtype=torch.float64), torch.randn(30, 4, dtype=torch.float64)
+    slots = {k: v.detach() for k, v in model.slots(dict(model.cell_params()), zp, x).items()}
+    D, E = model.post_unit_coefficients(slots, zp, x)
+    def fn(d, rows):
+        return model.post({s: d[s] for s in slots}, d["z"], x if rows is None else x[rows])
+
+    ref = unit_coefficients(fn, {**slots, "z": zp}, {"ih": 21, "hh": 21, "z": 7}, 30, 7, 7)
+    for s in ("ih", "hh"):
+        assert torch.allclose(D[s], ref[s], rtol=1e-12, atol=1e-14)
+    assert torch.allclose(E, ref["z"], rtol=1e-12, atol=1e-14)
+
+
+def test_a_gru_subclass_with_another_post_is_refused_not_wrong():
+    # the closed form is checked on every trajectory: a subclass that changes post but keeps the formulas fails
+    class Mixing(GRU):
+        def post(self, slots, z_prev, x):
+            return super().post(slots, z_prev, x).roll(1, dims=-1)
+
+    torch.manual_seed(0)
+    model = Mixing(3, 5, 1, dtype=torch.float64)
+    traj = record(model, torch.randn(2, 4, 3, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unit"):
+        propagator(traj, path="coefficients").matmat(torch.randn(1, 2, 4, 5, dtype=torch.float64))

@@ -94,17 +94,41 @@ def unit_coefficients(fn, primal: torch.Tensor | dict, sizes: dict | int, N: int
             for q, g in pull(leaves, out[:, o * U:(o + 1) * U].sum()).items():
                 C[q][:, o] = g.reshape(N, -1, U)
         del leaves, out
-        rows = torch.linspace(0, N - 1, min(N, CHECK_SITES), device=C[names[0]].device).round().long().unique()
-        leaves, out = graph(rows)
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        y = torch.randn(tuple(out.shape), generator=gen, dtype=out.dtype).to(out.device)
-        ref = pull(leaves, (out * y).sum())
-    got = apply_units_adjoint({q: c[rows] for q, c in C.items()}, y.unsqueeze(0), len(rows))
-    err = sum(float((got[q][0] - ref[q]).norm()) ** 2 for q in names) ** 0.5
-    scale = sum(float(ref[q].norm()) ** 2 for q in names) ** 0.5
-    if not math.isfinite(err) or err > 1e-6 * max(scale, 1e-30):
+    if not coefficients_agree(fn if not single else (lambda d, rows: fn(d["_"], rows)), prim, C, N):
         return None
     return C["_"] if single else C
+
+
+def coefficients_agree(fn, primal: dict, C: dict, N: int) -> bool:
+    """Whether unit coefficients ``C`` are the Jacobian of ``fn`` at ``primal``, by a random cotangent.
+
+    At ``CHECK_SITES`` sites spread over the run, ``Jᵀ y`` (one reverse-mode pass of ``fn``) is compared with
+    ``Cᵀ y`` (``apply_units_adjoint``) for a Gaussian ``y`` (seed 0); for a random ``y`` they agree with
+    probability one only if ``J = C`` there. Used on extracted coefficients and on a cell's closed form.
+
+    Args:
+        fn: ``fn(inputs, rows)`` as in ``unit_coefficients`` (a dict of ``[n, R_s]`` tensors).
+        primal: the point of linearization at all N sites (a dict).
+        C: ``{s: [N, H/U, R_s/U, U]}`` coefficients for every key of ``primal``.
+        N: number of sites.
+
+    Returns:
+        True when the relative error of ``Cᵀ y`` is at most 1e-6 (and finite).
+    """
+    names = list(primal)
+    rows = torch.linspace(0, N - 1, min(N, CHECK_SITES), device=C[names[0]].device).round().long().unique()
+    with torch.enable_grad():
+        leaves = {q: primal[q][rows].detach().requires_grad_(True) for q in names}
+        out = fn(leaves, rows)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        y = torch.randn(tuple(out.shape), generator=gen, dtype=out.dtype).to(out.device)
+        # a scalar output rather than grad_outputs=y (see unit_coefficients)
+        grads = torch.autograd.grad((out * y).sum(), [leaves[q] for q in names], allow_unused=True)
+    ref = {q: torch.zeros_like(leaves[q]) if g is None else g for q, g in zip(names, grads, strict=True)}
+    got = apply_units_adjoint({q: C[q][rows] for q in names}, y.unsqueeze(0), len(rows))
+    err = sum(float((got[q][0] - ref[q]).norm()) ** 2 for q in names) ** 0.5
+    scale = sum(float(ref[q].norm()) ** 2 for q in names) ** 0.5
+    return math.isfinite(err) and err <= 1e-6 * max(scale, 1e-30)
 
 
 def post_coefficients(traj: Trajectory):
@@ -134,9 +158,16 @@ def post_coefficients(traj: Trajectory):
         if U <= 0 or H % U or any(R % U for R in sizes.values()):
             raise ValueError(f"{type(model).__name__} declares unit_size()={U}, which does not divide the state "
                              f"({H}) and the slots ({sizes}); declare unit_size() = 0")
-        both = unit_coefficients(lambda d, rows: model.post({s: d[s] for s in slots}, d["__z_prev__"],
-                                                            x if rows is None else x[rows]),
-                                 {**slots, "__z_prev__": zp}, {**sizes, "__z_prev__": H}, N, H, U)
+        def fn(d, rows):
+            return model.post({s: d[s] for s in slots}, d["__z_prev__"], x if rows is None else x[rows])
+
+        primal = {**slots, "__z_prev__": zp}
+        closed = model.post_unit_coefficients(slots, zp, x)
+        if closed is not None:  # the cell's closed form, checked like an extraction (a subclass may change post)
+            D, E = closed
+            both = {**D, "__z_prev__": E} if coefficients_agree(fn, primal, {**D, "__z_prev__": E}, N) else None
+        else:
+            both = unit_coefficients(fn, primal, {**sizes, "__z_prev__": H}, N, H, U)
         if both is None:
             raise ValueError(f"{type(model).__name__} declares unit_size()={U}, but its post is not unit-structured "
                              f"with blocks of {U} (state {H}, slots {sizes}; a random check disagrees with the unit "

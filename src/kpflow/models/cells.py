@@ -104,6 +104,24 @@ class AffineRecurrentModel(RecurrentModel):
         """
         raise NotImplementedError
 
+    def post_unit_coefficients(self, slots: dict[str, torch.Tensor], z_prev: torch.Tensor, x: torch.Tensor):
+        """Closed-form unit coefficients of ``post`` (optional; None: read them off by reverse mode).
+
+        A cell with ``unit_size() = U > 0`` may return ``D_s = ∂post/∂a_s`` and ``E = ∂post/∂z_prev`` in the
+        layout of ``kernels.linearization.unit_coefficients`` directly (elementwise formulas instead of one
+        backward pass per output block). They are checked against autodiff of ``post`` with a random cotangent
+        on every trajectory, so a subclass that changes ``post`` but not this method is refused, not wrong.
+
+        Args:
+            slots: the slot values ``{s: [N, R_s]}`` at every site.
+            z_prev: previous states ``[N, H]``.
+            x: inputs ``[N, I]``.
+
+        Returns:
+            ``({s: D_s [N, H/U, R_s/U, U]}, E [N, H/U, H/U, U])``, or None (the default).
+        """
+        return None
+
     def unit_size(self) -> int:
         """The unit width ``U`` of ``post``, or 0 when it has none.
 
@@ -400,6 +418,36 @@ class GRU(_TorchGated):
         z = torch.sigmoid(ai[:, H:2 * H] + ah[:, H:2 * H])
         n = torch.tanh(ai[:, 2 * H:] + r * ah[:, 2 * H:])
         return n + z * (z_prev - n)  # as torch.nn.GRUCell: (1 − z) n + z h
+
+    def post_unit_coefficients(self, slots, z_prev, x):
+        """Closed-form ``∂h'/∂(ih, hh)`` per gate and ``∂h'/∂h = z`` (U = H, one output block).
+
+        With ``c = (1 − z)(1 − n²)``: ``∂h'/∂a_r = c · hh_n · r(1 − r)`` (both slots), ``∂h'/∂a_z =
+        (h − n) z(1 − z)`` (both slots), ``∂h'/∂ih_n = c``, ``∂h'/∂hh_n = c · r``.
+
+        Args:
+            slots: ``{"ih": [N, 3H], "hh": [N, 3H]}``.
+            z_prev: ``h_{t-1}`` ``[N, H]``.
+            x: inputs ``[N, I]`` (unused: ``post`` reads x only through the slots).
+
+        Returns:
+            ``({"ih": [N, 1, 3, H], "hh": [N, 1, 3, H]}, E [N, 1, 1, H])``.
+        """
+        if set(slots) != {"ih", "hh"}:
+            return None
+        H = self.hidden_dim
+        ai, ah = slots["ih"], slots["hh"]
+        r = torch.sigmoid(ai[:, :H] + ah[:, :H])
+        z = torch.sigmoid(ai[:, H:2 * H] + ah[:, H:2 * H])
+        n = torch.tanh(ai[:, 2 * H:] + r * ah[:, 2 * H:])
+        ih = torch.empty(ai.shape[0], 1, 3, H, dtype=ai.dtype, device=ai.device)
+        hh = torch.empty_like(ih)
+        c = torch.mul(1 - z, 1 - n * n, out=ih[:, 0, 2])                       # ∂h'/∂ih_n
+        torch.mul(c, r, out=hh[:, 0, 2])                                      # ∂h'/∂hh_n
+        torch.mul(hh[:, 0, 2], ah[:, 2 * H:], out=ih[:, 0, 0]).mul_(1 - r)   # ∂h'/∂a_r = c hh_n r (1 − r)
+        torch.mul(z_prev - n, z, out=ih[:, 0, 1]).mul_(1 - z)                # ∂h'/∂a_z = (h − n) z (1 − z)
+        hh[:, 0, :2] = ih[:, 0, :2]
+        return {"ih": ih, "hh": hh}, z.reshape(-1, 1, 1, H)
 
 
 class LSTM(_TorchGated):
