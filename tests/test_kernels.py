@@ -25,7 +25,7 @@ from kpflow.kernels import (
     step_jacobians,
     time_shift,
 )
-from kpflow.models import GRU, VanillaRNN
+from kpflow.models import GRU, NeuralODE, VanillaRNN
 
 B, T, H, I, O = 3, 7, 5, 2, 2
 DT = torch.float64
@@ -362,3 +362,21 @@ def test_a_wrong_unit_structure_declaration_is_an_error():
         kronecker_core(traj).trace()
     Pj = propagator(traj, path="jvp")  # the honest path still works
     assert Pj.apply(torch.ones(traj.shape, dtype=DT)).shape == traj.shape
+
+
+@pytest.mark.parametrize("name", ["rnn", "node"])
+def test_auto_cache_results_do_not_depend_on_call_history(name):
+    # defect: cache="auto" built the dense step-Jacobian cache once the probes *seen so far* passed a threshold
+    # (ski rental), so the same small request took another numerical path after a large one: hidden state
+    torch.manual_seed(0)
+    model = VanillaRNN(2, 3, 1, dtype=DT) if name == "rnn" else NeuralODE(2, 3, 1, dtype=DT)
+    traj = record(model, torch.randn(2, 5, 2, dtype=DT), torch.zeros(2, 3, dtype=DT))
+    P = propagator(traj)
+    q = torch.randn(2, 2, 5, 3, dtype=DT)
+    before, path_before = P.matmat(q), P.last_path
+    big = P.matmat(torch.randn(64, 2, 5, 3, dtype=DT))  # at least 4H probes: this request may use the dense cache
+    assert P.last_path == "dense" and big.shape[0] == 64
+    after = P.matmat(q)
+    assert P.last_path == path_before != "dense"
+    assert torch.equal(before, after)
+    assert torch.equal(P.T.matmat(q), propagator(record(model, traj.inputs, traj.z0)).T.matmat(q))

@@ -182,15 +182,14 @@ class ParamJacobian(_TrajectoryOperator):
 class StepJacobianCache:
     """Dense per-site step Jacobians ``A[b, t] = ∂F/∂z_{t-1}`` ``[B, T, H, H]``, built on demand.
 
-    Policy ``"auto"`` (ski rental): building the cache is ``A*`` applied to the H basis vectors at
-    all B·T sites — the work of about H probes through ``P`` by JVP/VJP of the step — after which every
-    sequential step is one batched matmul. The weight-based cells apply ``A_t`` from per-site
-    coefficients instead, which is faster, so there the cache pays off later (measured with
-    ``benchmarks/operators.py``, GRU H=256: cached ``P`` 1.7x cheaper per probe, build ≈ 1000 probes).
-    The cache is built once the probes pushed through ``A``/``P``/``P*`` of this trajectory reach
-    ``H`` (``4H`` for the weight-based cells), provided its ``B·T·H²`` entries fit ``memory_budget``
-    bytes; as in ski rental the total cost then stays within about twice that of the better choice
-    made in hindsight. ``True`` builds it on first use (error if it does not fit), ``False`` never.
+    Policy ``"auto"``: building the cache is ``A*`` applied to the H basis vectors at all B·T sites — the
+    work of about H probes through ``P`` by JVP/VJP of the step (about 4H against the faster per-site
+    coefficients of the weight-based cells) — after which every sequential step is one batched matmul. So
+    ``auto`` uses the dense cache for a request of at least that many probes (building it on the first such
+    request, if its ``B·T·H²`` entries fit ``memory_budget`` bytes) and the JVP/coefficient path otherwise.
+    The choice depends on the request alone, never on what was applied before, so the same call gives the
+    same bits whatever the call history (a cumulative "ski rental" count made results depend on call order
+    at rounding level). ``True`` builds it on first use (error if it does not fit), ``False`` never.
     """
 
     def __init__(self, traj: Trajectory, policy="auto", memory_budget: int | None = None):
@@ -198,7 +197,6 @@ class StepJacobianCache:
             raise ValueError(f"cache must be 'auto', True or False, got {policy!r}")
         self.traj, self.policy = traj, policy
         self.memory_budget = CACHE_BUDGET_BYTES if memory_budget is None else int(memory_budget)
-        self.probes_seen = 0
         self.dense: torch.Tensor | None = None
 
     @property
@@ -216,7 +214,7 @@ class StepJacobianCache:
         """The dense Jacobians if the policy wants them now.
 
         Args:
-            probes: probes about to be pushed through ``A``/``P``/``P*`` (added to ``probes_seen``).
+            probes: probes about to be pushed through ``A``/``P``/``P*`` in this request.
 
         Returns:
             ``[B, T, H, H]`` (built now if the policy says so), or None while the JVP/coefficient path is cheaper.
@@ -224,23 +222,21 @@ class StepJacobianCache:
         Raises:
             MemoryError: policy True and the cache does not fit ``memory_budget``.
         """
-        if self.dense is not None:
-            return self.dense
-        self.probes_seen += probes
         if self.policy is False:
             return None
         H = self.traj.shape[-1]
-        # measured break-even (benchmarks/operators.py, GRU H=256): about H probes against the JVP/VJP
-        # path, about 4H against the faster per-site-coefficient path of the weight-based cells
+        # break-even: about H probes against the JVP/VJP path, about 4H against the per-site coefficients
         threshold = 4 * H if _linearization_of(self.traj) is not None else H
-        want = self.policy is True or (self.policy == "auto" and self.probes_seen >= threshold)
-        if want and self.fits:
-            self.dense = dense_step_jacobians(self.traj)
-        elif self.policy is True and not self.fits:
-            raise MemoryError(
-                f"the dense step-Jacobian cache needs {self.nbytes / 2**20:,.1f} MiB, over the budget of "
-                f"{self.memory_budget / 2**20:,.1f} MiB; raise memory_budget or use cache='auto'/False"
-            )
+        if self.policy == "auto" and probes < threshold:
+            return None  # decided by this request alone (no hidden state)
+        if self.dense is None:
+            if self.fits:
+                self.dense = dense_step_jacobians(self.traj)
+            elif self.policy is True:
+                raise MemoryError(
+                    f"the dense step-Jacobian cache needs {self.nbytes / 2**20:,.1f} MiB, over the budget of "
+                    f"{self.memory_budget / 2**20:,.1f} MiB; raise memory_budget or use cache='auto'/False"
+                )
         return self.dense
 
 
@@ -577,7 +573,7 @@ def step_jacobians(traj: Trajectory, *, cache="auto", memory_budget: int | None 
 
     Args:
         traj: the recorded trajectory of a recurrence.
-        cache: policy of the dense step-Jacobian cache: ``"auto"`` (ski rental), True or False
+        cache: policy of the dense step-Jacobian cache: ``"auto"`` (dense for requests of many probes), True or False
             (see ``StepJacobianCache``).
         memory_budget: bytes the dense cache may take (None: ``CACHE_BUDGET_BYTES``).
         chunk_size: probes per vmapped call (None: all at once).
@@ -618,7 +614,7 @@ def propagator(traj: Trajectory, *, cache="auto", memory_budget: int | None = No
 
     Args:
         traj: the recorded trajectory of a recurrence.
-        cache: policy of the dense step-Jacobian cache: ``"auto"`` (ski rental), True or False
+        cache: policy of the dense step-Jacobian cache: ``"auto"`` (dense for requests of many probes), True or False
             (see ``StepJacobianCache``).
         memory_budget: bytes the dense cache may take (None: ``CACHE_BUDGET_BYTES``).
         chunk_size: probes per vmapped call (None: all at once).
@@ -646,7 +642,7 @@ def inverse_propagator(traj: Trajectory, *, cache="auto", memory_budget: int | N
 
     Args:
         traj: the recorded trajectory of a recurrence.
-        cache: policy of the dense step-Jacobian cache: ``"auto"`` (ski rental), True or False
+        cache: policy of the dense step-Jacobian cache: ``"auto"`` (dense for requests of many probes), True or False
             (see ``StepJacobianCache``).
         memory_budget: bytes the dense cache may take (None: ``CACHE_BUDGET_BYTES``).
         chunk_size: probes per vmapped call (None: all at once).
