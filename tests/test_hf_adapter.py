@@ -391,3 +391,17 @@ def test_cli_lm_stats_masked(tmp_path):
         assert f"{key} = " in res.output
     bad = CliRunner().invoke(app, args + ["--logit-positions", "first"])
     assert bad.exit_code == 2 and "positions must be one of" in bad.output
+
+
+def test_lm_statistics_takes_the_one_budget_name_and_the_old_one_warns():
+    # one name for the probe budget across the package (num_matvecs); num_probes= works for one release
+    from kpflow.experiments.language_model import lm_statistics
+
+    _, model, ids = _setup("gpt2-tiny")
+    kw = dict(seed=3, alignment=False, logits=False, exact_k=False, progress=False)
+    new = lm_statistics(model, ids, num_matvecs=6, **kw)
+    with pytest.warns(DeprecationWarning, match="num_probes"):
+        old = lm_statistics(model, ids, num_probes=6, **kw)
+    assert new["hidden_trace"].value == old["hidden_trace"].value and new["hidden_trace"].num_matvecs == 6
+    with pytest.raises(ValueError, match="num_matvecs must be >= 3"):
+        lm_statistics(model, ids, num_matvecs=2, **kw)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
+from kpflow.deprecation import keyword_only
 from kpflow.estimators import Estimate, factor_alignment, onesided_statistics
 from kpflow.estimators.norms import sqrt_estimate
 from kpflow.estimators.result import exact_estimate
@@ -105,7 +106,8 @@ def describe_estimate(e: Estimate) -> str:
     return f"{e.value:.6g} ± {e.stderr:.3g} ({e.num_probes} probes)"
 
 
-def lm_statistics(model: HFLanguageModel, ids: torch.Tensor, *, num_probes: int = 30, seed: int = 0,
+@keyword_only(renamed={"num_probes": "num_matvecs"})
+def lm_statistics(model: HFLanguageModel, ids: torch.Tensor, *, num_matvecs: int = 30, seed: int = 0,
                   chunk_size: int = 1, param_names=None, alignment: bool = True, logits: bool = True,
                   exact_k: bool = True, progress: bool = True, positions: str = "auto") -> dict[str, Estimate]:
     """The statistics of the module docstring for one batch of token windows.
@@ -113,7 +115,8 @@ def lm_statistics(model: HFLanguageModel, ids: torch.Tensor, *, num_probes: int 
     Args:
         model: the adapted language model.
         ids: token ids ``[B, T]``.
-        num_probes: probes per one-sided estimate (probe pairs for the alignment).
+        num_matvecs: the probe budget of each one-sided estimate, in matvecs of J or J* (one per probe);
+            the alignment gets 4× as many. ``num_probes=`` is the deprecated spelling.
         seed: of the probes.
         chunk_size: probes per batched VJP (each holds one parameter-sized gradient: the memory knob).
         param_names: θ (None: every base-model parameter); see ``kpflow.models.hf.param_subset``.
@@ -128,18 +131,19 @@ def lm_statistics(model: HFLanguageModel, ids: torch.Tensor, *, num_probes: int 
     Raises:
         ValueError: bad token ids (see ``HFLanguageModel.check_inputs``), fewer than 3 probes.
     """
-    if num_probes < 3:
-        raise ValueError(f"num_probes must be >= 3 (the Frobenius norm's standard error needs them), got {num_probes}")
+    if num_matvecs < 3:
+        raise ValueError(f"num_matvecs must be >= 3 (the Frobenius norm's standard error needs them), "
+                         f"got {num_matvecs}")
     traj = record(model, ids, param_names=param_names)
-    total = num_probes * (1 + int(logits)) + 4 * num_probes * int(alignment)
+    total = num_matvecs * (1 + int(logits)) + 4 * num_matvecs * int(alignment)
     out: dict[str, Estimate] = {}
     with tqdm(total=total, desc="probes", unit="probe", disable=not progress, leave=False) as bar:
-        s = onesided_statistics(_Progress(hidden_jacobian(traj), bar), num_probes, side="reverse", seed=seed,
+        s = onesided_statistics(_Progress(hidden_jacobian(traj), bar), num_matvecs, side="reverse", seed=seed,
                                 chunk_size=chunk_size)
         out["hidden_trace"], out["hidden_erank"] = s.trace, s.effective_rank
         out["hidden_fro"] = sqrt_estimate(s.frobenius_sq)
         if logits:
-            s = onesided_statistics(_Progress(logit_jacobian(traj, positions=positions), bar), num_probes,
+            s = onesided_statistics(_Progress(logit_jacobian(traj, positions=positions), bar), num_matvecs,
                                     side="reverse", seed=seed + 1, chunk_size=chunk_size)
             out["logit_trace"], out["logit_erank"] = s.trace, s.effective_rank
             out["logit_fro"] = sqrt_estimate(s.frobenius_sq)
@@ -150,7 +154,7 @@ def lm_statistics(model: HFLanguageModel, ids: torch.Tensor, *, num_probes: int 
             gm = tuple(n for n in param_subset(model, mlp) if n in names)
             if ga and gm:
                 a = factor_alignment(_Progress(hidden_jacobian(traj, ga), bar), _Progress(hidden_jacobian(traj, gm),
-                                     bar), 4 * num_probes, seed=seed + 2, chunk_size=chunk_size)
+                                     bar), 4 * num_matvecs, seed=seed + 2, chunk_size=chunk_size)
                 out["attn_mlp_alignment"] = a
     if exact_k:
         core = kronecker_core(traj)

@@ -81,7 +81,7 @@ def stats_command(
             masked_note = f", {int(lm.masked_positions(ids).sum())} of them [MASK] (id {lm.mask_token_id})"
         names = param_subset(lm, params) if params else None
         typer.echo(describe(lm) + f"; {batch} × {tokens} tokens of {text}{masked_note}")
-        out = lm_statistics(lm, ids, num_probes=probes, seed=seed, chunk_size=chunk, param_names=names,
+        out = lm_statistics(lm, ids, num_matvecs=probes, seed=seed, chunk_size=chunk, param_names=names,
                             alignment=not no_alignment, positions=logit_positions)
     except (ValueError, FileNotFoundError, ImportError) as err:
         typer.echo(f"error: {err}", err=True)
