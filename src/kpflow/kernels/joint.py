@@ -33,7 +33,7 @@ from torch.func import jvp, vjp, vmap
 from kpflow.models.sites import JointLayout, SiteModel, Sites, Use
 from kpflow.operators import LinearOperator
 
-from .trajectory import NonFiniteStateError, ParamLayout, RecordedRun, loss_value, snapshot
+from .trajectory import NonFiniteStateError, ParamLayout, RecordedRun, attach_error, snapshot
 from .trajectory import resolve_param_names as _resolve
 
 #: ceiling on the entries of an N×N position Gram matrix (slot_grams, temporal_gram)
@@ -177,16 +177,7 @@ def record_sites(model: SiteModel, inputs, *, targets: torch.Tensor | None = Non
                 raise ValueError(f"mask must have the outputs' shape {list(outputs.shape)}"
                                  + (f" or [B, T] = {list(outputs.shape[:-1])}" if outputs.dim() == 3 else "")
                                  + f", got {tuple(mask.shape)}")
-        with torch.enable_grad():
-            z = states.clone().requires_grad_(True)
-            value = loss_value(model.output(z, readout), targets, loss, mask)
-            if value.dim() != 0:
-                raise ValueError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
-            (e,) = torch.autograd.grad(value, z)
-        traj.error, traj.loss = e.detach(), float(value.detach())
-        if not math.isfinite(traj.loss):
-            raise NonFiniteStateError(f"the loss is {traj.loss} although the activations are finite; check targets")
-        traj.adjoint = site_propagator(traj).T.apply(traj.error)
+        attach_error(traj, lambda z: model.output(z, readout), targets, loss, mask, site_propagator, "activations")
     return traj
 
 

@@ -9,7 +9,6 @@ kronecker → state_space → recording.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -24,7 +23,7 @@ from .trajectory import (
     NonFiniteStateError,
     Trajectory,
     _first_nonfinite,
-    loss_value,
+    attach_error,
     resolve_param_names,
     snapshot,
 )
@@ -125,14 +124,5 @@ def record(
         if mask is not None and tuple(mask.shape) not in (tuple(states.shape[:2]), tuple(traj.outputs.shape)):
             raise ValueError(f"mask must be [B, T] = {list(states.shape[:2])} or the outputs' shape "
                              f"{list(traj.outputs.shape)}, got {tuple(mask.shape)}")
-        with torch.enable_grad():
-            z = states.clone().requires_grad_(True)
-            value = loss_value(model.output(z, rp), targets, loss, mask)
-            if value.dim() != 0:
-                raise ValueError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
-            (e,) = torch.autograd.grad(value, z)
-        traj.error, traj.loss = e.detach(), float(value.detach())
-        if not math.isfinite(traj.loss):
-            raise NonFiniteStateError(f"the loss is {traj.loss} although the states are finite; check targets")
-        traj.adjoint = propagator(traj).T.apply(traj.error)
+        attach_error(traj, lambda z: model.output(z, rp), targets, loss, mask, propagator, "states")
     return traj

@@ -226,6 +226,36 @@ def loss_value(outputs: torch.Tensor, targets, loss: str | LossFn, mask: torch.T
     raise ValueError(f"unknown loss {loss!r}; use 'mse', 'ce' or a callable loss(outputs, targets) -> scalar")
 
 
+def attach_error(traj, output, targets, loss, mask, adjoint, what: str = "states") -> None:
+    """Set ``traj.error = ∂L/∂z``, ``traj.loss`` and ``traj.adjoint = P* e`` of a recorded run.
+
+    One implementation for both recording paths (recurrences and site models).
+
+    Args:
+        traj: the recording, with ``states`` set (and not yet an error).
+        output: ``z ↦ outputs`` (the readout of the snapshot), differentiable in ``z``.
+        targets: what the outputs are compared with (see ``loss_value``).
+        loss: the loss name or callable (see ``loss_value``).
+        mask: optional mask of the compared entries (see ``loss_value``).
+        adjoint: ``traj ↦`` the operator whose ``.T`` is applied to the error (the propagator).
+        what: how the message for a non-finite loss names what is finite ("states", "activations").
+
+    Raises:
+        ValueError: the loss is not a scalar (see also ``loss_value``).
+        NonFiniteStateError: the loss is NaN/inf.
+    """
+    with torch.enable_grad():
+        z = traj.states.clone().requires_grad_(True)
+        value = loss_value(output(z), targets, loss, mask)
+        if value.dim() != 0:
+            raise ValueError(f"the loss must be a scalar, got shape {tuple(value.shape)}")
+        (e,) = torch.autograd.grad(value, z)
+    traj.error, traj.loss = e.detach(), float(value.detach())
+    if not math.isfinite(traj.loss):
+        raise NonFiniteStateError(f"the loss is {traj.loss} although the {what} are finite; check targets")
+    traj.adjoint = adjoint(traj).T.apply(traj.error)
+
+
 # ----------------------------------------------------------------------------- parameter layout
 class ParamLayout:
     """Order, shapes and offsets of a parameter dict flattened into one vector."""
