@@ -173,3 +173,55 @@ def test_a_gru_subclass_with_another_post_is_refused_not_wrong():
     traj = record(model, torch.randn(2, 4, 3, dtype=torch.float64), torch.zeros(2, 5, dtype=torch.float64))
     with pytest.raises(ValueError, match="unit"):
         propagator(traj, path="coefficients").matmat(torch.randn(1, 2, 4, 5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name", CELLS)
+def test_recorded_slots_are_the_unrolls_own(name):
+    # record keeps the slots its steps computed: the states are unroll's bit for bit, the slots model.slots at the
+    # sites, and operators built on them equal those built on slots recomputed over all sites at once
+    from kpflow.kernels.linearization import slot_values
+
+    m, traj = _traj(name, 3, 5, 2, 4, seed=7)
+    assert torch.equal(traj.states, m.unroll(traj.params, traj.inputs, traj.z0))
+    zp, x = traj.sites()
+    again = m.slots(traj.params, zp, x)
+    assert set(slot_values(traj)) == set(again)
+    for s, v in slot_values(traj).items():
+        assert v.shape == again[s].shape and torch.allclose(v, again[s], rtol=1e-14, atol=1e-15)
+    fresh = record(m, traj.inputs, traj.z0)
+    fresh.cache.pop("slots")  # as a trajectory made without the unroll's slots
+    Q = torch.randn(3, *traj.shape, dtype=DT)
+    assert _rel(ntk(traj).matmat(Q), ntk(fresh).matmat(Q)) < 1e-13
+
+
+def test_a_cell_that_overrides_step_gets_its_slots_recomputed():
+    # unroll_slots cannot know the slots of a step it did not write: such a cell records no slots, and the
+    # operators read them off its own slots() (the result is that of its step, not of AffineRecurrentModel's)
+    from kpflow.kernels.linearization import slot_values
+
+    class Clipped(GRU):
+        def step(self, params, z_prev, x_t):
+            return super().step(params, z_prev, x_t)
+
+    torch.manual_seed(1)
+    m = Clipped(2, 4, 1, dtype=DT)
+    x = torch.randn(2, 3, 2, dtype=DT)
+    states, slots = m.unroll_slots(dict(m.cell_params()), x)
+    assert slots is None and torch.equal(states, m.unroll(dict(m.cell_params()), x))
+    traj = record(m, x)
+    assert "slots" not in traj.cache
+    zp, xs = traj.sites()
+    assert all(torch.equal(v, m.slots(traj.params, zp, xs)[s]) for s, v in slot_values(traj).items())
+
+
+def test_gate_groups_use_the_slots_site_variables_side_by_side():
+    # the GRU's r and z gates share their coefficients across ih and hh: one contraction with [U_ih, U_hh]
+    _, traj = _traj("gru", 2, 4, 3, 5, seed=2)
+    core = kronecker_core(traj)
+    groups = core._gate_groups()
+    assert sorted(key for _, _, key in groups) == [(("hh", 2),), (("ih", 0), ("hh", 0)), (("ih", 1), ("hh", 1)),
+                                                   (("ih", 2),)]
+    for _, U, key in groups:
+        want = torch.cat([core._U[s] for s, _ in key], 1)
+        assert torch.equal(U, want)
+    assert torch.equal(core._slot_columns(["hh", "ih"]), torch.cat([core._U["hh"], core._U["ih"]], 1))

@@ -198,3 +198,25 @@ def test_training_in_place_after_record_changes_no_operator(name):
         assert torch.equal(v, twin.readout_params()[k].detach())
     fresh = ntk(record(model, x, targets=y)).to_matrix()
     assert float((fresh - before).norm() / before.norm()) > 1e-3
+
+
+def test_the_finiteness_check_sees_every_nonfinite_state_and_no_overflowing_sum():
+    from kpflow.kernels.trajectory import _first_nonfinite
+
+    big = torch.full((2, 3, 4), 3e38)  # finite entries whose sum over the state overflows float32
+    assert _first_nonfinite(big) is None
+    for b, t, h, v in ((1, 2, 3, float("nan")), (0, 1, 0, float("inf")), (1, 0, 2, -float("inf"))):
+        s = torch.randn(2, 3, 4)
+        s[b, t, h] = v
+        assert _first_nonfinite(s) == (b, t)
+
+
+def test_prev_states_follow_the_states_they_are_built_from():
+    torch.manual_seed(0)
+    m = GRU(2, 3, 1)
+    traj = record(m, torch.randn(2, 4, 2))
+    first = traj.prev_states
+    assert traj.prev_states is first  # built once
+    assert torch.equal(first[:, 1:], traj.states[:, :-1]) and torch.equal(first[:, 0], traj.z0)
+    traj.states = traj.states * 2
+    assert torch.equal(traj.prev_states[:, 1:], traj.states[:, :-1])

@@ -34,7 +34,7 @@ from kpflow.models.sites import SiteModel
 from kpflow.operators import LinearOperator
 
 from .joint import is_site_trajectory, site_kronecker_core
-from .linearization import apply_units, apply_units_adjoint, post_coefficients, repeat_probes
+from .linearization import apply_units, apply_units_adjoint, post_coefficients, repeat_probes, slot_values
 from .trajectory import Trajectory, resolve_param_names
 
 #: Columns (probes × units) per contraction of a K apply on the CPU: the site matmuls ``U (Uᵀ Z)`` run
@@ -93,7 +93,16 @@ class KroneckerCore:
             self.slots.setdefault(slot, []).append(name)
         all_sizes = model.slot_sizes()
         self.slot_sizes = {s: all_sizes[s] for s in self.slots}
-        self._U = {s: torch.cat([self.site_variables[n] for n in names], 1) for s, names in self.slots.items()}
+        # every slot's site variables side by side in one [N, ΣC] matrix, the slots' blocks views of it, so that a
+        # gate group of adjacent slots (``_gate_groups``) is a view too (no copy of [N, C] at every set-up)
+        widths = [sum(self.site_variables[n].shape[1] for n in names) for names in self.slots.values()]
+        self._U_all = torch.cat([self.site_variables[n] for names in self.slots.values() for n in names], 1)
+        self._columns = {}
+        start = 0
+        for s, w in zip(self.slots, widths, strict=True):
+            self._columns[s] = (start, start + w)
+            start += w
+        self._U = {s: self._U_all[:, a:b] for s, (a, b) in self._columns.items()}
         self._G: dict = {}
         self._groups = None
         self._D = None
@@ -101,8 +110,7 @@ class KroneckerCore:
             self._slot_values, D, _ = post_coefficients(traj)
             self._D = {s: D[s] for s in self.slots}
         else:
-            with torch.no_grad():
-                self._slot_values = {k: v.detach() for k, v in model.slots(traj.params, zp, x).items()}
+            self._slot_values = slot_values(traj)
         self.structured = self._D is not None
 
     # ------------------------------------------------------------------ M and M*
@@ -239,14 +247,22 @@ class KroneckerCore:
                 for g in range(Ds.shape[2]):
                     Dg = Ds[:, :, g]
                     for grp in groups:
-                        if grp[0].shape == Dg.shape and torch.equal(grp[0], Dg):
-                            grp[1].append(self._U[s])
+                        # the first site decides almost every unequal pair before the full comparison
+                        if grp[0].shape == Dg.shape and torch.equal(grp[0][:1], Dg[:1]) and torch.equal(grp[0], Dg):
+                            grp[1].append(s)
                             grp[2].append((s, g))
                             break
                     else:
-                        groups.append([Dg.contiguous(), [self._U[s]], [(s, g)]])
-            self._groups = [(Dg, Us[0] if len(Us) == 1 else torch.cat(Us, 1), tuple(key)) for Dg, Us, key in groups]
+                        groups.append([Dg, [s], [(s, g)]])
+            self._groups = [(Dg, self._slot_columns(slots), tuple(key)) for Dg, slots, key in groups]
         return self._groups
+
+    def _slot_columns(self, slots: list[str]) -> torch.Tensor:
+        """The site variables of ``slots`` side by side: a view of ``_U_all`` when they are adjacent there."""
+        spans = [self._columns[s] for s in slots]
+        if all(end == start for (_, end), (start, _) in zip(spans[:-1], spans[1:], strict=True)):
+            return self._U_all[:, spans[0][0]:spans[-1][1]]
+        return torch.cat([self._U[s] for s in slots], 1)
 
     def _group_gram(self, key, U):
         if key not in self._G:

@@ -131,6 +131,26 @@ def coefficients_agree(fn, primal: dict, C: dict, N: int) -> bool:
     return math.isfinite(err) and err <= 1e-6 * max(scale, 1e-30)
 
 
+def slot_values(traj: Trajectory) -> dict[str, torch.Tensor]:
+    """The pre-activation slots ``a_s = Σ_W W u_W (+ b_s)`` of an affine-slot cell at every site (cached).
+
+    ``record`` keeps the slots its steps computed (``AffineRecurrentModel.unroll_slots``), so this is usually
+    a lookup; a trajectory made otherwise (or of a cell that overrides ``step``) gets them from ``model.slots``
+    over all sites at once.
+
+    Args:
+        traj: a recorded trajectory of an ``AffineRecurrentModel``.
+
+    Returns:
+        ``{s: [N, R_s]}`` (N = B·T sites, b-major), detached.
+    """
+    if "slots" not in traj.cache:
+        zp, x = traj.sites()
+        with torch.no_grad():
+            traj.cache["slots"] = {k: v.detach() for k, v in traj.model.slots(traj.params, zp, x).items()}
+    return traj.cache["slots"]
+
+
 def post_coefficients(traj: Trajectory):
     """``D_s = ∂post/∂a_s`` and ``E = ∂post/∂z_prev`` of an affine unit-structured cell at every site (cached).
 
@@ -152,8 +172,7 @@ def post_coefficients(traj: Trajectory):
         B, T, H = traj.shape
         N = B * T
         zp, x = traj.sites()
-        with torch.no_grad():
-            slots = {k: v.detach() for k, v in model.slots(traj.params, zp, x).items()}
+        slots = slot_values(traj)
         sizes = {s: v.shape[1] for s, v in slots.items()}
         if U <= 0 or H % U or any(R % U for R in sizes.values()):
             raise ValueError(f"{type(model).__name__} declares unit_size()={U}, which does not divide the state "

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from kpflow.models.base import RecurrentModel
+from kpflow.models.cells import AffineRecurrentModel
 from kpflow.models.sites import SiteModel
 
 from .joint import record_sites
@@ -106,8 +107,9 @@ def record(
         z0 = model.initial_state(B, inputs.dtype, inputs.device)
     z0 = z0.detach()
     inputs = inputs.detach()
-    with torch.no_grad():
-        states = model.unroll(live, inputs, z0)
+    with torch.no_grad():  # an affine-slot cell also gives the slots its steps computed (kept for the operators)
+        states, slots = (model.unroll_slots(live, inputs, z0) if isinstance(model, AffineRecurrentModel)
+                         else (model.unroll(live, inputs, z0), None))
     bad = _first_nonfinite(states)
     if bad is not None:
         b, t = bad
@@ -117,6 +119,8 @@ def record(
         )
     traj = Trajectory(model=model, params=live, inputs=inputs, z0=z0, states=states, outputs=None,
                       targets=targets, mask=mask, param_names=names, readout=readout)
+    if slots is not None:
+        traj.cache["slots"] = {s: v.reshape(B * inputs.shape[1], -1) for s, v in slots.items()}
     rp = traj.readout_params()
     with torch.no_grad():
         traj.outputs = model.output(states, rp)

@@ -120,8 +120,12 @@ class Trajectory(RecordedRun):
 
     @property
     def prev_states(self) -> torch.Tensor:
-        """``z_{t-1}`` at every site: ``[B, T, H]`` (``z0`` at t = 0)."""
-        return torch.cat([self.z0.unsqueeze(1), self.states[:, :-1]], 1)
+        """``z_{t-1}`` at every site: ``[B, T, H]`` (``z0`` at t = 0); built once per ``(z0, states)`` pair."""
+        held = self.cache.get("prev_states")
+        if held is None or held[0] is not self.z0 or held[1] is not self.states:
+            held = self.cache["prev_states"] = (self.z0, self.states,
+                                                torch.cat([self.z0.unsqueeze(1), self.states[:, :-1]], 1))
+        return held[2]
 
     def sites(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The sites of the recording, flattened.
@@ -174,6 +178,10 @@ def resolve_param_names(model: RecurrentModel, names: Sequence[str] | str | None
 
 
 def _first_nonfinite(states: torch.Tensor) -> tuple[int, int] | None:
+    # a finite sum over the state has no NaN/inf term (they propagate), so only a non-finite row sum (NaN/inf,
+    # or an overflow of finite terms) needs the entrywise test; the sum avoids a [B, T, H] mask per recording
+    if bool(torch.isfinite(states.sum(-1)).all()):
+        return None
     bad = ~torch.isfinite(states).all(-1)  # [B, T]
     if not bool(bad.any()):
         return None

@@ -170,6 +170,45 @@ class AffineRecurrentModel(RecurrentModel):
         """One step ``z_t = post(slots(params, z_{t-1}, x_t), z_{t-1}, x_t)``; the same contract as the base."""
         return self.post(self.slots(params, z_prev, x_t), z_prev, x_t)
 
+    def unroll_slots(self, params: Params, inputs: torch.Tensor, z0: torch.Tensor | None = None):
+        """``unroll`` that also keeps the slot values ``a_s`` every step computed (what ``record`` stores).
+
+        The states are those of ``unroll``, bit for bit (the same ``slots`` then ``post`` per step), and the
+        slots are the very pre-activations they were computed from, so the operators linearise ``post`` at the
+        recorded point without recomputing ``Σ_W W u_W`` over all sites (a second forward's worth of matmuls).
+
+        Args:
+            params: the cell's parameters by name.
+            inputs: the input sequence, ``[B, T, I]``.
+            z0: the initial state ``[B, H]`` (``initial_state`` when None).
+
+        Returns:
+            ``(states [B, T, H], slots)`` with ``slots = {s: [B, T, R_s]}``, or ``slots = None`` when the class
+            overrides ``step`` or ``unroll`` (its states need not come from ``slots`` and ``post`` step by step,
+            so they are computed by its own ``unroll``).
+
+        Raises:
+            ValueError: ``inputs`` or ``z0`` has the wrong shape or dtype (see ``check_inputs``).
+        """
+        cls = type(self)
+        if cls.step is not AffineRecurrentModel.step or cls.unroll is not RecurrentModel.unroll:
+            return self.unroll(params, inputs, z0), None
+        self.check_inputs(inputs, z0)
+        z = self.initial_state(inputs.shape[0], inputs.dtype, inputs.device) if z0 is None else z0
+        B, T = inputs.shape[:2]
+        states = slots = None
+        for t in range(T):
+            x = inputs[:, t]
+            a = self.slots(params, z, x)
+            z = self.post(a, z, x)
+            if states is None:  # written in place step by step: no list of T tensors kept alive, no stack
+                states = z.new_empty(B, T, z.shape[1])
+                slots = {s: v.new_empty(B, T, v.shape[1]) for s, v in a.items()}
+            states[:, t] = z
+            for s, v in a.items():
+                slots[s][:, t] = v
+        return states, slots
+
     def run_sites(self, params: Params, inputs: torch.Tensor, sites, z0: torch.Tensor | None = None) -> None:
         """The unroll written against ``kpflow.models.sites.Sites``.
 
@@ -437,17 +476,24 @@ class GRU(_TorchGated):
             return None
         H = self.hidden_dim
         ai, ah = slots["ih"], slots["hh"]
-        r = torch.sigmoid(ai[:, :H] + ah[:, :H])
-        z = torch.sigmoid(ai[:, H:2 * H] + ah[:, H:2 * H])
-        n = torch.tanh(ai[:, 2 * H:] + r * ah[:, 2 * H:])
-        ih = torch.empty(ai.shape[0], 1, 3, H, dtype=ai.dtype, device=ai.device)
+        # in place in the three outputs (on a CPU a fresh [N, H] buffer costs more than the flops here):
+        # r and z live in hh's r, z blocks and n in ih's n block until the coefficients overwrite them
+        N = ai.shape[0]
+        ih = torch.empty(N, 1, 3, H, dtype=ai.dtype, device=ai.device)
         hh = torch.empty_like(ih)
-        c = torch.mul(1 - z, 1 - n * n, out=ih[:, 0, 2])                       # ∂h'/∂ih_n
-        torch.mul(c, r, out=hh[:, 0, 2])                                      # ∂h'/∂hh_n
-        torch.mul(hh[:, 0, 2], ah[:, 2 * H:], out=ih[:, 0, 0]).mul_(1 - r)   # ∂h'/∂a_r = c hh_n r (1 − r)
-        torch.mul(z_prev - n, z, out=ih[:, 0, 1]).mul_(1 - z)                # ∂h'/∂a_z = (h − n) z (1 − z)
-        hh[:, 0, :2] = ih[:, 0, :2]
-        return {"ih": ih, "hh": hh}, z.reshape(-1, 1, 1, H)
+        r, z, n = hh[:, 0, 0], hh[:, 0, 1], ih[:, 0, 2]
+        torch.add(ai[:, :2 * H], ah[:, :2 * H], out=hh[:, 0, :2].view(N, 2 * H)).sigmoid_()
+        E = z.clone()                                                         # ∂h'/∂h = z
+        torch.addcmul(ai[:, 2 * H:], r, ah[:, 2 * H:], out=n).tanh_()
+        a_z = torch.sub(z_prev, n, out=ih[:, 0, 1]).mul_(z)
+        a_z.addcmul_(a_z, z, value=-1)                                        # ∂h'/∂a_z = (h − n) z (1 − z)
+        c = n.square_().neg_().add_(1)                                        # 1 − n², over n
+        c.addcmul_(z, c, value=-1)                                            # ∂h'/∂ih_n = (1 − z)(1 − n²)
+        torch.mul(c, r, out=hh[:, 0, 2])                                      # ∂h'/∂hh_n = c r
+        a_r = torch.mul(hh[:, 0, 2], ah[:, 2 * H:], out=ih[:, 0, 0])
+        a_r.addcmul_(a_r, r, value=-1)                                        # ∂h'/∂a_r = c hh_n r (1 − r)
+        hh[:, 0, :2] = ih[:, 0, :2]                                           # r, z: the same as ih's
+        return {"ih": ih, "hh": hh}, E.view(N, 1, 1, H)
 
 
 class LSTM(_TorchGated):
