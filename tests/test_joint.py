@@ -439,3 +439,52 @@ def test_existing_estimators_and_views_accept_site_models():
     assert abs(est.value - exact) < 5 * est.stderr + 1e-9 * exact
     tv = view(theta, "temporal").to_dense()
     assert tv.shape == (2, 3, 2, 3)
+
+
+class _Sparse(SiteModel):
+    """A slot written at some positions only: ``a_t = W z_{t-1} + E x_t`` at even t, ``z_t = tanh(a_t)`` there and
+    ``z_t = tanh(E x_t + z_{t-1})`` at odd t (the entries of ``a`` at odd t are never written)."""
+
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(3, 3, dtype=DT) / 2)
+        self.E = nn.Parameter(torch.randn(3, 2, dtype=DT) / 2)
+        self.readout = nn.Linear(3, 1, dtype=DT)
+
+    def positions(self, inputs):
+        return int(inputs.shape[0]), int(inputs.shape[1])
+
+    def run_sites(self, params, inputs, sites):
+        z = torch.zeros(inputs.shape[0], 3, dtype=inputs.dtype)
+        for t in range(inputs.shape[1]):
+            if t % 2 == 0:
+                z = sites.state("z", torch.tanh(sites.affine("a", {"W": z, "E": inputs[:, t]}, at=t)), at=t)
+            else:
+                z = sites.state("z", torch.tanh(sites.affine("b", {"E": inputs[:, t]}, at=t) + z), at=t)
+
+    def output(self, states, readout_params=None):
+        p = self.readout_params() if readout_params is None else readout_params
+        return states @ p["weight"].T + p["bias"]
+
+
+def test_never_written_joint_entries_are_inert_variables():
+    # an entry no site writes is a variable with f_i = 0: P and P⁻¹ act on it as the identity, so P P⁻¹ = I on the
+    # whole joint state (before: P dropped the injection there, P P⁻¹ q = 0 on those entries)
+    torch.manual_seed(0)
+    model = _Sparse()
+    traj = record(model, torch.randn(2, 5, 2, dtype=DT))
+    P, Pinv = joint_propagator(traj), inverse_propagator(traj)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(*traj.joint_shape, generator=gen, dtype=DT)
+    for lhs in (P.apply(Pinv.apply(q)), Pinv.apply(P.apply(q)), P.T.apply(Pinv.T.apply(q)),
+                Pinv.T.apply(P.T.apply(q))):
+        assert _rel(lhs, q) < 1e-12
+    a = traj.layout.slots["a"]
+    dead = torch.zeros(traj.joint_shape, dtype=DT)
+    dead[:, 1::2, a.offset:a.offset + a.width] = q[:, 1::2, a.offset:a.offset + a.width]
+    assert _rel(P.apply(dead), dead) < 1e-15 and _rel(P.T.apply(dead), dead) < 1e-15
+    # the visible NTK is that of jacrev of the model (dead entries carry no parameter dependence)
+    J = _jacrev_states(model, traj)
+    Q = torch.randn(3, *traj.shape, generator=gen, dtype=DT)
+    want = (J @ (J.T @ Q.reshape(3, -1).T)).T.reshape(Q.shape)
+    assert _rel(ntk(traj).matmat(Q), want) < 1e-10

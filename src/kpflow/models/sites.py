@@ -301,7 +301,9 @@ class Sites:
 
     # ------------------------------------------------------------------ assembled results
     def joint(self, dtype=None, device=None) -> torch.Tensor:
-        """All slot values as one joint tensor ``[B, T, Hj]`` (positions never written are 0).
+        """All slot values as one joint tensor ``[B, T, Hj]``.
+
+        Positions never written are 0 (in inject mode: the injection, ``h_i = 0 + q_i``).
 
         Args:
             dtype: unused (the values' own dtype is kept).
@@ -382,6 +384,13 @@ class Sites:
         written[at] = value
         return value
 
+    def _unwritten(self, s, t: int, zero: torch.Tensor) -> torch.Tensor:
+        # an entry no site writes is the variable h_i = f_i + q_i with f_i = 0: in inject mode it holds the
+        # injection, so that P (and P*) act on it as the identity, as P⁻¹ = I − ∂f/∂h does; else it is 0
+        if self.mode == "inject":
+            return self.inject[:, t, s.offset:s.offset + s.width]
+        return zero
+
     def _assemble(self, slots, dtype, device):
         blocks = []
         ref = None
@@ -396,7 +405,7 @@ class Sites:
                 blocks.append(vals[None])
                 continue
             zero = ref.new_zeros(self.B, s.width)
-            cols = [vals.get(t, zero) for t in range(self.T)]
+            cols = [vals[t] if t in vals else self._unwritten(s, t, zero) for t in range(self.T)]
             blocks.append(torch.stack(cols, 1))
         if not blocks:
             return ref.new_zeros(self.B, self.T, 0)
