@@ -77,7 +77,7 @@ def gw_ref(tmp_path):
     rng = np.random.default_rng(1)
     kinds = ["background"] * 30 + ["glitch"] * 5 + ["bbh"] * 10 + ["sglf"] * 10
     rows = [(f"id{i:03d}", int(k in ("bbh", "sglf")), k) for i, k in enumerate(rng.permutation(kinds))]
-    write_csv(tmp_path / "ref" / "labels.csv", ["id", "label", "kind"], rows)
+    write_csv(tmp_path / "ref" / "labels.csv", rows, ["id", "label", "kind"])
     return tmp_path
 
 
@@ -87,7 +87,7 @@ def butterfly_ref(tmp_path):
     for group, n_nonhyb, n_hyb in (("major", 20, 10), ("minor", 20, 5), ("mimic", 20, 8)):
         rows += [(f"{group}_n{i}.png", 0, group, "x") for i in range(n_nonhyb)]
         rows += [(f"{group}_h{i}.png", 1, group, "x") for i in range(n_hyb)]
-    write_csv(tmp_path / "ref" / "ref.csv", ["filename", "hybrid_stat", "ssp_indicator", "subspecies"], rows)
+    write_csv(tmp_path / "ref" / "ref.csv", rows, ["filename", "hybrid_stat", "ssp_indicator", "subspecies"])
     return tmp_path
 
 
@@ -98,7 +98,7 @@ def sealevel_ref(tmp_path):
     labels = (rng.random((40, 12)) < 0.15).astype(int)
     labels[0] = 0  # at least one quiet day
     rows = [(f"2000-01-{d + 1:02d}" if d < 31 else f"2000-02-{d - 30:02d}", *labels[d]) for d in range(40)]
-    write_csv(tmp_path / "ref" / "labels.csv", ["date", *stations], rows)
+    write_csv(tmp_path / "ref" / "labels.csv", rows, ["date", *stations])
     return tmp_path
 
 
@@ -143,7 +143,7 @@ def test_butterfly_recalls_by_group(butterfly_ref):
         rows = list(csv.DictReader(handle))
     preds = [(r["filename"], 2.0 if r["hybrid_stat"] == "1" and r["ssp_indicator"] != "minor" else
               -1.0 if r["hybrid_stat"] == "1" else float(i) / 100) for i, r in enumerate(rows)]
-    write_csv(butterfly_ref / "res" / "predictions.csv", ["filename", "score"], preds)
+    write_csv(butterfly_ref / "res" / "predictions.csv", preds, ["filename", "score"])
     scores = _score("butterfly", butterfly_ref)
     assert scores["A_score_major_recall"] == 1.0 and scores["mimic_recall"] == 1.0
     assert scores["A_score_minor_recall"] == 0.0 and scores["challenge_score"] == 0.0
@@ -159,8 +159,8 @@ def test_sealevel_grade_combines_day_and_station_f1(sealevel_ref):
     truth = np.array([[int(r[s]) for s in stations] for r in rows])
     predicted = truth.copy()
     predicted[:, :6] = 0  # half the stations never flagged
-    write_csv(sealevel_ref / "res" / "predictions.csv", ["date", *stations],
-              [(r["date"], *p) for r, p in zip(rows, predicted, strict=True)])
+    write_csv(sealevel_ref / "res" / "predictions.csv", [(r["date"], *p) for r, p in zip(rows, predicted, strict=True)],
+              ["date", *stations])
     scores = _score("sealevel", sealevel_ref)
     per_station = [scoring.f1(predicted[:, j], truth[:, j]) for j in range(12)]
     day = scoring.f1(predicted.any(1), truth.any(1))
@@ -170,7 +170,7 @@ def test_sealevel_grade_combines_day_and_station_f1(sealevel_ref):
 
 # ----------------------------------------------------------------------------- malformed predictions
 def _write_pred(root, header, rows):
-    write_csv(root / "res" / "predictions.csv", header, rows)
+    write_csv(root / "res" / "predictions.csv", rows, header)
 
 
 def _gw_rows(root):

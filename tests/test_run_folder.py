@@ -233,3 +233,21 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().endswith("NO-TORCH"), out.stdout[-500:] + out.stderr[-2000:]
     assert "run " in out.stdout and "report" in out.stdout
+
+
+def test_write_csv_quotes_values_keeps_columns_and_leaves_no_temporary(tmp_path):
+    import csv
+
+    from kpflow.files import write_csv
+
+    path = tmp_path / "sub" / "t.csv"
+    write_csv(path, [("a,b", 1.5, 'say "hi"'), ("line\nbreak", 2, "")], ["name", "x", "note"])
+    with open(path, newline="") as f:
+        assert list(csv.reader(f)) == [["name", "x", "note"], ["a,b", "1.5", 'say "hi"'], ["line\nbreak", "2", ""]]
+    write_csv(path, [{"a": 1, "b": 2}, {"c": 3, "a": 4}])  # dict rows: the union of keys, first-seen order
+    assert path.read_text() == "a,b,c\n1,2,\n4,,3\n"
+    write_csv(path, [{"a": 1, "b": 2, "z": 9}], ["b", "a"])  # given columns: their order, other keys left out
+    assert path.read_text() == "b,a\n2,1\n"
+    write_csv(path, [(1, 2)])  # no header
+    assert path.read_text() == "1,2\n"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["t.csv"]

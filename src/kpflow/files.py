@@ -6,7 +6,9 @@ so an interrupted write never leaves a half-written file under the final name.
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -46,6 +48,30 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 def atomic_write_text(path: Path, text: str) -> None:
     """``atomic_write_bytes`` of UTF-8 text."""
     atomic_write_bytes(path, text.encode())
+
+
+def write_csv(path: Path, rows, header=None) -> None:
+    """Write a CSV table atomically, with the ``csv`` module's quoting and ``\\n`` line ends.
+
+    Args:
+        path: the destination (its folder is created if needed).
+        rows: an iterable of rows: sequences of values, or dicts (a key missing from a row is written empty).
+        header: the column names. Dict rows: the columns, in this order (other keys are left out); None: the
+            union of the rows' keys in first-seen order. Sequence rows: the first line (None: no header line).
+    """
+    rows = list(rows)
+    buf = io.StringIO()
+    if rows and isinstance(rows[0], dict):
+        columns = list(header) if header is not None else list(dict.fromkeys(k for r in rows for k in r))
+        w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    else:
+        w = csv.writer(buf, lineterminator="\n")
+        if header is not None:
+            w.writerow(header)
+        w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
 
 
 def sha256_file(path: Path) -> str:

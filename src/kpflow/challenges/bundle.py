@@ -26,7 +26,14 @@ from pathlib import Path
 import yaml
 
 from kpflow.challenges import ingestion, scoring
-from kpflow.challenges.common import PHASE_NAMES, PHASES, atomic_write_bytes, atomic_write_text, check_challenge_folder
+from kpflow.challenges.common import (
+    PHASE_NAMES,
+    PHASES,
+    atomic_write_bytes,
+    atomic_write_text,
+    check_challenge_folder,
+    write_csv,
+)
 from kpflow.challenges.registry import get_challenge
 
 DOCKER_IMAGE = "ghcr.io/a3d3-institute/hdr-image:latest"
@@ -86,11 +93,7 @@ def reference_predictions(challenge: str, ref_dir: Path, res_dir: Path, mode: st
         stations = [c for c in rows[0] if c != "date"]
         header, body = ["date", *stations], [(r["date"], *(value(r[s]) for s in stations)) for r in rows]
     path = res_dir / ingestion.PREDICTIONS_FILES[challenge]
-    with open(path, "w", newline="") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        if header is not None:
-            writer.writerow(header)
-        writer.writerows(body)
+    write_csv(path, body, header)
     return path
 
 

@@ -240,13 +240,13 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
             atomic_write_bytes(folder / name, _jpeg_bytes(row[0]))
         if split == "train":
             write_csv(out / "train" / "train.csv",
+                      [(nm, r[5], r[1], r[2], r[3], r[4]) for nm, r in zip(split_names, rows, strict=True)],
                       ["filename", "hybrid_stat", "species", "subspecies", "parent_subspecies_1",
-                       "parent_subspecies_2"],
-                      [(nm, r[5], r[1], r[2], r[3], r[4]) for nm, r in zip(split_names, rows, strict=True)])
+                       "parent_subspecies_2"])
         else:
             write_csv(out / "reference_data" / split / "ref.csv",
-                      ["filename", "hybrid_stat", "ssp_indicator", "subspecies"],
-                      [(nm, r[5], r[6], r[2]) for nm, r in zip(split_names, rows, strict=True)])
+                      [(nm, r[5], r[6], r[2]) for nm, r in zip(split_names, rows, strict=True)],
+                      ["filename", "hybrid_stat", "ssp_indicator", "subspecies"])
         splits[split] = f"{len(rows)} images (" + ", ".join(f"{k} {v}" for k, v in counts[split].items()) + ")"
     bar.close()
     return {"splits": splits, "counts": counts, "shapes": {"image": [SIZE, SIZE, 3]}}

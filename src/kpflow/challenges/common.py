@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kpflow.files import atomic_write_bytes, atomic_write_text, sha256_file  # noqa: F401 (re-exported)
+from kpflow.files import atomic_write_bytes, atomic_write_text, sha256_file, write_csv  # noqa: F401 (re-exported)
 
 PHASES = ("val", "test")
 PHASE_NAMES = {"val": "Development", "test": "Final"}
@@ -89,12 +89,6 @@ def scaled(count: int, scale: float, minimum: int = 4) -> int:
 
 def atomic_write_json(path: Path, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
-def write_csv(path: Path, header: list[str], rows) -> None:
-    """A plain CSV (``,``-separated, ``\\n`` line ends), atomically."""
-    lines = [",".join(header)] + [",".join(str(v) for v in row) for row in rows]
-    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def data_checksums(folder: Path) -> dict[str, str]:

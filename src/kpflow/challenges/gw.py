@@ -256,7 +256,7 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
         atomic_write_bytes(out / "train" / TRAIN_FILES[kind], _npy_bytes(windows(rng, kind, counts["train"][kind])))
     index = [(TRAIN_FILES[kind], row, int(kind != "background"), kind)
              for kind in ("background", "bbh", "sglf") for row in range(counts["train"][kind])]
-    write_csv(out / "train" / "windows.csv", ["file", "row", "label", "class"], index)  # a table Croissant can read
+    write_csv(out / "train" / "windows.csv", index, ["file", "row", "label", "class"])  # a table Croissant can read
     splits = {"train": f"background {counts['train']['background']} (incl. {GLITCH_FRACTION:.0%} glitches), "
                        f"bbh {counts['train']['bbh']}, sglf {counts['train']['sglf']}; (N, 2, {WINDOW}) float32"}
     for phase in ("val", "test"):
@@ -268,8 +268,8 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
         data, kinds = data[order], kinds[order]
         ids = np.array([f"{phase}_{i:06d}" for i in range(len(data))])
         atomic_write_bytes(out / "input_data" / phase / "data.npz", _npz_bytes(data=data, ids=ids))
-        write_csv(out / "reference_data" / phase / "labels.csv", ["id", "label", "kind"],
-                  [(i, int(k in ("bbh", "sglf")), k) for i, k in zip(ids, kinds, strict=True)])
+        write_csv(out / "reference_data" / phase / "labels.csv",
+                  [(i, int(k in ("bbh", "sglf")), k) for i, k in zip(ids, kinds, strict=True)], ["id", "label", "kind"])
         splits[phase] = (f"{len(data)} windows: background {c['background']} (incl. glitches), "
                          f"bbh {c['bbh']}, sglf {c['sglf']}; ids + (N, 2, {WINDOW}) float32")
     return {"splits": splits, "counts": counts, "shapes": {"window": [2, WINDOW], "model_input": [WINDOW, 2]}}

@@ -198,10 +198,10 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
     cells = station_cells()
     station_rows = [(n, STATIONS[n][0], STATIONS[n][1], *cells[n]) for n in names]
     header = ["name", "latitude", "longitude", "i_lat", "j_lon"]
-    write_csv(out / "train" / "stations.csv", header, station_rows)
+    write_csv(out / "train" / "stations.csv", station_rows, header)
     atomic_write_bytes(out / "train" / "sla_train.nc", netcdf_bytes(fields[:n_train], since[:n_train]))
-    write_csv(out / "train" / "labels.csv", ["date", *names],
-              [(dates[d].isoformat(), *labels[d]) for d in range(n_train)])
+    write_csv(out / "train" / "labels.csv", [(dates[d].isoformat(), *labels[d]) for d in range(n_train)],
+              ["date", *names])
     splits = {"train": f"{n_train} days from {dates[0]}; anomaly rate {labels[:n_train].mean():.3f}"}
     lo = n_train
     for phase in ("val", "test"):
@@ -209,9 +209,9 @@ def generate(out: Path, seed: int, hidden_seed: int, scale: float) -> dict:
         for d in tqdm(range(lo, hi), desc=f"write {phase} maps", disable=None, leave=False):
             atomic_write_bytes(out / "input_data" / phase / "maps" / f"{dates[d]:%Y%m%d}.nc",
                                netcdf_bytes(fields[d:d + 1], since[d:d + 1]))
-        write_csv(out / "input_data" / phase / "stations.csv", header, station_rows)
-        write_csv(out / "reference_data" / phase / "labels.csv", ["date", *names],
-                  [(dates[d].isoformat(), *labels[d]) for d in range(lo, hi)])
+        write_csv(out / "input_data" / phase / "stations.csv", station_rows, header)
+        write_csv(out / "reference_data" / phase / "labels.csv",
+                  [(dates[d].isoformat(), *labels[d]) for d in range(lo, hi)], ["date", *names])
         splits[phase] = f"{hi - lo} days from {dates[lo]}; anomaly rate {labels[lo:hi].mean():.3f}"
         lo = hi
     return {"splits": splits, "counts": days, "shapes": {"map": [N_LAT, N_LON], "stations": len(names)},

@@ -20,8 +20,6 @@ so that ``kpflow --help`` stays fast.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -74,7 +72,7 @@ def continue_run(run_dir: str | Path, param: str, *, s_range: str | None = None,
         learning_along_branch,
     )
     from kpflow.dynamics.diagram import plot_bifurcation_diagram
-    from kpflow.files import atomic_write_text
+    from kpflow.files import atomic_write_text, write_csv
     from kpflow.kernels import record
     from kpflow.tracking.analyze import build_from_config, run_config
     from kpflow.training.checkpoints import list_checkpoints, load_checkpoint
@@ -141,27 +139,14 @@ def continue_run(run_dir: str | Path, param: str, *, s_range: str | None = None,
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "branches.json", json.dumps(result.to_dict(), indent=1, default=str))
     rows = result.table()
-    write_records_csv(folder / "special_points.csv", rows, atomic_write_text)
+    write_csv(folder / "special_points.csv", rows)
     plot_bifurcation_diagram(result, folder / "diagram.png",
                              title=f"{cfg.name}: fixed points along {path.label} ({where})")
     learn = None
     if learning and result.branches:
         learn = learning_along_branch(model, result, 0, T=20, probes=16, progress=progress)
-        write_records_csv(folder / "learning.csv", learn, atomic_write_text)
+        write_csv(folder / "learning.csv", learn)
     return {"out": folder, "result": result, "special_points": rows, "learning": learn}
-
-
-def write_records_csv(path: Path, rows: list[dict], writer) -> None:
-    """Write dict rows as CSV (columns: the union of their keys in first-seen order) with ``writer(path, text)``."""
-    keys: list[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys or ["empty"])
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    writer(path, buf.getvalue())
 
 
 @dynamics_app.command("continue")

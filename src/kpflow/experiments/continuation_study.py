@@ -85,14 +85,13 @@ def run_continuation_study(out: str | Path = "runs", *, progress: bool = True, *
     from kpflow.dynamics import ContinuationError, continue_fixed_points, interpolation_path
     from kpflow.dynamics.diagram import plot_bifurcation_diagram
     from kpflow.estimators import onesided_statistics
-    from kpflow.files import atomic_write_text
+    from kpflow.files import atomic_write_text, write_csv
     from kpflow.kernels import record, state_jacobian
     from kpflow.report import write_report
     from kpflow.tracking.analyze import build_from_config
     from kpflow.training import validate_config
     from kpflow.training.checkpoints import list_checkpoints, load_checkpoint
 
-    from .continuation import write_records_csv
     from .pipeline import run_pipeline
 
     cfg = validate_config(study_config(out, **kw))
@@ -160,8 +159,8 @@ def run_continuation_study(out: str | Path = "runs", *, progress: bool = True, *
                "steps": steps, "special_points": len(special), "failures": failures,
                "kinds": sorted({r["kind"] for r in special})}
     atomic_write_text(run_dir / "continuation_study.json", json.dumps(summary, indent=1, default=str))
-    write_records_csv(run_dir / "special_points.csv", special, atomic_write_text)
-    write_records_csv(run_dir / "amplification.csv", amp_rows, atomic_write_text)
+    write_csv(run_dir / "special_points.csv", special)
+    write_csv(run_dir / "amplification.csv", amp_rows)
     figures = [_figure_amplification(run_dir / "figures" / "ntk_and_special_points.png", ntk_rows, special)]
     if diagram_result is not None:
         figures.append(run_dir / "figures" / "bifurcation_diagram.png")

@@ -9,9 +9,7 @@ so a lock left by a killed run is taken over safely); a second run into the same
 
 from __future__ import annotations
 
-import csv
 import errno
-import io
 import os
 import shutil
 import socket
@@ -23,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from kpflow.files import write_csv
 from kpflow.training.checkpoints import atomic_write_text, list_checkpoints
 from kpflow.training.config import RunConfig, config_differences, dump_config, load_config, validate_config
 
@@ -292,12 +291,7 @@ def write_sweep_report(sweep_dir: Path, cfgs: list[RunConfig], base: RunConfig) 
     for cfg in cfgs:
         for r in read_metrics_csv(cfg.run_dir / "metrics.csv"):
             rows.append({**r, "g": cfg.model.g, "seed": cfg.seed})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=["g", "seed", "run", "step", "metric", "value", "stderr", "method"],
-                       lineterminator="\n")
-    w.writeheader()
-    w.writerows(rows)
-    atomic_write_text(sweep_dir / "sweep.csv", buf.getvalue())
+    write_csv(sweep_dir / "sweep.csv", rows, ["g", "seed", "run", "step", "metric", "value", "stderr", "method"])
 
     gs = sorted({c.model.g for c in cfgs})
     n_seeds = len({c.seed for c in cfgs})

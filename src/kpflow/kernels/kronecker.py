@@ -291,7 +291,8 @@ class KroneckerCore:
             return self.M(Z).reshape(Y.shape)
         Ob, U = self._D[next(iter(self._D))].shape[1::2]
         Yt = Y.reshape(k, self.N, Ob, U).transpose(0, 1)  # [N, k, O_b, U], a view: sites as rows
-        out = Yt.new_zeros(Yt.shape)
+        result = Y.new_zeros(k, self.N, Ob, U)  # probe-major, the layout returned: no copy at the end
+        out = result.transpose(0, 1)            # [N, k, O_b, U], the view the contractions write
         step = k if Y.device.type != "cpu" else max(1, CPU_COLUMNS // U)
         for p0 in range(0, k, step):
             Yc, oc = Yt[:, p0:p0 + step], out[:, p0:p0 + step]
@@ -302,7 +303,8 @@ class KroneckerCore:
                     z.addcmul_(Dk[:, :, o], Yc[:, :, o])
                 w = self._apply_gram(Ug, z.view(self.N, -1), lambda key=key, Ug=Ug: self._group_gram(key, Ug))
                 oc.addcmul_(Dk, w.view(z.shape).unsqueeze(2))  # M_g: output (o, j) gets D_g[n, o, j] w[n, j]
-        return out.transpose(0, 1).reshape(Y.shape)
+                del z, w  # freed before the next group's are allocated: one pair of intermediates at a time
+        return result.reshape(Y.shape)
 
     def operator(self) -> LinearOperator:
         """``K`` as a ``LinearOperator``.

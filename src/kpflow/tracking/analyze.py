@@ -10,12 +10,12 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
-import io
 import json
 from pathlib import Path
 
 import torch
 
+from kpflow.files import write_csv
 from kpflow.tasks import make_task
 from kpflow.training.checkpoints import atomic_write_text, list_checkpoints, load_checkpoint
 from kpflow.training.config import RunConfig, load_config
@@ -60,12 +60,8 @@ def _cache_key(ckpt, cfg: RunConfig) -> str:
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({**r, "value": repr(float(r["value"])), "stderr": repr(float(r["stderr"]))})
-    atomic_write_text(path, buf.getvalue())
+    write_csv(path, [{**r, "value": repr(float(r["value"])), "stderr": repr(float(r["stderr"]))} for r in rows],
+              COLUMNS)
 
 
 def read_metrics_csv(path: str | Path) -> list[dict]:
